@@ -1,0 +1,66 @@
+"""The `danet` command. Each subcommand lives in the module that does the work; this file only dispatches.
+
+A module named in COMMANDS provides `add_cli(parser)` (arguments) and `run_cli(args) -> int` (exit status).
+Errors a user can cause (DanetError) are printed as one line, exit status 2, no traceback unless --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import DanetError
+
+# subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("danet.engine.train_cli", "train a preset or a config file (torchrun for many GPUs)"),
+    "test": ("danet.engine.test_cli", "evaluate a checkpoint: mIoU, per-class table, multi-scale + flip"),
+    "predict": ("danet.engine.predict", "segment your own images into palette PNGs and overlays"),
+    "data": ("danet.data.cli", "prepare (convert) or check a dataset"),
+    "convert": ("danet.checkpoints", "convert an sssegmentation / mmsegmentation checkpoint to this project's"),
+    "zoo": ("danet.zoo", "list the model zoo, or download a published checkpoint"),
+    "benchmark": ("danet.benchmark", "measure speed, memory and FLOPs of a preset"),
+    "export": ("danet.export", "export a checkpoint to ONNX or torch.export"),
+    "models": ("danet.models.registry", "list the preset names"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="danet", description="DANet semantic segmentation")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name and module.startswith(e.name):  # that subcommand is not built yet
+                continue
+            raise
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+        mod.add_cli(p)
+        p.set_defaults(_run=mod.run_cli)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except DanetError as e:
+        if args.debug:
+            raise
+        print(f"danet {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"danet {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

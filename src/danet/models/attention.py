@@ -1,0 +1,94 @@
+"""The two attention modules of DANet: position attention (PAM) and channel attention (CAM)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PositionAttention(nn.Module):
+    """Position attention module: every position attends to every other position.
+
+    energy = Q^T K over the N = H*W positions, softmax over the key positions, out = gamma * (V attn^T) + x.
+    NOTE: there is no 1/sqrt(d) scaling in DANet; `scale=1` below is deliberate.
+
+    With `fused=True` (default) the product runs through `scaled_dot_product_attention`, so the N x N attention
+    matrix is never materialised (flash / memory-efficient kernels). The value's channels are split into heads
+    as wide as the query (64 in DANet): every head shares the same Q and K, hence the same attention weights,
+    so the result is unchanged, and the 64-wide heads reach the flash kernel on GPUs.
+
+    Args:
+        channels: input/value channels C.
+        key_channels: query/key channels (64 in DANet).
+        bias: whether the three 1x1 projections have a bias (mmseg: yes, sssegmentation: no).
+        fused: use fused attention instead of the explicit softmax(QK^T)V.
+
+    Forward: `(B, C, H, W)` -> `(B, C, H, W)`.
+    """
+
+    def __init__(self, channels: int, key_channels: int = 64, bias: bool = False, fused: bool = True) -> None:
+        super().__init__()
+        self.query_project = nn.Conv2d(channels, key_channels, 1, bias=bias)
+        self.key_project = nn.Conv2d(channels, key_channels, 1, bias=bias)
+        self.value_project = nn.Conv2d(channels, channels, 1, bias=bias)
+        self.gamma = nn.Parameter(torch.zeros(()))
+        self.fused = fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q = self.query_project(x).flatten(2).transpose(1, 2)  # (B, N, d)
+        k = self.key_project(x).flatten(2).transpose(1, 2)  # (B, N, d)
+        v = self.value_project(x).flatten(2).transpose(1, 2)  # (B, N, C)
+        out = attend(q, k, v) if self.fused else attend_explicit(q, k, v)  # (B, N, C)
+        return self.gamma * out.transpose(1, 2).reshape(b, c, h, w) + x
+
+
+def attend_explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T) v with the (B, N, N) matrix in memory, exactly as the reference toolboxes compute it.
+
+    q, k: `(B, N, d)`; v: `(B, N, C)` -> `(B, N, C)`.
+    """
+    attn = torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1)
+    return torch.bmm(attn, v)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Fused softmax(q k^T) v (no scaling) without the N x N matrix.
+
+    q, k: `(B, N, d)`; v: `(B, N, C)` -> `(B, N, C)`. When d divides C, v is viewed as C/d heads of width d that
+    share q and k (same attention weights, so the same result) to reach the flash kernels.
+    """
+    b, n, d = q.shape
+    c = v.shape[-1]
+    if c % d == 0:  # C/d heads of width d sharing q and k
+        heads = c // d
+        qh, kh = q.unsqueeze(1).expand(b, heads, n, d), k.unsqueeze(1).expand(b, heads, n, d)
+        vh = v.reshape(b, n, heads, d).transpose(1, 2)
+    else:  # one head of the whole width (slower kernels, same result)
+        qh, kh, vh = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
+    out = F.scaled_dot_product_attention(qh, kh, vh, scale=1.0)  # (B, heads, N, C / heads)
+    return out.transpose(1, 2).reshape(b, n, c)
+
+
+class ChannelAttention(nn.Module):
+    """Channel attention module: every channel attends to every other channel.
+
+    energy = X X^T (C x C); attention = softmax(max(energy, -1) - energy, -1); out = gamma * (attention X) + x.
+
+    Forward: `(B, C, H, W)` -> `(B, C, H, W)`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q = x.reshape(b, c, h * w)
+        energy = torch.bmm(q, q.transpose(1, 2))  # (B, C, C)
+        # NOTE: both toolboxes subtract the energy from its row maximum before the softmax (kept for parity).
+        energy = torch.amax(energy, dim=-1, keepdim=True).expand_as(energy) - energy
+        attn = torch.softmax(energy, dim=-1)
+        out = torch.bmm(attn, q).reshape(b, c, h, w)
+        return self.gamma * out + x

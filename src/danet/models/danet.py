@@ -1,0 +1,110 @@
+"""DANet = dilated ResNet backbone + dual attention head + auxiliary FCN head."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .heads import DAHead, FCNHead
+from .resnet import ResNet
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that decides a DANet's structure (and so its state-dict keys and shapes).
+
+    The two reference toolboxes differ in two places: `pam_bias` (mmseg True, sssegmentation False) and
+    `aux_channels` (mmseg 256, sssegmentation 512). `layout` names the pair.
+    """
+
+    num_classes: int
+    depth: int = 50
+    output_stride: int = 8
+    stem: str = "deep"  # "deep" (ResNetV1c) or "single" (torchvision's 7x7 stem)
+    base_channels: int = 64
+    stem_channels: int = 64
+    head_channels: int = 512
+    key_channels: int = 64
+    aux_channels: int = 512
+    pam_bias: bool = False
+    dropout: float = 0.1
+    aux: bool = True
+    fused_attention: bool = True
+
+    @property
+    def layout(self) -> str:
+        if self.pam_bias and self.aux_channels == 256:
+            return "mmseg"
+        if not self.pam_bias and self.aux_channels == 512:
+            return "ssseg"
+        return "custom"
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+# layout name -> the fields that differ between the toolboxes
+LAYOUTS: dict[str, dict] = {
+    "ssseg": {"pam_bias": False, "aux_channels": 512},
+    "mmseg": {"pam_bias": True, "aux_channels": 256},
+}
+
+
+class DANet(nn.Module):
+    """Dual Attention Network (Fu et al., CVPR 2019).
+
+    Forward: normalised RGB `(N, 3, H, W)` (any H, W) -> dict of logits. Eval mode: {"out": `(N, K, H, W)`}.
+    Train mode adds "pam", "cam" (the branch classifiers) and "aux" (FCN head on stage 3). With `resize=True`
+    (default) every output is resized bilinearly (align_corners=False) to H x W, as both toolboxes do; with
+    `resize=False` they stay at 1/output_stride.
+    """
+
+    def __init__(self, cfg: ModelConfig, norm_layer=nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = ResNet(cfg.depth, cfg.output_stride, cfg.stem, cfg.base_channels, cfg.stem_channels, norm_layer)
+        c3, c4 = self.backbone.out_channels[2], self.backbone.out_channels[3]
+        self.head = DAHead(
+            c4,
+            cfg.head_channels,
+            cfg.num_classes,
+            cfg.key_channels,
+            cfg.dropout,
+            cfg.pam_bias,
+            cfg.fused_attention,
+            norm_layer,
+        )
+        self.aux = FCNHead(c3, cfg.aux_channels, cfg.num_classes, cfg.dropout, norm_layer) if cfg.aux else None
+
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.num_classes
+
+    def set_fused_attention(self, fused: bool) -> None:
+        """Switch the position attention between fused (SDPA) and explicit softmax(QK^T)V."""
+        self.head.pam.fused = fused
+
+    def forward(self, x: torch.Tensor, resize: bool = True) -> dict[str, torch.Tensor]:
+        _, _, c3, c4 = self.backbone(x)
+        out = self.head(c4, branches=self.training)
+        if self.training and self.aux is not None:
+            out["aux"] = self.aux(c3)
+        if resize:
+            size = x.shape[-2:]
+            out = {k: F.interpolate(v, size=size, mode="bilinear", align_corners=False) for k, v in out.items()}
+        return out

@@ -1,0 +1,56 @@
+"""The preset table: 12 zoo rows named as in REFERENCE.md, ssseg aliases, and the data each preset carries."""
+
+import pytest
+
+import danet
+from danet.cli import main
+from danet.presets import ALIASES, PRESETS, get_preset
+
+ZOO = [n for n in PRESETS if n != "danet_tiny_synthetic"]
+
+
+def test_twelve_zoo_rows_with_aliases():
+    assert len(ZOO) == 12
+    for depth in (50, 101):
+        for os_ in (8, 16):
+            for data, alias_data in (("voc12aug", "voc"), ("ade20k", "ade20k"), ("cityscapes", "cityscapes")):
+                p = get_preset(f"danet_r{depth}-d{os_}_{data}")
+                assert p.model.depth == depth and p.model.output_stride == os_
+                assert get_preset(f"danet_resnet{depth}os{os_}_{alias_data}") is p
+    assert len(ALIASES) == 12
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_preset_data(name):
+    p = get_preset(name)
+    assert len(p.classes) == len(p.palette) == p.num_classes
+    assert p.model.layout == "ssseg"
+    assert p.mean == (123.675, 116.28, 103.53) and p.std == (58.395, 57.12, 57.375)
+    assert p.schedule.lr == 0.01 and p.schedule.momentum == 0.9 and p.schedule.weight_decay == 5e-4
+    assert p.tta_scales == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+    assert p.checkpoint_url.endswith(f"ssseg_danet/{p.alias}_train.pth")
+    assert p.published_miou > 40
+
+
+def test_schedules_match_reference_iterations():
+    # REFERENCE.md: about 40k / 160k / 80k iterations
+    assert get_preset("danet_r50-d8_voc12aug").total_iters == 60 * (10582 // 16)
+    assert abs(get_preset("danet_r50-d8_ade20k").total_iters - 160_000) < 5_000
+    assert abs(get_preset("danet_r50-d8_cityscapes").total_iters - 80_000) < 2_000
+    assert get_preset("danet_r50-d8_cityscapes").crop_size == (512, 1024)
+    assert get_preset("danet_r50-d8_ade20k").dataset.reduce_zero_label
+    assert not get_preset("danet_r50-d8_voc12aug").dataset.reduce_zero_label
+
+
+def test_unknown_name_lists_valid_ones():
+    with pytest.raises(danet.DanetError) as e:
+        get_preset("danet_r50-d8_ade")
+    msg = str(e.value)
+    assert "danet_r50-d8_ade20k" in msg and "danet_r101-d16_cityscapes" in msg and "\n" not in msg
+    with pytest.raises(danet.DanetError):
+        danet.create_model("resnet50")
+
+
+def test_cli_models_lists_presets(capsys):
+    assert main(["models"]) == 0
+    assert capsys.readouterr().out.split() == danet.list_models()

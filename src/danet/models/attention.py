@@ -61,6 +61,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """
     b, n, d = q.shape
     c = v.shape[-1]
+    # NOTE: the fused kernels (CPU flash, CUDA flash / mem-efficient) need a unit stride on the last dim; the
+    # projections arrive as transposed views (stride N there), which silently selects the math fallback that
+    # materialises heads x N x N. These copies are N x (2d + C), negligible next to N x N.
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if c % d == 0:  # C/d heads of width d sharing q and k
         heads = c // d
         qh, kh = q.unsqueeze(1).expand(b, heads, n, d), k.unsqueeze(1).expand(b, heads, n, d)

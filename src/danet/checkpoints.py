@@ -1,0 +1,549 @@
+"""Checkpoints: this project's format, sssegmentation / mmsegmentation / ImageNet files, safe loading, `danet convert`.
+
+Our format (a dict that `torch.load(weights_only=True)` reads):
+    {"format": "danet", "version": 1, "model": state_dict,
+     "meta": {"preset", "model_cfg", "classes", "palette", "mean", "std", "layout", ...}, "train_state": {...}}
+
+Nothing from a file is ever executed: files are read with `torch.load(weights_only=True)`; files it refuses because
+they hold foreign objects (mmengine's message hub, numpy arrays) go through `_RestrictedUnpickler`, which rebuilds
+tensors and plain containers and turns every other class into an inert placeholder without importing it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import re
+import warnings
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import DanetError
+from .models.danet import DANet, ModelConfig
+from .models.resnet import DEPTH_LAYERS
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read from disk, whatever its origin.
+
+    state_dict: tensors under this project's key names (`backbone.*`, `head.*`, `aux.*`).
+    source: "danet" (ours), "ssseg", "mmseg" or "imagenet" (a backbone alone).
+    meta: our meta dict; for foreign files their meta made plain, with "classes"/"palette" when they name them.
+    train_state: optimizer/scheduler/epoch state of our own training runs, else None.
+    """
+
+    path: Path
+    source: str
+    state_dict: dict[str, torch.Tensor]
+    meta: dict
+    train_state: dict | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------------------------
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    preset=None,
+    *,
+    train_state: dict | None = None,
+    extra_meta: dict | None = None,
+) -> Path:
+    """Write `model` (a DANet, possibly DDP- or torch.compile-wrapped) in our format, atomically.
+
+    preset: a `Preset`, a preset name or None (classes/palette/mean/std then come from `extra_meta` or stay None).
+    train_state: plain containers/tensors/numbers/strings only (e.g. optimizer.state_dict(), epoch, iteration).
+    The file is written to a temporary name beside `path` and renamed into place; on failure the old file is left
+    untouched and a DanetError is raised.
+    """
+    from .presets import MEAN, STD, get_preset
+
+    net = _unwrap(model)
+    if isinstance(preset, str):
+        preset = get_preset(preset)
+    cfg: ModelConfig = net.cfg
+    meta: dict[str, Any] = {
+        "preset": preset.name if preset is not None else None,
+        "model_cfg": cfg.to_dict(),
+        "classes": list(preset.classes) if preset is not None else None,
+        "palette": [list(c) for c in preset.palette] if preset is not None else None,
+        "mean": list(preset.mean if preset is not None else MEAN),
+        "std": list(preset.std if preset is not None else STD),
+        "layout": cfg.layout,
+    }
+    meta.update(extra_meta or {})
+    obj: dict[str, Any] = {
+        "format": "danet",
+        "version": FORMAT_VERSION,
+        "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "meta": meta,
+    }
+    if train_state is not None:
+        obj["train_state"] = train_state
+    _check_plain(obj, "checkpoint")
+    return atomic_torch_save(obj, path)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """torch.save to `<path>.tmp-<pid>` in the same folder, fsync, then os.replace; DanetError on failure."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        # NOTE: torch's zip writer reports a write that failed midway (full disk, file size limit) as a RuntimeError
+        # ("unexpected pos ..."), the OSError being its context.
+        os_error = e if isinstance(e, OSError) else e.__context__ if isinstance(e.__context__, OSError) else None
+        reason = (os_error.strerror or str(os_error)) if os_error else str(e).strip().splitlines()[0]
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise DanetError(f"could not write checkpoint {path}: {reason}; check free disk space and permissions") from e
+    return path
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)  # DDP / torch.compile
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _check_plain(obj: Any, where: str) -> None:
+    """Raise TypeError for anything `torch.load(weights_only=True)` would refuse (a programming error)."""
+    if obj is None or isinstance(obj, (str, int, float, bool, torch.Tensor, torch.dtype, torch.device)):
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{where}: key {k!r} is not a str/int")
+            _check_plain(v, f"{where}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+    else:
+        raise TypeError(f"{where}: {type(obj).__name__} cannot be stored (plain containers, tensors, numbers only)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# safe reading
+# ---------------------------------------------------------------------------------------------------------------
+class _Inert:
+    """Stands for a class found in a file: never imported, never called; keeps the arguments it was given."""
+
+    _origin = "?"
+
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        obj.__dict__["_args"] = args
+        return obj
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        self.__dict__["_state"] = state
+
+    def __setitem__(self, key, value) -> None:  # SETITEM(S) on a placeholder dict subclass
+        self.__dict__.setdefault("_items", {})[key] = value
+
+    def append(self, value) -> None:  # APPEND(S) on a placeholder list subclass
+        self.__dict__.setdefault("_items", []).append(value)
+
+    def extend(self, values) -> None:
+        self.__dict__.setdefault("_items", []).extend(values)
+
+    def __repr__(self) -> str:
+        return f"<not loaded: {self._origin}>"
+
+
+def _allowed_global(module: str, name: str) -> Any | None:
+    """The only globals a restricted load may resolve: tensor rebuilding, dtypes, plain containers."""
+    if module == "torch._utils" and name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter"):
+        return getattr(torch._utils, name)
+    if module == "torch" and (name in ("Size", "device") or isinstance(getattr(torch, name, None), torch.dtype)):
+        return getattr(torch, name)
+    if module == "collections" and name == "OrderedDict":
+        return OrderedDict
+    if module == "builtins" and name in ("set", "frozenset", "complex", "slice", "bytearray"):
+        return {"set": set, "frozenset": frozenset, "complex": complex, "slice": slice, "bytearray": bytearray}[name]
+    if module == "_codecs" and name == "encode":  # bytes pickled with protocol 2
+        import _codecs
+
+        return _codecs.encode
+    return None
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        obj = _allowed_global(module, name)
+        if obj is not None:
+            return obj
+        return type(name.rsplit(".", 1)[-1], (_Inert,), {"_origin": f"{module}.{name}"})
+
+
+class _RestrictedPickleModule:
+    """What torch.load needs of a `pickle_module`; every unpickler it makes is restricted."""
+
+    __name__ = "danet_restricted_pickle"
+    Unpickler = _RestrictedUnpickler
+
+    @staticmethod
+    def load(f, **kwargs):
+        return _RestrictedUnpickler(f, **kwargs).load()
+
+
+def _torch_load(path: Path) -> Any:
+    """Load without executing pickled code; DanetError (one line) for missing, truncated or foreign files."""
+    if not path.is_file():
+        raise DanetError(f"checkpoint {path} not found; check the path")
+    is_zip = zipfile.is_zipfile(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # plain pickles: refused below
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        pass  # foreign classes inside: retry with the restricted unpickler below
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError/EOFError/... for damaged files
+        raise _unreadable(path, is_zip, e) from e
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickleModule)
+    except Exception as e:  # noqa: BLE001
+        raise _unreadable(path, is_zip, e) from e
+
+
+def _unreadable(path: Path, is_zip: bool, e: Exception) -> DanetError:
+    reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if is_zip or head.startswith(b"PK"):
+        return DanetError(f"checkpoint {path} is truncated or corrupt ({reason}); download or save it again")
+    return DanetError(f"{path} is not a PyTorch checkpoint ({reason}); pass a .pth file written by torch.save")
+
+
+def _plain(obj: Any) -> Any:
+    """Meta made plain: placeholders become strings, so it can be stored again and loaded with weights_only."""
+    if isinstance(obj, _Inert):
+        return repr(obj)
+    if isinstance(obj, dict):
+        return {k if isinstance(k, (str, int)) else str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    if obj is None or isinstance(obj, (str, int, float, bool, torch.Tensor)):
+        return obj
+    return repr(obj)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# format detection and key conversion
+# ---------------------------------------------------------------------------------------------------------------
+# (old prefix, new prefix), first match wins; keys are compared after stripping "module." (DDP)
+SSSEG_RULES = [
+    ("backbone_net.", "backbone."),
+    ("pam_in_conv.0.", "head.pam_in.conv."), ("pam_in_conv.1.", "head.pam_in.bn."),
+    ("pam_out_conv.0.", "head.pam_out.conv."), ("pam_out_conv.1.", "head.pam_out.bn."),
+    ("cam_in_conv.0.", "head.cam_in.conv."), ("cam_in_conv.1.", "head.cam_in.bn."),
+    ("cam_out_conv.0.", "head.cam_out.conv."), ("cam_out_conv.1.", "head.cam_out.bn."),
+    ("pam_net.gamma.scale", "head.pam.gamma"), ("cam_net.gamma.scale", "head.cam.gamma"),
+    ("pam_net.", "head.pam."),
+    ("decoder_pamcam.1.", "head.cls.conv."), ("decoder_pam.1.", "head.cls_pam.conv."),
+    ("decoder_cam.1.", "head.cls_cam.conv."),
+    ("auxiliary_decoder.0.", "aux.conv.conv."), ("auxiliary_decoder.1.", "aux.conv.bn."),
+    ("auxiliary_decoder.4.", "aux.cls.conv."),
+]  # fmt: skip
+MMSEG_RULES = [
+    ("backbone.", "backbone."),
+    ("decode_head.pam_in_conv.", "head.pam_in."), ("decode_head.pam_out_conv.", "head.pam_out."),
+    ("decode_head.cam_in_conv.", "head.cam_in."), ("decode_head.cam_out_conv.", "head.cam_out."),
+    ("decode_head.pam.gamma.scale", "head.pam.gamma"), ("decode_head.cam.gamma.scale", "head.cam.gamma"),
+    ("decode_head.pam.", "head.pam."),
+    ("decode_head.conv_seg.", "head.cls.conv."), ("decode_head.pam_conv_seg.", "head.cls_pam.conv."),
+    ("decode_head.cam_conv_seg.", "head.cls_cam.conv."),
+    ("auxiliary_head.convs.0.", "aux.conv."), ("auxiliary_head.conv_seg.", "aux.cls.conv."),
+]  # fmt: skip
+
+
+def _rename(sd: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        for old, new in rules:
+            if k.startswith(old):
+                k = new + k[len(old) :]
+                break
+        if k.endswith(".gamma") and v.numel() == 1:
+            v = v.reshape(())  # a 0-d scalar in both toolboxes and here; (1,) in some mmcv versions
+        out[k] = v
+    return out
+
+
+def _strip(sd: dict, prefix: str) -> dict:
+    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in sd.items()}
+
+
+def _state_dict_of(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict, dict | None, bool]:
+    """(state dict, meta, train state, is ours) from whatever container the file holds."""
+    if not isinstance(obj, dict):
+        raise DanetError(f"{path} holds a {type(obj).__name__}, not a state dict; pass a model checkpoint")
+    if obj.get("format") == "danet":
+        return dict(obj["model"]), dict(obj.get("meta") or {}), obj.get("train_state"), True
+    meta = _plain(obj.get("meta") or {})
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        raise DanetError(
+            f"{path} holds no tensors (keys: {', '.join(map(str, list(obj)[:6]))}); pass a model checkpoint"
+        )
+    sd = _strip(sd, "module.")  # DDP
+    return sd, meta if isinstance(meta, dict) else {}, None, False
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read any supported checkpoint (auto-detected) into our key names, without executing pickled code."""
+    path = Path(path)
+    sd, meta, train_state, ours = _state_dict_of(_torch_load(path), path)
+    keys = list(sd)
+    if ours:
+        source = "danet"
+    elif any(k.startswith("decode_head.") for k in keys):
+        source, sd = (
+            "mmseg",
+            _rename({k: v for k, v in sd.items() if not k.startswith("data_preprocessor.")}, MMSEG_RULES),
+        )
+    elif any(k.startswith(("backbone_net.", "decoder_pamcam.", "pam_in_conv.")) for k in keys):
+        source, sd = "ssseg", _rename(sd, SSSEG_RULES)
+    elif any(k.startswith("head.") for k in keys) and any(k.startswith("backbone.") for k in keys):
+        source = "danet"  # a bare state dict of ours
+    elif any(re.match(r"(backbone\.)?layer1\.", k) for k in keys):
+        source = "imagenet"
+        sd = {"backbone." + k: v for k, v in _strip(sd, "backbone.").items() if not k.startswith(("fc.", "head."))}
+    else:
+        raise DanetError(
+            f"{path}: unrecognised checkpoint layout (first keys: {', '.join(keys[:3])}); "
+            "expected a danet, sssegmentation or mmsegmentation DANet checkpoint or an ImageNet ResNet"
+        )
+    if not ours:
+        meta = dict(meta)
+        dm = meta.get("dataset_meta") if isinstance(meta.get("dataset_meta"), dict) else {}
+        for ours_key, keys_ in (("classes", ("classes", "CLASSES")), ("palette", ("palette", "PALETTE"))):
+            found = next((src[k] for src in (dm, meta) for k in keys_ if isinstance(src.get(k), (list, tuple))), None)
+            meta[ours_key] = list(found) if found is not None else None
+    return Checkpoint(path, source, sd, meta, train_state)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# structure from weights, and the whole model
+# ---------------------------------------------------------------------------------------------------------------
+def _blocks(sd: dict, stage: int) -> int:
+    idx = {int(m.group(1)) for k in sd if (m := re.match(rf"backbone\.layer{stage}\.(\d+)\.", k))}
+    return max(idx) + 1 if idx else 0
+
+
+def infer_config(sd: dict[str, torch.Tensor], path: str | Path = "checkpoint") -> dict:
+    """The ModelConfig fields the weights decide (our key names): classes, depth, stem, widths, layout, aux."""
+    if "head.cls.conv.weight" not in sd:
+        hint = "pass it as backbone_weights=" if any(k.startswith("backbone.layer1.") for k in sd) else "pass a DANet"
+        raise DanetError(f"{path} holds no DANet head (no classifier weights); {hint}")
+    blocks = tuple(_blocks(sd, i) for i in range(1, 5))
+    depth = next((d for d, b in DEPTH_LAYERS.items() if b == blocks), None)
+    if depth is None:
+        raise DanetError(f"{path}: ResNet stages with {blocks} blocks match no supported depth {sorted(DEPTH_LAYERS)}")
+    deep = "backbone.stem.0.weight" in sd
+    stem_key = "backbone.stem.6.weight" if deep else "backbone.conv1.weight"
+    if stem_key not in sd:
+        raise DanetError(f"{path}: no ResNet stem weights ({stem_key}); the file is incomplete")
+    fields = {
+        "num_classes": sd["head.cls.conv.weight"].shape[0],
+        "depth": depth,
+        "stem": "deep" if deep else "single",
+        "stem_channels": sd[stem_key].shape[0],
+        "base_channels": sd["backbone.layer1.0.conv1.weight"].shape[0],
+        "head_channels": sd["head.pam_in.conv.weight"].shape[0],
+        "key_channels": sd["head.pam.query_project.weight"].shape[0],
+        "pam_bias": "head.pam.query_project.bias" in sd,
+        "aux": "aux.conv.conv.weight" in sd,
+    }
+    if fields["aux"]:
+        fields["aux_channels"] = sd["aux.conv.conv.weight"].shape[0]
+    return fields
+
+
+def _preset_name(cfg: ModelConfig) -> str | None:
+    from .presets import PRESETS
+
+    for p in PRESETS.values():
+        if p.model.replace(fused_attention=cfg.fused_attention, dropout=cfg.dropout) == cfg:
+            return p.name
+    return None
+
+
+def _dataset_for(num_classes: int, depth: int | None = None) -> str | None:
+    """The one dataset with `num_classes` classes (and a preset of that depth), else None."""
+    from .presets import PRESETS
+
+    names = {
+        p.dataset.name for p in PRESETS.values() if p.num_classes == num_classes and depth in (None, p.model.depth)
+    }
+    return names.pop() if len(names) == 1 else None
+
+
+def load_model(
+    path: str | Path | Checkpoint,
+    cfg: ModelConfig | None = None,
+    *,
+    norm_layer=nn.BatchNorm2d,
+    explicit_num_classes: int | None = None,
+) -> DANet:
+    """Build a DANet whose structure the weights decide, load them strictly, return it in eval mode.
+
+    Taken from the weights: class count, depth, stem, channel widths, layout (PAM bias, aux width), aux head.
+    Taken from `cfg` (else from our file's meta, else defaults): output stride, dropout, fused attention.
+    A class count or depth that contradicts `cfg` (a preset) or `explicit_num_classes` raises one DanetError.
+    """
+    ck = path if isinstance(path, Checkpoint) else read_checkpoint(path)
+    name = ck.path.name
+    found = infer_config(ck.state_dict, name)
+    n = found["num_classes"]
+    if explicit_num_classes is not None and explicit_num_classes != n:
+        raise DanetError(
+            f"checkpoint {name} has {n} classes but num_classes={explicit_num_classes} was asked for; pass "
+            f"num_classes={n}, or backbone_weights= to start a {explicit_num_classes}-class model from its backbone"
+        )
+    meta_cfg = ck.meta.get("model_cfg") if isinstance(ck.meta.get("model_cfg"), dict) else None
+    if cfg is not None:
+        what = f"preset {p}" if (p := _preset_name(cfg)) else "the requested model"
+        if cfg.num_classes != n:
+            ds = _dataset_for(n, found["depth"])
+            alt = f" or pick a{'n' if ds and ds[0] in 'aeiou' else ''} {ds} preset" if ds else ""
+            raise DanetError(
+                f"checkpoint {name} has {n} classes but {what} has {cfg.num_classes}; pass num_classes={n}{alt}"
+            )
+        if cfg.depth != found["depth"]:
+            raise DanetError(
+                f"checkpoint {name} is a ResNet-{found['depth']} DANet but {what} is ResNet-{cfg.depth}; "
+                f"pick a r{found['depth']} preset"
+            )
+        if meta_cfg and meta_cfg.get("output_stride") not in (None, cfg.output_stride):
+            warnings.warn(
+                f"{name} was saved with output_stride={meta_cfg['output_stride']}; running it at "
+                f"output_stride={cfg.output_stride} as requested",
+                stacklevel=2,
+            )
+        base = cfg
+    elif meta_cfg:
+        known = set(ModelConfig.__dataclass_fields__)
+        base = ModelConfig.from_dict({k: v for k, v in meta_cfg.items() if k in known})
+    else:
+        base = ModelConfig(num_classes=n)
+    model = DANet(base.replace(**found), norm_layer)
+    _load_strict(model, ck.state_dict, name)
+    return model.eval()
+
+
+def _load_strict(module: nn.Module, sd: dict[str, torch.Tensor], name: str, what: str = "model") -> None:
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:2])})")
+    if problems:
+        raise DanetError(f"{name} does not fit the {what}: {'; '.join(problems)}")
+    module.load_state_dict(sd, strict=False)  # strict by the checks above (num_batches_tracked may be absent)
+
+
+def load_backbone(model: DANet, path: str | Path) -> DANet:
+    """Load ImageNet ResNet weights (mmseg `resnet*_v1c`, torchvision) or the backbone of any DANet checkpoint."""
+    ck = read_checkpoint(path)
+    name = ck.path.name
+    sd = {k[len("backbone.") :]: v for k, v in ck.state_dict.items() if k.startswith("backbone.")}
+    file_stem = "deep" if "stem.0.weight" in sd else "single" if "conv1.weight" in sd else None
+    if file_stem != model.backbone.stem_type:
+        if file_stem == "single":
+            raise DanetError(
+                f"{name} has a single 7x7 stem (torchvision ResNet) but the model has the deep 3x3 stem; "
+                'build the model with stem="single" to use it'
+            )
+        raise DanetError(f"{name} has a {file_stem or 'missing'} stem but the model's is {model.backbone.stem_type}; "
+                         f'build the model with stem="{file_stem or "deep"}"')  # fmt: skip
+    _load_strict(model.backbone, sd, name, "backbone")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `danet convert`
+# ---------------------------------------------------------------------------------------------------------------
+def add_cli(parser) -> None:
+    parser.add_argument("src", help="an sssegmentation / mmsegmentation / danet checkpoint (.pth)")
+    parser.add_argument("dst", help="where to write this project's checkpoint")
+    parser.add_argument("--preset", help="the preset it belongs to (class names, output stride); guessed if omitted")
+
+
+def _guess_preset(path: Path, found: dict):
+    """A preset named in the file name (e.g. ssseg's `danet_resnet50os8_ade20k_train.pth`) that fits the weights."""
+    from .presets import ALIASES, PRESETS
+
+    stem = path.stem
+    for alias, pname in sorted({**{p: p for p in PRESETS}, **ALIASES}.items(), key=lambda kv: -len(kv[0])):
+        p = PRESETS[pname]
+        if alias in stem and p.model.num_classes == found["num_classes"] and p.model.depth == found["depth"]:
+            return p
+    return None
+
+
+def run_cli(args) -> int:
+    from .presets import DATASETS, get_preset
+
+    ck = read_checkpoint(args.src)
+    found = infer_config(ck.state_dict, ck.path.name)
+    preset = get_preset(args.preset) if args.preset else _guess_preset(ck.path, found)
+    how = "given" if args.preset else "from the file name" if preset else None
+    model = load_model(ck, preset.model if preset else None)
+    meta_cfg = ck.meta.get("model_cfg") or {}
+    extra = {"source": {"format": ck.source, "file": ck.path.name}}
+    if preset is None:
+        if ck.meta.get("classes"):
+            extra.update(classes=list(ck.meta["classes"]), palette=ck.meta.get("palette"))
+        elif ds := _dataset_for(found["num_classes"]):
+            extra.update(classes=list(DATASETS[ds].classes), palette=[list(c) for c in DATASETS[ds].palette])
+    save_checkpoint(args.dst, model, preset, extra_meta=extra)
+    cfg = model.cfg
+    if preset or meta_cfg:
+        os_note = f"{cfg.output_stride} (from the {'preset' if preset else 'file meta'})"
+    else:
+        os_note = f"{cfg.output_stride} (default: {ck.source} files do not store it; pass --preset for a -d16 model)"
+    print(f"source format : {ck.source} ({len(ck.state_dict)} tensors)")
+    print(f"layout        : {cfg.layout} (PAM bias {cfg.pam_bias}, aux width {cfg.aux_channels if cfg.aux else '-'})")
+    print(f"structure     : ResNet-{cfg.depth} {cfg.stem} stem, {cfg.num_classes} classes, output stride {os_note}")
+    print(f"preset        : {preset.name + ' (' + how + ')' if preset else 'none (pass --preset to attach one)'}")
+    classes = (list(preset.classes) if preset else extra.get("classes")) or []
+    print(f"classes       : {', '.join(map(str, classes[:5])) + (', ...' if len(classes) > 5 else '') or 'unknown'}")
+    print(f"wrote {args.dst}")
+    return 0

@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""Regenerate the committed model-equivalence fixtures (tests/fixtures/models/) from the two reference toolboxes.
+
+    .venv/bin/python tools/make_model_fixtures.py                # needs the peers' venvs (see below)
+    .venv/bin/python tools/make_model_fixtures.py --peers /work/shared/peers --out tests/fixtures/models
+
+The peers (/work/shared/peers/README.md) run sssegmentation 1.7.0 and mmsegmentation 1.2.2 on CPU in their own
+venvs (`$SSSEG_VENV`, `$MMSEG_VENV`, default `~/.cache/danet-peers/{ssseg,mmseg}-venv`). Their full-width models make
+~200 MB checkpoints, so the fixtures use NARROW DANet-R50 variants (same depth, blocks, dilations, attention, three
+classifiers and aux head; only the widths shrink), built through the toolboxes' own code:
+
+- mmseg: the harness's own `--cfg-options` (backbone.base_channels, stem_channels, decode_head.channels/pam_channels,
+  auxiliary_head.channels, num_classes), plus `--d16` for output stride 16.
+- ssseg: the harness has no overrides, so this script runs itself inside the ssseg venv (`peer-ssseg` mode):
+  it imports `ssseg_danet`, wraps `ssseg_cfg.build` to shrink the same widths in the SEGMENTOR_CFG dict, then calls
+  the harness's `main()` unchanged.
+
+For every case (toolbox x output stride 8/16, input size not a multiple of 8) the harness runs `dump --perturb`
+twice, in float64 (`--double`) and float32, on the same seed; the fixture keeps the toolbox-format checkpoint
+(`<case>.pth`; the mmseg d8 one is re-saved the way mmengine's Runner saves, with a MessageHub of HistoryBuffers,
+so the test also covers reading mmseg 1.x files that `weights_only=True` refuses) and `<case>.npz`: the float32
+input, logits (64/32), head outputs at 1/os (`pam_cam`, `pam`, `cam`, `aux`, 64/32) and `meta_json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PEERS_HOME = Path(os.environ.get("DANET_PEERS_HOME", Path.home() / ".cache/danet-peers"))
+VENVS = {
+    "ssseg": Path(os.environ.get("SSSEG_VENV", PEERS_HOME / "ssseg-venv")),
+    "mmseg": Path(os.environ.get("MMSEG_VENV", PEERS_HOME / "mmseg-venv")),
+}
+# widths of the narrow variant (the published nets: 64 / 64 / 512 / 64 / aux 512 ssseg, 256 mmseg / 150 classes)
+NARROW = {"base": 4, "stem": 8, "head": 32, "key": 16, "aux_ssseg": 32, "aux_mmseg": 16, "classes": 5}
+# (toolbox, output stride, (H, W), seed): sizes that are not multiples of 8 (nor 16)
+CASES = [("ssseg", 8, (75, 97), 0), ("ssseg", 16, (67, 101), 1), ("mmseg", 8, (75, 97), 2), ("mmseg", 16, (67, 101), 3)]
+SAVED = ("logits", "head_pam_cam", "head_pam", "head_cam", "aux_logits")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# modes that run inside a peer's venv
+# ---------------------------------------------------------------------------------------------------------------
+def peer_ssseg(peers: str, argv: list[str]) -> None:
+    """Run ssseg_danet.main(argv) with ssseg_cfg.build narrowed (inside the ssseg venv)."""
+    sys.dont_write_bytecode = True
+    sys.path.insert(0, peers)
+    import ssseg_cfg  # noqa: PLC0415 - the peer's module, only importable in its venv
+    import ssseg_danet  # noqa: PLC0415
+
+    original = ssseg_cfg.build
+
+    def build(name):
+        cfg = original(name)
+        base, n = NARROW["base"], NARROW["classes"]
+        cfg["num_classes"] = n
+        cfg["backbone"].update(base_channels=base, stem_channels=NARROW["stem"])
+        cfg["head"].update(in_channels=base * 32, feats_channels=NARROW["head"], transform_channels=NARROW["key"])
+        cfg["auxiliary"].update(in_channels=base * 16, out_channels=NARROW["aux_ssseg"])
+        return cfg
+
+    ssseg_cfg.build = build
+    ssseg_danet.main(argv)
+
+
+def peer_mmengine(src: str, dst: str) -> None:
+    """Re-save an mmseg harness checkpoint as mmengine's Runner does (inside the mmseg venv): meta with
+    dataset_meta, state_dict, message_hub (HistoryBuffer objects holding numpy arrays), optimizer, schedulers."""
+    import torch  # noqa: PLC0415
+    from mmengine.logging import MessageHub  # noqa: PLC0415
+
+    ck = torch.load(src, weights_only=True)
+    hub = MessageHub.get_instance("danet-fixture")
+    for it in range(3):
+        hub.update_scalar("train/loss", 2.5 - it * 0.1)
+        hub.update_scalar("train/lr", 0.01)
+    hub.update_info("iter", 3)
+    names = [f"class{i}" for i in range(NARROW["classes"])]
+    meta = {k: v for k, v in ck["meta"].items() if k != "config_text"}
+    meta.update(dataset_meta={"classes": tuple(names), "palette": [[i * 40, 0, 0] for i in range(len(names))]},
+                epoch=0, iter=3, cfg=ck["meta"]["config_text"])  # fmt: skip
+    param = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([param], lr=0.01, momentum=0.9)
+    param.grad = torch.ones(2)
+    opt.step()
+    torch.save({"meta": meta, "state_dict": ck["state_dict"], "message_hub": hub.state_dict(),
+                "optimizer": opt.state_dict(), "param_schedulers": [{"last_step": 3, "power": 0.9}]}, dst)  # fmt: skip
+    try:
+        torch.load(dst, weights_only=True)
+        raise SystemExit("expected torch.load(weights_only=True) to refuse the mmengine objects")
+    except Exception as e:  # noqa: BLE001
+        print(f"{dst}: weights_only=True refuses it as expected ({type(e).__name__})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# driver (this project's venv)
+# ---------------------------------------------------------------------------------------------------------------
+def run(cmd: list[str]) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def harness_cmd(toolbox: str, peers: Path, os_: int, size, seed: int, out: Path, double: bool) -> list[str]:
+    py = str(VENVS[toolbox] / "bin/python")
+    common = ["--seed", str(seed), "--size", str(size[0]), str(size[1]), "--perturb", "--no-feats", "--out", str(out)]
+    common += ["--double"] if double else []
+    if toolbox == "ssseg":
+        config = f"danet_resnet50os{os_}_ade20k"
+        return [py, __file__, "peer-ssseg", str(peers), "dump", "--config", config, *common]
+    b, n = NARROW["base"], NARROW["classes"]
+    opts = [f"backbone.base_channels={b}", f"backbone.stem_channels={NARROW['stem']}",
+            f"decode_head.in_channels={b * 32}", f"decode_head.channels={NARROW['head']}",
+            f"decode_head.pam_channels={NARROW['key']}", f"decode_head.num_classes={n}",
+            f"auxiliary_head.in_channels={b * 16}", f"auxiliary_head.channels={NARROW['aux_mmseg']}",
+            f"auxiliary_head.num_classes={n}"]  # fmt: skip
+    cmd = [py, str(peers / "mmseg_danet.py"), "dump", "--config", "danet_r50-d8_4xb4-160k_ade20k-512x512", *common]
+    return cmd + (["--d16"] if os_ == 16 else []) + ["--cfg-options", *opts]
+
+
+def make(peers: Path, out_dir: Path) -> None:
+    import numpy as np
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="danet-fixtures-") as tmp:
+        tmp = Path(tmp)
+        for toolbox, os_, size, seed in CASES:
+            name = f"{toolbox}_d{os_}"
+            f64, f32 = tmp / f"{name}_64.npz", tmp / f"{name}_32.npz"
+            run(harness_cmd(toolbox, peers, os_, size, seed, f64, double=True))
+            run(harness_cmd(toolbox, peers, os_, size, seed, f32, double=False))
+            a, b = np.load(f64), np.load(f32)
+            sd_keys = [k for k in a.files if k.startswith("sd.")]
+            assert all(np.array_equal(a[k], b[k]) for k in sd_keys), "float32 and float64 dumps hold different weights"
+            assert np.array_equal(a["input"], b["input"].astype(np.float64)), "inputs differ"
+            arrays = {"input": b["input"].astype(np.float32)}
+            for k in SAVED:
+                arrays[f"{k}_64"] = a[k].astype(np.float64)
+                arrays[f"{k}_32"] = b[k].astype(np.float32)
+            peer_meta = json.loads(str(b["meta_json"]))
+            meta = {"toolbox": toolbox, "output_stride": os_, "size": list(size), "seed": seed, "narrow": NARROW}
+            meta["harness_meta"] = {k: peer_meta.get(k) for k in ("config", "versions", "num_classes", "perturb")}
+            arrays["meta_json"] = np.array(json.dumps(meta))
+            np.savez_compressed(out_dir / f"{name}.npz", **arrays)
+            pth = out_dir / f"{name}.pth"
+            if (toolbox, os_) == ("mmseg", 8):
+                py = str(VENVS["mmseg"] / "bin/python")
+                run([py, __file__, "peer-mmengine", str(f32.with_suffix(".pth")), str(pth)])
+            else:
+                shutil.copyfile(f32.with_suffix(".pth"), pth)
+            n = sum(t.numel() for t in _tensors(pth))
+            print(f"{name}: {pth.stat().st_size / 1e3:.0f} kB checkpoint ({n:,} numbers), "
+                  f"{(out_dir / f'{name}.npz').stat().st_size / 1e3:.0f} kB arrays")  # fmt: skip
+
+
+def _tensors(path: Path):
+    sys.path.insert(0, str(ROOT / "src"))
+    from danet.checkpoints import read_checkpoint
+
+    return read_checkpoint(path).state_dict.values()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["peer-ssseg"]:
+        peer_ssseg(argv[1], argv[2:])
+        return 0
+    if argv[:1] == ["peer-mmengine"]:
+        peer_mmengine(argv[1], argv[2])
+        return 0
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--peers", type=Path, default=Path(os.environ.get("DANET_PEERS_DIR", "/work/shared/peers")))
+    p.add_argument("--out", type=Path, default=ROOT / "tests/fixtures/models")
+    args = p.parse_args(argv)
+    for tb, venv in VENVS.items():
+        if not (venv / "bin/python").exists():
+            raise SystemExit(f"{tb} venv not found at {venv}: run {args.peers}/setup_{tb}_env.sh")
+    make(args.peers, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Walk a dataset and list every fault (it never stops at the first): missing or unreadable files, labels that
+do not match their image's size, label values outside the classes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..errors import DanetError
+from ..presets import DatasetInfo
+from . import family, find_files, folder
+from .io import fork_safe_opencv, label_lut, read_pair
+
+
+@dataclass
+class SplitReport:
+    name: str
+    images: int = 0  # listed images
+    ok: int = 0  # pairs that read cleanly
+    class_pixels: np.ndarray | None = None  # labelled pixels per class over the clean pairs
+
+
+@dataclass
+class CheckReport:
+    root: Path
+    splits: list[SplitReport] = field(default_factory=list)
+    faults: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.faults
+
+
+def _check_pair(args) -> tuple[str | None, np.ndarray | None]:
+    image, label, lut, num_classes, palette = args
+    try:
+        _, mapped = read_pair(image, label, lut, num_classes, palette)
+    except DanetError as e:
+        return str(e), None
+    return None, np.bincount(mapped.ravel(), minlength=256)[:num_classes]
+
+
+def check_dataset(
+    info: DatasetInfo, root: Path, splits: list[str] | None = None, *, jobs: int = 1, progress: bool = True
+) -> CheckReport:
+    """Check the listed splits (default: the dataset's train and val splits) of the data at `root`."""
+    report = CheckReport(root)
+    lut = label_lut(info.num_classes, info.reduce_zero_label, info.ignore_index)
+    palette = None
+    if info.name in ("synthetic", "folder"):
+        try:
+            palette = folder.label_palette(root)
+        except DanetError as e:
+            report.faults.append(str(e))
+            return report
+    for split in splits or [info.train_split, info.val_split]:
+        sr = SplitReport(split, class_pixels=np.zeros(info.num_classes, dtype=np.int64))
+        report.splits.append(sr)
+        try:
+            pairs = find_files(info, root, split)
+        except DanetError as e:
+            report.faults.append(f"[{split}] {e}")
+            continue
+        sr.images = len(pairs)
+        if not pairs:
+            report.faults.append(f"[{split}] no images")
+            continue
+        todo = []
+        for image, label in pairs:
+            if not image.is_file():
+                report.faults.append(f"[{split}] image {image} does not exist")
+            elif not label.is_file():
+                hint = family(info).missing_hint(label)
+                report.faults.append(f"[{split}] label {label} of image {image.name} does not exist{hint}")
+            else:
+                todo.append((image, label, lut, info.num_classes, palette))
+        bar = dict(total=len(todo), desc=f"check {split}", unit="img", disable=not progress, leave=False)
+        if jobs > 1:
+            fork_safe_opencv()
+            with ProcessPoolExecutor(jobs) as pool:
+                results = list(tqdm(pool.map(_check_pair, todo, chunksize=16), **bar))
+        else:
+            results = [_check_pair(t) for t in tqdm(todo, **bar)]
+        for fault, counts in results:
+            if fault is None:
+                sr.ok += 1
+                sr.class_pixels += counts
+            else:
+                report.faults.append(f"[{split}] {fault}")
+    return report
+
+
+def format_report(report: CheckReport, info: DatasetInfo) -> str:
+    lines = [f"{info.name} at {report.root}"]
+    for sr in report.splits:
+        lines.append(f"  {sr.name}: {sr.images} images, {sr.ok} readable pairs")
+        if sr.ok and sr.class_pixels is not None:
+            absent = [info.classes[k] for k in np.flatnonzero(sr.class_pixels == 0)]
+            if absent:
+                shown = ", ".join(absent[:8]) + (" ..." if len(absent) > 8 else "")
+                lines.append(f"    classes never labelled: {len(absent)} ({shown})")
+    if report.faults:
+        kinds = Counter(_kind(f) for f in report.faults)
+        lines.append(f"{len(report.faults)} faults ({', '.join(f'{n} {k}' for k, n in kinds.most_common())}):")
+        lines += [f"  {f}" for f in report.faults]
+    else:
+        lines.append("no faults")
+    return "\n".join(lines)
+
+
+def _kind(fault: str) -> str:
+    for key, kind in (
+        ("does not exist", "missing"),
+        ("corrupt", "unreadable"),
+        ("empty file", "unreadable"),
+        ("same size", "size mismatch"),
+        ("outside", "bad label values"),
+        ("colour", "bad label format"),
+    ):
+        if key in fault:
+            return kind
+    return "other"

@@ -1,0 +1,172 @@
+"""Your own data: a folder of images, a folder of index masks and a classes file.
+
+Layout:
+    ROOT/classes.yaml (or classes.yml / classes.txt)
+    ROOT/images/<split>/**/<name>.{jpg,jpeg,png,bmp,tif,tiff,webp}
+    ROOT/masks/<split>/**/<name>.png          one class index per pixel (0..K-1), 255 = ignore
+or, instead of split subfolders, ROOT/<split>.txt listing names (paths relative to images/, extension optional).
+
+Masks are 8-bit grayscale or palette PNGs holding class indices; an RGB mask is accepted too when every colour
+is a class colour of the classes file (white = ignore unless it is a class colour).
+
+classes.yaml, any of:
+    classes: [{name: background, color: [0, 0, 0]}, {name: road, color: [128, 64, 128]}]
+    [background, road]                                     (colours then generated)
+    {background: [0, 0, 0], road: [128, 64, 128]}
+classes.txt: one class per line, `name` optionally followed by a colour `R G B` (or `R,G,B` / `#rrggbb`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from ..errors import DanetError
+from ..presets import DatasetInfo
+from .io import IMAGE_EXTENSIONS
+
+CLASS_FILES = ("classes.yaml", "classes.yml", "classes.txt")
+_RGB_TAIL = re.compile(r"^(.*?)\s+(?:(\d{1,3})[\s,]+(\d{1,3})[\s,]+(\d{1,3})|#([0-9a-fA-F]{6}))\s*$")
+
+
+def default_palette(n: int) -> list[tuple[int, int, int]]:
+    """The PASCAL VOC colour map (bit-interleaved), used when a classes file gives no colours."""
+    out = []
+    for j in range(n):
+        lab, r, g, b, i = j, 0, 0, 0, 0
+        while lab:
+            r |= ((lab >> 0) & 1) << (7 - i)
+            g |= ((lab >> 1) & 1) << (7 - i)
+            b |= ((lab >> 2) & 1) << (7 - i)
+            i, lab = i + 1, lab >> 3
+        out.append((r, g, b))
+    return out
+
+
+def classes_file(root: Path) -> Path:
+    for name in CLASS_FILES:
+        if (root / name).is_file():
+            return root / name
+    raise DanetError(f"no classes file in {root}; write {root / 'classes.yaml'} (or classes.txt) naming the classes")
+
+
+def load_classes(root: Path) -> tuple[tuple[str, ...], tuple[tuple[int, int, int], ...]]:
+    """(names, palette) from ROOT's classes file; DanetError naming the file if it is malformed."""
+    path = classes_file(root)
+    try:
+        entries = _parse_yaml(path) if path.suffix in (".yaml", ".yml") else _parse_text(path)
+    except (yaml.YAMLError, ValueError, TypeError, KeyError) as e:
+        raise DanetError(f"classes file {path} is malformed ({e}); see `danet.data.folder` for the format") from None
+    if not entries:
+        raise DanetError(f"classes file {path} names no classes")
+    if len(entries) > 255:
+        raise DanetError(f"classes file {path} names {len(entries)} classes; at most 255 fit 8-bit masks")
+    names = tuple(str(n) for n, _ in entries)
+    if len(set(names)) != len(names):
+        raise DanetError(f"classes file {path} names a class twice")
+    fallback = default_palette(len(entries))
+    palette = []
+    for k, (_, colour) in enumerate(entries):
+        c = fallback[k] if colour is None else tuple(int(v) for v in colour)
+        if len(c) != 3 or not all(0 <= v <= 255 for v in c):
+            raise DanetError(f"classes file {path}: colour of {names[k]!r} must be three integers 0..255, got {colour}")
+        palette.append(c)
+    return names, tuple(palette)
+
+
+def _parse_yaml(path: Path) -> list[tuple[str, list | None]]:
+    data = yaml.safe_load(path.read_text())
+    if isinstance(data, dict) and "classes" in data:
+        data = data["classes"]
+    if isinstance(data, dict):
+        return [(k, v) for k, v in data.items()]
+    if not isinstance(data, list):
+        raise ValueError("expected a list of classes")
+    out = []
+    for item in data:
+        if isinstance(item, dict):
+            out.append((item["name"], item.get("color", item.get("colour"))))
+        else:
+            out.append((item, None))
+    return out
+
+
+def _parse_text(path: Path) -> list[tuple[str, list | None]]:
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = _RGB_TAIL.match(line)
+        if m and m.group(5):
+            h = m.group(5)
+            out.append((m.group(1), [int(h[i : i + 2], 16) for i in (0, 2, 4)]))
+        elif m:
+            out.append((m.group(1), [int(m.group(i)) for i in (2, 3, 4)]))
+        else:
+            out.append((line, None))
+    return out
+
+
+def folder_info(
+    root: str | Path,
+    *,
+    name: str = "folder",
+    train_split: str = "train",
+    val_split: str = "val",
+    base_size: tuple[int, int] = (2048, 512),
+    crop_size: tuple[int, int] = (512, 512),
+) -> DatasetInfo:
+    """A DatasetInfo for a folder dataset (classes and palette from its classes file, train count from its files)."""
+    root = Path(root)
+    names, palette = load_classes(root)
+    try:
+        num_train = len(list_files(root, train_split))
+    except DanetError:
+        num_train = 0
+    return DatasetInfo(name, names, palette, train_split, val_split, num_train, tuple(base_size), tuple(crop_size))
+
+
+def list_files(root: Path, split: str) -> list[tuple[Path, Path]]:
+    """(image, expected mask) pairs of a split, sorted by relative path."""
+    if not root.is_dir():
+        raise DanetError(f"data root {root} does not exist")
+    image_root, mask_root = root / "images", root / "masks"
+    if not image_root.is_dir():
+        raise DanetError(f"folder dataset {root} has no images/ folder (expected images/<split>/ and masks/<split>/)")
+    if (image_root / split).is_dir():
+        if not (mask_root / split).is_dir():
+            raise DanetError(f"mask folder {mask_root / split} does not exist")
+        images = sorted(p for p in (image_root / split).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        return [(p, (mask_root / split / p.relative_to(image_root / split)).with_suffix(".png")) for p in images]
+    list_file = root / f"{split}.txt"
+    if not list_file.is_file():
+        raise DanetError(f"folder dataset {root} has neither images/{split}/ nor a {split}.txt list")
+    pairs = []
+    for line in list_file.read_text().splitlines():
+        rel = line.strip()
+        if not rel:
+            continue
+        image = image_root / rel
+        if image.suffix.lower() not in IMAGE_EXTENSIONS:
+            image = next(
+                (image_root / (rel + e) for e in IMAGE_EXTENSIONS if (image_root / (rel + e)).is_file()), image
+            )
+        if image.suffix.lower() in IMAGE_EXTENSIONS:
+            mask = (mask_root / image.relative_to(image_root)).with_suffix(".png")
+        else:
+            mask = mask_root / f"{rel}.png"
+        pairs.append((image, mask))
+    return pairs
+
+
+def missing_hint(label: Path) -> str:
+    return ""
+
+
+def label_palette(root: Path) -> np.ndarray:
+    """The classes file's colours `(K, 3)` uint8 (to read RGB masks)."""
+    return np.asarray(load_classes(root)[1], dtype=np.uint8)

@@ -1,0 +1,169 @@
+"""Reading images and label maps, and mapping raw label values to training labels, with one-line errors.
+
+Images are decoded with OpenCV exactly as both reference toolboxes do (``cv2.IMREAD_COLOR``: grayscale is
+replicated to three channels, an alpha channel is dropped, 16-bit samples are scaled to 8 bits, EXIF orientation
+is applied), then turned into RGB. Label maps are decoded with Pillow (as mmsegmentation does), which returns the
+indices of a palette ("P" mode) PNG rather than its colours.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from ..errors import DanetError
+
+# NOTE: OpenCV logs decoder warnings ("PNG input buffer is incomplete") straight to stderr; a bad file is reported
+# once, as the DanetError below, so that a CLI error stays one line.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode an image file into RGB uint8 `(H, W, 3)`; DanetError naming the file if that is impossible."""
+    path = Path(path)
+    try:
+        buf = np.fromfile(path, dtype=np.uint8)  # NOTE: not cv2.imread, which cannot open non-ASCII paths everywhere
+    except FileNotFoundError:
+        raise DanetError(f"image {path} does not exist") from None
+    except OSError as e:
+        raise DanetError(f"cannot read image {path}: {e.strerror or e}") from None
+    if buf.size == 0:
+        raise DanetError(f"image {path} is an empty file; re-download or remove it from the split")
+    try:
+        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    except cv2.error:
+        bgr = None
+    if bgr is None:
+        raise DanetError(f"image {path} is corrupt or not an image format OpenCV can decode; replace or remove it")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def read_label(path: str | os.PathLike, palette: np.ndarray | None = None) -> np.ndarray:
+    """Decode a label map into `(H, W)` integers (uint8, or uint16/int32 for 16-bit files).
+
+    8-bit grayscale and palette PNGs give their pixel values / palette indices. A colour (RGB/RGBA) mask is accepted
+    only when `palette` `(K, 3)` is given: each colour is then mapped to its class index (an unknown colour is an
+    error; pure white (255, 255, 255) means ignore (255) unless it is a class colour).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DanetError(f"label {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            arr = np.asarray(im)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DanetError(f"label {path} is corrupt or not an image ({e}); replace or remove it") from None
+    if mode == "1":
+        return arr.astype(np.uint8)
+    if mode in ("L", "P"):
+        return arr
+    if mode.startswith("I"):  # 16/32-bit grayscale: values are checked against the classes by map_label
+        return arr
+    if mode in ("RGB", "RGBA") and palette is not None:
+        return colours_to_indices(arr[..., :3], palette, path)
+    raise DanetError(
+        f"label {path} is a {mode} image; expected one class index per pixel (8-bit grayscale or palette PNG)"
+    )
+
+
+def colours_to_indices(rgb: np.ndarray, palette: np.ndarray, path: Path) -> np.ndarray:
+    """Map an RGB mask `(H, W, 3)` to class indices `(H, W)` uint8 through `palette` `(K, 3)`."""
+    key = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
+    colours, inverse = np.unique(key.ravel(), return_inverse=True)
+    pal_key = (palette[:, 0].astype(np.int32) << 16) | (palette[:, 1].astype(np.int32) << 8) | palette[:, 2]
+    lut = np.full(len(colours), -1, dtype=np.int32)
+    for k, c in enumerate(pal_key.tolist()):
+        lut[colours == c] = k
+    lut[(lut < 0) & (colours == 0xFFFFFF)] = 255
+    if (lut < 0).any():
+        bad = [((c >> 16) & 255, (c >> 8) & 255, c & 255) for c in colours[lut < 0][:3].tolist()]
+        raise DanetError(f"label {path} has colours {bad} that are not in the classes file; add them or fix the mask")
+    return lut[inverse].reshape(key.shape).astype(np.uint8)
+
+
+def label_lut(num_classes: int, reduce_zero_label: bool = False, ignore_index: int = 255) -> np.ndarray:
+    """Raw label value -> training label, as a 256-entry int16 table; -1 marks a value that is not allowed.
+
+    Plain datasets: 0..K-1 stay, `ignore_index` stays, anything else is invalid.
+    NOTE: reduce-zero-label (ADE20K): 0 ("other") -> ignore, 1..K -> 0..K-1, 255 stays ignore.
+    """
+    lut = np.full(256, -1, dtype=np.int16)
+    if reduce_zero_label:
+        lut[0] = ignore_index
+        lut[1 : num_classes + 1] = np.arange(num_classes)
+    else:
+        lut[:num_classes] = np.arange(num_classes)
+    lut[ignore_index] = ignore_index
+    return lut
+
+
+def map_label(raw: np.ndarray, lut: np.ndarray, path: str | os.PathLike, num_classes: int) -> np.ndarray:
+    """Apply `label_lut` to a raw label `(H, W)`; DanetError naming the file and the bad values. Returns uint8."""
+    if raw.dtype != np.uint8:
+        if raw.size and (int(raw.max()) > 255 or int(raw.min()) < 0):
+            bad = np.unique(raw[(raw > 255) | (raw < 0)])[:5].tolist()
+            raise DanetError(f"label {path} has values {bad} outside the {num_classes} classes and ignore index 255")
+        raw = raw.astype(np.uint8)
+    out = lut[raw]
+    invalid = out < 0
+    if invalid.any():
+        bad = np.unique(raw[invalid])[:5].tolist()
+        raise DanetError(
+            f"label {path} has values {bad} outside the {num_classes} classes (allowed: {_allowed(lut)} and "
+            f"ignore 255); fix the mask or check the dataset/preset"
+        )
+    return out.astype(np.uint8)
+
+
+def _allowed(lut: np.ndarray) -> str:
+    ok = np.flatnonzero((lut >= 0) & (np.arange(256) != 255))
+    return f"{ok.min()}..{ok.max()}" if ok.size else "none"
+
+
+def read_pair(
+    image_path: str | os.PathLike,
+    label_path: str | os.PathLike,
+    lut: np.ndarray,
+    num_classes: int,
+    palette: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read an image (RGB uint8 `(H, W, 3)`) and its mapped label (uint8 `(H, W)`), checking that their sizes agree."""
+    image = read_image(image_path)
+    label = map_label(read_label(label_path, palette), lut, label_path, num_classes)
+    if image.shape[:2] != label.shape:
+        raise DanetError(
+            f"label {label_path} is {label.shape[1]}x{label.shape[0]} but image {image_path} is "
+            f"{image.shape[1]}x{image.shape[0]} (WxH); they must be the same size"
+        )
+    return image, label
+
+
+def fork_safe_opencv() -> None:
+    """Run OpenCV single-threaded in this process, so that processes forked from it cannot deadlock in OpenCV.
+
+    NOTE: a process forked (DataLoader workers, `danet data check --jobs`) while OpenCV's thread pool is alive
+    inherits the pool's state without its threads and can hang on the first OpenCV call that touches the pool
+    (seen with `cv2.setNumThreads` in a worker). With 0 threads the pool is never used. The parallelism of data
+    loading comes from the worker processes anyway (as mmengine and detectron2 do).
+    """
+    if cv2.getNumThreads() > 1:  # NOTE: after setNumThreads(0) it reports 1 (sequential); never touch it again then
+        cv2.setNumThreads(0)
+
+
+def write_atomic(path: Path, write) -> None:
+    """Call `write(tmp_path)` for a temporary name beside `path`, then rename it into place."""
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,1 @@
+"""Training, evaluation and metrics (uses danet.models and danet.data)."""

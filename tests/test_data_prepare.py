@@ -1,0 +1,106 @@
+"""`danet data prepare voc-aug` on a tiny fake SBD and `danet data prepare cityscapes` (labelIds -> trainIds)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.io import savemat
+
+from danet.cli import main
+from danet.data import build_dataset
+from danet.data.cityscapes import LABELID_TO_TRAINID, trainid_lut
+from danet.presets import get_preset
+from test_data_layouts import write_image, write_label
+
+
+def write_sbd_mat(path: Path, mask: np.ndarray) -> None:
+    """An SBD cls/*.mat file: struct GTcls with Segmentation, Boundaries and CategoriesPresent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cats = np.unique(mask[(mask > 0) & (mask < 255)]).astype(np.uint8)
+    savemat(
+        path,
+        {"GTcls": {"Segmentation": mask.astype(np.uint8), "Boundaries": np.zeros((1, 20)), "CategoriesPresent": cats}},
+    )
+
+
+def make_voc_and_sbd(tmp: Path) -> tuple[Path, Path]:
+    voc = tmp / "VOCdevkit"
+    base = voc / "VOC2012"
+    sets = base / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True)
+    (sets / "train.txt").write_text("a1\na2\n")
+    (sets / "val.txt").write_text("v1\nv2\n")
+    for i in ("a1", "a2", "v1", "v2", "s1", "s2", "s3"):
+        write_image(base / "JPEGImages" / f"{i}.jpg", 20, 30)
+    for i in ("a1", "a2", "v1", "v2"):
+        write_label(base / "SegmentationClass" / f"{i}.png", np.full((20, 30), 5), palette=True)
+    sbd = tmp / "benchmark_RELEASE"
+    (sbd / "dataset").mkdir(parents=True)
+    (sbd / "dataset" / "train.txt").write_text("s1\na2\nv1\n")  # SBD overlaps VOC train and val
+    (sbd / "dataset" / "val.txt").write_text("s2\ns3\n")
+    for k, i in enumerate(("s1", "a2", "v1", "s2", "s3")):
+        write_sbd_mat(sbd / "dataset" / "cls" / f"{i}.mat", np.full((20, 30), k + 1))
+    return voc, sbd
+
+
+def test_prepare_voc_aug(tmp_path, capsys):
+    voc, sbd = make_voc_and_sbd(tmp_path)
+    assert main(["data", "prepare", "voc-aug", "--voc", str(voc), "--sbd", str(sbd), "--no-progress"]) == 0
+    base = voc / "VOC2012"
+    assert (base / "ImageSets/Segmentation/trainaug.txt").read_text().split() == ["a1", "a2", "s1", "s2", "s3"]
+    png = base / "SegmentationClassAug" / "s2.png"
+    assert np.asarray(Image.open(png)).tolist() == np.full((20, 30), 4).tolist()
+    assert sorted(p.name for p in (base / "SegmentationClassAug").iterdir()) == [
+        f"{i}.png" for i in ("a2", "s1", "s2", "s3", "v1")
+    ]
+    assert "5 written" not in capsys.readouterr().out  # 5 masks + the list
+    ds = build_dataset(get_preset("danet_r50-d8_voc12aug"), voc, "train", train=False)
+    assert len(ds) == 5
+    assert int(ds[1][1][0, 0]) == 5  # a2: the official VOC mask wins over SBD's
+    assert int(ds[2][1][0, 0]) == 1  # s1: from SBD
+    # a second run keeps what is there; --overwrite redoes it
+    png.write_bytes(b"edited")
+    main(["data", "prepare", "voc-aug", "--voc", str(voc), "--sbd", str(sbd), "--no-progress"])
+    assert png.read_bytes() == b"edited" and "0 written, 6 kept" in capsys.readouterr().out
+    main(["data", "prepare", "voc-aug", "--voc", str(voc), "--sbd", str(sbd), "--no-progress", "--overwrite"])
+    assert png.read_bytes() != b"edited" and not list((base / "SegmentationClassAug").glob(".*"))  # no temp files
+
+
+def test_prepare_voc_aug_errors(tmp_path, capsys):
+    voc, sbd = make_voc_and_sbd(tmp_path)
+    (sbd / "dataset" / "cls" / "s3.mat").write_bytes(b"not a mat file")
+    assert main(["data", "prepare", "voc-aug", "--voc", str(voc), "--sbd", str(sbd), "--no-progress"]) == 2
+    assert "s3.mat is unreadable" in capsys.readouterr().err
+    assert main(["data", "prepare", "voc-aug", "--voc", str(voc), "--sbd", str(tmp_path / "no")]) == 2
+    assert "no SBD dataset/cls folder" in capsys.readouterr().err
+
+
+def test_prepare_cityscapes(tmp_path, capsys):
+    root = tmp_path / "cityscapes"
+    ids = np.arange(256, dtype=np.uint8).reshape(16, 16)  # every labelId value once
+    for split in ("train", "val"):
+        write_image(root / "leftImg8bit" / split / "bonn" / "bonn_000000_000019_leftImg8bit.png", 16, 16)
+        write_label(root / "gtFine" / split / "bonn" / "bonn_000000_000019_gtFine_labelIds.png", ids)
+    assert main(["data", "prepare", "cityscapes", str(root), "--no-progress"]) == 0
+    assert "2 written" in capsys.readouterr().out
+    out = np.asarray(Image.open(root / "gtFine/val/bonn/bonn_000000_000019_gtFine_labelTrainIds.png"))
+    expect = np.full(256, 255)
+    for label_id, train_id in LABELID_TO_TRAINID.items():
+        expect[label_id] = train_id
+    assert out.ravel().tolist() == expect.tolist()
+    assert out[0, 7] == 0 and out[1, 1] == 5 and out[2, 1] == 18 and out[0, 9] == 255  # road, pole, bicycle, parking
+    assert (trainid_lut() == expect).all()
+    assert sorted(set(expect.tolist()) - {255}) == list(range(19))
+    ds = build_dataset(get_preset("danet_r50-d8_cityscapes"), root, "val")
+    assert ds[0][1].shape == (16, 16)
+    assert main(["data", "prepare", "cityscapes", str(root), "--no-progress"]) == 0
+    assert "0 written, 2 kept" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args", [["cityscapes", "{tmp}/none"], ["cityscapes", "{tmp}"]])
+def test_prepare_cityscapes_errors(tmp_path, capsys, args):
+    assert main(["data", "prepare", *[a.format(tmp=tmp_path) for a in args]]) == 2
+    assert "gtFine" in capsys.readouterr().err

@@ -44,6 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(e: DanetError) -> str:
+    """The error's message. NOTE: a DanetError raised in a DataLoader worker is re-raised by torch with the worker's
+    traceback in its text ("Caught DanetError in DataLoader worker process 0. Original Traceback ..."); keep the
+    original message, its last line."""
+    text = str(e).strip()
+    if "Traceback (most recent call last)" in text:
+        text = text.splitlines()[-1].split("DanetError: ", 1)[-1]
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -55,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     except DanetError as e:
         if args.debug:
             raise
-        print(f"danet {args.command}: error: {e}", file=sys.stderr)
+        print(f"danet {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"danet {args.command}: interrupted", file=sys.stderr)

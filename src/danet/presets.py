@@ -161,22 +161,24 @@ def _zoo() -> dict[str, Preset]:
             alias=f"danet_resnet{depth}os{os_}_{_SSSEG_DATA[data]}",
             published_miou=miou,
         )
-    # A CPU-sized DANet for the bundled synthetic scenes: narrow ResNet-26, same head structure.
+    # A CPU-sized DANet for the bundled synthetic scenes: narrow ResNet-26, same head structure. Tuned so that
+    # `danet train danet_tiny_synthetic` reaches ~80 % val mIoU in about 6 minutes on 2 busy CPU cores: per CPU
+    # second, 64 x 64 crops and a narrow backbone trained for many iterations beat larger crops or wider nets.
     presets["danet_tiny_synthetic"] = Preset(
         name="danet_tiny_synthetic",
-        dataset=DATASETS["synthetic"],
+        dataset=dataclasses.replace(DATASETS["synthetic"], crop_size=(64, 64)),
         model=ModelConfig(
             num_classes=DATASETS["synthetic"].num_classes,
             depth=26,
             output_stride=8,
-            base_channels=16,
+            base_channels=8,
             stem_channels=16,
-            head_channels=64,
+            head_channels=32,
             key_channels=16,
-            aux_channels=64,
+            aux_channels=32,
         ),
-        schedule=Schedule(epochs=12, batch_size=8, lr=0.01, eval_interval=4, save_interval=1),
-        ratio_range=(0.75, 1.5),
+        schedule=Schedule(epochs=120, batch_size=8, lr=0.02, eval_interval=20, save_interval=20),
+        ratio_range=(0.5, 2.0),
         tta_scales=(0.75, 1.0, 1.25),
         notes="CPU-sized preset for the bundled synthetic dataset (the README's main job).",
     )

@@ -85,7 +85,12 @@ class FCNHead(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, channels: int, num_classes: int, dropout: float = 0.1, norm_layer: NormLayer = nn.BatchNorm2d
+        self,
+        in_channels: int,
+        channels: int,
+        num_classes: int,
+        dropout: float = 0.1,
+        norm_layer: NormLayer = nn.BatchNorm2d,
     ) -> None:
         super().__init__()
         self.conv = ConvBNReLU(in_channels, channels, norm_layer)

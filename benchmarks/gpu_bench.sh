@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The whole GPU measurement in one command (< 7 minutes on an H100/H200), everything written to $OUT:
+#   ours.jsonl        this project's cases (benchmarks/gpu_suite.py), one JSON object per line
+#   anchor_gpu.json   mmsegmentation 1.2.2 (../shared/peers/gpu_anchor_mmseg.py --cudnn-benchmark --skip-pam)
+#   anchor_ssseg.json sssegmentation 1.7.0 (../shared/peers/gpu_anchor_ssseg.py)
+#   profile.txt       top CUDA kernels of the best train and whole-image cases
+#   summary.md        the tables for benchmarks/RESULTS.md (benchmarks/summarize_gpu.py), printed last
+#   log.txt           everything printed
+# Before: `bash benchmarks/gpu_prepare.sh` here (wheels + peer scripts into .whl/, carried with carry=[".whl"]).
+# Device:  bash benchmarks/gpu_bench.sh                 (BUDGET_S=400: seconds after which no case starts)
+# Here:    bash benchmarks/gpu_bench.sh --cpu-smoke     (tiny sizes on the CPU: checks every step of the script)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+SMOKE=0
+[[ "${1:-}" == "--cpu-smoke" ]] && SMOKE=1
+export OUT=${OUT:-/tmp/danet-gpu-out} PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+PY=${PYTHON:-python3}                      # the device's python3 holds PyTorch
+PEER_PY=${PEER_PYTHON:-$PY}
+BUDGET=${BUDGET_S:-400}
+T0=$(date +%s)
+left() { echo $((BUDGET - ($(date +%s) - T0))); }
+stage() { echo; echo "=== $* (t=$(($(date +%s) - T0)) s)"; }
+
+stage "environment"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,driver_version --format=csv || true
+$PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda,
+      'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+
+stage "install the peers' wheels into /tmp/site"
+SITE=${SITE:-/tmp/site}
+$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/peers/*.whl \
+  || echo "WARNING: wheel install failed; the anchors will fail"
+export PYTHONPATH="$PWD/src:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+rm -f "$OUT/ours.jsonl"
+
+SMOKE_ARG=(); QUICK=()
+[[ $SMOKE == 1 ]] && SMOKE_ARG=(--smoke) && QUICK=(--quick)
+lim() { local t=$1; ((t > $(left))) && t=$(left); ((t < 5)) && t=5; echo $t; }  # seconds, capped by the budget
+stage "anchor: mmsegmentation"
+(cd .whl/peer_scripts && timeout $(lim 110) $PEER_PY gpu_anchor_mmseg.py --cudnn-benchmark --skip-pam "${QUICK[@]}" \
+  --out "$OUT") || echo "WARNING: mmseg anchor exited $?"
+stage "anchor: sssegmentation"
+(cd .whl/peer_scripts && timeout $(lim 100) $PEER_PY gpu_anchor_ssseg.py) || echo "WARNING: ssseg anchor exited $?"
+stage "ours: sys pam train infer profile"
+timeout $(lim $(($(left) - 5))) $PY benchmarks/gpu_suite.py sys train infer pam profile "${SMOKE_ARG[@]}" \
+  --budget-s $(($(left) - 40)) || echo "WARNING: gpu_suite core exited $?"
+if (($(left) > 80)) || ((SMOKE)); then
+  stage "ours: torch.compile"
+  timeout $(lim $(left)) $PY benchmarks/gpu_suite.py compile "${SMOKE_ARG[@]}" --budget-s $(($(left) - 60)) \
+    || echo "WARNING: gpu_suite compile exited $?"
+fi
+stage "summary"
+$PY benchmarks/summarize_gpu.py "$OUT" --md "$OUT/summary.md" || echo "WARNING: summary failed"
+echo "done in $(($(date +%s) - T0)) s"

@@ -1,0 +1,350 @@
+#!/usr/bin/env python
+"""This project's GPU measurements, one JSON line per case (also appended to $OUT/ours.jsonl).
+
+Groups (run in this order by benchmarks/gpu_bench.sh, each under the time left):
+  sys      bf16 matrix rate (8192^3 matmul) and device-to-device copy bandwidth: the card's two ceilings
+  pam      the PAM core softmax(q k^T) v (q, k 64 wide, v 512 wide, no scaling): explicit vs SDPA variants
+  train    R50-D8 ADE20K 512x512 batch 8 train step: fp32 / bf16 / fp16, channels_last, fused loss, attention
+  infer    R50-D8 inference 512x512 batch 1 (ADE20K) and whole 1024x2048 (Cityscapes): dtypes, CUDA graphs
+  profile  torch.profiler's top CUDA kernels of the best train and whole-image cases -> $OUT/profile.txt
+  compile  torch.compile cases (slow to build: last)
+
+--smoke runs every group on the CPU at tiny sizes (checks the script, not the speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from danet.benchmark import BenchSpec, release, run_case  # noqa: E402
+
+OUT = Path(os.environ.get("OUT", "."))
+T0 = time.time()
+
+
+def emit(rec: dict) -> None:
+    line = json.dumps(rec)
+    print(line, flush=True)
+    with open(OUT / "ours.jsonl", "a") as f:
+        f.write(line + "\n")
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def bench(fn, warmup: int, iters: int) -> float:
+    """Median seconds of fn (device-synchronised)."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    ts = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t)
+    return sorted(ts)[len(ts) // 2]
+
+
+def peak_reset() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
+
+
+# ------------------------------------------------------------------------------------------------- sys
+def group_sys(a) -> None:
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    n = 512 if a.smoke else 8192
+    x = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    y = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    s = bench(lambda: x @ y, 3, 10)
+    emit(
+        {
+            "group": "sys",
+            "name": "matmul_bf16",
+            "n": n,
+            "ms": round(1e3 * s, 3),
+            "tflop_s": round(2 * n**3 / s / 1e12, 1),
+        }
+    )
+    big = torch.empty(2**28 if not a.smoke else 2**20, device=dev)  # 1 GiB of float32
+    dst = torch.empty_like(big)
+    s = bench(lambda: dst.copy_(big), 3, 10)
+    emit(
+        {
+            "group": "sys",
+            "name": "copy",
+            "gib": big.numel() * 4 / 2**30,
+            "tb_s": round(2 * big.numel() * 4 / s / 1e12, 2),
+        }
+    )
+
+
+# ------------------------------------------------------------------------------------------------- pam
+def pam_impls():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from danet.models.attention import attend, attend_explicit
+
+    def heads(q, k, v, h, backend=None):  # v split into h heads sharing q and k
+        b, n, d = q.shape
+        vh = v.reshape(b, n, h, -1).transpose(1, 2)
+        qh, kh = q[:, None].expand(b, h, n, d), k[:, None].expand(b, h, n, d)
+        with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
+            o = F.scaled_dot_product_attention(qh, kh, vh, scale=1.0)
+        return o.transpose(1, 2).reshape(b, n, -1)
+
+    return {
+        "explicit": attend_explicit,
+        "split8_default": attend,  # the model's fused path
+        "split8_flash": lambda q, k, v: heads(q, k, v, 8, SDPBackend.FLASH_ATTENTION),
+        "split8_cudnn": lambda q, k, v: heads(q, k, v, 8, SDPBackend.CUDNN_ATTENTION),
+        "split8_efficient": lambda q, k, v: heads(q, k, v, 8, SDPBackend.EFFICIENT_ATTENTION),
+        "heads4x128_efficient": lambda q, k, v: heads(q, k, v, 4, SDPBackend.EFFICIENT_ATTENTION),
+        "heads2x256_efficient": lambda q, k, v: heads(q, k, v, 2, SDPBackend.EFFICIENT_ATTENTION),
+        "onehead512_default": lambda q, k, v: heads(q, k, v, 1),
+    }
+
+
+def pam_shape(dev: str, b: int, n: int, dtype: torch.dtype, smoke: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(b, n, 64, generator=g).to(dev, dtype).requires_grad_() for _ in range(2))
+    v = torch.randn(b, n, 512, generator=g).to(dev, dtype).requires_grad_()
+    go = torch.randn(b, n, 512, generator=g).to(dev, dtype)
+    ref = None
+    if n <= 4096:
+        with torch.no_grad():
+            ref = torch.softmax(q.double() @ k.double().transpose(1, 2), -1) @ v.double()
+    for name, fn in pam_impls().items():
+        if smoke and name.endswith(("_flash", "_cudnn", "_efficient")):
+            continue
+        rec = {"group": "pam", "impl": name, "dtype": str(dtype)[6:], "batch": b, "n": n}
+
+        def fwd(fn=fn):
+            with torch.no_grad():
+                return fn(q, k, v)
+
+        def fwd_bwd(fn=fn):
+            q.grad = k.grad = v.grad = None
+            fn(q, k, v).backward(go)
+
+        try:
+            if ref is not None:
+                rec["rel_err_vs_f64"] = float((fwd().double() - ref).norm() / ref.norm())
+            peak_reset()
+            rec["ms_fwd"] = round(1e3 * bench(fwd, 2, 5), 3)
+            rec["peak_gib_fwd"] = peak_gib()
+            peak_reset()
+            rec["ms_fwd_bwd"] = round(1e3 * bench(fwd_bwd, 2, 5), 3)
+            rec["peak_gib_fwd_bwd"] = peak_gib()
+        except Exception as e:  # noqa: BLE001  (unsupported backend, OOM)
+            rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        q.grad = k.grad = v.grad = None
+        emit(rec)
+
+
+def group_pam(a) -> None:
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    for b, n in [(1, 64)] if a.smoke else [(8, 4096), (1, 32768)]:
+        for dtype in (torch.bfloat16, torch.float32):
+            pam_shape(dev, b, n, dtype, a.smoke)
+            peak_reset()
+
+
+# ------------------------------------------------------------------------------------------------- model cases
+def cases(a, group: str) -> list[BenchSpec]:
+    sm = a.smoke
+    ade, city = "danet_r50-d8_ade20k", "danet_r50-d8_cityscapes"
+    # smoke: the same R50-D8 structure a few channels wide, so that the CPU gets through every case quickly
+    nar = dict(base_channels=4, stem_channels=8, head_channels=32, key_channels=16, aux_channels=16) if sm else {}
+    mm = {**nar, "pam_bias": True, "aux_channels": 16 if sm else 256}
+    tr = dict(preset=ade, mode="train", batch=2 if sm else 8, size=(64, 64) if sm else (512, 512),
+              cudnn_benchmark=True, warmup=1 if sm else 3, iters=1 if sm else 10, overrides=nar)  # fmt: skip
+    i5 = dict(preset=ade, mode="infer", batch=1, size=(64, 64) if sm else (512, 512), cudnn_benchmark=True,
+              warmup=1 if sm else 5, iters=1 if sm else 20, overrides=nar)  # fmt: skip
+    wh = dict(preset=city, mode="infer", batch=1, size=(64, 128) if sm else (1024, 2048), cudnn_benchmark=True,
+              warmup=1 if sm else 3, iters=1 if sm else 10, overrides=nar)  # fmt: skip
+    gpu = not sm
+    if group == "train":
+        return [
+            BenchSpec(**tr, label="train_fp32_plain"),
+            BenchSpec(**tr, loss="fused", label="train_fp32_fusedloss"),
+            BenchSpec(**tr, amp="bf16", channels_last=True, loss="fused", label="train_bf16_cl_fusedloss"),
+            BenchSpec(**tr, amp="bf16", channels_last=True, label="train_bf16_cl_refloss"),
+            BenchSpec(
+                **tr,
+                amp="bf16",
+                channels_last=True,
+                loss="fused",
+                attention="explicit",
+                label="train_bf16_cl_fusedloss_explicit",
+            ),  # fmt: skip
+            BenchSpec(**tr, amp="fp16", channels_last=True, loss="fused", label="train_fp16_cl_fusedloss"),
+            BenchSpec(**tr, amp="bf16", loss="fused", label="train_bf16_fusedloss"),
+            BenchSpec(**tr, amp="fp16", loss="fused", label="train_fp16_fusedloss"),
+            BenchSpec(
+                **{**tr, "overrides": mm},
+                amp="bf16",
+                channels_last=True,
+                loss="fused",
+                label="train_bf16_cl_fusedloss_mmlayout",
+            ),  # fmt: skip
+        ]
+    if group == "infer":
+        return [
+            BenchSpec(**i5, label="infer512_fp32"),
+            BenchSpec(**i5, amp="bf16", channels_last=True, label="infer512_bf16_cl"),
+            BenchSpec(**i5, amp="fp16", channels_last=True, label="infer512_fp16_cl"),
+            BenchSpec(**i5, amp="fp16", label="infer512_fp16"),
+            BenchSpec(**i5, amp="bf16", channels_last=True, cuda_graphs=gpu, label="infer512_bf16_cl_graphs"),
+            BenchSpec(**i5, amp="fp16", channels_last=True, cuda_graphs=gpu, label="infer512_fp16_cl_graphs"),
+            BenchSpec(
+                **i5,
+                amp="fp16",
+                channels_last=True,
+                cuda_graphs=gpu,
+                attention="explicit",
+                label="infer512_fp16_cl_graphs_explicit",
+            ),  # fmt: skip
+            BenchSpec(**i5, cuda_graphs=gpu, label="infer512_fp32_graphs"),
+            BenchSpec(**wh, label="whole_fp32"),
+            BenchSpec(**wh, amp="bf16", channels_last=True, label="whole_bf16_cl"),
+            BenchSpec(**wh, amp="fp16", channels_last=True, label="whole_fp16_cl"),
+            BenchSpec(**wh, amp="fp16", label="whole_fp16"),
+            BenchSpec(**wh, amp="fp16", channels_last=True, cuda_graphs=gpu, label="whole_fp16_cl_graphs"),
+            BenchSpec(**wh, amp="bf16", channels_last=True, cuda_graphs=gpu, label="whole_bf16_cl_graphs"),
+        ]
+    if group == "compile":
+        return [
+            BenchSpec(
+                **tr,
+                amp="bf16",
+                channels_last=True,
+                loss="fused",
+                compile="default",
+                label="train_bf16_cl_fusedloss_compile",
+            ),  # fmt: skip
+            BenchSpec(
+                **i5,
+                amp="bf16",
+                channels_last=True,
+                compile="default",
+                cuda_graphs=gpu,
+                label="infer512_bf16_cl_compile_graphs",
+            ),  # fmt: skip
+            BenchSpec(**wh, amp="fp16", channels_last=True, compile="default", label="whole_fp16_cl_compile"),
+        ]
+    raise ValueError(group)
+
+
+def group_model(a, group: str) -> None:
+    flops_seen: dict = {}
+    for spec in cases(a, group):
+        if a.only and not any(o in spec.label for o in a.only):
+            continue
+        if time.time() - T0 > a.budget_s:
+            emit({"group": group, "label": spec.label, "skipped": "time budget"})
+            continue
+        key = (spec.preset, spec.mode, spec.size, tuple(sorted(spec.overrides.items())))
+        spec.flops = key not in flops_seen
+        if spec.device == "auto" and a.smoke:
+            spec.device = "cpu"
+        t = time.time()
+        try:
+            rec = run_case(spec)
+            if spec.flops:
+                flops_seen[key] = rec["gflop_per_img"]
+            else:
+                rec["gflop_per_img"] = flops_seen[key]
+                rec["tflop_s"] = round(flops_seen[key] * rec["img_s"] / 1e3, 3)
+        except Exception as e:  # noqa: BLE001  (OOM, compile failure: record it and go on)
+            rec = {
+                "label": spec.label,
+                "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+            }
+            traceback.print_exc()
+        rec.update(group=group, wall_s=round(time.time() - t, 1))
+        rec.pop("ms_all", None) if not a.smoke else None
+        emit(rec)
+        release()
+
+
+# ------------------------------------------------------------------------------------------------- profile
+def group_profile(a) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    from danet.benchmark import build, make_infer_fn, make_train_fn, resolve_device
+
+    dev = resolve_device("cpu" if a.smoke else "auto")
+    torch.backends.cudnn.benchmark = True
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    out = []
+    chosen = {"train_bf16_cl_fusedloss", "whole_fp16_cl"}
+    for spec in [s for s in cases(a, "train") + cases(a, "infer") if s.label in chosen]:
+        if time.time() - T0 > a.budget_s:
+            break
+        model, x, y = build(spec, dev)
+        fn = make_train_fn(spec, model, x, y, dev)[0] if spec.mode == "train" else make_infer_fn(spec, model, x, dev)
+        for _ in range(3):
+            fn()
+        sync()
+        with profile(activities=acts) as prof:
+            for _ in range(3):
+                fn()
+            sync()
+        out.append(f"== {spec.label} (3 iterations)\n" + prof.key_averages().table(sort_by=sort, row_limit=35))
+        del model, x, y, fn
+        release()
+    (OUT / "profile.txt").write_text("\n\n".join(out))
+    print("\n\n".join(out)[-6000:], flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("groups", nargs="*", default=["sys", "pam", "train", "infer", "profile", "compile"])
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: check that every case runs")
+    p.add_argument("--budget-s", type=float, default=float(os.environ.get("BUDGET_S", 1e9)),
+                   help="skip the cases that would start after this many seconds")  # fmt: skip
+    p.add_argument("--only", nargs="*", help="only the cases whose label contains one of these")
+    a = p.parse_args(argv)
+    OUT.mkdir(parents=True, exist_ok=True)
+    env = {"group": "env", "torch": torch.__version__, "cuda": torch.version.cuda, "smoke": a.smoke,
+           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None}  # fmt: skip
+    emit(env)
+    for g in a.groups:
+        if time.time() - T0 > a.budget_s:
+            emit({"group": g, "skipped": "time budget"})
+            continue
+        t = time.time()
+        try:
+            {"sys": group_sys, "pam": group_pam, "profile": group_profile}.get(g, lambda a, g=g: group_model(a, g))(a)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            emit({"group": g, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+        print(f"# group {g}: {time.time() - t:.0f} s (total {time.time() - T0:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""Turn the GPU run's JSON ($OUT of benchmarks/gpu_bench.sh) into the markdown tables of benchmarks/RESULTS.md.
+
+    python benchmarks/summarize_gpu.py OUTDIR [--md summary.md]
+
+Reads OUTDIR/ours.jsonl (benchmarks/gpu_suite.py), OUTDIR/anchor_gpu.json (mmsegmentation) and
+OUTDIR/anchor_ssseg.json (sssegmentation). Ratios compare with the peer's case of the same precision
+("same") and with the peer's fastest case ("best"); speed ratios > 1 mean this project is faster, memory ratios < 1
+mean it needs less. The issue's goals: train >= 3x sssegmentation's best images/s and peak memory <= 0.6x mmseg's;
+inference 512x512 >= 3x and whole 1024x2048 >= 2.5x faster at <= 0.25x peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def load(out: Path):
+    ours = [json.loads(x) for x in (out / "ours.jsonl").read_text().splitlines() if x.strip()] if (
+        out / "ours.jsonl").exists() else []  # fmt: skip
+    mm = json.loads((out / "anchor_gpu.json").read_text()) if (out / "anchor_gpu.json").exists() else []
+    ss = json.loads((out / "anchor_ssseg.json").read_text()) if (out / "anchor_ssseg.json").exists() else []
+    return ours, mm, ss
+
+
+def peer_cases(mm: list, ss: list) -> dict:
+    """{(toolbox, kind, precision): {"ms": per batch, "img_s", "peak_gib"}} with kind train | infer512 | whole."""
+    res = {}
+    for r in mm + ss:
+        name = r.get("name", "")
+        if "error" in r or name not in ("mmseg_train", "mmseg_infer", "ssseg_train", "ssseg_infer"):
+            continue
+        tool = name.split("_")[0]
+        prec = {"bf16_cl": "bf16"}.get(r["mode"], r["mode"])
+        if name.endswith("train"):
+            kind, ms = "train", 1000 * r["s_per_iter"]
+        else:
+            kind = "whole" if list(r["size"]) != list(r["size"][:1] * 2) else "infer512"
+            ms = r.get("ms_per_img", r.get("ms")) * r.get("batch", 1)
+        res[(tool, kind, prec)] = {"ms": ms, "img_s": r.get("img_per_s", r.get("batch", 1) * 1000 / ms),
+                                   "peak_gib": r.get("peak_gb")}  # fmt: skip
+    return res
+
+
+def kind_of(r: dict) -> str:
+    if r["mode"] == "train":
+        return "train"
+    return "whole" if r["size"][0] != r["size"][1] else "infer512"
+
+
+def fmt(x, spec=".2f", suffix=""):
+    return "-" if x is None else f"{x:{spec}}{suffix}"
+
+
+def ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def model_table(ours: list, peers: dict, kind: str, rate: float | None) -> list[str]:
+    rows = [r for r in ours if r.get("group") in ("train", "infer", "compile") and "ms" in r and kind_of(r) == kind]
+    if not rows:
+        return []
+    same_prec = lambda r: "fp32" if r["amp"] == "none" else r["amp"]  # noqa: E731
+    speed = "img/s" if kind == "train" else "ms"
+    head = (f"| case | {speed} | peak GiB | TFLOP/s | % of bf16 matmul | x mmseg same | x mmseg best | x ssseg same | "
+            "x ssseg best | mem / mmseg same | mem / ssseg same |")  # fmt: skip
+    out = [head, "|" + "---|" * 11]
+    for r in rows:
+        cells = []
+        for tool in ("mmseg", "ssseg"):
+            same = peers.get((tool, kind, same_prec(r)))
+            best = min((v for (t, k, _), v in peers.items() if t == tool and k == kind), key=lambda v: v["ms"],
+                       default=None)  # fmt: skip
+            cells += [fmt(ratio(same and same["ms"], r["ms"]), ".2f", "x"), fmt(ratio(best and best["ms"], r["ms"]),
+                      ".2f", "x")]  # fmt: skip
+        mems = [fmt(ratio(r["peak_gib"], (peers.get((t, kind, same_prec(r))) or {}).get("peak_gib")), ".2f")
+                for t in ("mmseg", "ssseg")]  # fmt: skip
+        val = r["img_s"] if kind == "train" else r["ms"]
+        frac = ratio(r.get("tflop_s"), rate)
+        first = [r.get("label") or r["mode"], f"{val:.2f}", f"{r['peak_gib']:.2f}", fmt(r.get("tflop_s"), ".1f"),
+                 fmt(frac and 100 * frac, ".0f", "%")]  # fmt: skip
+        out.append("| " + " | ".join(first + cells + mems) + " |")
+    return out
+
+
+def summarize(out: Path) -> str:
+    ours, mm, ss = load(out)
+    peers = peer_cases(mm, ss)
+    env = next((r for r in ours if r.get("group") == "env"), {})
+    sys_ = {r["name"]: r for r in ours if r.get("group") == "sys"}
+    rate = sys_.get("matmul_bf16", {}).get("tflop_s")
+    lines = [f"Device: {env.get('device', '?')}, torch {env.get('torch', '?')}, CUDA {env.get('cuda', '?')}, "
+             f"cuDNN {env.get('cudnn', '?')}. bf16 matmul 8192^3: {fmt(rate, '.0f')} TFLOP/s; device copy "
+             f"{fmt(sys_.get('copy', {}).get('tb_s'), '.2f')} TB/s (read + write)."]  # fmt: skip
+    lines += ["", "Peers on this card:", "", "| toolbox | case | precision | ms/batch | img/s | peak GiB |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for (tool, kind, prec), v in sorted(peers.items()):
+        lines.append(f"| {tool} | {kind} | {prec} | {v['ms']:.1f} | {v['img_s']:.2f} | {fmt(v['peak_gib'])} |")
+    titles = {"train": "Train step, R50-D8 ADE20K 512x512 batch 8 (images/s; ratios of images/s)",
+              "infer512": "Inference 512x512 batch 1 (ms per image; ratios of time)",
+              "whole": "Inference whole 1024x2048 batch 1, Cityscapes (ms per image; ratios of time)"}  # fmt: skip
+    for kind, title in titles.items():
+        t = model_table(ours, peers, kind, rate)
+        if t:
+            lines += ["", title + ":", ""] + t
+    pam = [r for r in ours if r.get("group") == "pam"]
+    if pam:
+        lines += ["", "PAM core softmax(q k^T) v, q/k 64 wide, v 512 wide:", "",
+                  "| impl | dtype | batch x N | fwd ms | fwd+bwd ms | peak GiB fwd+bwd | rel err vs f64 |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in pam:
+            if "error" in r:
+                lines.append(f"| {r['impl']} | {r['dtype']} | {r['batch']}x{r['n']} | {r['error'][:60]} | | | |")
+            else:
+                lines.append(f"| {r['impl']} | {r['dtype']} | {r['batch']}x{r['n']} | {fmt(r.get('ms_fwd'))} | "
+                             f"{fmt(r.get('ms_fwd_bwd'))} | {fmt(r.get('peak_gib_fwd_bwd'))} | "
+                             f"{fmt(r.get('rel_err_vs_f64'), '.1e')} |")  # fmt: skip
+    bad = [r for r in ours if "error" in r and r.get("group") != "pam"] + [r for r in ours if "skipped" in r]
+    if bad:
+        lines += ["", "Errors / skipped:", ""] + [f"- {json.dumps(r)[:300]}" for r in bad]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", type=Path, help="the folder of the GPU run's files")
+    p.add_argument("--md", type=Path, help="also write the markdown here")
+    a = p.parse_args(argv)
+    text = summarize(a.out)
+    print(text)
+    if a.md:
+        a.md.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

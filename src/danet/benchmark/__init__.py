@@ -1,0 +1,393 @@
+"""`danet benchmark`: speed, peak memory and FLOPs of a preset's DANet, for inference or one training step.
+
+A case is one `BenchSpec`: preset, batch, size, mode ("infer" or "train") and the speed options (autocast dtype,
+channels_last, torch.compile, cuDNN benchmark, fused or explicit position attention, the loss implementation,
+CUDA graphs). `run_case(spec)` returns a dict of figures; the CLI prints it and can write it as JSON.
+
+Timing: `warmup` untimed runs, then `iters` timed runs, each ended by a device synchronisation; the median is
+reported. Peak memory is CUDA's `max_memory_allocated` over the timed runs (on the CPU: the process's resident-set
+high-water mark over the timed runs, which includes the Python process itself). FLOPs are counted by
+`torch.utils.flop_counter.FlopCounterMode` on one image with the explicit attention (the algorithm's work, the same
+for every option): the forward for inference, forward + backward for training.
+
+The train step is: forward in train mode, the 4-output cross-entropy (main, pam, cam 1.0, aux 0.4, ignore 255,
+mean over the labelled pixels), backward, SGD(lr 0.01, momentum 0.9, weight decay 5e-4) step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..engine.losses import danet_loss
+from ..engine.schedule import build_optimizer
+from ..errors import DanetError
+from ..models.registry import create_model
+from ..presets import get_preset
+from .losses import fused_danet_loss
+
+GiB = 2**30
+
+
+@dataclass
+class BenchSpec:
+    """One benchmark case. `size` None: the preset's crop size. `overrides`: ModelConfig fields."""
+
+    preset: str = "danet_r50-d8_ade20k"
+    mode: str = "infer"  # "infer" | "train"
+    batch: int = 2
+    size: tuple[int, int] | None = None
+    amp: str = "none"  # "none" | "bf16" | "fp16"
+    channels_last: bool = False
+    compile: str | None = None  # None or a torch.compile mode ("default", "max-autotune-no-cudagraphs", ...)
+    cudnn_benchmark: bool = False
+    attention: str = "fused"  # "fused" (SDPA) | "explicit" (softmax(QK^T)V in memory)
+    loss: str = "reference"  # "reference" (engine.losses, full-size logits) | "fused" | "compiled" (benchmark.losses)
+    cuda_graphs: bool = False  # inference only: capture the forward once, replay it
+    warmup: int = 2
+    iters: int = 5
+    device: str = "auto"
+    threads: int | None = None
+    flops: bool = True
+    seed: int = 0
+    label: str = ""
+    overrides: dict = field(default_factory=dict)
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _autocast(dev: torch.device, amp: str):
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=dev.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def _reset_peak(dev: torch.device) -> None:
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+    else:
+        try:  # NOTE: "5" resets the VmHWM (peak RSS) of this process (Linux >= 4.0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def _peak_gib(dev: torch.device) -> float:
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / GiB
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / GiB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB
+
+
+def timed(fn, dev: torch.device, warmup: int, iters: int) -> list[float]:
+    """Seconds of each of `iters` calls of `fn` after `warmup` calls, each call ended by a device sync."""
+    for _ in range(warmup):
+        fn()
+    _sync(dev)
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        _sync(dev)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DanetError("--device cuda asked for but no CUDA device is visible; use --device cpu")
+    return dev
+
+
+def build(spec: BenchSpec, dev: torch.device):
+    """(model, images (B, 3, H, W), labels (B, H, W)) for a case, seeded."""
+    preset = get_preset(spec.preset)
+    h, w = spec.size or preset.crop_size
+    torch.manual_seed(spec.seed)
+    model = create_model(spec.preset, **spec.overrides)
+    model.set_fused_attention(spec.attention == "fused")
+    g = torch.Generator().manual_seed(spec.seed)
+    x = torch.randn(spec.batch, 3, h, w, generator=g)
+    y = torch.randint(0, model.num_classes, (spec.batch, h, w), generator=g)
+    y[torch.rand(spec.batch, h, w, generator=g) < 0.1] = preset.dataset.ignore_index
+    model, x, y = model.to(dev), x.to(dev), y.to(dev)
+    if spec.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    return model, x, y
+
+
+def count_flops(model, x: torch.Tensor, train: bool) -> float:
+    """FLOPs per image of the forward (eval) or forward + backward (train) with explicit attention, batch 1."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fused = model.head.pam.fused
+    model.set_fused_attention(False)
+    model.train(train)
+    x1 = x[:1].detach()
+    try:
+        with FlopCounterMode(display=False) as fc:
+            if train:
+                out = model(x1, resize=False)
+                sum(v.float().sum() for v in out.values()).backward()
+            else:
+                with torch.no_grad():
+                    model(x1)
+    finally:
+        model.set_fused_attention(fused)
+        model.zero_grad(set_to_none=True)
+    return float(fc.get_total_flops())
+
+
+def make_infer_fn(spec: BenchSpec, model, x: torch.Tensor, dev: torch.device):
+    model.eval()
+    net = torch.compile(model, mode=spec.compile) if spec.compile else model
+
+    def fwd():
+        with torch.inference_mode(), _autocast(dev, spec.amp):
+            return net(x)["out"]
+
+    if not spec.cuda_graphs:
+        return fwd
+    if dev.type != "cuda":
+        raise DanetError("--cuda-graphs needs a CUDA device")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up outside the capture (cuDNN benchmark, lazy init)
+            fwd()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fwd()
+    return graph.replay
+
+
+def make_train_fn(spec: BenchSpec, model, x: torch.Tensor, y: torch.Tensor, dev: torch.device):
+    model.train()
+    net = torch.compile(model, mode=spec.compile) if spec.compile else model
+    opt = build_optimizer(model, lr=0.01, momentum=0.9, weight_decay=5e-4)  # the project's SGD
+    scaler = torch.amp.GradScaler(dev.type, enabled=spec.amp == "fp16")
+    ignore = get_preset(spec.preset).dataset.ignore_index
+    last = {}
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with _autocast(dev, spec.amp):
+            if spec.loss in ("fused", "compiled"):
+                impl = "chunked" if spec.loss == "fused" else "compiled"
+                losses = fused_danet_loss(net(x, resize=False), y, ignore_index=ignore, impl=impl)
+            else:
+                losses = danet_loss(net(x), y, ignore_index=ignore)
+        scaler.scale(losses["loss"]).backward()
+        scaler.step(opt)
+        scaler.update()
+        last["loss"] = losses["loss"].detach()
+
+    return step, last
+
+
+def environment(dev: torch.device) -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()}
+    if dev.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(dev)
+        env["cudnn"] = torch.backends.cudnn.version()
+        env["cudnn_tf32"] = torch.backends.cudnn.allow_tf32
+        env["matmul_tf32"] = torch.backends.cuda.matmul.allow_tf32
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+        with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+            env["device_name"] = names[0] if names else env["device_name"]
+    return env
+
+
+def run_case(spec: BenchSpec) -> dict:
+    """Run one case; returns the figures (ms per batch median, images/s, peak GiB, GFLOP/image, TFLOP/s)."""
+    if spec.mode not in ("infer", "train"):
+        raise DanetError(f"unknown mode {spec.mode!r}; use 'infer' or 'train'")
+    if spec.amp not in ("none", "bf16", "fp16"):
+        raise DanetError(f"unknown --amp {spec.amp!r}; use none, bf16 or fp16")
+    if spec.attention not in ("fused", "explicit"):
+        raise DanetError(f"unknown --attention {spec.attention!r}; use fused or explicit")
+    if spec.loss not in ("reference", "fused", "compiled"):
+        raise DanetError(f"unknown --loss {spec.loss!r}; use reference, fused or compiled")
+    dev = resolve_device(spec.device)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    old_bench = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = spec.cudnn_benchmark
+    train = spec.mode == "train"
+    try:
+        model, x, y = build(spec, dev)
+        flops = count_flops(model, x, train) if spec.flops else float("nan")
+        last: dict = {}
+        if train:
+            fn, last = make_train_fn(spec, model, x, y, dev)
+        else:
+            fn = make_infer_fn(spec, model, x, dev)
+        for _ in range(spec.warmup):
+            fn()
+        _sync(dev)
+        _reset_peak(dev)
+        times = timed(fn, dev, 0, spec.iters)
+        peak = _peak_gib(dev)
+    finally:
+        torch.backends.cudnn.benchmark = old_bench
+    med = statistics.median(times)
+    rec = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("overrides", "flops")}
+    rec.update(
+        size=list(x.shape[-2:]),
+        device=dev.type,
+        ms=round(1000 * med, 3),
+        ms_min=round(1000 * min(times), 3),
+        ms_all=[round(1000 * t, 3) for t in times],
+        img_s=round(spec.batch / med, 3),
+        peak_gib=round(peak, 3),
+        mem_kind="cuda_max_allocated" if dev.type == "cuda" else "rss_high_water",
+        gflop_per_img=round(flops / 1e9, 2),
+        tflop_s=round(flops * spec.batch / med / 1e12, 3),
+        **environment(dev),
+    )
+    if spec.overrides:
+        rec["overrides"] = spec.overrides
+    if last:
+        rec["loss_value"] = round(float(last["loss"]), 6)
+    return rec
+
+
+def release(dev: torch.device | None = None) -> None:
+    """Free what the last case left behind (between cases of one process)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    torch._dynamo.reset() if hasattr(torch, "_dynamo") else None
+
+
+def _parse_override(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise DanetError(f"--set takes KEY=VALUE (a ModelConfig field), got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def add_cli(parser) -> None:
+    parser.add_argument("preset", help="a preset name (see `danet models`)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the preset crop)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--train", dest="modes", action="store_const", const=["train"], help="time one training step")
+    mode.add_argument("--infer", dest="modes", action="store_const", const=["infer"], help="time inference")
+    parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC model and input")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        metavar="MODE",
+        help="torch.compile the model (MODE: default, reduce-overhead, max-autotune-no-cudagraphs, ...)",
+    )
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms")
+    parser.add_argument("--attention", choices=["fused", "explicit"], default="fused", help="position attention")
+    parser.add_argument(
+        "--loss",
+        choices=["reference", "fused", "compiled"],
+        default="reference",
+        help="train: CE of the full-size logits (engine.losses), or the same value from the 1/8-size logits, "
+        "chunked (fused) or torch.compile'd (compiled), without the full-size tensors",
+    )
+    parser.add_argument("--cuda-graphs", action="store_true", help="inference: replay a captured CUDA graph")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="ModelConfig override, e.g. --set base_channels=16 (repeatable)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="FILE", help="also write the results as a JSON list")
+
+
+def format_record(r: dict) -> str:
+    opts = [r["amp"]] + [k for k in ("channels_last", "cudnn_benchmark", "cuda_graphs") if r[k]]
+    opts += [f"compile={r['compile']}"] if r["compile"] else []
+    opts += [f"attention={r['attention']}"] + ([f"loss={r['loss']}"] if r["mode"] == "train" else [])
+    h, w = r["size"]
+    line = (
+        f"{r['mode']:5s} {r['preset']} b{r['batch']} {h}x{w} [{' '.join(opts)}] on {r['device_name']}: "
+        f"{r['ms']:.1f} ms/batch (median of {len(r['ms_all'])}), {r['img_s']:.2f} img/s, "
+        f"peak {r['peak_gib']:.2f} GiB ({r['mem_kind']}), {r['gflop_per_img']:.1f} GFLOP/img, "
+        f"{r['tflop_s']:.3f} TFLOP/s"
+    )
+    return line + (f", loss {r['loss_value']:.5f}" if "loss_value" in r else "")
+
+
+def run_cli(args) -> int:
+    overrides = dict(_parse_override(o) for o in args.overrides)
+    results = []
+    for mode in args.modes or ["infer", "train"]:
+        spec = BenchSpec(
+            preset=args.preset,
+            mode=mode,
+            batch=args.batch,
+            size=tuple(args.size) if args.size else None,
+            amp=args.amp,
+            channels_last=args.channels_last,
+            compile=args.compile,
+            cudnn_benchmark=args.cudnn_benchmark,
+            attention=args.attention,
+            loss=args.loss,
+            cuda_graphs=args.cuda_graphs and mode == "infer",
+            warmup=args.warmup,
+            iters=args.iters,
+            device=args.device,
+            threads=args.threads,
+            flops=args.flops,
+            seed=args.seed,
+            overrides=overrides,
+        )
+        rec = run_case(spec)
+        print(format_record(rec), flush=True)
+        results.append(rec)
+        release()
+    if args.json:
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(tmp, args.json)
+    return 0

@@ -1,0 +1,214 @@
+"""DANet's training loss computed from the 1/8-size logits, without the full-size logits of the whole batch.
+
+`engine.losses.danet_loss` upsamples the four outputs {"out", "pam", "cam", "aux"} to the label size and takes
+their cross-entropy: four `(B, K, H, W)` float32 tensors, their log-softmax and, in backward, their gradients (at
+512x512, batch 8, 150 classes: 1.26 GB each). The same value, to rounding, without any of them:
+
+- `fused_danet_loss(..., impl="chunked")`: `UpsampledCrossEntropy`, an autograd function that upsamples one image
+  (CPU: one band of rows that stays in cache) at a time, in forward and again in backward;
+- `fused_danet_loss(..., impl="compiled")`: `torch.compile` of the per-image upsample + cross-entropy, which
+  fuses the upsample into the softmax and its gradient (GPU: no full-size tensor at all).
+
+NOTE: candidates for engine/losses.py; training then calls the model with `resize=False`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..engine.losses import WEIGHTS
+from ..errors import DanetError
+
+BAND_BYTES = 16 << 20  # CPU: upsampled logits per band of the chunked loss (kept in cache)
+COMPILE_BACKEND = "inductor"  # of the "compiled" implementation (tests use a faster one)
+_compiled: dict = {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _bands(h: int, w: int, size: tuple[int, int], k: int, device: torch.device) -> list[tuple[int, int]]:
+    """Row bands `[r0, r1)` of the `h` input rows whose upsampled rows are processed together.
+
+    CUDA: the whole image (one band). CPU: bands of about 4 MB of upsampled logits, which stay in cache; only when
+    the output height is an exact multiple s of `h` (then band and whole-image upsampling give the same values).
+    """
+    s = size[0] // h
+    if device.type == "cuda" or s * h != size[0]:
+        return [(0, h)]
+    rows = max(1, BAND_BYTES // (k * size[1] * 4 * s))
+    return [(r, min(r + rows, h)) for r in range(0, h, rows)]
+
+
+def _upsample_band(z: torch.Tensor, r0: int, r1: int, size: tuple[int, int]):
+    """Upsampled rows of input rows [r0, r1) of z `(1, K, h, w)`.
+
+    Returns (up `(1, K, R, W)` channels_last, the upsample of input rows [a, b) = [r0 - 1, r1 + 1] clipped, and the
+    slice of up's rows that belong to [r0, r1)). NOTE: input row a's neighbours must be present for the kept rows to
+    equal the whole-image upsample (align_corners=False clamps at the slice border); the halo rows are discarded.
+    """
+    h = z.shape[2]
+    s = size[0] // h
+    a, b = (r0, r1) if (r0, r1) == (0, h) else (max(r0 - 1, 0), min(r1 + 1, h))
+    out_rows = size[0] if (a, b) == (0, h) else s * (b - a)
+    up = F.interpolate(z[:, :, a:b], size=(out_rows, size[1]), mode="bilinear", align_corners=False)
+    return up, (a, b), slice(s * (r0 - a), s * (r0 - a) + (size[0] if (a, b) == (0, h) else s * (r1 - r0)))
+
+
+class UpsampledCrossEntropy(torch.autograd.Function):
+    """Sum over the labelled pixels of CE(bilinear_upsample(logits), target), one image (CPU: row band) at a time.
+
+    logits `(B, K, h, w)` (any float dtype; the upsample and the softmax run in float32, float64 for float64),
+    target `(B, H, W)` int64 -> 0-d. Forward keeps only the inputs; backward recomputes each band's upsample and
+    returns U^T (softmax - onehot) through aten's adjoint of the upsample. Work runs channels-last, so the softmax
+    is over contiguous rows of K and the adjoint takes its fast NHWC path.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, ignore_index: int):
+        size = tuple(target.shape[-2:])
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        k = logits.shape[1]
+        total = torch.zeros((), dtype=dtype, device=logits.device)
+        with torch.autocast(logits.device.type, enabled=False):
+            z_all = logits.to(dtype).contiguous(memory_format=torch.channels_last)
+            for i in range(logits.shape[0]):
+                for r0, r1 in _bands(logits.shape[2], logits.shape[3], size, k, logits.device):
+                    up, _, keep = _upsample_band(z_all[i : i + 1], r0, r1, size)
+                    flat = up[:, :, keep].permute(0, 2, 3, 1).reshape(-1, k)  # (pixels, K)
+                    t = target[i].reshape(-1)[_pixel_range(r0, r1, logits.shape[2], size)]
+                    total += F.nll_loss(torch.log_softmax(flat, 1), t, ignore_index=ignore_index, reduction="sum")
+        ctx.save_for_backward(logits, target)
+        ctx.ignore_index = ignore_index
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        logits, target = ctx.saved_tensors
+        size = tuple(target.shape[-2:])
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        _, k, h, w = logits.shape
+        grad = torch.zeros(logits.shape, dtype=dtype, device=logits.device).contiguous(
+            memory_format=torch.channels_last
+        )
+        with torch.autocast(logits.device.type, enabled=False):
+            z_all = logits.to(dtype).contiguous(memory_format=torch.channels_last)
+            for i in range(logits.shape[0]):
+                for r0, r1 in _bands(h, w, size, k, logits.device):
+                    up, (a, b), keep = _upsample_band(z_all[i : i + 1], r0, r1, size)
+                    rows = up.permute(0, 2, 3, 1)  # (1, R, W, K) view, contiguous
+                    t = target[i].reshape(-1)[_pixel_range(r0, r1, h, size)]
+                    valid = t != ctx.ignore_index
+                    p = torch.softmax(rows[:, keep].reshape(-1, k), 1)  # (pixels, K)
+                    p.scatter_add_(1, torch.where(valid, t, 0)[:, None], valid.to(dtype).neg_()[:, None])
+                    p.mul_((valid.to(dtype) * grad_total)[:, None])  # - onehot; ignored pixels give nothing
+                    if keep.stop - keep.start == rows.shape[1]:
+                        g_up = p.view(rows.shape).permute(0, 3, 1, 2)  # (1, K, R, W) channels_last
+                    else:
+                        rows.zero_()  # the halo rows give no gradient
+                        rows[:, keep] = p.view(1, -1, size[1], k)
+                        g_up = up
+                    grad[i : i + 1, :, a:b] += torch.ops.aten.upsample_bilinear2d_backward(
+                        g_up, up.shape[-2:], (1, k, b - a, w), False
+                    )
+        grad = grad.to(logits.dtype)
+        return (grad if logits.is_contiguous(memory_format=torch.channels_last) else grad.contiguous()), None, None
+
+
+def _pixel_range(r0: int, r1: int, h: int, size: tuple[int, int]) -> slice:
+    """The flat (row-major) pixel indices of the output rows that input rows [r0, r1) own."""
+    if (r0, r1) == (0, h):
+        return slice(0, size[0] * size[1])
+    s = size[0] // h
+    return slice(s * r0 * size[1], s * r1 * size[1])
+
+
+def image_ce_forward(z: torch.Tensor, target: torch.Tensor, ignore_index: int):
+    """One image: z `(1, K, h, w)`, target `(1, H, W)` -> (CE summed over the labelled pixels, logsumexp `(1, H, W)`)
+    of the bilinearly upsampled z. Compiled, the upsample is computed inside the reduction (nothing of H x W x K)."""
+    up = F.interpolate(z, size=target.shape[-2:], mode="bilinear", align_corners=False)
+    lse = torch.logsumexp(up, 1)
+    valid = target != ignore_index
+    picked = up.gather(1, torch.where(valid, target, 0).unsqueeze(1)).squeeze(1)
+    return torch.where(valid, lse - picked, 0).sum(), lse
+
+
+def image_ce_backward(z: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor, ignore_index: int):
+    """The gradient `(1, K, h, w)` of image_ce_forward's sum times `grad`: U^T ((softmax - onehot) * labelled)."""
+    size = target.shape[-2:]
+    up = F.interpolate(z, size=size, mode="bilinear", align_corners=False)
+    classes = torch.arange(z.shape[1], device=z.device).view(1, -1, 1, 1)
+    onehot = (classes == target.unsqueeze(1)).to(up.dtype)
+    g_up = torch.where((target != ignore_index).unsqueeze(1), (torch.exp(up - lse.unsqueeze(1)) - onehot) * grad, 0)
+    return torch.ops.aten.upsample_bilinear2d_backward(g_up, size, z.shape, False)
+
+
+def _kernels() -> tuple:
+    if COMPILE_BACKEND not in _compiled:  # one graph per image shape (dynamic=False): the four outputs share it
+        c = lambda f: torch.compile(f, backend=COMPILE_BACKEND, dynamic=False)  # noqa: E731
+        _compiled[COMPILE_BACKEND] = (c(image_ce_forward), c(image_ce_backward))
+    return _compiled[COMPILE_BACKEND]
+
+
+class CompiledUpsampledCrossEntropy(torch.autograd.Function):
+    """UpsampledCrossEntropy's value and gradient through two torch.compile'd per-image kernels.
+
+    Saves the logits, the target and the per-pixel logsumexp `(B, H, W)`; on a GPU the forward reads only the
+    low-resolution logits, and the backward writes one image's `(K, H, W)` gradient for aten's upsample adjoint.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, ignore_index: int):
+        fwd, _ = _kernels()
+        z_all = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        total, lses = 0, []
+        with torch.autocast(logits.device.type, enabled=False):
+            for i in range(logits.shape[0]):
+                s, lse = fwd(z_all[i : i + 1], target[i : i + 1], ignore_index)
+                total, _ = total + s, lses.append(lse)
+        ctx.save_for_backward(logits, target, torch.cat(lses))
+        ctx.ignore_index = ignore_index
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        logits, target, lse = ctx.saved_tensors
+        _, bwd = _kernels()
+        z_all = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        with torch.autocast(logits.device.type, enabled=False):
+            grads = [bwd(z_all[i : i + 1], target[i : i + 1], lse[i : i + 1], grad_total, ctx.ignore_index)
+                     for i in range(logits.shape[0])]  # fmt: skip
+        return torch.cat(grads).to(logits.dtype), None, None
+
+
+def _summed_ce(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, impl: str) -> torch.Tensor:
+    if impl == "chunked":
+        return UpsampledCrossEntropy.apply(logits, target, ignore_index)
+    if impl == "compiled":
+        return CompiledUpsampledCrossEntropy.apply(logits, target, ignore_index)
+    raise DanetError(f"unknown fused loss implementation {impl!r}; use 'chunked' or 'compiled'")
+
+
+def fused_danet_loss(
+    outputs: dict[str, torch.Tensor],
+    target: torch.Tensor,
+    variant: str = "ssseg",
+    aux_weight: float = 0.4,
+    ignore_index: int = 255,
+    impl: str = "chunked",
+) -> dict[str, torch.Tensor]:
+    """`engine.losses.danet_loss` computed from the 1/8-size logits of `model(x, resize=False)`.
+
+    outputs: {"out", "pam", "cam", "aux"} of `(B, K, h, w)`; target `(B, H, W)`. Same keys and values as
+    danet_loss on the bilinearly resized outputs (to rounding); peak memory of one image's `(K, H, W)` (chunked;
+    CPU: one band of rows) instead of the batch's four `(B, K, H, W)` logits, their log-softmax and gradients.
+    """
+    if variant == "ssseg":
+        denom = (target != ignore_index).sum().clamp_min(1)
+    elif variant == "mmseg":
+        denom = target.numel()
+    else:
+        raise DanetError(f"unknown loss variant {variant!r}; use 'ssseg' or 'mmseg'")
+    weights = dict(WEIGHTS, aux=aux_weight)
+    parts = {f"loss_{k}": _summed_ce(v, target, ignore_index, impl) / denom for k, v in outputs.items()}
+    total = sum(weights[k] * parts[f"loss_{k}"] for k in outputs)
+    return {"loss": total, **parts}

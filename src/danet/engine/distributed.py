@@ -1,0 +1,105 @@
+"""One code path for one process and many: torchrun's environment -> process group, rank, device.
+
+`torchrun --nproc_per_node N -m danet.cli train ...` sets RANK / WORLD_SIZE / LOCAL_RANK; without them the run is a
+single process (world 1) and nothing here touches torch.distributed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import DanetError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """ "auto" -> this process's CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise DanetError("device 'cuda' requested but no CUDA GPU is visible; use --set device=cpu")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def setup(device: str = "auto") -> DistInfo:
+    """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU), or run alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        # NOTE: under `torchrun --max-restarts` every attempt of the group meets in the same store; with the same key
+        # names a restarted rank can read the address of a rank that died ("Gloo connectFullMesh failed ...
+        # Connection refused", or a hang). One key prefix per attempt keeps the attempts apart.
+        store, rank, world = next(dist.rendezvous("env://"))
+        store = dist.PrefixStore(f"danet/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=store, rank=rank, world_size=world)
+    return DistInfo(rank, world, local_rank, dev)
+
+
+def cpu_threads(requested: int | None) -> int:
+    """Intra-op threads for CPU training: as requested, else $OMP_NUM_THREADS, else half the cores.
+
+    NOTE: on a small shared machine more threads than free cores is far slower (OpenMP threads wait on each other
+    whenever one is descheduled: 2 threads ran 2-3x slower than 1 on a busy 2-core box); the other half of the cores
+    feeds the DataLoader workers.
+    """
+    if requested:
+        return requested
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: the processes of this machine share it
+    return max(1, (os.cpu_count() or 2) // 2 // per_node)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Copy rank 0's buffers (BN running statistics) to every rank, so all ranks evaluate the same model.
+
+    NOTE: without SyncBatchNorm (CPU runs) each rank's last training forward updates its own running stats.
+    """
+    if dist.is_available() and dist.is_initialized():
+        for buf in model.buffers():
+            dist.broadcast(buf.data, src=0)
+
+
+def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
+    """SyncBatchNorm (CUDA, world > 1) + DistributedDataParallel, or the model itself for one process."""
+    if not info.distributed:
+        return model
+    if info.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)

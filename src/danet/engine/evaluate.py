@@ -1,0 +1,196 @@
+"""Inference and validation: whole-image or sliding-window logits, multi-scale + flip TTA, mIoU over a split.
+
+Facts kept from the reference toolboxes (REFERENCE.md, Data / Metrics; mmseg's EncoderDecoder and SegTTAModel):
+- whole: one forward of the keep-ratio-resized image; logits resized bilinearly (align_corners=False) to the
+  ORIGINAL label size; the metric is taken there.
+- slide: windows of the crop size every `stride` pixels, the last window of a row/column pulled back inside the
+  image; overlapping logits are averaged; a window larger than the image is cut to the image (no padding).
+- TTA: the image rescaled by each factor (bilinear on the normalised tensor, as sssegmentation) and flipped; each
+  view's logits are resized to the original size and turned into softmax probabilities, which are averaged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+
+def autocast(device: torch.device, amp: str = "none"):
+    """The autocast context for "none" | "bf16" | "fp16"."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def forward_logits(model: nn.Module, image: torch.Tensor, amp: str = "none") -> torch.Tensor:
+    """`(B, 3, h, w)` -> `(B, K, h, w)` float32 logits of the main output."""
+    with autocast(image.device, amp):
+        return model(image)["out"].float()
+
+
+def slide_logits(
+    model: nn.Module,
+    image: torch.Tensor,
+    crop: tuple[int, int],
+    stride: tuple[int, int],
+    amp: str = "none",
+) -> torch.Tensor:
+    """Sliding-window logits `(B, K, h, w)` of `(B, 3, h, w)`, windows `crop` (H, W) every `stride` (H, W)."""
+    b, _, h, w = image.shape
+    (ch, cw), (sh, sw) = crop, stride
+    rows = max(h - ch + sh - 1, 0) // sh + 1
+    cols = max(w - cw + sw - 1, 0) // sw + 1
+    logits = None
+    count = image.new_zeros((b, 1, h, w))
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * sh + ch, h), min(c * sw + cw, w)
+            y1, x1 = max(y2 - ch, 0), max(x2 - cw, 0)
+            out = forward_logits(model, image[:, :, y1:y2, x1:x2], amp)
+            if logits is None:
+                logits = out.new_zeros((b, out.shape[1], h, w))
+            logits[:, :, y1:y2, x1:x2] += out
+            count[:, :, y1:y2, x1:x2] += 1
+    return logits / count
+
+
+def default_stride(crop: tuple[int, int]) -> tuple[int, int]:
+    """Two thirds of the crop, as mmseg's slide configs (512 -> 341)."""
+    return (max(1, crop[0] * 2 // 3), max(1, crop[1] * 2 // 3))
+
+
+def infer(
+    model: nn.Module,
+    image: torch.Tensor,
+    mode: str = "whole",
+    crop: tuple[int, int] | None = None,
+    stride: tuple[int, int] | None = None,
+    amp: str = "none",
+) -> torch.Tensor:
+    """Logits `(B, K, h, w)` of a normalised `(B, 3, h, w)` batch, whole-image or sliding-window."""
+    if mode == "slide":
+        assert crop is not None, "slide inference needs a crop size"
+        return slide_logits(model, image, crop, stride or default_stride(crop), amp)
+    return forward_logits(model, image, amp)
+
+
+@torch.inference_mode()
+def segment(
+    model: nn.Module,
+    image: torch.Tensor,
+    out_size: tuple[int, int],
+    mode: str = "whole",
+    crop: tuple[int, int] | None = None,
+    stride: tuple[int, int] | None = None,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    amp: str = "none",
+) -> torch.Tensor:
+    """Scores `(B, K, H, W)` at `out_size` (H, W) of a normalised `(B, 3, h, w)` image: argmax them for labels.
+
+    Without TTA (one scale, no flip) these are the logits; with TTA, the mean softmax probability over the views.
+    """
+    tta = len(scales) > 1 or flip or tuple(scales) != (1.0,)
+    total = None
+    views = 0
+    for s in scales:
+        scaled = image if s == 1.0 else F.interpolate(image, scale_factor=s, mode="bilinear", align_corners=False)
+        for flipped in (False, True) if flip else (False,):
+            x = scaled.flip(-1) if flipped else scaled
+            logits = infer(model, x, mode, crop, stride, amp)
+            if flipped:
+                logits = logits.flip(-1)
+            logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+            score = logits.softmax(dim=1) if tta else logits
+            total = score if total is None else total + score
+            views += 1
+    return total / views if tta else total
+
+
+def upsample_argmax(logits: torch.Tensor, out_size: tuple[int, int], max_elems: int = 1 << 26) -> torch.Tensor:
+    """argmax over K of `(K, h, w)` logits resized bilinearly (align_corners=False) to `out_size` -> `(H, W)` int64.
+
+    Computed in horizontal strips so a huge output never holds K x H x W floats at once (identical to
+    F.interpolate + argmax: each output row only reads its two source rows).
+    """
+    k, h, w = logits.shape
+    out_h, out_w = out_size
+    if k * out_h * out_w <= max_elems:
+        return F.interpolate(logits[None], size=out_size, mode="bilinear", align_corners=False)[0].argmax(0)
+    # NOTE: PyTorch's align_corners=False source coordinate: (dst + 0.5) * in / out - 0.5, clamped at 0.
+    ys = ((torch.arange(out_h, dtype=torch.float64) + 0.5) * (h / out_h) - 0.5).clamp_min(0)
+    y0 = ys.floor().long().clamp_max(h - 1)
+    y1 = (y0 + 1).clamp_max(h - 1)
+    wy = (ys - y0).to(logits.dtype)
+    rows_per_strip = max(1, max_elems // (k * out_w))
+    result = torch.empty((out_h, out_w), dtype=torch.long, device=logits.device)
+    for start in range(0, out_h, rows_per_strip):
+        sl = slice(start, min(start + rows_per_strip, out_h))
+        a, b, t = logits[:, y0[sl]], logits[:, y1[sl]], wy[sl].to(logits.device)[None, :, None]
+        strip = a + (b - a) * t  # (K, rows, w): rows interpolated
+        strip = F.interpolate(strip[None], size=(strip.shape[1], out_w), mode="bilinear", align_corners=False)[0]
+        result[sl] = strip.argmax(0)
+    return result
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    dataset,
+    num_classes: int,
+    *,
+    device: torch.device,
+    mode: str = "whole",
+    crop: tuple[int, int] | None = None,
+    stride: tuple[int, int] | None = None,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    amp: str = "none",
+    channels_last: bool = False,
+    ignore_index: int = 255,
+    limit: int | None = None,
+    progress: bool = True,
+    desc: str = "val",
+):
+    """mIoU etc. of `model` on a val dataset (items: normalised `(3, h, w)` image, `(H, W)` label at original size).
+
+    In a process group each rank takes every world-th image and the confusion matrix is summed over the ranks,
+    so every rank returns the same metrics. Returns the `ConfusionMatrix`.
+    """
+    from .metrics import ConfusionMatrix
+
+    rank, world = _rank_world()
+    was_training = model.training
+    model.eval()
+    cm = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    indices = range(rank, n, world)
+    bar = tqdm(indices, desc=desc, disable=not progress or rank != 0, leave=False, dynamic_ncols=True)
+    for i in bar:
+        image, label = dataset[i]
+        image = torch.as_tensor(image)[None].to(device)
+        if channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        label = torch.as_tensor(label).to(device)
+        scores = segment(model, image, tuple(label.shape[-2:]), mode, crop, stride, scales, flip, amp)
+        cm.update(scores.argmax(1)[0], label)
+    cm.all_reduce()
+    model.train(was_training)
+    return cm
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+__all__ = ["autocast", "evaluate", "infer", "segment", "slide_logits", "upsample_argmax"]

@@ -1,0 +1,98 @@
+"""Run records: a JSON-lines log (one object per logged step or validation), TensorBoard when it is installed.
+
+Only rank 0 writes. Every line is flushed at once, so a crashed run keeps its log; on --resume the lines after the
+checkpoint's iteration are dropped so the log reads as one run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import DanetError
+
+
+class RunLogger:
+    """Append records to `work_dir/log.jsonl` (and TensorBoard scalars under `work_dir/tensorboard`)."""
+
+    def __init__(self, work_dir: str | Path, enabled: bool = True, resume_iter: int | None = None) -> None:
+        self.path = Path(work_dir) / "log.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_iter is not None:
+            truncate_log(self.path, resume_iter)
+        elif self.path.exists():
+            self.path.unlink()  # a fresh run starts a fresh log
+        try:  # optional dependency
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(work_dir) / "tensorboard"), purge_step=resume_iter)
+        except Exception:  # noqa: BLE001 - tensorboard missing or broken: the JSON log is enough
+            self.tb = None
+
+    def log(self, kind: str, **values: Any) -> None:
+        """Write one record {"type": kind, "time": unix seconds, **values}."""
+        if not self.enabled:
+            return
+        record = {"type": kind, "time": round(time.time(), 3), **values}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(jsonable(record)) + "\n")
+        if self.tb is not None and "iter" in values:
+            for k, v in values.items():
+                if isinstance(v, int | float) and not isinstance(v, bool) and k not in ("iter", "epoch"):
+                    self.tb.add_scalar(f"{kind}/{k}", v, values["iter"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_log(path: str | Path) -> list[dict]:
+    """All records of a log.jsonl (a torn last line, from a crash, is skipped)."""
+    records = []
+    path = Path(path)
+    if not path.exists():
+        return records
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def truncate_log(path: Path, max_iter: int) -> None:
+    """Keep only the records up to global iteration `max_iter` (records without "iter" are kept)."""
+    if not path.exists():
+        return
+    keep = [r for r in read_log(path) if r.get("iter", 0) <= max_iter]
+    path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
+def jsonable(v: Any) -> Any:
+    """Plain JSON values: tensors/arrays as lists, NaN/inf as null (strict JSON has no NaN)."""
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [jsonable(x) for x in v]
+    if hasattr(v, "tolist"):
+        return jsonable(v.tolist())
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    from ..config import atomic_write_text
+
+    try:
+        atomic_write_text(Path(path), json.dumps(jsonable(obj), indent=2) + "\n")
+    except OSError as e:  # a missing/blocked folder, a full disk: one line, the previous file stays
+        raise DanetError(f"cannot write {path}: {e.strerror or e}") from None

@@ -1,0 +1,171 @@
+"""`danet predict --checkpoint CKPT INPUT... --out DIR [--overlay] [--preset NAME]`: segment your own images.
+
+Inputs are files, folders (their images, recursively) or glob patterns. Each image is keep-ratio resized to the
+preset's base size (as in testing), segmented, and the labels brought back to the ORIGINAL resolution; written as
+`DIR/<name>.png`, a palette PNG whose pixel values are the class indices, and with --overlay `DIR/<name>_overlay.jpg`.
+Classes, palette and normalisation come from the checkpoint's meta (or --preset).
+
+Large inputs: an image over `--max-pixels` (default 2048 x 1024, a Cityscapes frame) after resizing is segmented
+in sliding windows of the crop size, and the labels are upsampled in strips, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from ..errors import DanetError
+
+DEFAULT_MAX_PIXELS = 2048 * 1024
+
+
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
+    parser.add_argument("--checkpoint", required=True, help="a danet, sssegmentation or mmsegmentation checkpoint")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--preset", help="preset for classes/palette/sizes (default: the checkpoint's)")
+    parser.add_argument("--overlay", action="store_true", help="also write colour overlays <name>_overlay.jpg")
+    parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the labels (default 0.5)")
+    parser.add_argument("--mode", choices=("whole", "slide"), help="force whole-image or sliding-window inference")
+    parser.add_argument("--tta", action="store_true", help="multi-scale + flip (the preset's tta_scales)")
+    parser.add_argument("--no-resize", action="store_true", help="segment at the native resolution")
+    parser.add_argument(
+        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="switch to sliding windows above this many pixels"
+    )
+    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+
+def collect_inputs(inputs: list[str]) -> list[tuple[Path, str]]:
+    """(file, output stem) for every image named by files, folders (recursive) or glob patterns; sorted, unique."""
+    from ..data.io import IMAGE_EXTENSIONS
+
+    found: list[tuple[Path, str]] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            if not files:
+                raise DanetError(f"folder {p} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            found += [(f, str(f.relative_to(p).with_suffix(""))) for f in files]
+        elif p.is_file():
+            found.append((p, p.stem))
+        elif any(c in item for c in "*?["):
+            files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
+            if not files:
+                raise DanetError(f"pattern {item!r} matches no files")
+            found += [(f, f.stem) for f in files]
+        else:
+            raise DanetError(f"input {item} does not exist (give image files, folders or glob patterns)")
+    result: list[tuple[Path, str]] = []
+    seen: set[Path] = set()
+    names: set[str] = set()
+    for f, stem in found:
+        if f.resolve() in seen:
+            continue
+        seen.add(f.resolve())
+        name, n = stem, 1
+        while name in names:  # the same name from two places: keep both
+            name, n = f"{stem}_{n}", n + 1
+        names.add(name)
+        result.append((f, name))
+    return result
+
+
+def preset_from_filename(name: str) -> str | None:
+    """The zoo preset whose sssegmentation config name the file name holds (`danet zoo download` keeps it)."""
+    from ..presets import ALIASES
+
+    hits = [alias for alias in ALIASES if alias in name]
+    return ALIASES[max(hits, key=len)] if hits else None
+
+
+class Predictor:
+    """A loaded checkpoint ready to segment RGB uint8 images of any size."""
+
+    def __init__(self, checkpoint: str | Path, preset_name: str | None = None, device: str = "auto") -> None:
+        from ..checkpoints import load_model, read_checkpoint
+        from ..presets import get_preset
+        from .distributed import cpu_threads, pick_device
+
+        if not Path(checkpoint).is_file():
+            raise DanetError(f"checkpoint {checkpoint} does not exist")
+        ck = read_checkpoint(checkpoint)
+        name = preset_name or ck.meta.get("preset") or preset_from_filename(Path(checkpoint).name)
+        self.preset = get_preset(name) if name else None
+        self.device = pick_device(device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(cpu_threads(None))
+        # NOTE: our files carry their exact model config (a run may have overridden the preset's); foreign files
+        # do not, and then the preset decides what the weights cannot tell (the output stride)
+        structure = self.preset.model if self.preset and (preset_name or not ck.meta.get("model_cfg")) else None
+        self.model = load_model(ck, structure).to(self.device).eval()
+        meta = ck.meta
+        p = self.preset
+        self.classes = list(p.classes) if preset_name and p else meta.get("classes") or (list(p.classes) if p else None)
+        if self.classes is None:
+            self.classes = [f"class {i}" for i in range(self.model.num_classes)]
+        palette = meta.get("palette") if not preset_name else None
+        self.palette = palette or (list(p.palette) if p else None)
+        self.mean = tuple(meta.get("mean") or (p.mean if p else (123.675, 116.28, 103.53)))
+        self.std = tuple(meta.get("std") or (p.std if p else (58.395, 57.12, 57.375)))
+        self.base_size = tuple(p.base_size) if p else None
+        self.crop = tuple(p.crop_size) if p else (512, 512)
+        self.tta_scales = tuple(p.tta_scales) if p else (0.75, 1.0, 1.25)
+
+    def __call__(
+        self,
+        image: np.ndarray,
+        *,
+        resize: bool = True,
+        mode: str | None = None,
+        tta: bool = False,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        amp: str = "none",
+    ) -> np.ndarray:
+        """RGB uint8 `(H, W, 3)` -> class indices uint8 `(H, W)` at the original size."""
+        from ..data.transforms import normalize, resize_keep_ratio
+        from .evaluate import segment, upsample_argmax
+
+        h, w = image.shape[:2]
+        small = resize_keep_ratio(image, None, self.base_size)[0] if resize and self.base_size else image
+        x = normalize(small, self.mean, self.std)[None].to(self.device)
+        if mode is None:
+            mode = "slide" if x.shape[-2] * x.shape[-1] > max_pixels else "whole"
+        scales = self.tta_scales if tta else (1.0,)
+        size = tuple(x.shape[-2:])
+        scores = segment(self.model, x, size, mode, self.crop, None, scales, tta, amp)  # (1, K, h', w')
+        return upsample_argmax(scores[0], (h, w)).to(torch.uint8).cpu().numpy()
+
+
+def run_cli(args) -> int:
+    from ..data.io import read_image
+    from ..viz import overlay, save_label_png
+
+    files = collect_inputs(args.inputs)
+    predictor = Predictor(args.checkpoint, args.preset, args.device)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DanetError(f"cannot create output folder {out}: {e.strerror or e}") from None
+    for path, name in tqdm(files, desc="predict", unit="img", dynamic_ncols=True):
+        image = read_image(path)
+        label = predictor(
+            image, resize=not args.no_resize, mode=args.mode, tta=args.tta, max_pixels=args.max_pixels, amp=args.amp
+        )
+        target = out / f"{name}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_label_png(target, label, predictor.palette)
+        if args.overlay:
+            Image.fromarray(overlay(image, label, predictor.palette, args.alpha)).save(
+                out / f"{name}_overlay.jpg", quality=92
+            )
+    print(f"wrote {len(files)} label map(s){' and overlays' if args.overlay else ''} to {out}")
+    return 0

@@ -1,0 +1,122 @@
+"""`danet test PRESET --checkpoint CKPT [--data-root DIR] [--mode whole|slide] [--tta] [--json FILE]`.
+
+Evaluates a checkpoint on the preset's val split (REFERENCE.md, Metrics): per-class table, mIoU / mAcc / aAcc,
+optionally multi-scale + flip (`--tta`, the preset's tta_scales) and sliding-window inference. Runs under torchrun
+too (images sharded over the ranks, confusion matrix all-reduced).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import DanetError
+from .logging import write_json
+
+
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("preset", help="preset name (classes, sizes, TTA scales), e.g. danet_r50-d8_ade20k")
+    parser.add_argument("--checkpoint", required=True, help="a danet, sssegmentation or mmsegmentation checkpoint")
+    parser.add_argument("--data-root", help="dataset folder (default for danet_tiny_synthetic: the bundled data)")
+    parser.add_argument("--split", default="val", help="split to evaluate (default: the preset's val split)")
+    parser.add_argument("--mode", choices=("whole", "slide"), help="inference mode (default: the preset's)")
+    parser.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="slide window (default: the crop size)")
+    parser.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"), help="slide stride (default: 2/3 crop)")
+    parser.add_argument("--tta", action="store_true", help="multi-scale (the preset's tta_scales) + flip")
+    parser.add_argument("--scales", type=float, nargs="+", help="TTA scales (implies --tta), e.g. 0.75 1 1.25")
+    parser.add_argument("--no-flip", action="store_true", help="TTA without the horizontal flip")
+    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--limit", type=int, help="evaluate the first N images only")
+    parser.add_argument("--json", help="write the metrics to this JSON file (atomically)")
+    parser.add_argument("--plot", help="per-class IoU bar chart PNG (default: beside --json, else none)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_test(args) -> dict:
+    """Evaluate as the arguments say; returns the metrics dict (with the settings under "settings")."""
+    from ..checkpoints import load_model
+    from ..data import build_dataset
+    from ..presets import get_preset
+    from . import distributed
+    from .evaluate import evaluate
+
+    preset = get_preset(args.preset)
+    if not Path(args.checkpoint).is_file():
+        raise DanetError(f"checkpoint {args.checkpoint} does not exist")
+    for out in (args.json, args.plot):  # fail before the evaluation, not after it
+        if out:
+            check_writable_dir(Path(out).parent)
+    info = distributed.setup(args.device)
+    threads = torch.get_num_threads()
+    if info.device.type == "cpu":
+        torch.set_num_threads(distributed.cpu_threads(None))
+    try:
+        model = load_model(args.checkpoint, preset.model).to(info.device).eval()
+        dataset = build_dataset(preset, args.data_root, args.split, train=False)
+        mode = args.mode or preset.eval_mode
+        scales = tuple(args.scales) if args.scales else tuple(preset.tta_scales) if args.tta else (1.0,)
+        flip = (args.tta or bool(args.scales)) and not args.no_flip
+        crop = tuple(args.crop) if args.crop else preset.crop_size
+        t0 = time.time()
+        cm = evaluate(
+            model,
+            dataset,
+            preset.num_classes,
+            device=info.device,
+            mode=mode,
+            crop=crop,
+            stride=tuple(args.stride) if args.stride else None,
+            scales=scales,
+            flip=flip,
+            amp=args.amp,
+            ignore_index=preset.dataset.ignore_index,
+            limit=args.limit,
+            progress=not args.no_progress,
+            desc="test",
+        )
+        metrics = cm.compute()
+        n = len(dataset) if args.limit is None else min(args.limit, len(dataset))
+        metrics["settings"] = {
+            "preset": preset.name,
+            "checkpoint": str(args.checkpoint),
+            "split": args.split,
+            "images": n,
+            "mode": mode,
+            "crop": list(crop) if mode == "slide" else None,
+            "scales": list(scales),
+            "flip": flip,
+            "amp": args.amp,
+            "seconds": round(time.time() - t0, 2),
+        }
+        if info.is_main:
+            print(cm.table(list(preset.classes)))
+            print(f"mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}  aAcc {metrics['aAcc']:.2f}  ({n} images)")
+            if args.json:
+                write_json(args.json, metrics)
+            plot = args.plot or (str(Path(args.json).with_suffix("")) + "_per_class_iou.png" if args.json else None)
+            if plot:
+                from ..viz import plot_class_iou
+
+                title = f"{preset.name} ({'TTA ' if len(scales) > 1 or flip else ''}{mode}): per-class IoU"
+                plot_class_iou(preset.classes, metrics["IoU"], plot, title, preset.palette, metrics["mIoU"])
+        return metrics
+    finally:
+        torch.set_num_threads(threads)
+        distributed.cleanup()
+
+
+def check_writable_dir(folder: Path) -> None:
+    """Create `folder` (and parents) or raise a one-line DanetError."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DanetError(f"cannot create the output folder {folder}: {e.strerror or e}") from None
+
+
+def run_cli(args) -> int:
+    run_test(args)
+    return 0

@@ -1,0 +1,345 @@
+"""The training loop: one code path for one process and many (torchrun), AMP, channels_last, compile, exact resume.
+
+Per iteration i (global, 0-based): lr = poly(i); forward under autocast; CE on main/pam/cam (1) + aux (0.4);
+SGD step (through a GradScaler for fp16). Each epoch ends with last.pth (and epoch_N.pth every save interval),
+validation every eval interval (best.pth by mIoU). Everything lands in the work dir:
+
+    config.yaml  log.jsonl  last.pth  best.pth  epoch_N.pth  metrics.json  curves.png  per_class_iou.png
+
+Exact resume: data order and augmentation are functions of (seed, epoch, index) (`sampling.py`), the torch RNG is
+re-seeded from (seed, iteration, rank) before every step, and checkpoints hold the model, optimizer, scheduler,
+grad scaler, RNG states and the iteration; so stopping at any iteration (`stop_iter`) and resuming gives the same
+weights as an uninterrupted run (bit for bit in deterministic mode).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .. import checkpoints
+from ..config import RunConfig, from_dict, to_dict
+from ..errors import DanetError
+from ..models.danet import DANet
+from . import distributed
+from .evaluate import autocast, evaluate
+from .logging import RunLogger, read_log, write_json
+from .losses import danet_loss
+from .sampling import EpochBatchSampler, capture_rng_states, mix, restore_rng_states
+from .schedule import PolyLR, build_optimizer
+
+
+def set_deterministic(on: bool, compiling: bool = False) -> None:
+    """Deterministic kernels (cuDNN, cuBLAS, scatter/index ops) or the fast ones (cuDNN benchmark)."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if torch.are_deterministic_algorithms_enabled() != on:
+        setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+        if compiling or setter is None:
+            torch.use_deterministic_algorithms(on, warn_only=True)
+        else:  # NOTE: the public call also imports torch._inductor (seconds of start-up) just to set a flag there
+            setter(on, warn_only=True)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = not on
+
+
+def build_datasets(cfg: RunConfig, preset, seed: int):
+    """(train, val) datasets of the run; the synthetic preset generates its data when no root is given."""
+    from .. import data  # NOTE: lazy, so `danet train --help` does not import the data readers
+
+    train_ds = data.build_dataset(preset, cfg.data_root, "train", seed=seed)
+    val_ds = data.build_dataset(preset, cfg.data_root, "val", seed=seed)
+    return train_ds, val_ds
+
+
+def build_model(cfg: RunConfig, preset) -> DANet:
+    if cfg.init_checkpoint:
+        model = checkpoints.load_model(cfg.init_checkpoint, preset.model)
+    else:
+        model = DANet(preset.model)
+    if cfg.backbone_weights:
+        checkpoints.load_backbone(model, cfg.backbone_weights)
+    return model
+
+
+def check_compatible(saved: dict, cfg: RunConfig) -> list[str]:
+    """Names of the settings that differ from the checkpoint's run (and so change the result of a resume)."""
+    old = to_dict(from_dict(saved).resolve())
+    new = to_dict(cfg)
+    keys = ["preset", "seed", "loss", "amp", "aux_weight", "schedule", "data", "model"]
+    diff = [k for k in keys if old.get(k) != new.get(k)]
+    if "data" in diff and {k: v for k, v in old["data"].items() if k != "num_workers"} == {
+        k: v for k, v in new["data"].items() if k != "num_workers"
+    }:
+        diff.remove("data")
+    return diff
+
+
+def train(cfg: RunConfig, resume: str | Path | None = None) -> dict:
+    """Run (or resume) a training run; returns the summary (final metrics, best mIoU, iterations, seconds)."""
+    info = distributed.setup(cfg.device)
+    threads = torch.get_num_threads()
+    try:
+        return _train(cfg.resolve(), resume, info)
+    finally:
+        torch.set_num_threads(threads)
+        distributed.cleanup()
+
+
+def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa: C901 - the loop, in one place
+    preset = cfg.effective_preset()
+    sch = cfg.schedule
+    work = Path(cfg.work_dir)
+    dev = info.device
+    set_deterministic(cfg.deterministic, cfg.compile)
+    if dev.type == "cpu":
+        torch.set_num_threads(distributed.cpu_threads(cfg.threads))
+    if sch.batch_size % info.world:
+        raise DanetError(f"global batch {sch.batch_size} does not split over {info.world} processes; change the batch")
+
+    ckpt = checkpoints.read_checkpoint(resume) if resume else None
+    if ckpt is not None and not ckpt.train_state:
+        raise DanetError(f"{resume} holds no training state (best.pth is weights only); resume from last.pth")
+    if ckpt is not None and info.is_main and (diff := check_compatible(ckpt.meta.get("config", {}), cfg)):
+        print(f"warning: resuming with settings that differ from the checkpoint's run: {', '.join(diff)}")
+
+    train_ds, val_ds = build_datasets(cfg, preset, cfg.seed)  # first: a wrong data root fails at once
+    if info.is_main:
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DanetError(f"cannot create the work dir {work}: {e.strerror or e}; pick another --work-dir") from None
+    torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
+    model = build_model(cfg, preset).to(dev)
+    if ckpt is not None:
+        model.load_state_dict(ckpt.state_dict)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    n_train = min(len(train_ds), cfg.data.train_limit or len(train_ds))  # train_limit: the first N images
+    sampler = EpochBatchSampler(
+        n_train, sch.batch_size, info.world, info.rank, cfg.seed, max_iters_per_epoch=sch.iters_per_epoch
+    )
+    ipe = sampler.iters_per_epoch
+    if ipe == 0:
+        raise DanetError(f"{n_train} train images make no batch of {sch.batch_size}; lower schedule.batch_size")
+    total = sch.epochs * ipe
+    from ..data import worker_init_fn
+
+    loader = DataLoader(
+        train_ds,  # NOTE: indexed with (index, item_seed) pairs: the sampler decides every item's augmentation
+        batch_sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        worker_init_fn=worker_init_fn,
+        pin_memory=dev.type == "cuda",
+        persistent_workers=cfg.data.num_workers > 0,
+        generator=torch.Generator().manual_seed(cfg.seed),  # NOTE: keeps the loader off the global torch RNG
+    )
+
+    net = distributed.wrap_model(model, info)
+    raw = net.module if info.distributed else net
+    optimizer = build_optimizer(raw, sch.lr, sch.momentum, sch.weight_decay)
+    scheduler = PolyLR(optimizer, sch.lr, total, sch.power, sch.min_lr)
+    scaler = torch.amp.GradScaler(dev.type, enabled=cfg.amp == "fp16")
+    step_net = torch.compile(net) if cfg.compile else net
+
+    it, best, best_iter = 0, -math.inf, None
+    if ckpt is not None:
+        ts = ckpt.train_state
+        optimizer.load_state_dict(ts["optimizer"])
+        scheduler.load_state_dict(ts["scheduler"])
+        scaler.load_state_dict(ts["grad_scaler"]) if ts.get("grad_scaler") else None
+        restore_rng_states(ts["rng"])
+        it, best, best_iter = int(ts["iter"]), float(ts["best_miou"]), ts.get("best_iter")
+
+    logger = RunLogger(work, enabled=info.is_main, resume_iter=it if ckpt is not None else None)
+    if info.is_main:
+        cfg.save(work / "config.yaml")
+        logger.log("start", iter=it, total_iters=total, iters_per_epoch=ipe, world=info.world, device=str(dev))
+
+    def save(name: str, epoch: int, with_state: bool = True) -> None:
+        if not info.is_main:
+            return
+        bad = [k for k, v in raw.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:  # never overwrite a good checkpoint with a diverged model
+            raise DanetError(
+                f"weights became non-finite by iteration {it} (e.g. {bad[0]}); {work / 'last.pth'} is the last good "
+                f"checkpoint; lower schedule.lr (now {sch.lr:g})"
+            )
+        state = None
+        if with_state:
+            state = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "rng": capture_rng_states(),
+                "iter": it,
+                "epoch": epoch,
+                "best_miou": best,
+                "best_iter": best_iter,
+            }
+        meta = {"config": to_dict(cfg), "epoch": epoch, "iter": it, "best_miou": best}
+        checkpoints.save_checkpoint(work / name, raw, preset, train_state=state, extra_meta=meta)
+
+    metrics: dict = {}
+    t_start = time.time()
+    bar = tqdm(
+        total=total,
+        initial=it,
+        desc="train",
+        unit="it",
+        dynamic_ncols=True,
+        disable=not (cfg.progress and info.is_main),
+    )
+    window: dict[str, float] = {}
+    t_window, n_window = time.time(), 0
+    stopped = False
+    net.train()
+    for epoch in range(it // ipe, sch.epochs):
+        sampler.set_epoch(epoch, start=it % ipe)
+        for images, labels in _batches(loader):
+            torch.manual_seed(mix(cfg.seed, "step", it, info.rank))  # dropout: a function of the iteration
+            images = images.to(dev, non_blocking=True)
+            labels = labels.to(dev, non_blocking=True)
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            lr = scheduler.step()
+            with autocast(dev, cfg.amp):
+                outputs = step_net(images)
+            losses = danet_loss(outputs, labels, cfg.loss, cfg.aux_weight, preset.dataset.ignore_index)
+            values = {k: v.item() for k, v in losses.items()}
+            if not math.isfinite(values["loss"]):  # NOTE: checked before the step, so the weights stay good
+                hint = " or try amp=bf16" if cfg.amp == "fp16" else ""
+                raise DanetError(
+                    f"loss became {values['loss']} at iteration {it + 1}; lower schedule.lr (now {sch.lr:g}){hint} "
+                    f"and --resume from {work / 'last.pth'} (the last good checkpoint)"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(losses["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            it += 1
+
+            for k, v in values.items():
+                window[k] = window.get(k, 0.0) + v
+            n_window += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
+            if it % cfg.log_interval == 0 or it == total:
+                dt = time.time() - t_window
+                img_s = n_window * sch.batch_size / max(dt, 1e-9)
+                rec = {k: round(v / n_window, 5) for k, v in window.items()}
+                rate = bar.format_dict.get("rate") or (n_window / max(dt, 1e-9))
+                elapsed = round(time.time() - t_start, 2)
+                eta = round((total - it) / max(rate, 1e-9), 1)
+                logger.log(
+                    "train", iter=it, epoch=epoch + 1, lr=lr, img_s=round(img_s, 2), elapsed_s=elapsed, eta_s=eta, **rec
+                )
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{img_s:.1f}")
+                window, t_window, n_window = {}, time.time(), 0
+            if cfg.stop_iter is not None and it >= cfg.stop_iter and it % ipe:
+                save("last.pth", epoch)  # mid-epoch stop: resume continues from this batch
+                stopped = True
+                break
+        if stopped:
+            break
+        done = epoch + 1
+        if done % sch.eval_interval == 0 or done == sch.epochs:
+            metrics = validate(raw, val_ds, preset, cfg, info)
+            logger.log("val", iter=it, epoch=done, **_scalars(metrics), IoU=metrics["IoU"])
+            bar.write(f"epoch {done}/{sch.epochs} iter {it}: mIoU {metrics['mIoU']:.2f} mAcc {metrics['mAcc']:.2f}")
+            if metrics["mIoU"] > best:
+                best, best_iter = metrics["mIoU"], it
+                save("best.pth", done, with_state=False)
+            if info.is_main:
+                write_metrics(work, metrics, best, best_iter, it, done, time.time() - t_start)
+        save("last.pth", done)
+        if done % sch.save_interval == 0:
+            save(f"epoch_{done}.pth", done)
+        if cfg.stop_iter is not None and it >= cfg.stop_iter:
+            stopped = True
+            break
+    bar.close()
+    seconds = time.time() - t_start
+    logger.log("end", iter=it, seconds=round(seconds, 2), stopped=stopped, best_miou=best)
+    logger.close()
+    if info.is_main and not stopped:
+        draw_pictures(work, preset, metrics)
+    distributed.barrier()
+    return {
+        "metrics": metrics,
+        "best_miou": best,
+        "best_iter": best_iter,
+        "iter": it,
+        "seconds": seconds,
+        "stopped": stopped,
+    }
+
+
+def _batches(loader: DataLoader):
+    """Iterate a DataLoader; a DanetError raised in a worker process comes out as its own one-line message.
+
+    NOTE: DataLoader re-raises worker exceptions with "Caught ... in DataLoader worker" and the worker's traceback
+    prepended to the message; the user should see only the original line.
+    """
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except DanetError as e:
+            msg = str(e)
+            if "DataLoader worker" in msg:
+                lines = [ln for ln in msg.splitlines() if ln.strip()]
+                msg = lines[-1].split("DanetError: ", 1)[-1] if lines else msg
+                raise DanetError(msg) from None
+            raise
+        yield batch
+
+
+def validate(model: DANet, val_ds, preset, cfg: RunConfig, info: distributed.DistInfo) -> dict:
+    """Metrics of `model` on the val split (sharded over the ranks, confusion matrix all-reduced)."""
+    distributed.broadcast_buffers(model)
+    cm = evaluate(
+        model,
+        val_ds,
+        preset.num_classes,
+        device=info.device,
+        mode=cfg.eval_mode,
+        crop=preset.crop_size,
+        amp=cfg.amp,
+        channels_last=cfg.channels_last,
+        ignore_index=preset.dataset.ignore_index,
+        limit=cfg.data.val_limit,
+        progress=cfg.progress,
+    )
+    return cm.compute()
+
+
+def _scalars(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def write_metrics(work: Path, metrics: dict, best: float, best_iter, it: int, epoch: int, seconds: float) -> None:
+    """metrics.json (atomic): the latest validation and the best mIoU so far."""
+    out = {"iter": it, "epoch": epoch, "seconds": round(seconds, 1), "best_mIoU": best, "best_iter": best_iter}
+    out.update(metrics)
+    write_json(work / "metrics.json", out)
+
+
+def draw_pictures(work: Path, preset, metrics: dict) -> None:
+    """curves.png (loss, lr, val mIoU vs iteration) and per_class_iou.png (the final validation)."""
+    from .. import viz
+
+    viz.plot_training_curves(read_log(work / "log.jsonl"), work / "curves.png", title=f"{preset.name} training")
+    if metrics.get("IoU") is not None:
+        viz.plot_class_iou(
+            preset.classes, metrics["IoU"], work / "per_class_iou.png", title=f"{preset.name}: per-class IoU",
+            palette=preset.palette, miou=metrics.get("mIoU"),
+        )  # fmt: skip

@@ -1,0 +1,117 @@
+"""`danet train PRESET_OR_CONFIG.yaml [--data-root DIR] [--work-dir DIR] [--set key=value ...] [--resume [CKPT]]`.
+
+Many GPUs: `torchrun --nproc_per_node N -m danet.cli train ...` (the preset batch is the global batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from ..config import RunConfig, apply_overrides, from_dict, load_run_config, valid_keys
+from ..errors import DanetError
+
+EPILOG = """examples:
+  danet train danet_tiny_synthetic --work-dir runs/synthetic
+  danet train danet_r50-d8_ade20k --data-root data/ade --work-dir runs/ade --set amp=bf16 --set channels_last=true
+  danet train runs/ade/config.yaml --resume            # continue from runs/ade/last.pth
+  torchrun --nproc_per_node 4 -m danet.cli train danet_r50-d8_cityscapes --data-root data/cityscapes
+
+settings for --set (dotted keys, YAML values):
+  """
+
+
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG + "\n  ".join(_wrap(valid_keys()))
+    parser.add_argument(
+        "config", nargs="?", help="a preset name (see `danet models`) or a run config .yaml (e.g. a work dir's)"
+    )
+    parser.add_argument("--data-root", help="dataset folder (default for danet_tiny_synthetic: the bundled data)")
+    parser.add_argument("--work-dir", help="where checkpoints, logs, metrics and pictures go (default runs/<preset>)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a setting"
+    )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        metavar="CKPT",
+        help="continue a run exactly: from CKPT, or from WORK_DIR/last.pth when no path is given",
+    )
+
+
+def _wrap(keys: list[str], width: int = 100) -> list[str]:
+    lines, cur = [], ""
+    for k in keys:
+        if cur and len(cur) + len(k) + 2 > width:
+            lines.append(cur + ",")
+            cur = ""
+        cur = f"{cur}, {k}" if cur else k
+    return [*lines, cur]
+
+
+def resolve_args(args) -> tuple[RunConfig, Path | None]:
+    """The run config and the checkpoint to resume from (None: a fresh run)."""
+    resume = None
+    if args.config is None:
+        if not args.resume or args.resume == "auto":
+            raise DanetError(
+                "name a preset or a config .yaml (e.g. danet train danet_tiny_synthetic), or --resume CKPT"
+            )
+        resume = Path(args.resume)
+        cfg = _config_of_checkpoint(resume)
+        if args.data_root:
+            cfg.data_root = args.data_root
+        if args.work_dir:
+            cfg.work_dir = args.work_dir
+        cfg = apply_overrides(cfg, args.overrides).validate()
+    else:
+        cfg = load_run_config(args.config, args.overrides, data_root=args.data_root, work_dir=args.work_dir)
+        if args.work_dir is None and not args.config.endswith((".yaml", ".yml")) and _is_default_work_dir(args):
+            cfg.work_dir = str(Path("runs") / cfg.preset)
+        if args.resume:
+            resume = Path(cfg.work_dir) / "last.pth" if args.resume == "auto" else Path(args.resume)
+        elif int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and (Path(cfg.work_dir) / "last.pth").is_file():
+            resume = Path(cfg.work_dir) / "last.pth"  # torchrun --max-restarts restarted the group: continue
+    if resume is not None and not resume.is_file():
+        raise DanetError(f"cannot resume: {resume} does not exist (a run writes last.pth at every epoch end)")
+    if resume is not None and not any(o.startswith("stop_iter=") for o in args.overrides):
+        cfg.stop_iter = None  # an interrupted run's stop point does not carry over
+    return cfg, resume
+
+
+def _is_default_work_dir(args) -> bool:
+    return not any(o.startswith("work_dir=") for o in args.overrides)
+
+
+def _config_of_checkpoint(path: Path) -> RunConfig:
+    from ..checkpoints import read_checkpoint
+
+    if not path.is_file():
+        raise DanetError(f"cannot resume: {path} does not exist")
+    saved = read_checkpoint(path).meta.get("config")
+    if not isinstance(saved, dict):
+        raise DanetError(f"{path} holds no run config; pass the preset or config .yaml as well")
+    return from_dict(saved)
+
+
+def run_cli(args) -> int:
+    from .train import train
+
+    cfg, resume = resolve_args(args)
+    summary = train(cfg, resume)
+    m = summary["metrics"]
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    if summary["stopped"]:
+        last = Path(cfg.work_dir) / "last.pth"
+        print(f"stopped at iteration {summary['iter']} (stop_iter); continue with --resume {last}")
+    elif m:
+        print(
+            f"done: {summary['iter']} iterations in {summary['seconds'] / 60:.1f} min; final mIoU {m['mIoU']:.2f} "
+            f"mAcc {m['mAcc']:.2f} aAcc {m['aAcc']:.2f}; best mIoU {summary['best_miou']:.2f}; "
+            f"outputs in {cfg.work_dir}"
+        )
+    return 0

@@ -1,0 +1,80 @@
+"""Inference paths: slide windows cover the image, TTA averages probabilities, strip-wise upsampled argmax."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import danet
+from danet.engine.evaluate import segment, slide_logits, upsample_argmax
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors: one thread is faster than several on a shared machine (and CI has 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Recorder(nn.Module):
+    """Logits = a fixed 1x1 conv of the input; remembers the window shapes it was called with."""
+
+    def __init__(self, k: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, k, 1)
+        self.calls: list[tuple[int, int]] = []
+
+    def forward(self, x):
+        self.calls.append(tuple(x.shape[-2:]))
+        return {"out": self.conv(x)}
+
+
+def test_slide_windows_match_mmseg_grid_and_average():
+    torch.manual_seed(0)
+    m = Recorder()
+    x = torch.randn(1, 3, 50, 70)
+    out = slide_logits(m, x, crop=(32, 32), stride=(20, 20))
+    # rows: max(50 - 32 + 19, 0) // 20 + 1 = 2; cols: (70 - 32 + 19) // 20 + 1 = 3; all windows full-size
+    assert m.calls == [(32, 32)] * 6
+    with torch.no_grad():
+        assert torch.allclose(out, m(x)["out"], atol=1e-6)  # a pointwise model: averaging changes nothing
+
+
+def test_slide_window_larger_than_image_is_cut():
+    m = Recorder()
+    out = slide_logits(m, torch.randn(2, 3, 20, 25), crop=(32, 32), stride=(21, 21))
+    assert m.calls == [(20, 25)] and out.shape == (2, 3, 20, 25)
+
+
+def test_tta_averages_softmax_over_scales_and_flips():
+    torch.manual_seed(0)
+    model = danet.create_model("danet_tiny_synthetic", base_channels=8, stem_channels=8, head_channels=16).eval()
+    x = torch.randn(1, 3, 48, 40)
+    probs = segment(model, x, (60, 50), scales=(0.75, 1.0, 1.25), flip=True)
+    assert probs.shape == (1, 5, 60, 50)
+    assert torch.allclose(probs.sum(1), torch.ones(1, 60, 50), atol=1e-5)
+    with torch.no_grad():
+        views = []
+        for s in (0.75, 1.0, 1.25):
+            xs = F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False) if s != 1 else x
+            for flip in (False, True):
+                logit = model(xs.flip(-1) if flip else xs)["out"]
+                logit = logit.flip(-1) if flip else logit
+                views.append(F.interpolate(logit, (60, 50), mode="bilinear", align_corners=False).softmax(1))
+        assert torch.allclose(probs, torch.stack(views).mean(0), atol=1e-5)
+    logits = segment(model, x, (60, 50))
+    assert logits.shape == (1, 5, 60, 50) and not torch.allclose(logits.sum(1), torch.ones(1, 60, 50))
+    slide = segment(model, x, (60, 50), mode="slide", crop=(32, 32), scales=(1.0, 1.5), flip=True)
+    assert slide.shape == (1, 5, 60, 50)
+
+
+def test_upsample_argmax_in_strips_equals_direct():
+    torch.manual_seed(0)
+    logits = torch.randn(7, 13, 17)
+    direct = F.interpolate(logits[None], (101, 77), mode="bilinear", align_corners=False)[0].argmax(0)
+    strips = upsample_argmax(logits, (101, 77), max_elems=7 * 77 * 9)  # forces strips of 9 rows
+    assert torch.equal(direct, strips)

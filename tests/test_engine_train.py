@@ -1,0 +1,158 @@
+"""End to end on the synthetic data: train -> stop mid-epoch -> resume (same weights) -> test (TTA, slide) -> predict.
+
+Everything is tiny (a narrow model, 32x32 crops, batch 2, 2 iterations per epoch, 2 epochs, 2 val images).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from danet.checkpoints import read_checkpoint
+from danet.cli import main
+from danet.config import RunConfig, apply_overrides, load_run_config
+from danet.data import ensure_synthetic
+from danet.engine.logging import read_log
+from danet.engine.train import train
+from danet.presets import get_preset
+
+PRESET = "danet_tiny_synthetic"
+SETTINGS = {
+    "schedule.epochs": 2,
+    "schedule.iters_per_epoch": 2,
+    "schedule.batch_size": 2,
+    "schedule.eval_interval": 1,
+    "schedule.save_interval": 2,
+    "data.crop_size": "[32,32]",
+    "data.num_workers": 0,
+    "data.val_limit": 2,
+    "model.base_channels": 8,
+    "model.stem_channels": 8,
+    "model.head_channels": 16,
+    "model.key_channels": 8,
+    "model.aux_channels": 16,
+    "deterministic": "true",
+    "device": "cpu",
+    "progress": "false",
+    "log_interval": 1,
+}
+SETS = [f"{k}={v}" for k, v in SETTINGS.items()]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return ensure_synthetic(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def runs(data_root, tmp_path_factory) -> dict[str, Path]:
+    """An uninterrupted run (in-process API) and a run stopped at iteration 3 then resumed (through the CLI)."""
+    ref = tmp_path_factory.mktemp("reference")
+    cfg = apply_overrides(RunConfig(preset=PRESET, data_root=str(data_root), work_dir=str(ref)), SETS)
+    summary = train(cfg)
+    assert summary["iter"] == 4 and not summary["stopped"]
+
+    work = tmp_path_factory.mktemp("interrupted")
+    argv = ["train", PRESET, "--data-root", str(data_root), "--work-dir", str(work)]
+    argv += [a for s in SETS for a in ("--set", s)]
+    assert main([*argv, "--set", "stop_iter=3"]) == 0
+    stopped = read_checkpoint(work / "last.pth")
+    assert stopped.train_state["iter"] == 3  # mid-epoch 2
+    assert not (work / "curves.png").exists()
+    assert main([*argv, "--resume"]) == 0
+    return {"reference": ref, "resumed": work}
+
+
+def test_resume_gives_the_same_weights(runs):
+    a = read_checkpoint(runs["reference"] / "last.pth")
+    b = read_checkpoint(runs["resumed"] / "last.pth")
+    assert a.train_state["iter"] == b.train_state["iter"] == 4
+    assert a.state_dict.keys() == b.state_dict.keys()
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    opt_a, opt_b = a.train_state["optimizer"]["state"], b.train_state["optimizer"]["state"]
+    assert all(torch.equal(opt_a[k]["momentum_buffer"], opt_b[k]["momentum_buffer"]) for k in opt_a)
+    ma = json.loads((runs["reference"] / "metrics.json").read_text())
+    mb = json.loads((runs["resumed"] / "metrics.json").read_text())
+    assert ma["mIoU"] == mb["mIoU"] and ma["IoU"] == mb["IoU"]
+
+
+def test_work_dir_contents(runs):
+    work = runs["resumed"]
+    names = {p.name for p in work.iterdir()}
+    assert {"config.yaml", "log.jsonl", "last.pth", "best.pth", "epoch_2.pth", "metrics.json"} <= names
+    assert {"curves.png", "per_class_iou.png"} <= names
+    assert not [n for n in names if n.startswith(".")]  # no temp files left
+    log = read_log(work / "log.jsonl")
+    train_iters = [r["iter"] for r in log if r["type"] == "train"]
+    assert train_iters == [1, 2, 3, 4]  # the stopped run's records, then the resumed ones, no repeats
+    first = next(r for r in log if r["type"] == "train")
+    assert {"loss", "loss_out", "loss_pam", "loss_cam", "loss_aux", "lr", "img_s", "elapsed_s", "eta_s"} <= set(first)
+    assert first["lr"] == get_preset(PRESET).schedule.lr  # poly starts at the base lr
+    assert [r["epoch"] for r in log if r["type"] == "val"] == [1, 2]
+    best = read_checkpoint(work / "best.pth")
+    assert best.train_state is None and best.meta["preset"] == PRESET and best.meta["classes"]
+    assert Image.open(work / "curves.png").size[0] > 1000
+
+
+def test_resolved_config_is_accepted_back(runs, data_root):
+    work = runs["resumed"]
+    cfg = load_run_config(str(work / "config.yaml"))
+    assert cfg.schedule.epochs == 2 and cfg.data.crop_size == (32, 32) and cfg.model["head_channels"] == 16
+    assert cfg.stop_iter is None  # the resumed run's config
+    assert read_checkpoint(work / "last.pth").meta["config"]["schedule"]["lr"] == get_preset(PRESET).schedule.lr
+    # an already finished run resumes to no further work
+    assert main(["train", str(work / "config.yaml"), "--resume", "--set", "progress=false"]) == 0
+    assert read_checkpoint(work / "last.pth").train_state["iter"] == 4
+
+
+def test_test_cli_tta_and_slide(runs, data_root, tmp_path, capsys):
+    ckpt = runs["resumed"] / "best.pth"
+    base = ["test", PRESET, "--checkpoint", str(ckpt), "--data-root", str(data_root), "--limit", "2", "--no-progress"]
+    assert main([*base, "--json", str(tmp_path / "whole.json")]) == 0
+    out = capsys.readouterr().out
+    assert "mIoU" in out and "background" in out
+    whole = json.loads((tmp_path / "whole.json").read_text())
+    assert {"mIoU", "mAcc", "aAcc", "IoU", "Acc", "settings"} <= set(whole) and len(whole["IoU"]) == 5
+    assert (tmp_path / "whole_per_class_iou.png").exists()
+    val = [r for r in read_log(runs["resumed"] / "log.jsonl") if r["type"] == "val"][-1]
+    assert whole["mIoU"] == pytest.approx(val["mIoU"])  # the same numbers as the run's validation
+
+    assert main([*base, "--tta", "--json", str(tmp_path / "tta.json")]) == 0
+    tta = json.loads((tmp_path / "tta.json").read_text())
+    assert tta["settings"]["scales"] == list(get_preset(PRESET).tta_scales) and tta["settings"]["flip"] is True
+    assert main([*base, "--mode", "slide", "--crop", "64", "64", "--json", str(tmp_path / "slide.json")]) == 0
+    slide = json.loads((tmp_path / "slide.json").read_text())
+    assert slide["settings"]["mode"] == "slide" and slide["settings"]["crop"] == [64, 64]
+    for m in (tta, slide):
+        assert 0 <= m["mIoU"] <= 100 and 0 <= m["aAcc"] <= 100
+
+
+def test_predict_writes_palette_pngs_and_overlays(runs, data_root, tmp_path, capsys):
+    images = sorted((data_root / "images" / "validation").glob("*.jpg"))[:2]
+    big = tmp_path / "in" / "big.png"
+    big.parent.mkdir()
+    Image.open(images[0]).resize((300, 200)).save(big)
+    out = tmp_path / "out"
+    ckpt = str(runs["resumed"] / "best.pth")
+    assert main(["predict", "--checkpoint", ckpt, str(images[0]), str(images[1]), "--out", str(out), "--overlay"]) == 0
+    for img in images:
+        label = Image.open(out / f"{img.stem}.png")
+        assert label.mode == "P" and label.size == Image.open(img).size
+        assert np.asarray(label).max() < 5
+        assert label.getpalette()[:15] == [c for rgb in get_preset(PRESET).palette for c in rgb]
+        assert Image.open(out / f"{img.stem}_overlay.jpg").size == label.size
+    # a folder input, natively sized, forced into sliding windows by a tiny pixel threshold
+    argv = ["predict", "--checkpoint", ckpt, str(big.parent), "--out", str(out), "--no-resize", "--max-pixels", "5000"]
+    assert main(argv) == 0
+    assert Image.open(out / "big.png").size == (300, 200)
+
+
+def test_predict_missing_input_is_one_line(runs, tmp_path, capsys):
+    rc = main(["predict", "--checkpoint", str(runs["resumed"] / "best.pth"), str(tmp_path / "nope.jpg"), "--out", "x"])
+    assert rc == 2
+    assert "nope.jpg does not exist" in capsys.readouterr().err

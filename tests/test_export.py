@@ -1,0 +1,181 @@
+"""`danet export`: ONNX (checked with onnxruntime) and torch.export programs with dynamic batch, height and width."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+import danet
+from danet import export
+from danet.checkpoints import save_checkpoint
+from danet.cli import main
+from danet.errors import DanetError
+from test_faults_common import cli_error, digest, tiny_model
+
+PRESET = "danet_tiny_synthetic"
+SIZES = [(1, 40, 72), (3, 88, 56), (2, 57, 33)]  # (batch, H, W), none of them the export's (1, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = tiny_model()
+    with torch.no_grad():  # livelier weights than the init: logits of order 1, BN statistics not the identity
+        for name, p in model.named_parameters():
+            if "gamma" not in name:
+                p.add_(torch.randn_like(p) * p.std().nan_to_num(0.1) * 0.5)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("export") / "model.pth"
+    save_checkpoint(path, model, PRESET)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    return danet.create_model(PRESET, checkpoint=checkpoint).eval()
+
+
+def test_onnx_dynamic_sizes_match_pytorch(checkpoint, reference, tmp_path, capsys):
+    out = tmp_path / "danet.onnx"
+    assert main(["export", str(checkpoint), "--onnx", str(out), "--size", "64", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "onnxruntime check" in printed and "max abs difference" in printed
+    assert "did not export" not in printed  # the fused attention (SDPA, scale=1) exported as it is
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    assert session.get_inputs()[0].shape == ["batch", 3, "height", "width"]
+    for b, h, w in SIZES:
+        x = torch.randn(b, 3, h, w)
+        got = session.run(None, {"image": x.numpy()})[0]
+        with torch.no_grad():
+            ref = reference(x)["out"].numpy()
+        assert got.shape == (b, 5, h, w)
+        assert np.abs(ref).max() > 0.1  # a test of something
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta["danet.preset"] == PRESET
+    assert json.loads(meta["danet.classes"]) == list(danet.get_preset(PRESET).classes)
+    assert json.loads(meta["danet.mean"]) == pytest.approx(danet.get_preset(PRESET).mean)
+    assert not list(tmp_path.glob(".*tmp*"))  # no temp file left behind
+
+
+def test_onnx_explicit_attention_path(reference, tmp_path):
+    """The explicit softmax(QK^T)V path exports too, to the same numbers."""
+    model = danet.create_model(PRESET, fused_attention=False)
+    model.load_state_dict(reference.state_dict())
+    diff = export.export_onnx(model, tmp_path / "explicit.onnx", size=(48, 48), log=lambda s: None)
+    assert diff is not None and diff < 1e-4
+
+
+def test_onnx_falls_back_to_explicit_attention(reference, tmp_path, monkeypatch):
+    """If the exporter cannot handle the fused attention, the explicit path is exported (same result)."""
+    real = torch.onnx.export
+    seen = []
+
+    def picky_export(module, *args, **kwargs):
+        seen.append(module.model.head.pam.fused)
+        if module.model.head.pam.fused:
+            raise RuntimeError("Unsupported: aten::scaled_dot_product_attention")
+        return real(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", picky_export)
+    model = danet.create_model(PRESET)
+    model.load_state_dict(reference.state_dict())
+    logs: list[str] = []
+    diff = export.export_onnx(model, tmp_path / "m.onnx", size=(48, 48), log=logs.append)
+    assert seen == [True, False]
+    assert any("explicit attention" in line for line in logs)
+    assert diff < 1e-4
+
+
+def test_torch_export_dynamic_sizes(checkpoint, reference, tmp_path, capsys):
+    out = tmp_path / "danet.pt2"
+    assert main(["export", str(checkpoint), "--torch-export", str(out), "--size", "64", "64"]) == 0
+    assert "torch.export check" in capsys.readouterr().out
+    program = torch.export.load(str(out)).module()
+    for b, h, w in SIZES[:2]:
+        x = torch.randn(b, 3, h, w)
+        with torch.no_grad():
+            torch.testing.assert_close(program(x), reference(x)["out"], atol=1e-5, rtol=1e-5)
+
+
+def test_failed_check_keeps_previous_export(checkpoint, tmp_path, monkeypatch, capsys):
+    """A file that fails the onnxruntime check is not put in place; the previous export keeps its bytes."""
+    out = tmp_path / "danet.onnx"
+    out.write_bytes(b"previous export")
+    before = digest(out)
+    monkeypatch.setattr(export, "_tolerance", lambda ref: -1.0)  # every difference is too large
+    line = cli_error(capsys, "export", checkpoint, "--onnx", out, "--size", "32", "32")
+    assert "check failed" in line
+    assert digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["danet.onnx"]
+
+
+def test_failed_rename_is_one_line(checkpoint, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "danet.onnx"
+    out.write_bytes(b"previous export")
+    before = digest(out)
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export.os, "replace", full_disk)
+    line = cli_error(capsys, "export", checkpoint, "--onnx", out, "--size", "32", "32", "--no-verify")
+    assert "No space left" in line
+    assert digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["danet.onnx"]
+
+
+def test_export_errors_are_one_line(checkpoint, tmp_path, capsys):
+    assert "does not exist" in cli_error(capsys, "export", checkpoint, "--onnx", tmp_path / "no" / "m.onnx")
+    assert "is a folder" in cli_error(capsys, "export", checkpoint, "--onnx", tmp_path)
+    assert "nothing to export" in cli_error(capsys, "export", checkpoint)
+    assert "opset" in cli_error(capsys, "export", checkpoint, "--onnx", tmp_path / "m.onnx", "--opset", "11")
+    assert "too small" in cli_error(capsys, "export", checkpoint, "--onnx", tmp_path / "m.onnx", "--size", "8", "8")
+    assert "unknown preset" in cli_error(
+        capsys, "export", checkpoint, "--onnx", tmp_path / "m.onnx", "--preset", "danet_r50_nope"
+    )
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_function_refuses_unwritable(tmp_path):
+    with pytest.raises(DanetError, match="does not exist"):
+        export.export_onnx(tiny_model(), tmp_path / "missing" / "m.onnx", size=(32, 32))
+
+
+def _readme_snippet() -> str:
+    """The onnxruntime example of the README (or of its draft, docs/what_happens_when.md)."""
+    repo = Path(__file__).resolve().parents[1]
+    for doc in (repo / "README.md", repo / "docs" / "what_happens_when.md"):
+        if doc.is_file():
+            for block in re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S):
+                if "ort.InferenceSession" in block:
+                    return block
+    raise AssertionError("no onnxruntime example in README.md or docs/what_happens_when.md")
+
+
+def test_readme_onnxruntime_example_runs(checkpoint, reference, tmp_path, monkeypatch, capsys):
+    assert main(["export", str(checkpoint), "--onnx", str(tmp_path / "danet.onnx"), "--size", "48", "48"]) == 0
+    rgb = np.random.default_rng(0).integers(0, 255, (45, 70, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "photo.jpg", quality=95)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(_readme_snippet(), "README snippet", "exec"), namespace)
+    labels = namespace["labels"]
+    assert labels.shape == (45, 70)
+    preset = danet.get_preset(PRESET)
+    x = torch.from_numpy(np.asarray(Image.open("photo.jpg").convert("RGB"), np.float32)) - torch.tensor(preset.mean)
+    x = (x / torch.tensor(preset.std)).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        expected = reference(x)["out"][0].argmax(0).numpy()
+    assert (labels == expected).mean() > 0.999

@@ -1,0 +1,70 @@
+"""Shared helpers of the fault-injection tests (test_faults_*.py); this module holds no tests itself.
+
+`cli_error` runs `danet.cli.main` in-process and `cli_error_subprocess` runs `python -m danet.cli`: both assert the
+command failed with exit status 2 and printed exactly one line on stderr, without a traceback, and return that line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import danet
+
+SRC = Path(danet.__file__).resolve().parents[1]
+
+
+def cli_error(capsys, *argv: str) -> str:
+    """Run `danet ARGV` in this process; assert exit 2 and a one-line error on stderr; return the line."""
+    from danet.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2, f"expected exit status 2, got {rc}; stderr: {err}"
+    assert "Traceback" not in err, err
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}: {err}"
+    assert lines[0].startswith(f"danet {argv[0]}: error: "), lines[0]
+    return lines[0]
+
+
+def run_cli(*argv: str, env: dict | None = None, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """`python -m danet.cli ARGV` in a fresh interpreter (1 thread), capturing text output."""
+    full_env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "danet.cli", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        **kwargs,
+    )
+
+
+def cli_error_subprocess(*argv: str) -> str:
+    """Run `python -m danet.cli ARGV`; assert exit 2 and one line on stderr without a traceback; return the line."""
+    proc = run_cli(*argv)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, f"exit {proc.returncode}; stderr: {proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1, f"expected one line on stderr, got: {proc.stderr}"
+    return lines[0]
+
+
+def digest(path: str | os.PathLike) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def tiny_model(num_classes: int | None = None, **overrides) -> danet.DANet:
+    """The synthetic preset's DANet with non-zero attention gammas (so both attention paths matter)."""
+    model = danet.create_model("danet_tiny_synthetic", num_classes=num_classes, **overrides)
+    with torch.no_grad():
+        model.head.pam.gamma.fill_(0.5)
+        model.head.cam.gamma.fill_(0.25)
+    return model.eval()

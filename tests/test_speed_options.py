@@ -1,0 +1,270 @@
+"""Speed options give the plain float32 result: fused loss, bf16 autocast, channels_last, fused attention, compile.
+
+Each option is checked against the plain path on a narrow DANet-R50 (the real structure at a few channels), with a
+tolerance that fits the option: float64 for the exact rewrites (fused loss), float32 rounding for layout and kernel
+changes, bf16 rounding for autocast. Also `danet benchmark` itself (CLI, JSON, figures).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import danet
+import danet.benchmark as B
+import danet.benchmark.losses as L
+from danet.cli import main
+from danet.engine.losses import danet_loss
+
+NARROW = dict(num_classes=5, base_channels=4, stem_channels=8, head_channels=32, key_channels=16, aux_channels=16)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: a second thread only adds contention on the 2-core CI machine
+    yield
+    torch.set_num_threads(old)
+
+
+def narrow_model(seed: int = 0, dtype=torch.float32) -> danet.DANet:
+    """Narrow DANet-R50-D8 with perturbed BN and gamma (a fresh init would hide the attention branches)."""
+    torch.manual_seed(seed)
+    model = danet.create_model("danet_r50-d8_ade20k", **NARROW)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0, 0.1, generator=g)
+                m.running_mean.normal_(0, 0.1, generator=g)
+                m.running_var.uniform_(0.5, 1.5, generator=g)
+            if hasattr(m, "gamma"):
+                m.gamma.fill_(0.5)
+    return model.to(dtype)
+
+
+def batch(n=2, h=32, w=32, seed=0, k=5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, h, w, generator=g)
+    y = torch.randint(0, k, (n, h, w), generator=g)
+    y[torch.rand(n, h, w, generator=g) < 0.2] = 255
+    return x, y
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def upsampled(outputs: dict, size) -> dict:
+    return {k: F.interpolate(v, size=size, mode="bilinear", align_corners=False) for k, v in outputs.items()}
+
+
+# ----------------------------------------------------------------------------------------------- fused loss
+@pytest.mark.parametrize("variant", ["ssseg", "mmseg"])
+@pytest.mark.parametrize(
+    ("h", "w", "H", "W", "band_bytes"),
+    [
+        (7, 9, 56, 72, 1 << 30),  # exact x8, one band
+        (7, 9, 56, 72, 2 * 5 * 72 * 4 * 8),  # exact x8, bands of 2 input rows (+ a ragged last band), halo rows
+        (5, 6, 37, 45, 1),  # not a multiple: whole-image path
+    ],
+)
+def test_fused_loss_equals_reference_in_float64(monkeypatch, variant, h, w, H, W, band_bytes):
+    monkeypatch.setattr(L, "BAND_BYTES", band_bytes)
+    g = torch.Generator().manual_seed(h * W)
+    outs = {k: torch.randn(2, 5, h, w, generator=g, dtype=torch.float64).requires_grad_() for k in L.WEIGHTS}
+    outs["pam"] = outs["pam"].detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = torch.randint(0, 5, (2, H, W), generator=g)
+    y[torch.rand(2, H, W, generator=g) < 0.3] = 255
+    y[1, : H // 2] = 255  # a block of ignored rows spanning several bands
+    ref = danet_loss(upsampled(outs, (H, W)), y, variant)
+    # NOTE: engine.losses computes in float32; redo the reference in float64 for an exact comparison
+    ce = {k: F.cross_entropy(v, y, ignore_index=255, reduction="sum") for k, v in upsampled(outs, (H, W)).items()}
+    denom = (y != 255).sum() if variant == "ssseg" else y.numel()
+    ref64 = sum(L.WEIGHTS[k] * ce[k] / denom for k in ce)
+    fused = L.fused_danet_loss(outs, y, variant)
+    assert abs(fused["loss"].item() - ref64.item()) < 1e-12
+    assert abs(fused["loss"].item() - ref["loss"].item()) < 1e-5  # float32 reference
+    assert set(fused) == set(ref)
+    g_ref = torch.autograd.grad(ref64, list(outs.values()))
+    g_fused = torch.autograd.grad(fused["loss"], list(outs.values()))
+    for a, b in zip(g_fused, g_ref, strict=True):
+        assert rel(a, b) < 1e-12
+
+
+def test_fused_loss_gradcheck_and_all_ignored(monkeypatch):
+    monkeypatch.setattr(L, "BAND_BYTES", 1)  # one input row per band
+    z = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 3, (2, 32, 40))
+    t[0] = 255  # a whole image ignored: contributes nothing
+    assert torch.autograd.gradcheck(lambda z: L.UpsampledCrossEntropy.apply(z, t, 255), (z,))
+    t[:] = 255
+    loss = L.fused_danet_loss({"out": z}, t)["loss"]
+    assert loss.item() == 0.0  # as engine.losses: 0, not NaN, when nothing is labelled
+
+
+def test_compiled_loss_equals_chunked(monkeypatch):
+    """The torch.compile'd kernels' formulation (here traced by dynamo, run eagerly: inductor on the GPU run)."""
+    monkeypatch.setattr(L, "COMPILE_BACKEND", "eager")
+    g = torch.Generator().manual_seed(3)
+    outs = {k: torch.randn(2, 5, 6, 7, generator=g, dtype=torch.float64).requires_grad_() for k in L.WEIGHTS}
+    y = torch.randint(0, 5, (2, 48, 56), generator=g)
+    y[torch.rand(2, 48, 56, generator=g) < 0.3] = 255
+    ref = L.fused_danet_loss(outs, y, impl="chunked")
+    comp = L.fused_danet_loss(outs, y, impl="compiled")
+    assert abs(comp["loss"].item() - ref["loss"].item()) < 1e-12
+    for a, b in zip(torch.autograd.grad(comp["loss"], list(outs.values())),
+                    torch.autograd.grad(ref["loss"], list(outs.values())), strict=True):  # fmt: skip
+        assert rel(a, b) < 1e-12
+
+
+def test_fused_loss_trains_the_model_like_the_reference():
+    model = narrow_model().train()
+    x, y = batch(h=40, w=48)
+    torch.manual_seed(5)
+    ref = danet_loss(model(x), y)
+    g_ref = torch.autograd.grad(ref["loss"], list(model.parameters()))
+    torch.manual_seed(5)  # the same dropout masks
+    fused = L.fused_danet_loss(model(x, resize=False), y)
+    g_fused = torch.autograd.grad(fused["loss"], list(model.parameters()))
+    for k in ref:
+        assert abs(fused[k].item() - ref[k].item()) < 1e-5 * abs(ref[k].item())
+    assert rel(torch.cat([g.flatten() for g in g_fused]), torch.cat([g.flatten() for g in g_ref])) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------- model options
+def test_channels_last_and_explicit_attention_match_float32():
+    model = narrow_model().eval()
+    x, _ = batch()
+    with torch.no_grad():
+        ref = model(x)["out"]
+        model.set_fused_attention(False)
+        explicit = model(x)["out"]
+        model.set_fused_attention(True)
+        cl = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))["out"]
+    assert rel(explicit, ref) < 1e-5  # float32 rounding: the fused kernel sums in another order
+    assert rel(cl, ref) < 1e-5
+
+
+def test_channels_last_train_step_gradients_match():
+    """In float64 (so that only a real difference of the computed function shows): NCHW vs NHWC train step."""
+    x, y = batch()
+    grads = []
+    for cl in (False, True):
+        model, xx = narrow_model(dtype=torch.float64).train(), x.double()
+        if cl:
+            model, xx = model.to(memory_format=torch.channels_last), xx.contiguous(memory_format=torch.channels_last)
+        torch.manual_seed(3)
+        loss = L.fused_danet_loss(model(xx, resize=False), y)["loss"]
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert rel(grads[1], grads[0]) < 1e-10
+
+
+def test_bf16_autocast_output_close_to_float32():
+    model = narrow_model().eval()
+    x, _ = batch()
+    with torch.no_grad():
+        ref = model(x)["out"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x)["out"]
+    # bf16 keeps 8 significant bits (unit roundoff 2^-8 = 0.4 %); through ~60 layers the errors add up to a few
+    # of those, well under 5 %; a broken cast (e.g. fp16 overflow, a layer left in the wrong dtype) lands far above
+    assert low.dtype == torch.bfloat16
+    assert rel(low.float(), ref) < 0.05
+    assert (low.float().argmax(1) == ref.argmax(1)).float().mean() > 0.9
+
+
+def test_bf16_training_tracks_float32():
+    """20 SGD steps from the same weights on the same batches and dropout masks: bf16 autocast vs float32.
+
+    Tolerance: each loss is the float32 CE of bf16 logits, whose relative error is a few bf16 units (2^-8 each);
+    the per-step loss therefore differs by a fraction of a percent (0.1-0.7 % measured) and the weights, updated
+    with lr 0.01 from gradients of similar relative error, drift apart only slowly over 20 steps. 2 % per step (and
+    0.6 % on average) is ~3x the deviation seen; a wrong bf16 path (unscaled, overflowing, NaN) breaks it.
+    """
+    base = narrow_model()
+    data = [batch(seed=s) for s in range(4)]
+
+    def run(amp: bool) -> list[float]:
+        model = copy.deepcopy(base).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        losses = []
+        for i in range(20):
+            x, y = data[i % 4]
+            torch.manual_seed(100 + i)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                loss = L.fused_danet_loss(model(x, resize=False), y)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses
+
+    fp32, bf16 = run(False), run(True)
+    devs = [abs(a - b) / a for a, b in zip(fp32, bf16, strict=True)]
+    assert max(devs) < 0.02 and sum(devs) / len(devs) < 0.006, devs
+    assert sum(fp32[-4:]) < sum(fp32[:4])  # it trains (the same 4 batches, seen 5 times)
+
+
+def test_compile_of_a_submodule_matches_eager():
+    """torch.compile (inductor, C++ on the CPU) of the channel attention; the whole model takes minutes here."""
+    cam = narrow_model().head.cam
+    x = torch.randn(2, 8, 5, 6)
+    compiled = torch.compile(cam, fullgraph=True)
+    assert rel(compiled(x), cam(x)) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------- the tool
+def test_run_case_figures_and_flops():
+    spec = B.BenchSpec(preset="danet_tiny_synthetic", mode="train", batch=2, size=(32, 32), warmup=1, iters=2,
+                       device="cpu", loss="fused")  # fmt: skip
+    rec = B.run_case(spec)
+    assert rec["ms"] > 0 and rec["img_s"] == pytest.approx(2000 / rec["ms"], rel=1e-2)
+    assert rec["peak_gib"] > 0.05 and rec["mem_kind"] == "rss_high_water"
+    assert rec["gflop_per_img"] > 0 and rec["tflop_s"] > 0 and rec["loss_value"] > 0
+    infer = B.run_case(B.BenchSpec(preset="danet_tiny_synthetic", batch=2, size=(32, 32), warmup=0, iters=1))
+    assert infer["gflop_per_img"] * 2 < rec["gflop_per_img"]  # forward < forward + backward
+
+
+def test_benchmark_cli_writes_json(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    args = [
+        "benchmark",
+        "danet_tiny_synthetic",
+        "--size",
+        "32",
+        "32",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--train",
+        "--amp",
+        "bf16",
+        "--channels-last",
+        "--loss",
+        "fused",
+        "--attention",
+        "explicit",
+        "--json",
+        str(out),
+    ]
+    assert main(args) == 0  # fmt: skip
+    recs = json.loads(out.read_text())
+    assert len(recs) == 1 and recs[0]["mode"] == "train" and recs[0]["amp"] == "bf16" and recs[0]["channels_last"]
+    assert "img/s" in capsys.readouterr().out
+
+
+def test_benchmark_cli_user_errors(capsys):
+    assert main(["benchmark", "no_such_preset", "--iters", "1"]) == 2
+    assert main(["benchmark", "danet_tiny_synthetic", "--set", "widht=3", "--iters", "1"]) == 2
+    cpu_graphs = ["--cuda-graphs", "--device", "cpu", "--infer", "--size", "32", "32", "--no-flops"]
+    assert main(["benchmark", "danet_tiny_synthetic", *cpu_graphs]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 3

@@ -1,0 +1,71 @@
+"""Pictures: palettes, palette PNGs, overlays, training curves and the per-class IoU chart."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image
+
+from danet import viz
+from danet.presets import get_preset
+
+PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75)]
+
+
+def test_palette_png_keeps_indices_and_colours(tmp_path):
+    label = np.array([[0, 1], [2, 255]], dtype=np.uint8)
+    viz.save_label_png(tmp_path / "l.png", label, PALETTE)
+    img = Image.open(tmp_path / "l.png")
+    assert img.mode == "P"
+    assert np.array_equal(np.asarray(img), label)
+    rgb = np.asarray(img.convert("RGB"))
+    assert tuple(rgb[0, 1]) == (230, 25, 75) and tuple(rgb[1, 1]) == viz.IGNORE_COLOR
+
+
+def test_palette_beyond_the_given_colours_is_distinct():
+    table = viz.palette_array(PALETTE)
+    assert table.shape == (256, 3) and tuple(table[1]) == (230, 25, 75)
+    assert len({tuple(c) for c in table[:255]}) == 255
+
+
+def test_overlay_blends_and_keeps_ignored_pixels():
+    image = np.full((2, 2, 3), 100, dtype=np.uint8)
+    label = np.array([[1, 0], [255, 2]])
+    out = viz.overlay(image, label, PALETTE, alpha=0.5)
+    assert tuple(out[0, 0]) == (165, 62, 88)  # (100 + 230) / 2 ...
+    assert tuple(out[1, 0]) == (100, 100, 100)
+
+
+def test_training_curves_png(tmp_path):
+    records = [
+        {"type": "train", "iter": i, "loss": 3 / i, "loss_out": 1 / i, "lr": 0.01 * (1 - i / 100)}
+        for i in range(1, 100)
+    ]
+    records += [{"type": "val", "iter": 50, "mIoU": 40.0, "mAcc": 50.0, "aAcc": 80.0}]
+    records += [{"type": "val", "iter": 99, "mIoU": 60.0, "mAcc": 70.0, "aAcc": 90.0}]
+    path = viz.plot_training_curves(records, tmp_path / "c.png", title="t")
+    img = np.asarray(Image.open(path).convert("RGB"))
+    assert img.shape[1] > img.shape[0] > 300
+    assert (img == viz.SERIES_COLORS[3]).all(-1).sum() > 50  # the mIoU line is drawn
+    assert (img == viz.SERIES_COLORS[0]).all(-1).sum() > 200  # the loss and lr lines are drawn
+    viz.plot_training_curves([], tmp_path / "empty.png")  # nothing logged yet: still a picture
+
+
+def test_class_iou_chart(tmp_path):
+    p = get_preset("danet_r50-d8_ade20k")
+    ious = [float(i % 100) for i in range(150)]
+    ious[3] = math.nan
+    path = viz.plot_class_iou(p.classes, ious, tmp_path / "iou.png", palette=p.palette, miou=42.0)
+    w, h = Image.open(path).size
+    assert h > 150 * 10 and w > 600
+    colours = [(200, 10, 10), (10, 10, 200)]
+    small = viz.plot_class_iou(["a", "b"], [10.0, 90.0], tmp_path / "s.png", palette=colours, miou=50.0)
+    img = np.asarray(Image.open(small).convert("RGB"))
+    assert (img == colours[1]).all(-1).sum() > 5 * (img == colours[0]).all(-1).sum() > 0  # b's bar is 9x longer
+
+
+def test_nice_ticks():
+    assert viz.nice_ticks(0, 100) == [0, 20, 40, 60, 80, 100]
+    assert viz.nice_ticks(0, 0.0105)[:3] == [0, 0.0025, 0.005]
+    assert viz.tick_label(0.0025, 0.0025) == "0.0025"

@@ -1,0 +1,63 @@
+"""The zoo: 12 rows with URLs; downloads are atomic, checked by loading, and fail in one line when offline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import danet
+from danet import zoo
+from danet.checkpoints import save_checkpoint
+from danet.cli import main
+from danet.errors import DanetError
+
+
+def test_zoo_lists_twelve_rows_with_urls(capsys):
+    assert main(["zoo"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("checkpoint: https://github.com/SegmentationBLWX/modelstore/releases/download/ssseg_danet/") == 12
+    assert "danet_resnet101os8_cityscapes_train.log" in out and "80.55" in out
+    assert main(["zoo", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 12 and rows[0]["published_miou"] == 76.39
+    assert all(r["log_url"].endswith("_train.log") for r in rows)
+
+
+def _tiny_checkpoint(path):
+    model = danet.create_model("danet_tiny_synthetic", base_channels=8, stem_channels=8, head_channels=16)
+    save_checkpoint(path, model, "danet_tiny_synthetic")
+    return model
+
+
+def test_download_from_file_url_loads_as_the_preset(tmp_path, capsys):
+    model = _tiny_checkpoint(tmp_path / "src.pth")
+    cache = tmp_path / "cache"
+    url = (tmp_path / "src.pth").as_uri()
+    assert main(["zoo", "download", "danet_tiny_synthetic", "--url", url, "--cache", str(cache), "--no-progress"]) == 0
+    assert "loads as danet_tiny_synthetic" in capsys.readouterr().out
+    got = danet.create_model("danet_tiny_synthetic", checkpoint=cache / "src.pth")
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), model.state_dict().values(), strict=True))
+    assert [p.name for p in cache.iterdir()] == ["src.pth"]  # no partial files left
+
+
+def test_download_of_a_file_that_does_not_fit_is_removed(tmp_path):
+    _tiny_checkpoint(tmp_path / "src.pth")
+    with pytest.raises(DanetError, match="does not load as danet_r50-d8_ade20k"):
+        zoo.download("danet_r50-d8_ade20k", tmp_path / "cache", url=(tmp_path / "src.pth").as_uri(), progress=False)
+    assert not list((tmp_path / "cache").iterdir())
+
+
+def test_offline_download_fails_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(zoo, "checkpoint_url", lambda preset: "http://127.0.0.1:9/danet.pth")
+    rc = main(["zoo", "download", "danet_r50-d8_ade20k", "--cache", str(tmp_path), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert "cannot download http://127.0.0.1:9/danet.pth" in err[0] and "offline" in err[0]
+    assert not list(tmp_path.iterdir())
+
+
+def test_preset_without_checkpoint(tmp_path):
+    with pytest.raises(DanetError, match="no published checkpoint"):
+        zoo.download("danet_tiny_synthetic", tmp_path)

@@ -132,8 +132,9 @@ def test_corrupt_train_image_stops_training(workers, dataset, checkpoint, tmp_pa
 
     root = copy_with(dataset, tmp_path, corrupt_all_train_images)
     work, before = previous_run(tmp_path, checkpoint)
+    # overwrite=true: get past the "work dir already holds a run" guard, to the data error
     argv = ["train", PRESET, "--data-root", root, "--work-dir", work, *FAST, "--set", f"data.num_workers={workers}"]
-    line = cli_error(capsys, *argv)
+    line = cli_error(capsys, *argv, "--set", "overwrite=true")
     assert "images/training/" in line and "corrupt" in line
     assert "Traceback" not in line and "DataLoader worker" not in line
     assert_untouched(work, before)

@@ -88,6 +88,7 @@ class RunConfig:
     log_interval: int = 10  # iterations between log lines
     stop_iter: int | None = None  # stop after this global iteration (writes last.pth; --resume continues)
     progress: bool = True  # tqdm bar on rank 0
+    overwrite: bool = False  # allow a fresh run in a work dir that already holds one (its last.pth is replaced)
     init_checkpoint: str | None = None  # start from these whole-model weights
     backbone_weights: str | None = None  # ImageNet backbone weights
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

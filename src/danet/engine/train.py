@@ -109,6 +109,11 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     if ckpt is not None and info.is_main and (diff := check_compatible(ckpt.meta.get("config", {}), cfg)):
         print(f"warning: resuming with settings that differ from the checkpoint's run: {', '.join(diff)}")
 
+    if ckpt is None and not cfg.overwrite and (work / "last.pth").is_file():  # never replace a run by accident
+        raise DanetError(
+            f"{work} already holds a run (last.pth); continue it with --resume, start over there with "
+            "--set overwrite=true, or pick another --work-dir"
+        )
     train_ds, val_ds = build_datasets(cfg, preset, cfg.seed)  # first: a wrong data root fails at once
     if info.is_main:
         try:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import danet
 import danet.benchmark as B
-import danet.benchmark.losses as L
+import danet.engine.fused_loss as L
 from danet.cli import main
 from danet.engine.losses import danet_loss
 

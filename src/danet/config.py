@@ -84,6 +84,7 @@ class RunConfig:
     compile: bool = False  # torch.compile the training module
     loss: str = "ssseg"  # ssseg: CE mean over labelled pixels; mmseg: CE sum over labelled / all pixels
     aux_weight: float = 0.4
+    fused_loss: bool = False  # same loss from the 1/8-size logits, chunked: no full-size logits in memory
     eval_mode: str = "whole"  # validation inference: whole | slide
     log_interval: int = 10  # iterations between log lines
     stop_iter: int | None = None  # stop after this global iteration (writes last.pth; --resume continues)

@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..engine.fused_loss import fused_danet_loss
 from ..engine.losses import danet_loss
 from ..engine.schedule import build_optimizer
 from ..errors import DanetError
 from ..models.registry import create_model
 from ..presets import get_preset
-from .losses import fused_danet_loss
 
 GiB = 2**30
 
@@ -52,7 +52,7 @@ class BenchSpec:
     compile: str | None = None  # None or a torch.compile mode ("default", "max-autotune-no-cudagraphs", ...)
     cudnn_benchmark: bool = False
     attention: str = "fused"  # "fused" (SDPA) | "explicit" (softmax(QK^T)V in memory)
-    loss: str = "reference"  # "reference" (engine.losses, full-size logits) | "fused" | "compiled" (benchmark.losses)
+    loss: str = "reference"  # "reference" (engine.losses, full-size logits) | "fused" | "compiled" (engine.fused_loss)
     cuda_graphs: bool = False  # inference only: capture the forward once, replay it
     warmup: int = 2
     iters: int = 5

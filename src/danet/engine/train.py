@@ -29,6 +29,7 @@ from ..errors import DanetError
 from ..models.danet import DANet
 from . import distributed
 from .evaluate import autocast, evaluate
+from .fused_loss import fused_danet_loss
 from .logging import RunLogger, read_log, write_json
 from .losses import danet_loss
 from .sampling import EpochBatchSampler, capture_rng_states, mix, restore_rng_states
@@ -215,8 +216,9 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
                 images = images.contiguous(memory_format=torch.channels_last)
             lr = scheduler.step()
             with autocast(dev, cfg.amp):
-                outputs = step_net(images)
-            losses = danet_loss(outputs, labels, cfg.loss, cfg.aux_weight, preset.dataset.ignore_index)
+                outputs = step_net(images, resize=not cfg.fused_loss)
+            loss_fn = fused_danet_loss if cfg.fused_loss else danet_loss
+            losses = loss_fn(outputs, labels, cfg.loss, cfg.aux_weight, preset.dataset.ignore_index)
             values = {k: v.item() for k, v in losses.items()}
             if not math.isfinite(values["loss"]):  # NOTE: checked before the step, so the weights stay good
                 hint = " or try amp=bf16" if cfg.amp == "fp16" else ""

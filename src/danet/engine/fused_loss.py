@@ -9,7 +9,8 @@ their cross-entropy: four `(B, K, H, W)` float32 tensors, their log-softmax and,
 - `fused_danet_loss(..., impl="compiled")`: `torch.compile` of the per-image upsample + cross-entropy, which
   fuses the upsample into the softmax and its gradient (GPU: no full-size tensor at all).
 
-NOTE: candidates for engine/losses.py; training then calls the model with `resize=False`.
+Used by `danet train --set fused_loss=true` and `danet benchmark --loss fused|compiled`; the model is then called with
+`resize=False`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..engine.losses import WEIGHTS
 from ..errors import DanetError
+from .losses import WEIGHTS
 
 BAND_BYTES = 16 << 20  # CPU: upsampled logits per band of the chunked loss (kept in cache)
 COMPILE_BACKEND = "inductor"  # of the "compiled" implementation (tests use a faster one)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DanetError
-from .losses import WEIGHTS
+from .losses import WEIGHTS, denominator
 
 BAND_BYTES = 16 << 20  # CPU: upsampled logits per band of the chunked loss (kept in cache)
 COMPILE_BACKEND = "inductor"  # of the "compiled" implementation (tests use a faster one)
@@ -203,12 +203,7 @@ def fused_danet_loss(
     danet_loss on the bilinearly resized outputs (to rounding); peak memory of one image's `(K, H, W)` (chunked;
     CPU: one band of rows) instead of the batch's four `(B, K, H, W)` logits, their log-softmax and gradients.
     """
-    if variant == "ssseg":
-        denom = (target != ignore_index).sum().clamp_min(1)
-    elif variant == "mmseg":
-        denom = target.numel()
-    else:
-        raise DanetError(f"unknown loss variant {variant!r}; use 'ssseg' or 'mmseg'")
+    denom = denominator(target, variant, ignore_index)
     weights = dict(WEIGHTS, aux=aux_weight)
     parts = {f"loss_{k}": _summed_ce(v, target, ignore_index, impl) / denom for k, v in outputs.items()}
     total = sum(weights[k] * parts[f"loss_{k}"] for k in outputs)

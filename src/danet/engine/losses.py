@@ -15,18 +15,22 @@ from ..errors import DanetError
 WEIGHTS = {"out": 1.0, "pam": 1.0, "cam": 1.0, "aux": 0.4}
 
 
+def denominator(target: torch.Tensor, variant: str = "ssseg", ignore_index: int = 255) -> torch.Tensor | int:
+    """What the summed per-pixel loss is divided by: labelled pixels ("ssseg", at least 1) or all pixels ("mmseg")."""
+    if variant == "ssseg":
+        return (target != ignore_index).sum().clamp_min(1)
+    if variant == "mmseg":
+        return target.numel()
+    raise DanetError(f"unknown loss variant {variant!r}; use 'ssseg' or 'mmseg'")
+
+
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, variant: str = "ssseg", ignore_index: int = 255):
     """Cross-entropy of `(B, K, H, W)` logits against `(B, H, W)` int64 labels -> scalar.
 
     NOTE: computed in float32 whatever the autocast dtype. With every pixel ignored the "ssseg" mean is 0 (not NaN).
     """
     per_pixel = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")  # (B, H, W)
-    if variant == "ssseg":
-        labelled = (target != ignore_index).sum().clamp_min(1)
-        return per_pixel.sum() / labelled
-    if variant == "mmseg":
-        return per_pixel.sum() / target.numel()
-    raise DanetError(f"unknown loss variant {variant!r}; use 'ssseg' or 'mmseg'")
+    return per_pixel.sum() / denominator(target, variant, ignore_index)
 
 
 def danet_loss(

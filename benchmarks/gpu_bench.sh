@@ -3,11 +3,13 @@
 #   ours.jsonl        this project's cases (benchmarks/gpu_suite.py), one JSON object per line
 #   anchor_gpu.json   mmsegmentation 1.2.2 (../shared/peers/gpu_anchor_mmseg.py --cudnn-benchmark --skip-pam)
 #   anchor_ssseg.json sssegmentation 1.7.0 (../shared/peers/gpu_anchor_ssseg.py)
-#   profile.txt       top CUDA kernels of the best train and whole-image cases
+#   profile.txt       top CUDA kernels of the two best train cases (bf16, channels_last, fused / compiled loss)
 #   summary.md        the tables for benchmarks/RESULTS.md (benchmarks/summarize_gpu.py), printed last
 #   log.txt           everything printed
 # Before: `bash benchmarks/gpu_prepare.sh` here (wheels + peer scripts into .whl/, carried with carry=[".whl"]).
-# Device:  bash benchmarks/gpu_bench.sh                 (BUDGET_S=400: seconds after which no case starts)
+# Device:  bash benchmarks/gpu_bench.sh   (BUDGET_S=420: seconds after which no case starts; ANCHORS=0 skips the
+#          peers, whose figures then come from an earlier run on the same kind of card: PEERS_DIR=that run's folder;
+#          GROUPS_CORE="sys loss train profile" and COMPILE=0 shorten it)
 # Here:    bash benchmarks/gpu_bench.sh --cpu-smoke     (tiny sizes on the CPU: checks every step of the script)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +20,10 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 PY=${PYTHON:-python3}                      # the device's python3 holds PyTorch
 PEER_PY=${PEER_PYTHON:-$PY}
-BUDGET=${BUDGET_S:-400}
+BUDGET=${BUDGET_S:-420}
+ANCHORS=${ANCHORS:-1}
+GROUPS_CORE=${GROUPS_CORE:-sys loss train profile infer}  # gpu_suite.py groups; COMPILE=0 skips torch.compile
+COMPILE=${COMPILE:-1}
 T0=$(date +%s)
 left() { echo $((BUDGET - ($(date +%s) - T0))); }
 stage() { echo; echo "=== $* (t=$(($(date +%s) - T0)) s)"; }
@@ -38,19 +43,22 @@ rm -f "$OUT/ours.jsonl"
 SMOKE_ARG=(); QUICK=()
 [[ $SMOKE == 1 ]] && SMOKE_ARG=(--smoke) && QUICK=(--quick)
 lim() { local t=$1; ((t > $(left))) && t=$(left); ((t < 5)) && t=5; echo $t; }  # seconds, capped by the budget
-stage "anchor: mmsegmentation"
-(cd .whl/peer_scripts && timeout $(lim 110) $PEER_PY gpu_anchor_mmseg.py --cudnn-benchmark --skip-pam "${QUICK[@]}" \
-  --out "$OUT") || echo "WARNING: mmseg anchor exited $?"
-stage "anchor: sssegmentation"
-(cd .whl/peer_scripts && timeout $(lim 100) $PEER_PY gpu_anchor_ssseg.py) || echo "WARNING: ssseg anchor exited $?"
-stage "ours: sys pam train infer profile"
-timeout $(lim $(($(left) - 5))) $PY benchmarks/gpu_suite.py sys train infer pam profile "${SMOKE_ARG[@]}" \
-  --budget-s $(($(left) - 40)) || echo "WARNING: gpu_suite core exited $?"
-if (($(left) > 80)) || ((SMOKE)); then
+if ((ANCHORS)); then
+  stage "anchor: mmsegmentation"
+  (cd .whl/peer_scripts && timeout $(lim 150) $PEER_PY gpu_anchor_mmseg.py --cudnn-benchmark --skip-pam "${QUICK[@]}" \
+    --out "$OUT") || echo "WARNING: mmseg anchor exited $?"
+  stage "anchor: sssegmentation"
+  (cd .whl/peer_scripts && timeout $(lim 90) $PEER_PY gpu_anchor_ssseg.py) || echo "WARNING: ssseg anchor exited $?"
+fi
+stage "ours: $GROUPS_CORE"
+timeout $(lim $(($(left) - 5))) $PY benchmarks/gpu_suite.py $GROUPS_CORE "${SMOKE_ARG[@]}" \
+  --budget-s $(($(left) - 60 * COMPILE)) || echo "WARNING: gpu_suite core exited $?"
+if ((COMPILE)) && { (($(left) > 60)) || ((SMOKE)); }; then
   stage "ours: torch.compile"
-  timeout $(lim $(left)) $PY benchmarks/gpu_suite.py compile "${SMOKE_ARG[@]}" --budget-s $(($(left) - 60)) \
+  timeout $(lim $(left)) $PY benchmarks/gpu_suite.py compile "${SMOKE_ARG[@]}" --budget-s $(($(left) - 50)) \
     || echo "WARNING: gpu_suite compile exited $?"
 fi
 stage "summary"
-$PY benchmarks/summarize_gpu.py "$OUT" --md "$OUT/summary.md" || echo "WARNING: summary failed"
+$PY benchmarks/summarize_gpu.py "$OUT" --md "$OUT/summary.md" ${PEERS_DIR:+--peers "$PEERS_DIR"} \
+  || echo "WARNING: summary failed"
 echo "done in $(($(date +%s) - T0)) s"

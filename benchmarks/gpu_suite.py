@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """This project's GPU measurements, one JSON line per case (also appended to $OUT/ours.jsonl).
 
-Groups (run in this order by benchmarks/gpu_bench.sh, each under the time left):
+Groups (the default order; each case starts only while the time budget lasts):
   sys      bf16 matrix rate (8192^3 matmul) and device-to-device copy bandwidth: the card's two ceilings
-  pam      the PAM core softmax(q k^T) v (q, k 64 wide, v 512 wide, no scaling): explicit vs SDPA variants
-  train    R50-D8 ADE20K 512x512 batch 8 train step: fp32 / bf16 / fp16, channels_last, fused loss, attention
+  loss     the training loss alone (reference, fused GEMM / aten paths, compiled) and its parts' kernels
+  train    R50-D8 ADE20K 512x512 batch 8 train step: fp32 / bf16 / fp16, channels_last, loss implementations
+  profile  torch.profiler's top CUDA kernels of the two best train cases -> $OUT/profile.txt
   infer    R50-D8 inference 512x512 batch 1 (ADE20K) and whole 1024x2048 (Cityscapes): dtypes, CUDA graphs
-  profile  torch.profiler's top CUDA kernels of the best train and whole-image cases -> $OUT/profile.txt
   compile  torch.compile cases (slow to build: last)
+  pam      (on request) the PAM core softmax(q k^T) v, q/k 64 wide, v 512 wide: explicit vs SDPA variants
 
 --smoke runs every group on the CPU at tiny sizes (checks the script, not the speed).
 """
@@ -170,88 +171,113 @@ def group_pam(a) -> None:
             peak_reset()
 
 
+# ------------------------------------------------------------------------------------------------- loss
+def group_loss(a) -> None:
+    """The training loss alone, B=8, 4 outputs of (150, 64, 64) in bf16 (as under autocast) -> 512x512, fwd+bwd;
+    and its parts on one (1, 150, 64, 64) output: aten's upsample and adjoint (NCHW, NHWC) vs the GEMM ones."""
+    import danet.engine.fused_loss as L
+    from danet.engine.losses import danet_loss
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    b, k, h, w, s = (2, 5, 8, 8, 8) if a.smoke else (8, 150, 64, 64, 8)
+    size = (h * s, w * s)
+    g = torch.Generator().manual_seed(0)
+    outs = {n: torch.randn(b, k, h, w, generator=g).to(dev, torch.bfloat16).requires_grad_() for n in L.WEIGHTS}
+    y = torch.randint(0, k, (b, *size), generator=g)
+    y[torch.rand(b, *size, generator=g) < 0.1] = 255
+    y = y.to(dev)
+
+    def reference():
+        up = {n: F.interpolate(v, size=size, mode="bilinear", align_corners=False) for n, v in outs.items()}
+        danet_loss(up, y)["loss"].backward()
+
+    def fused(impl="chunked", path="cuda"):
+        def run():
+            old, L.GEMM_PATH = L.GEMM_PATH, path
+            try:
+                L.fused_danet_loss(outs, y, impl=impl)["loss"].backward()
+            finally:
+                L.GEMM_PATH = old
+
+        return run
+
+    impls = {"reference": reference, "fused_gemm": fused(), "fused_aten": fused(path="never"),
+             "compiled": fused("compiled")}  # fmt: skip
+    for name, fn in impls.items():
+        rec = {"group": "loss", "impl": name, "batch": b, "classes": k, "size": list(size)}
+        try:
+            fn()  # compile / warm
+            peak_reset()
+            rec["ms_fwd_bwd"] = round(1e3 * bench(fn, 2, 5), 3)
+            rec["peak_gib"] = peak_gib()
+        except Exception as e:  # noqa: BLE001
+            rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        for v in outs.values():
+            v.grad = None
+        emit(rec)
+    z = torch.randn(1, k, h, w, generator=g).to(dev)
+    zl, zn = z.contiguous(memory_format=torch.channels_last), z[0].permute(1, 2, 0).contiguous()
+    gy = torch.randn(1, k, *size, generator=g).to(dev)
+    gl, gn = gy.contiguous(memory_format=torch.channels_last), gy[0].permute(1, 2, 0).reshape(-1, k).contiguous()
+    flat = gn.clone()
+    tt = y[0].reshape(-1)
+    parts = {
+        "upsample_aten_nchw": lambda: F.interpolate(z, size=size, mode="bilinear", align_corners=False),
+        "upsample_aten_nhwc": lambda: F.interpolate(zl, size=size, mode="bilinear", align_corners=False),
+        "upsample_gemm": lambda: L.upsample_nhwc(zn, s, s),
+        "adjoint_aten_nchw": lambda: torch.ops.aten.upsample_bilinear2d_backward(gy, size, z.shape, False),
+        "adjoint_aten_nhwc": lambda: torch.ops.aten.upsample_bilinear2d_backward(gl, size, z.shape, False),
+        "adjoint_gemm": lambda: L.upsample_nhwc_adjoint(gn, h, w, s, s),
+        "log_softmax_rows": lambda: torch.log_softmax(flat, 1),
+        "nll_loss_sum": lambda: F.nll_loss(flat, tt, ignore_index=255, reduction="sum"),
+        "gather_sum": lambda: flat.gather(1, torch.where(tt != 255, tt, 0)[:, None]).sum(),
+    }
+    for name, fn in parts.items():
+        emit({"group": "loss_part", "part": name, "shape": [1, k, *size], "ms": round(1e3 * bench(fn, 3, 10), 4)})
+
+
 # ------------------------------------------------------------------------------------------------- model cases
 def cases(a, group: str) -> list[BenchSpec]:
-    sm = a.smoke
+    sm, gpu = a.smoke, not a.smoke
     ade, city = "danet_r50-d8_ade20k", "danet_r50-d8_cityscapes"
     # smoke: the same R50-D8 structure a few channels wide, so that the CPU gets through every case quickly
     nar = dict(base_channels=4, stem_channels=8, head_channels=32, key_channels=16, aux_channels=16) if sm else {}
     mm = {**nar, "pam_bias": True, "aux_channels": 16 if sm else 256}
-    tr = dict(preset=ade, mode="train", batch=2 if sm else 8, size=(64, 64) if sm else (512, 512),
-              cudnn_benchmark=True, warmup=1 if sm else 3, iters=1 if sm else 10, overrides=nar)  # fmt: skip
-    i5 = dict(preset=ade, mode="infer", batch=1, size=(64, 64) if sm else (512, 512), cudnn_benchmark=True,
-              warmup=1 if sm else 5, iters=1 if sm else 20, overrides=nar)  # fmt: skip
-    wh = dict(preset=city, mode="infer", batch=1, size=(64, 128) if sm else (1024, 2048), cudnn_benchmark=True,
-              warmup=1 if sm else 3, iters=1 if sm else 10, overrides=nar)  # fmt: skip
-    gpu = not sm
+    common = dict(cudnn_benchmark=True, overrides=nar)
+    tr = dict(common, preset=ade, mode="train", batch=2 if sm else 8, size=(64, 64) if sm else (512, 512),
+              warmup=1 if sm else 3, iters=1 if sm else 10)  # fmt: skip
+    i5 = dict(common, preset=ade, mode="infer", batch=1, size=(64, 64) if sm else (512, 512),
+              warmup=1 if sm else 5, iters=1 if sm else 20)  # fmt: skip
+    wh = dict(common, preset=city, mode="infer", batch=1, size=(64, 128) if sm else (1024, 2048),
+              warmup=1 if sm else 3, iters=1 if sm else 10)  # fmt: skip
+    bf, cl = dict(amp="bf16", channels_last=True), dict(amp="fp16", channels_last=True)
+    spec = lambda base, label, **kw: BenchSpec(**{**base, **kw}, label=label)  # noqa: E731
     if group == "train":
         return [
-            BenchSpec(**tr, label="train_fp32_plain"),
-            BenchSpec(**tr, loss="fused", label="train_fp32_fusedloss"),
-            BenchSpec(**tr, amp="bf16", channels_last=True, loss="fused", label="train_bf16_cl_fusedloss"),
-            BenchSpec(**tr, amp="bf16", channels_last=True, label="train_bf16_cl_refloss"),
-            BenchSpec(
-                **tr,
-                amp="bf16",
-                channels_last=True,
-                loss="fused",
-                attention="explicit",
-                label="train_bf16_cl_fusedloss_explicit",
-            ),  # fmt: skip
-            BenchSpec(**tr, amp="fp16", channels_last=True, loss="fused", label="train_fp16_cl_fusedloss"),
-            BenchSpec(**tr, amp="bf16", loss="fused", label="train_bf16_fusedloss"),
-            BenchSpec(**tr, amp="fp16", loss="fused", label="train_fp16_fusedloss"),
-            BenchSpec(
-                **{**tr, "overrides": mm},
-                amp="bf16",
-                channels_last=True,
-                loss="fused",
-                label="train_bf16_cl_fusedloss_mmlayout",
-            ),  # fmt: skip
+            spec(tr, "train_fp32_plain"),
+            spec(tr, "train_fp32_fusedloss", loss="fused"),
+            spec(tr, "train_bf16_cl_refloss", **bf),
+            spec(tr, "train_bf16_cl_fusedloss", **bf, loss="fused"),
+            spec(tr, "train_bf16_cl_compiledloss", **bf, loss="compiled"),
+            spec(tr, "train_fp16_cl_fusedloss", **cl, loss="fused"),
+            spec(tr, "train_bf16_cl_fusedloss_mmlayout", **bf, loss="fused", overrides=mm),
         ]
     if group == "infer":
         return [
-            BenchSpec(**i5, label="infer512_fp32"),
-            BenchSpec(**i5, amp="bf16", channels_last=True, label="infer512_bf16_cl"),
-            BenchSpec(**i5, amp="fp16", channels_last=True, label="infer512_fp16_cl"),
-            BenchSpec(**i5, amp="fp16", label="infer512_fp16"),
-            BenchSpec(**i5, amp="bf16", channels_last=True, cuda_graphs=gpu, label="infer512_bf16_cl_graphs"),
-            BenchSpec(**i5, amp="fp16", channels_last=True, cuda_graphs=gpu, label="infer512_fp16_cl_graphs"),
-            BenchSpec(
-                **i5,
-                amp="fp16",
-                channels_last=True,
-                cuda_graphs=gpu,
-                attention="explicit",
-                label="infer512_fp16_cl_graphs_explicit",
-            ),  # fmt: skip
-            BenchSpec(**i5, cuda_graphs=gpu, label="infer512_fp32_graphs"),
-            BenchSpec(**wh, label="whole_fp32"),
-            BenchSpec(**wh, amp="bf16", channels_last=True, label="whole_bf16_cl"),
-            BenchSpec(**wh, amp="fp16", channels_last=True, label="whole_fp16_cl"),
-            BenchSpec(**wh, amp="fp16", label="whole_fp16"),
-            BenchSpec(**wh, amp="fp16", channels_last=True, cuda_graphs=gpu, label="whole_fp16_cl_graphs"),
-            BenchSpec(**wh, amp="bf16", channels_last=True, cuda_graphs=gpu, label="whole_bf16_cl_graphs"),
+            spec(i5, "infer512_fp32"),
+            spec(i5, "infer512_fp32_graphs", cuda_graphs=gpu),
+            spec(i5, "infer512_bf16_cl_graphs", **bf, cuda_graphs=gpu),
+            spec(i5, "infer512_fp16_graphs", amp="fp16", cuda_graphs=gpu),
+            spec(wh, "whole_fp32"),
+            spec(wh, "whole_bf16_cl", **bf),
+            spec(wh, "whole_bf16_cl_graphs", **bf, cuda_graphs=gpu),
+            spec(wh, "whole_fp16_graphs", amp="fp16", cuda_graphs=gpu),
         ]
     if group == "compile":
         return [
-            BenchSpec(
-                **tr,
-                amp="bf16",
-                channels_last=True,
-                loss="fused",
-                compile="default",
-                label="train_bf16_cl_fusedloss_compile",
-            ),  # fmt: skip
-            BenchSpec(
-                **i5,
-                amp="bf16",
-                channels_last=True,
-                compile="default",
-                cuda_graphs=gpu,
-                label="infer512_bf16_cl_compile_graphs",
-            ),  # fmt: skip
-            BenchSpec(**wh, amp="fp16", channels_last=True, compile="default", label="whole_fp16_cl_compile"),
+            spec(tr, "train_bf16_cl_fusedloss_compile", **bf, loss="fused", compile="default"),
+            spec(tr, "train_bf16_cl_compiledloss_compile", **bf, loss="compiled", compile="default"),
+            spec(i5, "infer512_bf16_cl_compile_graphs", **bf, compile="default", cuda_graphs=gpu),
         ]
     raise ValueError(group)
 
@@ -285,7 +311,7 @@ def group_model(a, group: str) -> None:
         rec.update(group=group, wall_s=round(time.time() - t, 1))
         rec.pop("ms_all", None) if not a.smoke else None
         emit(rec)
-        release()
+        release(compiled=bool(spec.compile))
 
 
 # ------------------------------------------------------------------------------------------------- profile
@@ -299,7 +325,7 @@ def group_profile(a) -> None:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     out = []
-    chosen = {"train_bf16_cl_fusedloss", "whole_fp16_cl"}
+    chosen = {"train_bf16_cl_fusedloss", "train_bf16_cl_compiledloss"}
     for spec in [s for s in cases(a, "train") + cases(a, "infer") if s.label in chosen]:
         if time.time() - T0 > a.budget_s:
             break
@@ -312,16 +338,18 @@ def group_profile(a) -> None:
             for _ in range(3):
                 fn()
             sync()
-        out.append(f"== {spec.label} (3 iterations)\n" + prof.key_averages().table(sort_by=sort, row_limit=35))
+        out.append(f"== {spec.label} (3 iterations)\n" + prof.key_averages().table(sort_by=sort, row_limit=30))
         del model, x, y, fn
         release()
     (OUT / "profile.txt").write_text("\n\n".join(out))
-    print("\n\n".join(out)[-6000:], flush=True)
+    for table in out:  # the top rows matter: print each table's head (the whole file comes back in $OUT)
+        print("\n".join(line[:160] for line in table.splitlines()[:24]), flush=True)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("groups", nargs="*", default=["sys", "pam", "train", "infer", "profile", "compile"])
+    p.add_argument("groups", nargs="*", default=["sys", "loss", "train", "profile", "infer", "compile"],
+                   help="of: sys loss train profile infer compile pam")  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: check that every case runs")
     p.add_argument("--budget-s", type=float, default=float(os.environ.get("BUDGET_S", 1e9)),
                    help="skip the cases that would start after this many seconds")  # fmt: skip
@@ -338,7 +366,9 @@ def main(argv=None) -> int:
             continue
         t = time.time()
         try:
-            {"sys": group_sys, "pam": group_pam, "profile": group_profile}.get(g, lambda a, g=g: group_model(a, g))(a)
+            {"sys": group_sys, "pam": group_pam, "loss": group_loss, "profile": group_profile}.get(
+                g, lambda a, g=g: group_model(a, g)
+            )(a)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             emit({"group": g, "error": f"{type(e).__name__}: {str(e)[:200]}"})

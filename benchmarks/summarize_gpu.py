@@ -18,11 +18,28 @@ import sys
 from pathlib import Path
 
 
-def load(out: Path):
+def _json_lines(path: Path, prefix: str) -> list[dict]:
+    """The JSON objects printed one per line in `path` whose "name" starts with `prefix` (the anchors' stdout)."""
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        if line.startswith("{") and f'"name": "{prefix}' in line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+def load(out: Path, peers: Path | None = None):
+    """(our records, mmseg records, ssseg records); the peers' from `peers` (an earlier run) when given. A peer's
+    JSON file is missing when its anchor ran out of time: its lines are then read back from log.txt."""
     ours = [json.loads(x) for x in (out / "ours.jsonl").read_text().splitlines() if x.strip()] if (
         out / "ours.jsonl").exists() else []  # fmt: skip
-    mm = json.loads((out / "anchor_gpu.json").read_text()) if (out / "anchor_gpu.json").exists() else []
-    ss = json.loads((out / "anchor_ssseg.json").read_text()) if (out / "anchor_ssseg.json").exists() else []
+    src = peers or out
+    mm = json.loads((src / "anchor_gpu.json").read_text()) if (src / "anchor_gpu.json").exists() else []
+    ss = json.loads((src / "anchor_ssseg.json").read_text()) if (src / "anchor_ssseg.json").exists() else []
+    mm = mm or _json_lines(src / "log.txt", "mmseg_")
+    ss = ss or _json_lines(src / "log.txt", "ssseg_")
     return ours, mm, ss
 
 
@@ -86,8 +103,8 @@ def model_table(ours: list, peers: dict, kind: str, rate: float | None) -> list[
     return out
 
 
-def summarize(out: Path) -> str:
-    ours, mm, ss = load(out)
+def summarize(out: Path, peers_dir: Path | None = None) -> str:
+    ours, mm, ss = load(out, peers_dir)
     peers = peer_cases(mm, ss)
     env = next((r for r in ours if r.get("group") == "env"), {})
     sys_ = {r["name"]: r for r in ours if r.get("group") == "sys"}
@@ -95,7 +112,8 @@ def summarize(out: Path) -> str:
     lines = [f"Device: {env.get('device', '?')}, torch {env.get('torch', '?')}, CUDA {env.get('cuda', '?')}, "
              f"cuDNN {env.get('cudnn', '?')}. bf16 matmul 8192^3: {fmt(rate, '.0f')} TFLOP/s; device copy "
              f"{fmt(sys_.get('copy', {}).get('tb_s'), '.2f')} TB/s (read + write)."]  # fmt: skip
-    lines += ["", "Peers on this card:", "", "| toolbox | case | precision | ms/batch | img/s | peak GiB |",
+    where = f"from {peers_dir}" if peers_dir else "on this card, this run"
+    lines += ["", f"Peers ({where}):", "", "| toolbox | case | precision | ms/batch | img/s | peak GiB |",
               "|---|---|---|---|---|---|"]  # fmt: skip
     for (tool, kind, prec), v in sorted(peers.items()):
         lines.append(f"| {tool} | {kind} | {prec} | {v['ms']:.1f} | {v['img_s']:.2f} | {fmt(v['peak_gib'])} |")
@@ -118,6 +136,16 @@ def summarize(out: Path) -> str:
                 lines.append(f"| {r['impl']} | {r['dtype']} | {r['batch']}x{r['n']} | {fmt(r.get('ms_fwd'))} | "
                              f"{fmt(r.get('ms_fwd_bwd'))} | {fmt(r.get('peak_gib_fwd_bwd'))} | "
                              f"{fmt(r.get('rel_err_vs_f64'), '.1e')} |")  # fmt: skip
+    loss = [r for r in ours if r.get("group") == "loss"]
+    if loss:
+        lines += ["", "Training loss alone (4 outputs, bf16 logits, to 512x512), forward + backward:", "",
+                  "| implementation | ms | peak GiB |", "|---|---|---|"]  # fmt: skip
+        for r in loss:
+            lines.append(f"| {r['impl']} | {r.get('ms_fwd_bwd', r.get('error', '-'))} | {fmt(r.get('peak_gib'))} |")
+    parts = [r for r in ours if r.get("group") == "loss_part"]
+    if parts:
+        lines += ["", f"Loss parts on one output {parts[0]['shape']} (float32):", "", "| kernel | ms |", "|---|---|"]
+        lines += [f"| {r['part']} | {r['ms']} |" for r in parts]
     bad = [r for r in ours if "error" in r and r.get("group") != "pam"] + [r for r in ours if "skipped" in r]
     if bad:
         lines += ["", "Errors / skipped:", ""] + [f"- {json.dumps(r)[:300]}" for r in bad]
@@ -128,8 +156,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path, help="the folder of the GPU run's files")
     p.add_argument("--md", type=Path, help="also write the markdown here")
+    p.add_argument("--peers", type=Path, help="take the toolboxes' figures from this earlier run's folder")
     a = p.parse_args(argv)
-    text = summarize(a.out)
+    text = summarize(a.out, a.peers)
     print(text)
     if a.md:
         a.md.write_text(text)

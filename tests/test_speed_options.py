@@ -97,6 +97,44 @@ def test_fused_loss_equals_reference_in_float64(monkeypatch, variant, h, w, H, W
         assert rel(a, b) < 1e-12
 
 
+@pytest.mark.parametrize(
+    ("h", "w", "sh", "sw"), [(7, 9, 8, 8), (1, 3, 8, 4), (4, 1, 2, 16), (5, 6, 16, 16), (2, 2, 1, 1)]
+)
+def test_gemm_upsample_and_adjoint_equal_aten(h, w, sh, sw):
+    """The CUDA path's upsample as small GEMMs (and its transpose) against F.interpolate and aten's backward."""
+    g = torch.Generator().manual_seed(h * w)
+    z = torch.randn(1, 3, h, w, generator=g, dtype=torch.float64)
+    size = (h * sh, w * sw)
+    ref = F.interpolate(z, size=size, mode="bilinear", align_corners=False)
+    up = L.upsample_nhwc(z[0].permute(1, 2, 0).contiguous(), sh, sw).view(*size, 3).permute(2, 0, 1)
+    assert (up - ref[0]).abs().max() < 1e-13
+    gy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    adj_ref = torch.ops.aten.upsample_bilinear2d_backward(gy, size, z.shape, False)[0]
+    adj = L.upsample_nhwc_adjoint(gy[0].permute(1, 2, 0).reshape(-1, 3), h, w, sh, sw).permute(2, 0, 1)
+    assert (adj - adj_ref).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("path", ["always", "never"])
+def test_gemm_and_band_paths_of_the_loss_agree(monkeypatch, path):
+    """The loss through the GEMM path (CUDA's; forced here) and the band path (the CPU's), float64 and float32."""
+    monkeypatch.setattr(L, "GEMM_PATH", path)
+    monkeypatch.setattr(L, "BAND_BYTES", 2 * 5 * 72 * 4 * 8)
+    g = torch.Generator().manual_seed(7)
+    outs = {k: torch.randn(2, 5, 7, 9, generator=g, dtype=torch.float64).requires_grad_() for k in L.WEIGHTS}
+    y = torch.randint(0, 5, (2, 56, 72), generator=g)
+    y[torch.rand(2, 56, 72, generator=g) < 0.3] = 255
+    ce = {k: F.cross_entropy(v, y, ignore_index=255, reduction="sum") for k, v in upsampled(outs, (56, 72)).items()}
+    ref = sum(L.WEIGHTS[k] * ce[k] for k in ce) / (y != 255).sum()
+    fused = L.fused_danet_loss(outs, y)["loss"]
+    assert abs(fused.item() - ref.item()) < 1e-12
+    for a, b in zip(torch.autograd.grad(fused, list(outs.values())), torch.autograd.grad(ref, list(outs.values())),
+                    strict=True):  # fmt: skip
+        assert rel(a, b) < 1e-12
+    o32 = {k: v.detach().float().requires_grad_() for k, v in outs.items()}
+    f32 = L.fused_danet_loss(o32, y)["loss"]
+    assert abs(f32.item() - ref.item()) < 1e-5 * ref.item()
+
+
 def test_fused_loss_gradcheck_and_all_ignored(monkeypatch):
     monkeypatch.setattr(L, "BAND_BYTES", 1)  # one input row per band
     z = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)

@@ -281,12 +281,14 @@ def run_case(spec: BenchSpec) -> dict:
     return rec
 
 
-def release(dev: torch.device | None = None) -> None:
-    """Free what the last case left behind (between cases of one process)."""
+def release(compiled: bool = False) -> None:
+    """Free what the last case left behind (between cases of one process); `compiled`: also torch.compile's graphs
+    (of a compiled model; the compiled loss kernels are kept, the next case reuses them)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    torch._dynamo.reset() if hasattr(torch, "_dynamo") else None
+    if compiled:
+        torch._dynamo.reset()
 
 
 def _parse_override(text: str) -> tuple[str, object]:
@@ -384,7 +386,7 @@ def run_cli(args) -> int:
         rec = run_case(spec)
         print(format_record(rec), flush=True)
         results.append(rec)
-        release()
+        release(compiled=bool(spec.compile))
     if args.json:
         tmp = f"{args.json}.tmp"
         with open(tmp, "w") as f:

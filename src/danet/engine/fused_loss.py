@@ -5,7 +5,8 @@ their cross-entropy: four `(B, K, H, W)` float32 tensors, their log-softmax and,
 512x512, batch 8, 150 classes: 1.26 GB each). The same value, to rounding, without any of them:
 
 - `fused_danet_loss(..., impl="chunked")`: `UpsampledCrossEntropy`, an autograd function that upsamples one image
-  (CPU: one band of rows that stays in cache) at a time, in forward and again in backward;
+  (CPU: one band of rows that stays in cache) at a time, in forward and again in backward; on CUDA the upsample and
+  its adjoint run as small GEMMs (`upsample_nhwc`), aten's kernels for them being 5-10x off memory speed there;
 - `fused_danet_loss(..., impl="compiled")`: `torch.compile` of the per-image upsample + cross-entropy, which
   fuses the upsample into the softmax and its gradient (GPU: no full-size tensor at all).
 
@@ -23,6 +24,7 @@ from .losses import WEIGHTS, denominator
 
 BAND_BYTES = 16 << 20  # CPU: upsampled logits per band of the chunked loss (kept in cache)
 COMPILE_BACKEND = "inductor"  # of the "compiled" implementation (tests use a faster one)
+GEMM_PATH = "cuda"  # where the chunked loss upsamples with small GEMMs: "cuda", "always" (tests) or "never"
 _compiled: dict = {}
 
 
@@ -55,6 +57,88 @@ def _upsample_band(z: torch.Tensor, r0: int, r1: int, size: tuple[int, int]):
     return up, (a, b), slice(s * (r0 - a), s * (r0 - a) + (size[0] if (a, b) == (0, h) else s * (r1 - r0)))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Bilinear upsampling by an integer factor (align_corners=False) and its transpose as small GEMMs, channels last.
+# NOTE: aten's CUDA kernels for these run at ~0.4 TB/s (upsample) and through atomics (its backward); as GEMMs over
+# rows of K they run at memory speed. Each output row (column) m of input row r's block of s rows (columns) takes
+# input rows r-1, r, r+1 with weights max(-u, 0), 1 - |u|, max(u, 0), u = (m + 0.5) / s - 0.5; the borders clamp
+# (row -1 is row 0, row h is row h-1), as aten's source-index clamp does. Same values as F.interpolate to rounding.
+# NOTE: float32 GEMMs; if a user turns on TF32 matmuls (torch.backends.cuda.matmul.allow_tf32) they round to TF32.
+# ---------------------------------------------------------------------------------------------------------------
+_WEIGHTS_CACHE: dict = {}
+
+
+def _weights(s: int, ref: torch.Tensor) -> torch.Tensor:
+    """(3, s): shares of input rows r-1, r, r+1 in the s output rows of block r (on ref's device, in its dtype)."""
+    key = (s, ref.device, ref.dtype)
+    if key not in _WEIGHTS_CACHE or torch.compiler.is_compiling():
+        u = (torch.arange(s, dtype=torch.float64) + 0.5) / s - 0.5
+        w = torch.stack([(-u).clamp_min(0), 1 - u.abs(), u.clamp_min(0)]).to(ref.device, ref.dtype)
+        if torch.compiler.is_compiling():
+            return w
+        _WEIGHTS_CACHE[key] = w  # NOTE: a host-to-device copy per call would wait for the GPU's queue each time
+    return _WEIGHTS_CACHE[key]
+
+
+def _neighbours(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x with a new axis of 3 after `dim`: entries r-1, r, r+1 along `dim` (clamped at the borders)."""
+    n = x.shape[dim]
+    pad = torch.cat([x.narrow(dim, 0, 1), x, x.narrow(dim, n - 1, 1)], dim)
+    return torch.stack([pad.narrow(dim, i, n) for i in range(3)], dim + 1)
+
+
+def upsample_nhwc(z: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
+    """z `(h, w, K)` -> `(h*sh * w*sw, K)`: F.interpolate(bilinear, align_corners=False) by (sh, sw), channels last."""
+    h, w, k = z.shape
+    cols = torch.matmul(_weights(sw, z).T, _neighbours(z, 1).reshape(h * w, 3, k))  # (h*w, sw, K) = (h, W, K)
+    rows = torch.matmul(_weights(sh, z).T, _neighbours(cols.reshape(h, w * sw * k), 0))  # (h, sh, W*K)
+    return rows.reshape(-1, k)
+
+
+def _fold(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """t with an axis of 3 at `dim` + 1 (shares for r-1, r, r+1 along `dim`) -> summed into the input rows."""
+    prev, mid, nxt = t.unbind(dim + 1)
+    out = mid.clone()
+    n = out.shape[dim]
+    out.narrow(dim, 0, n - 1).add_(prev.narrow(dim, 1, n - 1))  # block r's share for row r-1
+    out.narrow(dim, 0, 1).add_(prev.narrow(dim, 0, 1))  # row -1 is row 0
+    out.narrow(dim, 1, n - 1).add_(nxt.narrow(dim, 0, n - 1))  # block r's share for row r+1
+    out.narrow(dim, n - 1, 1).add_(nxt.narrow(dim, n - 1, 1))  # row h is row h-1
+    return out
+
+
+def upsample_nhwc_adjoint(g: torch.Tensor, h: int, w: int, sh: int, sw: int) -> torch.Tensor:
+    """The transpose of upsample_nhwc: g `(h*sh * w*sw, K)` -> `(h, w, K)`."""
+    k = g.shape[1]
+    rows = torch.matmul(_weights(sh, g), g.reshape(h, sh, w * sw * k))  # (h, 3, W*K)
+    rows = _fold(rows, 0)  # (h, W*K)
+    cols = torch.matmul(_weights(sw, g), rows.view(h * w, sw, k)).view(h, w, 3, k)
+    return _fold(cols, 1)
+
+
+def _gemm_scales(logits: torch.Tensor, size: tuple[int, int]) -> tuple[int, int] | None:
+    h, w = logits.shape[-2:]
+    on = GEMM_PATH == "always" or (GEMM_PATH == "cuda" and logits.device.type == "cuda")
+    return (size[0] // h, size[1] // w) if on and size[0] % h == 0 and size[1] % w == 0 else None
+
+
+def _gemm_forward(z: torch.Tensor, t: torch.Tensor, ignore_index: int, sh: int, sw: int) -> torch.Tensor:
+    """Sum of CE over the labelled pixels of one image: z `(h, w, K)`, t `(H*W,)`."""
+    logp = torch.log_softmax(upsample_nhwc(z, sh, sw), 1)  # (H*W, K)
+    valid = t != ignore_index
+    picked = logp.gather(1, torch.where(valid, t, 0)[:, None]).squeeze(1)  # NOTE: not nll_loss: one CUDA block
+    return -torch.where(valid, picked, 0).sum()
+
+
+def _gemm_backward(z: torch.Tensor, t: torch.Tensor, ignore_index: int, sh: int, sw: int) -> torch.Tensor:
+    """d(sum)/dz `(h, w, K)` of _gemm_forward: U^T ((softmax - onehot) * labelled)."""
+    p = torch.softmax(upsample_nhwc(z, sh, sw), 1)
+    valid = (t != ignore_index).to(p.dtype)
+    p.scatter_add_(1, torch.where(t != ignore_index, t, 0)[:, None], -valid[:, None])
+    p.mul_(valid[:, None])
+    return upsample_nhwc_adjoint(p, z.shape[0], z.shape[1], sh, sw)
+
+
 class UpsampledCrossEntropy(torch.autograd.Function):
     """Sum over the labelled pixels of CE(bilinear_upsample(logits), target), one image (CPU: row band) at a time.
 
@@ -70,7 +154,15 @@ class UpsampledCrossEntropy(torch.autograd.Function):
         dtype = torch.promote_types(logits.dtype, torch.float32)
         k = logits.shape[1]
         total = torch.zeros((), dtype=dtype, device=logits.device)
+        ctx.save_for_backward(logits, target)
+        ctx.ignore_index = ignore_index
+        scales = _gemm_scales(logits, size)
         with torch.autocast(logits.device.type, enabled=False):
+            if scales is not None:  # CUDA: whole images, GEMM upsample
+                z_all = logits.to(dtype).permute(0, 2, 3, 1).contiguous()  # (B, h, w, K)
+                for i in range(logits.shape[0]):
+                    total += _gemm_forward(z_all[i], target[i].reshape(-1), ignore_index, *scales)
+                return total
             z_all = logits.to(dtype).contiguous(memory_format=torch.channels_last)
             for i in range(logits.shape[0]):
                 for r0, r1 in _bands(logits.shape[2], logits.shape[3], size, k, logits.device):
@@ -78,8 +170,6 @@ class UpsampledCrossEntropy(torch.autograd.Function):
                     flat = up[:, :, keep].permute(0, 2, 3, 1).reshape(-1, k)  # (pixels, K)
                     t = target[i].reshape(-1)[_pixel_range(r0, r1, logits.shape[2], size)]
                     total += F.nll_loss(torch.log_softmax(flat, 1), t, ignore_index=ignore_index, reduction="sum")
-        ctx.save_for_backward(logits, target)
-        ctx.ignore_index = ignore_index
         return total
 
     @staticmethod
@@ -91,7 +181,19 @@ class UpsampledCrossEntropy(torch.autograd.Function):
         grad = torch.zeros(logits.shape, dtype=dtype, device=logits.device).contiguous(
             memory_format=torch.channels_last
         )
+        scales = _gemm_scales(logits, size)
         with torch.autocast(logits.device.type, enabled=False):
+            if scales is not None:
+                z_all = logits.to(dtype).permute(0, 2, 3, 1).contiguous()
+                for i in range(logits.shape[0]):
+                    g = _gemm_backward(z_all[i], target[i].reshape(-1), ctx.ignore_index, *scales)
+                    grad[i] = g.permute(2, 0, 1) * grad_total
+                grad = grad.to(logits.dtype)
+                return (
+                    (grad if logits.is_contiguous(memory_format=torch.channels_last) else grad.contiguous()),
+                    None,
+                    None,
+                )
             z_all = logits.to(dtype).contiguous(memory_format=torch.channels_last)
             for i in range(logits.shape[0]):
                 for r0, r1 in _bands(h, w, size, k, logits.device):
@@ -140,7 +242,11 @@ def image_ce_backward(z: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, 
     classes = torch.arange(z.shape[1], device=z.device).view(1, -1, 1, 1)
     onehot = (classes == target.unsqueeze(1)).to(up.dtype)
     g_up = torch.where((target != ignore_index).unsqueeze(1), (torch.exp(up - lse.unsqueeze(1)) - onehot) * grad, 0)
-    return torch.ops.aten.upsample_bilinear2d_backward(g_up, size, z.shape, False)
+    (h, w), k = z.shape[-2:], z.shape[1]
+    if size[0] % h or size[1] % w:  # no integer scale: aten's adjoint (atomics on CUDA)
+        return torch.ops.aten.upsample_bilinear2d_backward(g_up, size, z.shape, False)
+    flat = g_up[0].permute(1, 2, 0).reshape(-1, k).contiguous()  # (H*W, K): written once, by the fused kernel
+    return upsample_nhwc_adjoint(flat, h, w, size[0] // h, size[1] // w).permute(2, 0, 1).unsqueeze(0)
 
 
 def _kernels() -> tuple:
@@ -154,7 +260,7 @@ class CompiledUpsampledCrossEntropy(torch.autograd.Function):
     """UpsampledCrossEntropy's value and gradient through two torch.compile'd per-image kernels.
 
     Saves the logits, the target and the per-pixel logsumexp `(B, H, W)`; on a GPU the forward reads only the
-    low-resolution logits, and the backward writes one image's `(K, H, W)` gradient for aten's upsample adjoint.
+    low-resolution logits, and the backward writes one image's `(H*W, K)` gradient once for the GEMM adjoint.
     """
 
     @staticmethod

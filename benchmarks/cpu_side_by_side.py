@@ -8,7 +8,8 @@ load from other users of the machine falls on all of them alike; ratios are take
 time) and the table shows the median over rounds.
 
 Contenders of this project: "ours" = the ssseg layout (the presets) with the CPU speed options, "ours_mm" = the
-mmseg layout (PAM projection bias, 256-wide auxiliary head) with the same options, "ours_plain" = the ssseg layout
+mmseg layout (PAM projection bias, 256-wide auxiliary head) with the same options, "ours_direct" = "ours" without
+the Winograd convolutions (the library's direct kernels, what the toolboxes run), "ours_plain" = the ssseg layout
 without options (the baseline the options are measured against), "ours_bf16" = "ours" under bf16 autocast with
 channels_last (results differ by bf16 rounding, unlike the others).
 
@@ -33,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PEERS = Path(os.environ.get("DANET_PEERS_DIR", ROOT.parent / "shared" / "peers"))
 PEERS_HOME = Path(os.environ.get("DANET_PEERS_HOME", Path.home() / ".cache" / "danet-peers"))
 # the CPU speed options of this project that keep the result (see benchmarks/RESULTS.md for what each gives)
-OUR_OPTIONS = "--attention explicit --loss fused"
+OUR_OPTIONS = "--attention explicit --loss fused --conv winograd --channels-last"
+DIRECT_OPTIONS = "--attention explicit --loss fused"  # the same without Winograd (the library's direct convolutions)
 MM_LAYOUT = "--set pam_bias=true --set aux_channels=256"
 BF16 = "--amp bf16 --channels-last"  # NOT the same result: bf16 rounding (AVX512-BF16 doubles the conv rate)
 
@@ -110,7 +112,10 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="danet_r50-d8_ade20k")
     p.add_argument("--options", default=OUR_OPTIONS, help=f"danet benchmark options of 'ours' (default: {OUR_OPTIONS})")
     p.add_argument(
-        "--only", nargs="*", default=None, help="contenders to run (mmseg ssseg ours ours_mm ours_plain ours_bf16)"
+        "--only",
+        nargs="*",
+        default=None,
+        help="contenders to run (mmseg ssseg ours ours_mm ours_direct ours_plain ours_bf16)",
     )
     p.add_argument("--cpu-time", action="store_true",
                    help="time processor seconds with benchmarks/cpu_time_probe.py instead of the bench subcommands' "
@@ -125,6 +130,7 @@ def main(argv=None) -> int:
         "ssseg": lambda: peer("ssseg"),
         "ours": lambda: ours(a.options),
         "ours_mm": lambda: ours(f"{a.options} {MM_LAYOUT}"),
+        "ours_direct": lambda: ours(DIRECT_OPTIONS),
         "ours_plain": lambda: ours(""),
         "ours_bf16": lambda: ours(f"{a.options} {BF16}"),
     }

@@ -107,7 +107,7 @@ def ours_steps(a):
     torch.set_num_threads(a.threads)
     dev = torch.device("cpu")
     common = dict(batch=a.batch, size=tuple(a.size), amp=o.amp, channels_last=o.channels_last, attention=o.attention,
-                  loss=o.loss, overrides=overrides)  # fmt: skip
+                  conv=o.conv, loss=o.loss, overrides=overrides)  # fmt: skip
     specs = [BenchSpec(mode=m, **common) for m in ("infer", "train")]
     model, x, y = build(specs[0], dev)
     infer_fn = make_infer_fn(specs[0], model, x, dev)

@@ -3,6 +3,7 @@
 
     .venv/bin/python benchmarks/memory_whole_image.py                      # R50-D8, 1024x2048, batch 1
     .venv/bin/python benchmarks/memory_whole_image.py --size 512 1024 --threads 2
+    .venv/bin/python benchmarks/memory_whole_image.py --only ours --conv winograd   # the Winograd convolutions' cost
 
 Each measurement runs in a fresh subprocess: build the model (random weights, eval), make the input, then reset the
 process's RSS high-water mark (`/proc/self/clear_refs` = 5) and run one no-grad forward of the test path with the
@@ -74,10 +75,12 @@ def worker_ours(args) -> dict:
     import torch
 
     import danet
+    import danet.models.winograd
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = danet.create_model(args.preset).eval()
+    danet.models.winograd.use_winograd(model, args.conv == "winograd")
     x = torch.randn(1, 3, *args.size)
     return measure(lambda: model(x)["out"])
 
@@ -103,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="danet_r50-d8_cityscapes")
     p.add_argument("--mmseg-config", default="danet_r50-d8_4xb2-80k_cityscapes-512x1024")
     p.add_argument("--peers", type=Path, default=Path(os.environ.get("DANET_PEERS_DIR", "/work/shared/peers")))
+    p.add_argument("--conv", choices=["direct", "winograd"], default="direct", help="ours: 3x3 convolution algorithm")
     p.add_argument("--only", choices=["ours", "mmseg"], default=None, help="measure one side only")
     p.add_argument("--worker", choices=["ours", "mmseg"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -115,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     for side in [args.only] if args.only else ["ours", "mmseg"]:
         py = sys.executable if side == "ours" else str(MMSEG_PY)
         cmd = [py, __file__, "--worker", side, "--size", *map(str, args.size), "--threads", str(args.threads),
-               "--preset", args.preset, "--mmseg-config", args.mmseg_config, "--peers", str(args.peers)]  # fmt: skip
+               "--preset", args.preset, "--mmseg-config", args.mmseg_config, "--peers", str(args.peers),
+               "--conv", args.conv]  # fmt: skip
         print(f"[{side}] {' '.join(cmd)}", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -130,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwhole-image inference, batch 1, {h}x{w}, eval, no_grad, random weights, {args.threads} threads")
     print("| | forward working memory (MiB) | peak RSS (MiB) | time (s) |\n|---|---|---|---|")
     for side, r in results.items():
-        name = f"danet ({args.preset}, fused PAM)" if side == "ours" else f"mmseg 1.2.2 ({args.mmseg_config})"
+        ours = f"danet ({args.preset}, fused PAM, {args.conv} conv)"
+        name = ours if side == "ours" else f"mmseg 1.2.2 ({args.mmseg_config})"
         print(f"| {name} | {r['forward_mib']:,.0f} | {r['peak_mib']:,.0f} | {r['seconds']} |")
     if len(results) == 2:
         ratio = results["ours"]["forward_mib"] / results["mmseg"]["forward_mib"]

@@ -37,6 +37,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss": ("ssseg", "mmseg"),
     "device": ("auto", "cpu", "cuda"),
     "eval_mode": ("whole", "slide"),
+    "fused_loss_impl": ("chunked", "compiled"),
+    "conv": ("direct", "winograd"),
 }
 
 
@@ -85,6 +87,10 @@ class RunConfig:
     loss: str = "ssseg"  # ssseg: CE mean over labelled pixels; mmseg: CE sum over labelled / all pixels
     aux_weight: float = 0.4
     fused_loss: bool = False  # same loss from the 1/8-size logits, chunked: no full-size logits in memory
+    # how fused_loss computes: chunked (any device) | compiled (torch.compile'd kernels, fastest on CUDA, compiles on
+    # the first steps); compiled needs fused_loss=true (an error otherwise, so config.yaml always says what ran)
+    fused_loss_impl: str = "chunked"
+    conv: str = "direct"  # 3x3 convs: direct | winograd (CPU float32/64 without autocast, else direct; models.winograd)
     eval_mode: str = "whole"  # validation inference: whole | slide
     log_interval: int = 10  # iterations between log lines
     stop_iter: int | None = None  # stop after this global iteration (writes last.pth; --resume continues)
@@ -133,6 +139,11 @@ class RunConfig:
         from .models.resnet import DEPTH_LAYERS, STRIDE_PLANS
 
         s, d = self.schedule, self.data
+        for key, words in CHOICES.items():  # NOTE: also for configs built in code, which skip from_dict's checks
+            if getattr(self, key) not in words:
+                raise DanetError(f"setting {key!r} must be one of {', '.join(words)}, got {getattr(self, key)!r}")
+        if self.fused_loss_impl == "compiled" and not self.fused_loss:
+            raise DanetError("setting 'fused_loss_impl=compiled' needs fused_loss=true; add --set fused_loss=true")
         positive = {
             "schedule.epochs": s.epochs,
             "schedule.batch_size": s.batch_size,

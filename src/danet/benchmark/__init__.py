@@ -34,6 +34,7 @@ from ..engine.losses import danet_loss
 from ..engine.schedule import build_optimizer
 from ..errors import DanetError
 from ..models.registry import create_model
+from ..models.winograd import use_winograd
 from ..presets import get_preset
 
 GiB = 2**30
@@ -52,6 +53,7 @@ class BenchSpec:
     compile: str | None = None  # None or a torch.compile mode ("default", "max-autotune-no-cudagraphs", ...)
     cudnn_benchmark: bool = False
     attention: str = "fused"  # "fused" (SDPA) | "explicit" (softmax(QK^T)V in memory)
+    conv: str = "direct"  # "direct" | "winograd" (models.winograd: CPU float32, F(4x4, 3x3))
     loss: str = "reference"  # "reference" (engine.losses, full-size logits) | "fused" | "compiled" (engine.fused_loss)
     cuda_graphs: bool = False  # inference only: capture the forward once, replay it
     warmup: int = 2
@@ -131,6 +133,7 @@ def build(spec: BenchSpec, dev: torch.device):
     torch.manual_seed(spec.seed)
     model = create_model(spec.preset, **spec.overrides)
     model.set_fused_attention(spec.attention == "fused")
+    use_winograd(model, spec.conv == "winograd")
     g = torch.Generator().manual_seed(spec.seed)
     x = torch.randn(spec.batch, 3, h, w, generator=g)
     y = torch.randint(0, model.num_classes, (spec.batch, h, w), generator=g)
@@ -235,6 +238,8 @@ def run_case(spec: BenchSpec) -> dict:
         raise DanetError(f"unknown --amp {spec.amp!r}; use none, bf16 or fp16")
     if spec.attention not in ("fused", "explicit"):
         raise DanetError(f"unknown --attention {spec.attention!r}; use fused or explicit")
+    if spec.conv not in ("direct", "winograd"):
+        raise DanetError(f"unknown --conv {spec.conv!r}; use direct or winograd")
     if spec.loss not in ("reference", "fused", "compiled"):
         raise DanetError(f"unknown --loss {spec.loss!r}; use reference, fused or compiled")
     dev = resolve_device(spec.device)
@@ -321,6 +326,12 @@ def add_cli(parser) -> None:
     parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms")
     parser.add_argument("--attention", choices=["fused", "explicit"], default="fused", help="position attention")
     parser.add_argument(
+        "--conv",
+        choices=["direct", "winograd"],
+        default="direct",
+        help="3x3 convolutions: the library's (direct) or Winograd F(4x4,3x3) (CPU float32; same results to ~3e-6)",
+    )
+    parser.add_argument(
         "--loss",
         choices=["reference", "fused", "compiled"],
         default="reference",
@@ -348,7 +359,8 @@ def add_cli(parser) -> None:
 def format_record(r: dict) -> str:
     opts = [r["amp"]] + [k for k in ("channels_last", "cudnn_benchmark", "cuda_graphs") if r[k]]
     opts += [f"compile={r['compile']}"] if r["compile"] else []
-    opts += [f"attention={r['attention']}"] + ([f"loss={r['loss']}"] if r["mode"] == "train" else [])
+    opts += [f"attention={r['attention']}"] + ([f"conv={r['conv']}"] if r.get("conv", "direct") != "direct" else [])
+    opts += [f"loss={r['loss']}"] if r["mode"] == "train" else []
     h, w = r["size"]
     line = (
         f"{r['mode']:5s} {r['preset']} b{r['batch']} {h}x{w} [{' '.join(opts)}] on {r['device_name']}: "
@@ -373,6 +385,7 @@ def run_cli(args) -> int:
             compile=args.compile,
             cudnn_benchmark=args.cudnn_benchmark,
             attention=args.attention,
+            conv=args.conv,
             loss=args.loss,
             cuda_graphs=args.cuda_graphs and mode == "infer",
             warmup=args.warmup,

@@ -39,6 +39,9 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
         "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="switch to sliding windows above this many pixels"
     )
     parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype")
+    parser.add_argument(
+        "--conv", choices=("direct", "winograd"), default="direct", help="3x3 convolutions (winograd: faster on CPU)"
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
 
@@ -146,10 +149,12 @@ class Predictor:
 
 def run_cli(args) -> int:
     from ..data.io import read_image
+    from ..models.winograd import use_winograd
     from ..viz import overlay, save_label_png
 
     files = collect_inputs(args.inputs)
     predictor = Predictor(args.checkpoint, args.preset, args.device)
+    use_winograd(predictor.model, args.conv == "winograd")
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)

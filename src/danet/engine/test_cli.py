@@ -1,4 +1,4 @@
-"""`danet test PRESET --checkpoint CKPT [--data-root DIR] [--mode whole|slide] [--tta] [--json FILE]`.
+"""`danet test PRESET --checkpoint CKPT [--data-root DIR] [--mode whole|slide] [--tta] [--conv winograd] [--json FILE]`.
 
 Evaluates a checkpoint on the preset's val split (REFERENCE.md, Metrics): per-class table, mIoU / mAcc / aAcc,
 optionally multi-scale + flip (`--tta`, the preset's tta_scales) and sliding-window inference. Runs under torchrun
@@ -29,6 +29,9 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scales", type=float, nargs="+", help="TTA scales (implies --tta), e.g. 0.75 1 1.25")
     parser.add_argument("--no-flip", action="store_true", help="TTA without the horizontal flip")
     parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype")
+    parser.add_argument(
+        "--conv", choices=("direct", "winograd"), default="direct", help="3x3 convolutions (winograd: faster on CPU)"
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--limit", type=int, help="evaluate the first N images only")
     parser.add_argument("--json", help="write the metrics to this JSON file (atomically)")
@@ -40,6 +43,7 @@ def run_test(args) -> dict:
     """Evaluate as the arguments say; returns the metrics dict (with the settings under "settings")."""
     from ..checkpoints import load_model
     from ..data import build_dataset
+    from ..models.winograd import use_winograd
     from ..presets import get_preset
     from . import distributed
     from .evaluate import evaluate
@@ -56,6 +60,7 @@ def run_test(args) -> dict:
         torch.set_num_threads(distributed.cpu_threads(None))
     try:
         model = load_model(args.checkpoint, preset.model).to(info.device).eval()
+        use_winograd(model, args.conv == "winograd")
         dataset = build_dataset(preset, args.data_root, args.split, train=False)
         mode = args.mode or preset.eval_mode
         scales = tuple(args.scales) if args.scales else tuple(preset.tta_scales) if args.tta else (1.0,)
@@ -90,6 +95,7 @@ def run_test(args) -> dict:
             "scales": list(scales),
             "flip": flip,
             "amp": args.amp,
+            "conv": args.conv,
             "seconds": round(time.time() - t0, 2),
         }
         if info.is_main:

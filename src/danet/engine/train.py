@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from .. import checkpoints
 from ..config import RunConfig, from_dict, to_dict
 from ..errors import DanetError
 from ..models.danet import DANet
+from ..models.winograd import use_winograd
 from . import distributed
 from .evaluate import autocast, evaluate
 from .fused_loss import fused_danet_loss
@@ -87,7 +89,7 @@ def train(cfg: RunConfig, resume: str | Path | None = None) -> dict:
     info = distributed.setup(cfg.device)
     threads = torch.get_num_threads()
     try:
-        return _train(cfg.resolve(), resume, info)
+        return _train(cfg.resolve().validate(), resume, info)
     finally:
         torch.set_num_threads(threads)
         distributed.cleanup()
@@ -123,6 +125,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
             raise DanetError(f"cannot create the work dir {work}: {e.strerror or e}; pick another --work-dir") from None
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
     model = build_model(cfg, preset).to(dev)
+    use_winograd(model, cfg.conv == "winograd")  # same parameters and state-dict keys, another algorithm
     if ckpt is not None:
         model.load_state_dict(ckpt.state_dict)
     if cfg.channels_last:
@@ -217,7 +220,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
             lr = scheduler.step()
             with autocast(dev, cfg.amp):
                 outputs = step_net(images, resize=not cfg.fused_loss)
-            loss_fn = fused_danet_loss if cfg.fused_loss else danet_loss
+            loss_fn = partial(fused_danet_loss, impl=cfg.fused_loss_impl) if cfg.fused_loss else danet_loss
             losses = loss_fn(outputs, labels, cfg.loss, cfg.aux_weight, preset.dataset.ignore_index)
             values = {k: v.item() for k, v in losses.items()}
             if not math.isfinite(values["loss"]):  # NOTE: checked before the step, so the weights stay good

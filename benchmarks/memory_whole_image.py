@@ -80,7 +80,7 @@ def worker_ours(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = danet.create_model(args.preset).eval()
-    danet.models.winograd.use_winograd(model, args.conv == "winograd")
+    danet.models.winograd.set_inference_conv(model, args.conv)  # as danet test / predict
     x = torch.randn(1, 3, *args.size)
     return measure(lambda: model(x)["out"])
 

@@ -151,7 +151,7 @@ def test_test_cli_winograd_gives_the_same_metrics(data_root, checkpoint, tmp_pat
             main([*base, "--no-progress", "--conv", conv, "--json", str(out), "--plot", str(tmp_path / "p.png")]) == 0
         )
         results[conv] = json.loads(out.read_text())
-    assert [c[0] for c in winograd_calls] == [False, True] and winograd_calls[1][1] > 10
+    assert [c[0] for c in winograd_calls] == [True] and winograd_calls[0][1] > 10  # direct: left alone
     direct, wino = results["direct"], results["winograd"]
     assert direct["settings"]["conv"] == "direct" and wino["settings"]["conv"] == "winograd"
     assert sum(iou > 0 for iou in direct["IoU"]) >= 3  # not a one-class model
@@ -167,7 +167,7 @@ def test_predict_winograd_writes_the_same_labels(data_root, checkpoint, tmp_path
         argv = ["predict", "--checkpoint", str(checkpoint), *map(str, images), "--out", str(out), "--conv", conv]
         assert main(argv) == 0
         labels[conv] = [np.asarray(Image.open(out / f"{img.stem}.png")) for img in images]
-    assert [c[0] for c in winograd_calls] == [False, True] and winograd_calls[1][1] > 10
+    assert [c[0] for c in winograd_calls] == [True] and winograd_calls[0][1] > 10  # direct: left alone
     for a, b in zip(labels["winograd"], labels["direct"], strict=True):
         assert len(np.unique(b)) >= 3 and a.shape == b.shape
         assert (a != b).mean() <= 1e-3

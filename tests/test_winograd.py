@@ -185,3 +185,17 @@ def test_real_r50_d8_switches_the_wide_convolutions_and_keeps_float32_logits():
         assert W.use_winograd(model) == 14
         out = model(x)["out"]
     assert rel(out, ref) < 1e-4
+
+
+def test_set_inference_conv(monkeypatch):
+    monkeypatch.setattr(W, "MIN_CHANNELS", 1)
+    net = nn.Sequential(conv(), nn.ReLU(), conv()).double()
+    x = torch.randn(1, 8, 11, 9, dtype=torch.float64)
+    ref = net(x)
+    assert W.set_inference_conv(net, "direct") is net and type(net[0]) is nn.Conv2d
+    assert net[0].weight.is_contiguous()
+    W.set_inference_conv(net, "winograd")
+    assert type(net[0]) is W.WinogradConv2d and net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = net(x)
+    assert y.is_contiguous(memory_format=torch.channels_last) and rel(y, ref) < 1e-12

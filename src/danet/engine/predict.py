@@ -149,12 +149,12 @@ class Predictor:
 
 def run_cli(args) -> int:
     from ..data.io import read_image
-    from ..models.winograd import use_winograd
+    from ..models.winograd import set_inference_conv
     from ..viz import overlay, save_label_png
 
     files = collect_inputs(args.inputs)
     predictor = Predictor(args.checkpoint, args.preset, args.device)
-    use_winograd(predictor.model, args.conv == "winograd")
+    set_inference_conv(predictor.model, args.conv)
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ def run_test(args) -> dict:
     """Evaluate as the arguments say; returns the metrics dict (with the settings under "settings")."""
     from ..checkpoints import load_model
     from ..data import build_dataset
-    from ..models.winograd import use_winograd
+    from ..models.winograd import set_inference_conv
     from ..presets import get_preset
     from . import distributed
     from .evaluate import evaluate
@@ -60,7 +60,7 @@ def run_test(args) -> dict:
         torch.set_num_threads(distributed.cpu_threads(None))
     try:
         model = load_model(args.checkpoint, preset.model).to(info.device).eval()
-        use_winograd(model, args.conv == "winograd")
+        set_inference_conv(model, args.conv)
         dataset = build_dataset(preset, args.data_root, args.split, train=False)
         mode = args.mode or preset.eval_mode
         scales = tuple(args.scales) if args.scales else tuple(preset.tta_scales) if args.tta else (1.0,)

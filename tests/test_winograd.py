@@ -142,6 +142,8 @@ def test_falls_back_where_it_does_not_apply(monkeypatch):
     x = torch.randn(1, 8, 9, 9)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(c(x), nn.Conv2d.forward(c, x))
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(c, backend="eager")(x), nn.Conv2d.forward(c, x))  # dynamo cannot trace it
     assert torch.equal(c.bfloat16()(x.bfloat16()), F.conv2d(x.bfloat16(), c.weight, padding=1))
     assert calls == []
 

@@ -14,8 +14,8 @@ Numerics: float32 results differ from the direct convolution by ~3e-6 relative (
 5 and 1/24), against ~1.5e-7 for the direct kernel; cuDNN's Winograd and TF32 kernels, which the toolboxes use on
 GPUs by default, differ by more. In float64 it equals the direct convolution to ~1e-15.
 
-Used only where it pays: float32/float64 on the CPU, outside autocast, 3x3 stride-1 convolutions with
-padding == dilation and at least `MIN_CHANNELS` input and output channels; anything else runs `F.conv2d`.
+Used only where it pays: float32/float64 on the CPU, outside autocast and torch.compile, 3x3 stride-1 convolutions
+with padding == dilation and at least `MIN_CHANNELS` input and output channels; anything else runs `F.conv2d`.
 Training works: the backward is Winograd too (the adjoint transforms and two more batched GEMMs).
 """
 
@@ -256,6 +256,7 @@ class WinogradConv2d(nn.Conv2d):
             and self.weight.dtype == x.dtype
             and not torch.is_autocast_enabled("cpu")
             and x.dim() == 4
+            and not torch.compiler.is_compiling()  # NOTE: dynamo cannot trace this autograd.Function (torch 2.13)
         )
 
     def _transformed(self) -> torch.Tensor | None:

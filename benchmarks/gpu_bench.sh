@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU measurement in one command (< 7 minutes on an H100/H200), everything written to $OUT:
-#   ours.jsonl        this project's cases (benchmarks/gpu_suite.py), one JSON object per line
+#   ours.jsonl        this project's cases (benchmarks/gpu_suite.py), one JSON object per line; group e2e is the real
+#                     `danet train` loop (loader, augmentation, logging) on ADE20K-layout JPEGs it writes to
+#                     $E2E_DATA (default /tmp/danet-e2e-data, not $OUT), work dirs in $E2E_WORK (/tmp/danet-e2e-work)
 #   anchor_gpu.json   mmsegmentation 1.2.2 (../shared/peers/gpu_anchor_mmseg.py --cudnn-benchmark --skip-pam)
 #   anchor_ssseg.json sssegmentation 1.7.0 (../shared/peers/gpu_anchor_ssseg.py)
 #   profile.txt       top CUDA kernels of the two best train cases (bf16, channels_last, fused / compiled loss)
@@ -9,7 +11,9 @@
 # Before: `bash benchmarks/gpu_prepare.sh` here (wheels + peer scripts into .whl/, carried with carry=[".whl"]).
 # Device:  bash benchmarks/gpu_bench.sh   (BUDGET_S=420: seconds after which no case starts; ANCHORS=0 skips the
 #          peers, whose figures then come from an earlier run on the same kind of card: PEERS_DIR=that run's folder;
-#          GROUPS_CORE="sys loss train profile" and COMPILE=0 shorten it)
+#          GROUPS_CORE="sys loss train profile" and COMPILE=0 shorten it; E2E_ITERS=50, E2E_WARMUP=10 and
+#          E2E_WORKERS=8 size the e2e runs: ~10-25 s in all after the train group, ~1 min alone (cuDNN autotuning
+#          and the compiled loss then happen in its first run's warm-up))
 # Here:    bash benchmarks/gpu_bench.sh --cpu-smoke     (tiny sizes on the CPU: checks every step of the script)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +26,7 @@ PY=${PYTHON:-python3}                      # the device's python3 holds PyTorch
 PEER_PY=${PEER_PYTHON:-$PY}
 BUDGET=${BUDGET_S:-420}
 ANCHORS=${ANCHORS:-1}
-GROUPS_CORE=${GROUPS_CORE:-sys loss train profile infer}  # gpu_suite.py groups; COMPILE=0 skips torch.compile
+GROUPS_CORE=${GROUPS_CORE:-sys loss train e2e profile infer}  # gpu_suite.py groups; COMPILE=0: no torch.compile
 COMPILE=${COMPILE:-1}
 T0=$(date +%s)
 left() { echo $((BUDGET - ($(date +%s) - T0))); }

@@ -5,6 +5,9 @@ Groups (the default order; each case starts only while the time budget lasts):
   sys      bf16 matrix rate (8192^3 matmul) and device-to-device copy bandwidth: the card's two ceilings
   loss     the training loss alone (reference, fused GEMM / aten paths, compiled) and its parts' kernels
   train    R50-D8 ADE20K 512x512 batch 8 train step: fp32 / bf16 / fp16, channels_last, loss implementations
+  e2e      the real loop, `danet train danet_r50-d8_ade20k` in this process (data loader, augmentation, logging) on
+           ADE20K-layout JPEGs written to $E2E_DATA (default /tmp/danet-e2e-data), batch 8, bf16, channels_last,
+           fused loss compiled | chunked: images/s after a warm-up, data wait, peak memory
   profile  torch.profiler's top CUDA kernels of the two best train cases -> $OUT/profile.txt
   infer    R50-D8 inference 512x512 batch 1 (ADE20K) and whole 1024x2048 (Cityscapes): dtypes, CUDA graphs
   compile  torch.compile cases (slow to build: last)
@@ -346,14 +349,101 @@ def group_profile(a) -> None:
         print("\n".join(line[:160] for line in table.splitlines()[:24]), flush=True)
 
 
+# ------------------------------------------------------------------------------------------------- e2e
+E2E_WORK = Path(os.environ.get("E2E_WORK", "/tmp/danet-e2e-work"))
+# (label, fused_loss_impl, the isolated train-step case of the same settings)
+E2E_CASES = [("e2e_bf16_cl_compiledloss", "compiled", "train_bf16_cl_compiledloss"),
+             ("e2e_bf16_cl_chunkedloss", "chunked", "train_bf16_cl_fusedloss")]  # fmt: skip
+
+
+def group_e2e(a) -> None:
+    """`danet train danet_r50-d8_ade20k` in this process on an ADE20K-layout folder: data loader, augmentation,
+    logging, the fastest settings; stopped by stop_iter inside epoch 1 (no validation, one last.pth)."""
+    import shutil
+
+    from e2e_data import loop_figures, make_ade_like  # benchmarks/ (this script's folder is on sys.path)
+
+    import danet.engine.train as T
+    from danet.config import RunConfig, apply_overrides
+    from danet.engine.logging import read_log
+
+    sm = a.smoke
+    iters, warm = (3, 1) if sm else (a.e2e_iters, a.e2e_warmup)
+    batch, workers = (2, 1) if sm else (8, a.e2e_workers)
+    log_every = 1 if sm else 5
+    if warm % log_every or warm >= iters:
+        raise ValueError(f"--e2e-warmup {warm} must be a multiple of {log_every} below --e2e-iters {iters}")
+    hw = (64, 85) if sm else (512, 683)
+    t = time.time()
+    root = make_ade_like((iters + 1) * batch, 2 if sm else 8, hw)  # one epoch holds the whole run
+    data_s = round(time.time() - t, 1)
+    sets = ["schedule.epochs=1", f"schedule.iters_per_epoch={iters + 1}", f"stop_iter={iters}",
+            f"schedule.batch_size={batch}", "schedule.eval_interval=1000", "schedule.save_interval=1000",
+            f"data.num_workers={workers}", "amp=bf16", "channels_last=true", "fused_loss=true",
+            f"log_interval={log_every}", "progress=false", "overwrite=true"]  # fmt: skip
+    if sm:  # the narrow R50-D8 of the smoke cases, 64x64 crops of 64x85 images
+        nar = dict(base_channels=4, stem_channels=8, head_channels=32, key_channels=16, aux_channels=16)
+        sets += ["device=cpu", "threads=1", "data.crop_size=[64,64]", "data.base_size=[256,64]"]
+        sets += [f"model.{k}={v}" for k, v in nar.items()]
+    orig = T._batches
+    waits: list[float] = []
+
+    def timed_batches(loader):  # NOTE: instrumentation only: how long the loop waits for each batch
+        gen = orig(loader)
+        while True:
+            t = time.perf_counter()
+            try:
+                item = next(gen)
+            except StopIteration:
+                return
+            waits.append(time.perf_counter() - t)
+            yield item
+
+    for label, impl, isolated in E2E_CASES:
+        if a.only and not any(o in label for o in a.only):
+            continue
+        if time.time() - T0 > a.budget_s:
+            emit({"group": "e2e", "label": label, "skipped": "time budget"})
+            continue
+        work = E2E_WORK / label
+        shutil.rmtree(work, ignore_errors=True)
+        case_sets = [*sets, f"fused_loss_impl={impl}"]
+        rec = {"group": "e2e", "label": label, "isolated": isolated, "impl": impl, "iters": iters, "warmup": warm,
+               "batch": batch, "num_workers": workers, "cpus": os.cpu_count(), "images": (iters + 1) * batch,
+               "image_hw": list(hw), "data_s": data_s, "sets": case_sets}  # fmt: skip
+        t, waits[:] = time.time(), []
+        peak_reset()
+        T._batches = timed_batches
+        try:
+            cfg = apply_overrides(RunConfig(preset="danet_r50-d8_ade20k", data_root=str(root), work_dir=str(work)),
+                                  case_sets)  # fmt: skip
+            summary = T.train(cfg)
+            rec.update(loop_figures(read_log(work / "log.jsonl"), waits, warm, batch), peak_gib=peak_gib())
+            rec["stopped_at"] = summary["iter"]
+        except Exception as e:  # noqa: BLE001
+            rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            traceback.print_exc()
+        finally:
+            T._batches = orig
+        rec["wall_s"] = round(time.time() - t, 1)
+        emit(rec)
+        shutil.rmtree(work, ignore_errors=True)  # last.pth: ~0.4 GB at full width
+        release()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("groups", nargs="*", default=["sys", "loss", "train", "profile", "infer", "compile"],
-                   help="of: sys loss train profile infer compile pam")  # fmt: skip
+    p.add_argument("groups", nargs="*", default=["sys", "loss", "train", "e2e", "profile", "infer", "compile"],
+                   help="of: sys loss train e2e profile infer compile pam")  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: check that every case runs")
     p.add_argument("--budget-s", type=float, default=float(os.environ.get("BUDGET_S", 1e9)),
                    help="skip the cases that would start after this many seconds")  # fmt: skip
     p.add_argument("--only", nargs="*", help="only the cases whose label contains one of these")
+    env_int = lambda k, d: int(os.environ.get(k, d))  # noqa: E731
+    p.add_argument("--e2e-iters", type=int, default=env_int("E2E_ITERS", 50), help="e2e: iterations a run (--smoke: 3)")
+    p.add_argument("--e2e-warmup", type=int, default=env_int("E2E_WARMUP", 10),
+                   help="e2e: first iterations left out of images/s (a multiple of 5)")  # fmt: skip
+    p.add_argument("--e2e-workers", type=int, default=env_int("E2E_WORKERS", 8), help="e2e: data.num_workers")
     a = p.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     env = {"group": "env", "torch": torch.__version__, "cuda": torch.version.cuda, "smoke": a.smoke,
@@ -366,7 +456,7 @@ def main(argv=None) -> int:
             continue
         t = time.time()
         try:
-            {"sys": group_sys, "pam": group_pam, "loss": group_loss, "profile": group_profile}.get(
+            {"sys": group_sys, "pam": group_pam, "loss": group_loss, "profile": group_profile, "e2e": group_e2e}.get(
                 g, lambda a, g=g: group_model(a, g)
             )(a)
         except Exception as e:  # noqa: BLE001

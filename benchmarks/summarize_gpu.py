@@ -103,6 +103,30 @@ def model_table(ours: list, peers: dict, kind: str, rate: float | None) -> list[
     return out
 
 
+def e2e_table(ours: list) -> list[str]:
+    """The real training loop (group e2e) next to the isolated train step of the same settings (group train)."""
+    rows = [r for r in ours if r.get("group") == "e2e" and "img_s" in r]
+    if not rows:
+        return []
+    step = {r["label"]: r for r in ours if r.get("group") == "train" and "img_s" in r}
+    r0 = rows[0]
+    h, w = r0["image_hw"]
+    out = ["", f"Training loop end to end (`danet train`, in the suite's process: {r0['images']} ADE20K-layout {w}x{h} "
+           f"JPEGs, batch {r0['batch']}, loader workers: {r0['num_workers']} ({r0['cpus']} CPUs), bf16, channels_last, "
+           f"fused loss; images/s over iterations {r0['warmup'] + 1}-{r0['iters']}) vs the isolated train step of the "
+           "same settings (random tensors; loop / step = the loop's efficiency):", "",
+           "| loop case | img/s | step case | step img/s | loop / step | ms/iter | step ms | data wait ms/iter | "
+           "peak GiB | step peak GiB | warm-up s | run s |", "|" + "---|" * 12]  # fmt: skip
+    for r in rows:
+        s = step.get(r.get("isolated"), {})
+        cells = [r["label"], f"{r['img_s']:.2f}", r.get("isolated", "-"), fmt(s.get("img_s")),
+                 fmt(ratio(r["img_s"], s.get("img_s")), ".2f", "x"), f"{r['ms_per_iter']:.1f}", fmt(s.get("ms"), ".1f"),
+                 f"{r['data_wait_ms']:.1f}", fmt(r.get("peak_gib")), fmt(s.get("peak_gib")),
+                 fmt(r.get("warmup_s"), ".1f"), fmt(r.get("wall_s"), ".1f")]  # fmt: skip
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
 def summarize(out: Path, peers_dir: Path | None = None) -> str:
     ours, mm, ss = load(out, peers_dir)
     peers = peer_cases(mm, ss)
@@ -124,6 +148,8 @@ def summarize(out: Path, peers_dir: Path | None = None) -> str:
         t = model_table(ours, peers, kind, rate)
         if t:
             lines += ["", title + ":", ""] + t
+        if kind == "train":  # the real loop next to its isolated step
+            lines += e2e_table(ours)
     pam = [r for r in ours if r.get("group") == "pam"]
     if pam:
         lines += ["", "PAM core softmax(q k^T) v, q/k 64 wide, v 512 wide:", "",

@@ -131,6 +131,9 @@ def test_inference_cache_follows_the_weights(monkeypatch):
         assert rel(c(x), F.conv2d(x, c.weight, padding=1)) < 1e-12
     with torch.inference_mode():
         assert rel(c(x), F.conv2d(x, c.weight, padding=1)) < 1e-12
+    c.float().double()  # new tensors, rounded values: the cache must not survive a conversion
+    with torch.no_grad():
+        assert rel(c(x), F.conv2d(x, c.weight, padding=1)) < 1e-12
 
 
 def test_falls_back_where_it_does_not_apply(monkeypatch):

@@ -246,8 +246,14 @@ class WinogradConv2d(nn.Conv2d):
     """An `nn.Conv2d` (same parameters and state-dict keys) that runs by Winograd where that is faster.
 
     Made by `use_winograd`, which changes the class of existing convolutions in place. In inference (no grad) the
-    transformed weight is cached, keyed on the weight's version so an in-place update or a new state dict is seen.
+    transformed weight is cached, keyed on the weight's version so an in-place update, an optimiser step or a new
+    state dict is seen, and dropped by `.to()` / `.float()` / `.double()` ... (`_apply`). NOTE: writes through
+    `weight.data` bypass the version counter; after one, call `use_winograd(model, False)` and switch back.
     """
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_winograd_cache", None)
+        return super()._apply(fn, *args, **kwargs)
 
     def _winograd_ok(self, x: torch.Tensor) -> bool:
         return (

@@ -67,6 +67,20 @@ def test_enospc_midway_through_torch_save(saved, monkeypatch):
     _assert_intact(path, before)
 
 
+def test_writer_error_without_a_message(saved, monkeypatch):
+    path, before, newer = saved
+
+    def fail(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a zip")
+        raise RuntimeError()  # no message, no OSError behind it
+
+    monkeypatch.setattr(torch, "save", fail)
+    with pytest.raises(DanetError, match="RuntimeError") as e:
+        save_checkpoint(path, newer, PRESET, train_state={"iter": 20})
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+    _assert_intact(path, before)
+
+
 def test_failed_rename(saved, monkeypatch):
     path, before, newer = saved
     calls = []

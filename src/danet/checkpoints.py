@@ -1,23 +1,19 @@
-"""Checkpoints: this project's format, sssegmentation / mmsegmentation / ImageNet files, safe loading, `danet convert`.
+"""Checkpoints: this project's format, sssegmentation / mmsegmentation / ImageNet files, `danet convert`.
 
 Our format (a dict that `torch.load(weights_only=True)` reads):
     {"format": "danet", "version": 1, "model": state_dict,
      "meta": {"preset", "model_cfg", "classes", "palette", "mean", "std", "layout", ...}, "train_state": {...}}
 
-Nothing from a file is ever executed: files are read with `torch.load(weights_only=True)`; files it refuses because
-they hold foreign objects (mmengine's message hub, numpy arrays) go through `_RestrictedUnpickler`, which rebuilds
-tensors and plain containers and turns every other class into an inert placeholder without importing it.
+Nothing from a file is ever executed: every file is read through `danet.safe_load.load_file` (`torch.load` with
+weights_only=True, else a restricted unpickler that turns foreign classes into inert placeholders, importing none).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import re
 import warnings
-import zipfile
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import safe_load
 from .errors import DanetError
 from .models.danet import DANet, ModelConfig
 from .models.resnet import DEPTH_LAYERS
@@ -110,7 +107,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
         # NOTE: torch's zip writer reports a write that failed midway (full disk, file size limit) as a RuntimeError
         # ("unexpected pos ..."), the OSError being its context.
         os_error = e if isinstance(e, OSError) else e.__context__ if isinstance(e.__context__, OSError) else None
-        reason = (os_error.strerror or str(os_error)) if os_error else str(e).strip().splitlines()[0]
+        reason = (os_error.strerror or str(os_error)) if os_error else safe_load.first_line(e)
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise DanetError(f"could not write checkpoint {path}: {reason}; check free disk space and permissions") from e
@@ -139,117 +136,6 @@ def _check_plain(obj: Any, where: str) -> None:
             _check_plain(v, f"{where}[{i}]")
     else:
         raise TypeError(f"{where}: {type(obj).__name__} cannot be stored (plain containers, tensors, numbers only)")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# safe reading
-# ---------------------------------------------------------------------------------------------------------------
-class _Inert:
-    """Stands for a class found in a file: never imported, never called; keeps the arguments it was given."""
-
-    _origin = "?"
-
-    def __new__(cls, *args, **kwargs):
-        obj = object.__new__(cls)
-        obj.__dict__["_args"] = args
-        return obj
-
-    def __init__(self, *args, **kwargs) -> None:
-        pass
-
-    def __setstate__(self, state) -> None:
-        self.__dict__["_state"] = state
-
-    def __setitem__(self, key, value) -> None:  # SETITEM(S) on a placeholder dict subclass
-        self.__dict__.setdefault("_items", {})[key] = value
-
-    def append(self, value) -> None:  # APPEND(S) on a placeholder list subclass
-        self.__dict__.setdefault("_items", []).append(value)
-
-    def extend(self, values) -> None:
-        self.__dict__.setdefault("_items", []).extend(values)
-
-    def __repr__(self) -> str:
-        return f"<not loaded: {self._origin}>"
-
-
-def _allowed_global(module: str, name: str) -> Any | None:
-    """The only globals a restricted load may resolve: tensor rebuilding, dtypes, plain containers."""
-    if module == "torch._utils" and name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter"):
-        return getattr(torch._utils, name)
-    if module == "torch" and (name in ("Size", "device") or isinstance(getattr(torch, name, None), torch.dtype)):
-        return getattr(torch, name)
-    if module == "collections" and name == "OrderedDict":
-        return OrderedDict
-    if module == "builtins" and name in ("set", "frozenset", "complex", "slice", "bytearray"):
-        return {"set": set, "frozenset": frozenset, "complex": complex, "slice": slice, "bytearray": bytearray}[name]
-    if module == "_codecs" and name == "encode":  # bytes pickled with protocol 2
-        import _codecs
-
-        return _codecs.encode
-    return None
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        obj = _allowed_global(module, name)
-        if obj is not None:
-            return obj
-        return type(name.rsplit(".", 1)[-1], (_Inert,), {"_origin": f"{module}.{name}"})
-
-
-class _RestrictedPickleModule:
-    """What torch.load needs of a `pickle_module`; every unpickler it makes is restricted."""
-
-    __name__ = "danet_restricted_pickle"
-    Unpickler = _RestrictedUnpickler
-
-    @staticmethod
-    def load(f, **kwargs):
-        return _RestrictedUnpickler(f, **kwargs).load()
-
-
-def _torch_load(path: Path) -> Any:
-    """Load without executing pickled code; DanetError (one line) for missing, truncated or foreign files."""
-    if not path.is_file():
-        raise DanetError(f"checkpoint {path} not found; check the path")
-    is_zip = zipfile.is_zipfile(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # plain pickles: refused below
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass  # foreign classes inside: retry with the restricted unpickler below
-    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError/EOFError/... for damaged files
-        raise _unreadable(path, is_zip, e) from e
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickleModule)
-    except Exception as e:  # noqa: BLE001
-        raise _unreadable(path, is_zip, e) from e
-
-
-def _unreadable(path: Path, is_zip: bool, e: Exception) -> DanetError:
-    reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if is_zip or head.startswith(b"PK"):
-        return DanetError(f"checkpoint {path} is truncated or corrupt ({reason}); download or save it again")
-    return DanetError(f"{path} is not a PyTorch checkpoint ({reason}); pass a .pth file written by torch.save")
-
-
-def _plain(obj: Any) -> Any:
-    """Meta made plain: placeholders become strings, so it can be stored again and loaded with weights_only."""
-    if isinstance(obj, _Inert):
-        return repr(obj)
-    if isinstance(obj, dict):
-        return {k if isinstance(k, (str, int)) else str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_plain(v) for v in obj)
-    if obj is None or isinstance(obj, (str, int, float, bool, torch.Tensor)):
-        return obj
-    return repr(obj)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -304,7 +190,7 @@ def _state_dict_of(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict,
         raise DanetError(f"{path} holds a {type(obj).__name__}, not a state dict; pass a model checkpoint")
     if obj.get("format") == "danet":
         return dict(obj["model"]), dict(obj.get("meta") or {}), obj.get("train_state"), True
-    meta = _plain(obj.get("meta") or {})
+    meta = safe_load.plain(obj.get("meta") or {})
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -321,7 +207,7 @@ def _state_dict_of(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict,
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read any supported checkpoint (auto-detected) into our key names, without executing pickled code."""
     path = Path(path)
-    sd, meta, train_state, ours = _state_dict_of(_torch_load(path), path)
+    sd, meta, train_state, ours = _state_dict_of(safe_load.load_file(path), path)
     keys = list(sd)
     if ours:
         source = "danet"

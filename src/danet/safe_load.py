@@ -1,0 +1,134 @@
+"""Reading a .pth file that may come from anywhere, without ever running code pickled in it.
+
+`load_file` first tries `torch.load(weights_only=True)`. Files that it refuses because they hold foreign objects
+(mmengine's message hub, numpy arrays, anything a toolbox pickled into its meta) are read again through
+`_RestrictedUnpickler`, which rebuilds tensors and plain containers and turns every other class into an inert
+placeholder without importing it. Zip (torch >= 1.6) and legacy torch files both go through it; bare pickles that
+are not torch files are refused. `plain` turns placeholders into strings so what was read can be stored again.
+"""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import DanetError
+
+
+class _Inert:
+    """Stands for a class found in a file: never imported, never called; keeps the arguments it was given."""
+
+    _origin = "?"
+
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        obj.__dict__["_args"] = args
+        return obj
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        self.__dict__["_state"] = state
+
+    def __setitem__(self, key, value) -> None:  # SETITEM(S) on a placeholder dict subclass
+        self.__dict__.setdefault("_items", {})[key] = value
+
+    def append(self, value) -> None:  # APPEND(S) on a placeholder list subclass
+        self.__dict__.setdefault("_items", []).append(value)
+
+    def extend(self, values) -> None:
+        self.__dict__.setdefault("_items", []).extend(values)
+
+    def __repr__(self) -> str:
+        return f"<not loaded: {self._origin}>"
+
+
+def _allowed_global(module: str, name: str) -> Any | None:
+    """The only globals a restricted load may resolve: tensor rebuilding, dtypes, plain containers."""
+    if module == "torch._utils" and name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter"):
+        return getattr(torch._utils, name)
+    if module == "torch" and (name in ("Size", "device") or isinstance(getattr(torch, name, None), torch.dtype)):
+        return getattr(torch, name)
+    if module == "collections" and name == "OrderedDict":
+        return OrderedDict
+    if module == "builtins" and name in ("set", "frozenset", "complex", "slice", "bytearray"):
+        return {"set": set, "frozenset": frozenset, "complex": complex, "slice": slice, "bytearray": bytearray}[name]
+    if module == "_codecs" and name == "encode":  # bytes pickled with protocol 2
+        import _codecs
+
+        return _codecs.encode
+    return None
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        obj = _allowed_global(module, name)
+        if obj is not None:
+            return obj
+        return type(name.rsplit(".", 1)[-1], (_Inert,), {"_origin": f"{module}.{name}"})
+
+
+class _RestrictedPickleModule:
+    """What torch.load needs of a `pickle_module`; every unpickler it makes is restricted."""
+
+    __name__ = "danet_restricted_pickle"
+    Unpickler = _RestrictedUnpickler
+
+    @staticmethod
+    def load(f, **kwargs):
+        return _RestrictedUnpickler(f, **kwargs).load()
+
+
+def load_file(path: Path) -> Any:
+    """Load without executing pickled code; DanetError (one line) for missing, truncated or foreign files."""
+    if not path.is_file():
+        raise DanetError(f"checkpoint {path} not found; check the path")
+    is_zip = zipfile.is_zipfile(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # plain pickles: refused below
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        pass  # foreign classes inside: retry with the restricted unpickler below
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError/EOFError/... for damaged files
+        raise _unreadable(path, is_zip, e) from e
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickleModule)
+    except Exception as e:  # noqa: BLE001
+        raise _unreadable(path, is_zip, e) from e
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (at most 160 characters), or its type name if it has none."""
+    return str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+
+
+def _unreadable(path: Path, is_zip: bool, e: Exception) -> DanetError:
+    reason = first_line(e)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if is_zip or head.startswith(b"PK"):
+        return DanetError(f"checkpoint {path} is truncated or corrupt ({reason}); download or save it again")
+    return DanetError(f"{path} is not a PyTorch checkpoint ({reason}); pass a .pth file written by torch.save")
+
+
+def plain(obj: Any) -> Any:
+    """Meta made plain: placeholders become strings, so it can be stored again and loaded with weights_only."""
+    if isinstance(obj, _Inert):
+        return repr(obj)
+    if isinstance(obj, dict):
+        return {k if isinstance(k, (str, int)) else str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v) for v in obj)
+    if obj is None or isinstance(obj, (str, int, float, bool, torch.Tensor)):
+        return obj
+    return repr(obj)

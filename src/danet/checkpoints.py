@@ -1,4 +1,4 @@
-"""Checkpoints: this project's format, sssegmentation / mmsegmentation / ImageNet files, `danet convert`.
+"""Checkpoints: this project's format, sssegmentation / mmsegmentation / ImageNet files (`danet convert`: convert.py).
 
 Our format (a dict that `torch.load(weights_only=True)` reads):
     {"format": "danet", "version": 1, "model": state_dict,
@@ -283,7 +283,7 @@ def _preset_name(cfg: ModelConfig) -> str | None:
     return None
 
 
-def _dataset_for(num_classes: int, depth: int | None = None) -> str | None:
+def dataset_for(num_classes: int, depth: int | None = None) -> str | None:
     """The one dataset with `num_classes` classes (and a preset of that depth), else None."""
     from .presets import PRESETS
 
@@ -319,7 +319,7 @@ def load_model(
     if cfg is not None:
         what = f"preset {p}" if (p := _preset_name(cfg)) else "the requested model"
         if cfg.num_classes != n:
-            ds = _dataset_for(n, found["depth"])
+            ds = dataset_for(n, found["depth"])
             alt = f" or pick a{'n' if ds and ds[0] in 'aeiou' else ''} {ds} preset" if ds else ""
             raise DanetError(
                 f"checkpoint {name} has {n} classes but {what} has {cfg.num_classes}; pass num_classes={n}{alt}"
@@ -381,55 +381,3 @@ def load_backbone(model: DANet, path: str | Path) -> DANet:
                          f'build the model with stem="{file_stem or "deep"}"')  # fmt: skip
     _load_strict(model.backbone, sd, name, "backbone")
     return model
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# `danet convert`
-# ---------------------------------------------------------------------------------------------------------------
-def add_cli(parser) -> None:
-    parser.add_argument("src", help="an sssegmentation / mmsegmentation / danet checkpoint (.pth)")
-    parser.add_argument("dst", help="where to write this project's checkpoint")
-    parser.add_argument("--preset", help="the preset it belongs to (class names, output stride); guessed if omitted")
-
-
-def _guess_preset(path: Path, found: dict):
-    """A preset named in the file name (e.g. ssseg's `danet_resnet50os8_ade20k_train.pth`) that fits the weights."""
-    from .presets import ALIASES, PRESETS
-
-    stem = path.stem
-    for alias, pname in sorted({**{p: p for p in PRESETS}, **ALIASES}.items(), key=lambda kv: -len(kv[0])):
-        p = PRESETS[pname]
-        if alias in stem and p.model.num_classes == found["num_classes"] and p.model.depth == found["depth"]:
-            return p
-    return None
-
-
-def run_cli(args) -> int:
-    from .presets import DATASETS, get_preset
-
-    ck = read_checkpoint(args.src)
-    found = infer_config(ck.state_dict, ck.path.name)
-    preset = get_preset(args.preset) if args.preset else _guess_preset(ck.path, found)
-    how = "given" if args.preset else "from the file name" if preset else None
-    model = load_model(ck, preset.model if preset else None)
-    meta_cfg = ck.meta.get("model_cfg") or {}
-    extra = {"source": {"format": ck.source, "file": ck.path.name}}
-    if preset is None:
-        if ck.meta.get("classes"):
-            extra.update(classes=list(ck.meta["classes"]), palette=ck.meta.get("palette"))
-        elif ds := _dataset_for(found["num_classes"]):
-            extra.update(classes=list(DATASETS[ds].classes), palette=[list(c) for c in DATASETS[ds].palette])
-    save_checkpoint(args.dst, model, preset, extra_meta=extra)
-    cfg = model.cfg
-    if preset or meta_cfg:
-        os_note = f"{cfg.output_stride} (from the {'preset' if preset else 'file meta'})"
-    else:
-        os_note = f"{cfg.output_stride} (default: {ck.source} files do not store it; pass --preset for a -d16 model)"
-    print(f"source format : {ck.source} ({len(ck.state_dict)} tensors)")
-    print(f"layout        : {cfg.layout} (PAM bias {cfg.pam_bias}, aux width {cfg.aux_channels if cfg.aux else '-'})")
-    print(f"structure     : ResNet-{cfg.depth} {cfg.stem} stem, {cfg.num_classes} classes, output stride {os_note}")
-    print(f"preset        : {preset.name + ' (' + how + ')' if preset else 'none (pass --preset to attach one)'}")
-    classes = (list(preset.classes) if preset else extra.get("classes")) or []
-    print(f"classes       : {', '.join(map(str, classes[:5])) + (', ...' if len(classes) > 5 else '') or 'unknown'}")
-    print(f"wrote {args.dst}")
-    return 0

@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "test": ("danet.engine.test_cli", "evaluate a checkpoint: mIoU, per-class table, multi-scale + flip"),
     "predict": ("danet.engine.predict", "segment your own images into palette PNGs and overlays"),
     "data": ("danet.data.cli", "prepare (convert) or check a dataset"),
-    "convert": ("danet.checkpoints", "convert an sssegmentation / mmsegmentation checkpoint to this project's"),
+    "convert": ("danet.convert", "convert an sssegmentation / mmsegmentation checkpoint to this project's"),
     "zoo": ("danet.zoo", "list the model zoo, or download a published checkpoint"),
     "benchmark": ("danet.benchmark", "measure speed, memory and FLOPs of a preset"),
     "export": ("danet.export", "export a checkpoint to ONNX or torch.export"),

@@ -1,0 +1,57 @@
+"""`danet convert SRC DST [--preset NAME]`: an sssegmentation / mmsegmentation / danet checkpoint to this project's
+format, with the structure read from the weights and the preset (classes, palette, output stride) attached."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoints import dataset_for, infer_config, load_model, read_checkpoint, save_checkpoint
+
+
+def add_cli(parser) -> None:
+    parser.add_argument("src", help="an sssegmentation / mmsegmentation / danet checkpoint (.pth)")
+    parser.add_argument("dst", help="where to write this project's checkpoint")
+    parser.add_argument("--preset", help="the preset it belongs to (class names, output stride); guessed if omitted")
+
+
+def _guess_preset(path: Path, found: dict):
+    """A preset named in the file name (e.g. ssseg's `danet_resnet50os8_ade20k_train.pth`) that fits the weights."""
+    from .presets import ALIASES, PRESETS
+
+    stem = path.stem
+    for alias, pname in sorted({**{p: p for p in PRESETS}, **ALIASES}.items(), key=lambda kv: -len(kv[0])):
+        p = PRESETS[pname]
+        if alias in stem and p.model.num_classes == found["num_classes"] and p.model.depth == found["depth"]:
+            return p
+    return None
+
+
+def run_cli(args) -> int:
+    from .presets import DATASETS, get_preset
+
+    ck = read_checkpoint(args.src)
+    found = infer_config(ck.state_dict, ck.path.name)
+    preset = get_preset(args.preset) if args.preset else _guess_preset(ck.path, found)
+    how = "given" if args.preset else "from the file name" if preset else None
+    model = load_model(ck, preset.model if preset else None)
+    meta_cfg = ck.meta.get("model_cfg") or {}
+    extra = {"source": {"format": ck.source, "file": ck.path.name}}
+    if preset is None:
+        if ck.meta.get("classes"):
+            extra.update(classes=list(ck.meta["classes"]), palette=ck.meta.get("palette"))
+        elif ds := dataset_for(found["num_classes"]):
+            extra.update(classes=list(DATASETS[ds].classes), palette=[list(c) for c in DATASETS[ds].palette])
+    save_checkpoint(args.dst, model, preset, extra_meta=extra)
+    cfg = model.cfg
+    if preset or meta_cfg:
+        os_note = f"{cfg.output_stride} (from the {'preset' if preset else 'file meta'})"
+    else:
+        os_note = f"{cfg.output_stride} (default: {ck.source} files do not store it; pass --preset for a -d16 model)"
+    print(f"source format : {ck.source} ({len(ck.state_dict)} tensors)")
+    print(f"layout        : {cfg.layout} (PAM bias {cfg.pam_bias}, aux width {cfg.aux_channels if cfg.aux else '-'})")
+    print(f"structure     : ResNet-{cfg.depth} {cfg.stem} stem, {cfg.num_classes} classes, output stride {os_note}")
+    print(f"preset        : {preset.name + ' (' + how + ')' if preset else 'none (pass --preset to attach one)'}")
+    classes = (list(preset.classes) if preset else extra.get("classes")) or []
+    print(f"classes       : {', '.join(map(str, classes[:5])) + (', ...' if len(classes) > 5 else '') or 'unknown'}")
+    print(f"wrote {args.dst}")
+    return 0

@@ -351,9 +351,13 @@ def group_profile(a) -> None:
 
 # ------------------------------------------------------------------------------------------------- e2e
 E2E_WORK = Path(os.environ.get("E2E_WORK", "/tmp/danet-e2e-work"))
-# (label, fused_loss_impl, the isolated train-step case of the same settings)
-E2E_CASES = [("e2e_bf16_cl_compiledloss", "compiled", "train_bf16_cl_compiledloss"),
-             ("e2e_bf16_cl_chunkedloss", "chunked", "train_bf16_cl_fusedloss")]  # fmt: skip
+# (label, fused_loss_impl, the isolated train-step case of the same settings, more --set); the last one compiles the
+# whole network in `danet train` (compile=true): the likeliest path to 3x, and the slowest to start (last: skipped
+# when the budget has run out)
+E2E_CASES = [("e2e_bf16_cl_compiledloss", "compiled", "train_bf16_cl_compiledloss", []),
+             ("e2e_bf16_cl_chunkedloss", "chunked", "train_bf16_cl_fusedloss", []),
+             ("e2e_bf16_cl_compiledloss_compile", "compiled", "train_bf16_cl_compiledloss_compile",
+              ["compile=true"])]  # fmt: skip
 
 
 def group_e2e(a) -> None:
@@ -399,7 +403,7 @@ def group_e2e(a) -> None:
             waits.append(time.perf_counter() - t)
             yield item
 
-    for label, impl, isolated in E2E_CASES:
+    for label, impl, isolated, more in E2E_CASES:
         if a.only and not any(o in label for o in a.only):
             continue
         if time.time() - T0 > a.budget_s:
@@ -407,7 +411,7 @@ def group_e2e(a) -> None:
             continue
         work = E2E_WORK / label
         shutil.rmtree(work, ignore_errors=True)
-        case_sets = [*sets, f"fused_loss_impl={impl}"]
+        case_sets = [*sets, f"fused_loss_impl={impl}", *more]
         rec = {"group": "e2e", "label": label, "isolated": isolated, "impl": impl, "iters": iters, "warmup": warm,
                "batch": batch, "num_workers": workers, "cpus": os.cpu_count(), "images": (iters + 1) * batch,
                "image_hw": list(hw), "data_s": data_s, "sets": case_sets}  # fmt: skip

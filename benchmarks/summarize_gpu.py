@@ -108,7 +108,7 @@ def e2e_table(ours: list) -> list[str]:
     rows = [r for r in ours if r.get("group") == "e2e" and "img_s" in r]
     if not rows:
         return []
-    step = {r["label"]: r for r in ours if r.get("group") == "train" and "img_s" in r}
+    step = {r["label"]: r for r in ours if r.get("group") in ("train", "compile") and "img_s" in r}
     r0 = rows[0]
     h, w = r0["image_hw"]
     out = ["", f"Training loop end to end (`danet train`, in the suite's process: {r0['images']} ADE20K-layout {w}x{h} "

@@ -40,11 +40,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
+def _worker(rank: int, world: int, port: int, cfg: dict, out: str, poisoned_rank: int = -1) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
+    import danet.engine.train as T
     from danet.engine.train import train
+
+    if rank == poisoned_rank:  # this rank's first loss is NaN
+        real, calls = T.danet_loss, []
+
+        def poisoned(*args, **kwargs):
+            out = real(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == 1:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+
+        T.danet_loss = poisoned
 
     summary = train(from_dict(cfg))
     Path(out, f"rank{rank}.json").write_text(json.dumps(jsonable(summary)))
@@ -66,3 +79,18 @@ def test_two_gloo_ranks_report_identical_metrics(tmp_path):
     ck = read_checkpoint(work / "last.pth")
     assert ck.train_state["iter"] == 2
     assert all(torch.isfinite(v).all() for v in ck.state_dict.values() if v.is_floating_point())
+
+
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """nonfinite=skip: rank 1 alone sees a NaN loss; both ranks skip that step (a rank stepping alone would leave
+    the other waiting in DDP's all-reduce) and finish with the same weights and metrics."""
+    data = ensure_synthetic(tmp_path / "data")
+    work = tmp_path / "work"
+    cfg = apply_overrides(
+        RunConfig(preset="danet_tiny_synthetic", data_root=str(data), work_dir=str(work)), [*SETS, "nonfinite=skip"]
+    )
+    mp.spawn(_worker, args=(2, _free_port(), to_dict(cfg), str(tmp_path), 1), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["skipped"] == r1["skipped"] == 1 and r0["iter"] == r1["iter"] == 2
+    assert r0["metrics"] == r1["metrics"]
+    assert [r["iter"] for r in read_log(work / "log.jsonl") if r["type"] == "skip"] == [1]

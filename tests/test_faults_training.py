@@ -118,6 +118,71 @@ def test_poisoned_batch_stops_and_keeps_last_good_checkpoint(data_root, tmp_path
     assert all(torch.isfinite(v).all() for v in ck.state_dict.values() if v.is_floating_point())
 
 
+def poison(monkeypatch, iterations: set[int]) -> None:
+    """Make the loss of these iterations (1-based) NaN."""
+    from danet.engine import train as train_mod
+
+    real_loss, calls = train_mod.danet_loss, {"n": 0}
+
+    def poisoned_loss(*args, **kwargs):
+        calls["n"] += 1
+        out = real_loss(*args, **kwargs)
+        if calls["n"] in iterations:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(train_mod, "danet_loss", poisoned_loss)
+
+
+def test_nonfinite_skip_skips_the_step_and_finishes(data_root, tmp_path, monkeypatch):
+    """nonfinite=skip: iteration 3's NaN loss changes no parameter and no optimiser state; the run finishes."""
+    poison(monkeypatch, {3})
+    argv = train_argv(tmp_path, data_root, "--set", "nonfinite=skip", "--set", "stop_iter=3")
+    assert run_cli_inprocess(argv) == 0
+    ck = read_checkpoint(tmp_path / "last.pth")
+    assert ck.train_state["iter"] == 3 and records(tmp_path, "skip")[0]["iter"] == 3
+    after = weights(tmp_path / "last.pth")
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    # the same run stopped before the poisoned step: every parameter and momentum buffer is unchanged by it
+    before_dir = tmp_path / "before"
+    assert run_cli_inprocess(train_argv(before_dir, data_root, "--set", "stop_iter=2")) == 0
+    before = read_checkpoint(before_dir / "last.pth")
+    params = {name for name, _ in torch.nn.Module.named_parameters(_model_of(before))}
+    assert params and all(torch.equal(after[k], before.state_dict[k]) for k in params)
+    mom_a, mom_b = ck.train_state["optimizer"]["state"], before.train_state["optimizer"]["state"]
+    assert mom_a.keys() == mom_b.keys() and all(
+        torch.equal(mom_a[i]["momentum_buffer"], mom_b[i]["momentum_buffer"]) for i in mom_a
+    )
+    # and a full run with one poisoned step finishes, counting it
+    poison(monkeypatch, {3})
+    full = tmp_path / "full"
+    assert run_cli_inprocess(train_argv(full, data_root, "--set", "nonfinite=skip")) == 0
+    assert [r["iter"] for r in records(full, "skip")] == [3] and records(full, "end")[0]["skipped"] == 1
+    assert read_checkpoint(full / "last.pth").train_state["iter"] == TOTAL
+
+
+def test_nonfinite_skip_still_stops_when_it_keeps_happening(data_root, tmp_path, monkeypatch, capsys):
+    from danet.engine import train as train_mod
+
+    monkeypatch.setattr(train_mod, "MAX_SKIPS_IN_A_ROW", 1)
+    poison(monkeypatch, {3, 4})
+    line = cli_error(capsys, *train_argv(tmp_path, data_root, "--set", "nonfinite=skip"))
+    assert "at iteration 4, 2 times in a row" in line and "last.pth" in line
+    assert [r["iter"] for r in records(tmp_path, "skip")] == [3]
+
+
+def run_cli_inprocess(argv: list[str]) -> int:
+    from danet.cli import main
+
+    return main(argv)
+
+
+def _model_of(ck):
+    from danet.checkpoints import load_model
+
+    return load_model(ck)
+
+
 def test_huge_learning_rate_stops_with_the_iteration(data_root, tmp_path, capsys):
     line = cli_error(capsys, *train_argv(tmp_path, data_root, "--set", "schedule.lr=1.0e+10", epochs=2))
     assert "iteration" in line and ("nan" in line.lower() or "inf" in line.lower())

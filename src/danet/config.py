@@ -39,6 +39,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "eval_mode": ("whole", "slide"),
     "fused_loss_impl": ("chunked", "compiled"),
     "conv": ("direct", "winograd"),
+    "nonfinite": ("stop", "skip"),
 }
 
 
@@ -92,6 +93,9 @@ class RunConfig:
     fused_loss_impl: str = "chunked"
     conv: str = "direct"  # 3x3 convs: direct | winograd (CPU float32/64 without autocast, else direct; models.winograd)
     eval_mode: str = "whole"  # validation inference: whole | slide
+    # a non-finite loss (on any rank): stop with the last good checkpoint, or skip that step (no update; the run
+    # still stops after MAX_SKIPS_IN_A_ROW in a row, see engine/train.py)
+    nonfinite: str = "stop"
     log_interval: int = 10  # iterations between log lines
     stop_iter: int | None = None  # stop after this global iteration (writes last.pth; --resume continues)
     progress: bool = True  # tqdm bar on rank 0

@@ -85,6 +85,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on any rank (one all-reduce; just `flag` without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def broadcast_buffers(model: nn.Module) -> None:
     """Copy rank 0's buffers (BN running statistics) to every rank, so all ranks evaluate the same model.
 

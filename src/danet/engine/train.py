@@ -37,6 +37,8 @@ from .losses import danet_loss
 from .sampling import EpochBatchSampler, capture_rng_states, mix, restore_rng_states
 from .schedule import PolyLR, build_optimizer
 
+MAX_SKIPS_IN_A_ROW = 10  # nonfinite=skip: more non-finite losses in a row than this stop the run
+
 
 def set_deterministic(on: bool, compiling: bool = False) -> None:
     """Deterministic kernels (cuDNN, cuBLAS, scatter/index ops) or the fast ones (cuDNN benchmark)."""
@@ -208,6 +210,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     window: dict[str, float] = {}
     t_window, n_window = time.time(), 0
     stopped = False
+    skipped = in_a_row = 0  # steps skipped for a non-finite loss (nonfinite=skip): in all, and in a row now
     net.train()
     for epoch in range(it // ipe, sch.epochs):
         sampler.set_epoch(epoch, start=it % ipe)
@@ -223,24 +226,34 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
             loss_fn = partial(fused_danet_loss, impl=cfg.fused_loss_impl) if cfg.fused_loss else danet_loss
             losses = loss_fn(outputs, labels, cfg.loss, cfg.aux_weight, preset.dataset.ignore_index)
             values = {k: v.item() for k, v in losses.items()}
-            if not math.isfinite(values["loss"]):  # NOTE: checked before the step, so the weights stay good
-                hint = " or try amp=bf16" if cfg.amp == "fp16" else ""
-                raise DanetError(
-                    f"loss became {values['loss']} at iteration {it + 1}; lower schedule.lr (now {sch.lr:g}){hint} "
-                    f"and --resume from {work / 'last.pth'} (the last good checkpoint)"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(losses["loss"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            # NOTE: checked before the step, so the weights stay good; on every rank at once (DDP: no rank may step
+            # alone, or the others wait in its all-reduce)
+            if distributed.any_rank(not math.isfinite(values["loss"]), dev):
+                in_a_row += 1
+                if cfg.nonfinite == "stop" or in_a_row > MAX_SKIPS_IN_A_ROW:
+                    hint = " or try amp=bf16" if cfg.amp == "fp16" else ""
+                    loss = values["loss"] if not math.isfinite(values["loss"]) else "non-finite on another rank"
+                    when = f"at iteration {it + 1}" + (f", {in_a_row} times in a row" if in_a_row > 1 else "")
+                    raise DanetError(
+                        f"loss became {loss} {when}; lower schedule.lr (now {sch.lr:g}){hint} and --resume from "
+                        f"{work / 'last.pth'} (the last good checkpoint)"
+                    )
+                skipped += 1
+                logger.log("skip", iter=it + 1, epoch=epoch + 1, loss=values["loss"])
+                bar.write(f"iteration {it + 1}: non-finite loss (here {values['loss']:g}); step skipped")
+            else:
+                in_a_row = 0
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(losses["loss"]).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                for k, v in values.items():
+                    window[k] = window.get(k, 0.0) + v
+                n_window += 1
+                bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
             it += 1
-
-            for k, v in values.items():
-                window[k] = window.get(k, 0.0) + v
-            n_window += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
-            if it % cfg.log_interval == 0 or it == total:
+            if n_window and (it % cfg.log_interval == 0 or it == total):
                 dt = time.time() - t_window
                 img_s = n_window * sch.batch_size / max(dt, 1e-9)
                 rec = {k: round(v / n_window, 5) for k, v in window.items()}
@@ -276,7 +289,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
             break
     bar.close()
     seconds = time.time() - t_start
-    logger.log("end", iter=it, seconds=round(seconds, 2), stopped=stopped, best_miou=best)
+    logger.log("end", iter=it, seconds=round(seconds, 2), stopped=stopped, best_miou=best, skipped=skipped)
     logger.close()
     if info.is_main and not stopped:
         draw_pictures(work, preset, metrics)
@@ -288,6 +301,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
         "iter": it,
         "seconds": seconds,
         "stopped": stopped,
+        "skipped": skipped,
     }
 
 

@@ -250,6 +250,43 @@ def test_bf16_training_tracks_float32():
     assert sum(fp32[-4:]) < sum(fp32[:4])  # it trains (the same 4 batches, seen 5 times)
 
 
+def test_winograd_training_drifts_like_float32(monkeypatch):
+    """20 SGD steps as above, Winograd convolutions vs direct, both against a float64 run of the same steps.
+
+    The narrow net amplifies any rounding over 20 steps (ReLU masks, train-mode BN at 4x4 maps): direct float32
+    itself drifts ~0.5 % from float64 by step 20. Winograd's ~20x larger per-convolution rounding (still ~3e-6)
+    must not drift much more (measured 0.7 %); a wrong gradient would be off by far more from the first step.
+    """
+    import danet.models.winograd as W
+
+    monkeypatch.setattr(W, "MIN_CHANNELS", 1)
+    base = narrow_model()
+    data = [batch(seed=s) for s in range(4)]
+
+    def run(mode: str) -> list[float]:
+        model = copy.deepcopy(base).train()
+        if mode == "winograd":
+            assert W.use_winograd(model) > 15
+        if mode == "f64":
+            model.double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        losses = []
+        for i in range(20):
+            x, y = data[i % 4]
+            torch.manual_seed(100 + i)
+            loss = L.fused_danet_loss(model(x.double() if mode == "f64" else x, resize=False), y)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses
+
+    f64, direct, wino = run("f64"), run("direct"), run("winograd")
+    dev = lambda run: [abs(a - b) / a for a, b in zip(f64, run, strict=True)]  # noqa: E731
+    assert dev(wino)[0] < 1e-5  # the first step: the same weights, only rounding
+    assert max(dev(wino)) < 0.02 and max(dev(wino)) < 3 * max(dev(direct)) + 1e-3, (dev(wino), dev(direct))
+
+
 def test_compile_of_a_submodule_matches_eager():
     """torch.compile (inductor, C++ on the CPU) of the channel attention; the whole model takes minutes here."""
     cam = narrow_model().head.cam

@@ -281,6 +281,8 @@ def cases(a, group: str) -> list[BenchSpec]:
             spec(tr, "train_bf16_cl_fusedloss_compile", **bf, loss="fused", compile="default"),
             spec(tr, "train_bf16_cl_compiledloss_compile", **bf, loss="compiled", compile="default"),
             spec(i5, "infer512_bf16_cl_compile_graphs", **bf, compile="default", cuda_graphs=gpu),
+            # CUDA graphs of the compiled forward + backward too (launch overhead of ~1,000 kernels a step)
+            spec(tr, "train_bf16_cl_compiledloss_compile_ro", **bf, loss="compiled", compile="reduce-overhead"),
         ]
     raise ValueError(group)
 

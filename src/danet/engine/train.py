@@ -240,7 +240,8 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
                     )
                 skipped += 1
                 logger.log("skip", iter=it + 1, epoch=epoch + 1, loss=values["loss"])
-                bar.write(f"iteration {it + 1}: non-finite loss (here {values['loss']:g}); step skipped")
+                if info.is_main:
+                    bar.write(f"iteration {it + 1}: non-finite loss (here {values['loss']:g}); step skipped")
             else:
                 in_a_row = 0
                 optimizer.zero_grad(set_to_none=True)

@@ -46,6 +46,8 @@ rm -f "$OUT/ours.jsonl"
 
 SMOKE_ARG=(); QUICK=()
 [[ $SMOKE == 1 ]] && SMOKE_ARG=(--smoke) && QUICK=(--quick)
+# the Triton loss on the CPU: Triton's interpreter (needs the triton package: the [test] extra)
+[[ $SMOKE == 1 ]] && export TRITON_INTERPRET=1
 lim() { local t=$1; ((t > $(left))) && t=$(left); ((t < 5)) && t=5; echo $t; }  # seconds, capped by the budget
 if ((ANCHORS)); then
   stage "anchor: mmsegmentation"

@@ -182,7 +182,7 @@ def group_loss(a) -> None:
     from danet.engine.losses import danet_loss
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    b, k, h, w, s = (2, 5, 8, 8, 8) if a.smoke else (8, 150, 64, 64, 8)
+    b, k, h, w, s = (1, 5, 2, 2, 8) if a.smoke else (8, 150, 64, 64, 8)  # smoke: Triton's CPU interpreter is slow
     size = (h * s, w * s)
     g = torch.Generator().manual_seed(0)
     outs = {n: torch.randn(b, k, h, w, generator=g).to(dev, torch.bfloat16).requires_grad_() for n in L.WEIGHTS}
@@ -205,7 +205,7 @@ def group_loss(a) -> None:
         return run
 
     impls = {"reference": reference, "fused_gemm": fused(), "fused_aten": fused(path="never"),
-             "compiled": fused("compiled")}  # fmt: skip
+             "compiled": fused("compiled"), "triton": fused("triton")}  # fmt: skip
     for name, fn in impls.items():
         rec = {"group": "loss", "impl": name, "batch": b, "classes": k, "size": list(size)}
         try:
@@ -247,7 +247,7 @@ def cases(a, group: str) -> list[BenchSpec]:
     nar = dict(base_channels=4, stem_channels=8, head_channels=32, key_channels=16, aux_channels=16) if sm else {}
     mm = {**nar, "pam_bias": True, "aux_channels": 16 if sm else 256}
     common = dict(cudnn_benchmark=True, overrides=nar)
-    tr = dict(common, preset=ade, mode="train", batch=2 if sm else 8, size=(64, 64) if sm else (512, 512),
+    tr = dict(common, preset=ade, mode="train", batch=2 if sm else 8, size=(32, 32) if sm else (512, 512),
               warmup=1 if sm else 3, iters=1 if sm else 10)  # fmt: skip
     i5 = dict(common, preset=ade, mode="infer", batch=1, size=(64, 64) if sm else (512, 512),
               warmup=1 if sm else 5, iters=1 if sm else 20)  # fmt: skip
@@ -261,6 +261,7 @@ def cases(a, group: str) -> list[BenchSpec]:
             spec(tr, "train_fp32_fusedloss", loss="fused"),
             spec(tr, "train_bf16_cl_refloss", **bf),
             spec(tr, "train_bf16_cl_fusedloss", **bf, loss="fused"),
+            spec(tr, "train_bf16_cl_tritonloss", **bf, loss="triton"),
             spec(tr, "train_bf16_cl_compiledloss", **bf, loss="compiled"),
             spec(tr, "train_fp16_cl_fusedloss", **cl, loss="fused"),
             spec(tr, "train_bf16_cl_fusedloss_mmlayout", **bf, loss="fused", overrides=mm),
@@ -280,6 +281,7 @@ def cases(a, group: str) -> list[BenchSpec]:
         return [
             spec(tr, "train_bf16_cl_fusedloss_compile", **bf, loss="fused", compile="default"),
             spec(tr, "train_bf16_cl_compiledloss_compile", **bf, loss="compiled", compile="default"),
+            spec(tr, "train_bf16_cl_tritonloss_compile", **bf, loss="triton", compile="default"),
             spec(i5, "infer512_bf16_cl_compile_graphs", **bf, compile="default", cuda_graphs=gpu),
             # CUDA graphs of the compiled forward + backward too (launch overhead of ~1,000 kernels a step)
             spec(tr, "train_bf16_cl_compiledloss_compile_ro", **bf, loss="compiled", compile="reduce-overhead"),
@@ -330,7 +332,7 @@ def group_profile(a) -> None:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     out = []
-    chosen = {"train_bf16_cl_fusedloss", "train_bf16_cl_compiledloss"}
+    chosen = {"train_bf16_cl_tritonloss", "train_bf16_cl_compiledloss"}
     for spec in [s for s in cases(a, "train") + cases(a, "infer") if s.label in chosen]:
         if time.time() - T0 > a.budget_s:
             break
@@ -356,10 +358,10 @@ E2E_WORK = Path(os.environ.get("E2E_WORK", "/tmp/danet-e2e-work"))
 # (label, fused_loss_impl, the isolated train-step case of the same settings, more --set); the last one compiles the
 # whole network in `danet train` (compile=true): the likeliest path to 3x, and the slowest to start (last: skipped
 # when the budget has run out)
-E2E_CASES = [("e2e_bf16_cl_compiledloss", "compiled", "train_bf16_cl_compiledloss", []),
-             ("e2e_bf16_cl_chunkedloss", "chunked", "train_bf16_cl_fusedloss", []),
-             ("e2e_bf16_cl_compiledloss_compile", "compiled", "train_bf16_cl_compiledloss_compile",
-              ["compile=true"])]  # fmt: skip
+E2E_CASES = [("e2e_bf16_cl_tritonloss", "triton", "train_bf16_cl_tritonloss", []),
+             ("e2e_bf16_cl_compiledloss", "compiled", "train_bf16_cl_compiledloss", []),
+             ("e2e_bf16_cl_tritonloss_compile", "triton", "train_bf16_cl_tritonloss_compile", ["compile=true"]),
+             ("e2e_bf16_cl_chunkedloss", "chunked", "train_bf16_cl_fusedloss", [])]  # fmt: skip
 
 
 def group_e2e(a) -> None:
@@ -389,7 +391,7 @@ def group_e2e(a) -> None:
             f"log_interval={log_every}", "progress=false", "overwrite=true"]  # fmt: skip
     if sm:  # the narrow R50-D8 of the smoke cases, 64x64 crops of 64x85 images
         nar = dict(base_channels=4, stem_channels=8, head_channels=32, key_channels=16, aux_channels=16)
-        sets += ["device=cpu", "threads=1", "data.crop_size=[64,64]", "data.base_size=[256,64]"]
+        sets += ["device=cpu", "threads=1", "data.crop_size=[32,32]", "data.base_size=[256,64]"]
         sets += [f"model.{k}={v}" for k, v in nar.items()]
     orig = T._batches
     waits: list[float] = []

@@ -37,7 +37,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss": ("ssseg", "mmseg"),
     "device": ("auto", "cpu", "cuda"),
     "eval_mode": ("whole", "slide"),
-    "fused_loss_impl": ("chunked", "compiled"),
+    "fused_loss_impl": ("chunked", "compiled", "triton"),
     "conv": ("direct", "winograd"),
     "nonfinite": ("stop", "skip"),
 }
@@ -88,8 +88,9 @@ class RunConfig:
     loss: str = "ssseg"  # ssseg: CE mean over labelled pixels; mmseg: CE sum over labelled / all pixels
     aux_weight: float = 0.4
     fused_loss: bool = False  # same loss from the 1/8-size logits, chunked: no full-size logits in memory
-    # how fused_loss computes: chunked (any device) | compiled (torch.compile'd kernels, fastest on CUDA, compiles on
-    # the first steps); compiled needs fused_loss=true (an error otherwise, so config.yaml always says what ran)
+    # how fused_loss computes: chunked (any device) | compiled (torch.compile'd kernels, compiles on the first steps) |
+    # triton (one Triton kernel, CUDA; engine/triton_loss.py); compiled and triton need fused_loss=true (an error
+    # otherwise, so config.yaml always says what ran)
     fused_loss_impl: str = "chunked"
     conv: str = "direct"  # 3x3 convs: direct | winograd (CPU float32/64 without autocast, else direct; models.winograd)
     eval_mode: str = "whole"  # validation inference: whole | slide
@@ -146,8 +147,10 @@ class RunConfig:
         for key, words in CHOICES.items():  # NOTE: also for configs built in code, which skip from_dict's checks
             if getattr(self, key) not in words:
                 raise DanetError(f"setting {key!r} must be one of {', '.join(words)}, got {getattr(self, key)!r}")
-        if self.fused_loss_impl == "compiled" and not self.fused_loss:
-            raise DanetError("setting 'fused_loss_impl=compiled' needs fused_loss=true; add --set fused_loss=true")
+        if self.fused_loss_impl != "chunked" and not self.fused_loss:
+            raise DanetError(
+                f"setting 'fused_loss_impl={self.fused_loss_impl}' needs fused_loss=true; add --set fused_loss=true"
+            )
         positive = {
             "schedule.epochs": s.epochs,
             "schedule.batch_size": s.batch_size,

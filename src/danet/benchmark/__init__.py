@@ -54,7 +54,7 @@ class BenchSpec:
     cudnn_benchmark: bool = False
     attention: str = "fused"  # "fused" (SDPA) | "explicit" (softmax(QK^T)V in memory)
     conv: str = "direct"  # "direct" | "winograd" (models.winograd: CPU float32, F(4x4, 3x3))
-    loss: str = "reference"  # "reference" (engine.losses, full-size logits) | "fused" | "compiled" (engine.fused_loss)
+    loss: str = "reference"  # "reference" (engine.losses, full-size logits) | "fused" | "compiled" | "triton"
     cuda_graphs: bool = False  # inference only: capture the forward once, replay it
     warmup: int = 2
     iters: int = 5
@@ -202,8 +202,8 @@ def make_train_fn(spec: BenchSpec, model, x: torch.Tensor, y: torch.Tensor, dev:
     def step():
         opt.zero_grad(set_to_none=True)
         with _autocast(dev, spec.amp):
-            if spec.loss in ("fused", "compiled"):
-                impl = "chunked" if spec.loss == "fused" else "compiled"
+            if spec.loss in ("fused", "compiled", "triton"):
+                impl = "chunked" if spec.loss == "fused" else spec.loss
                 losses = fused_danet_loss(net(x, resize=False), y, ignore_index=ignore, impl=impl)
             else:
                 losses = danet_loss(net(x), y, ignore_index=ignore)
@@ -240,8 +240,8 @@ def run_case(spec: BenchSpec) -> dict:
         raise DanetError(f"unknown --attention {spec.attention!r}; use fused or explicit")
     if spec.conv not in ("direct", "winograd"):
         raise DanetError(f"unknown --conv {spec.conv!r}; use direct or winograd")
-    if spec.loss not in ("reference", "fused", "compiled"):
-        raise DanetError(f"unknown --loss {spec.loss!r}; use reference, fused or compiled")
+    if spec.loss not in ("reference", "fused", "compiled", "triton"):
+        raise DanetError(f"unknown --loss {spec.loss!r}; use reference, fused, compiled or triton")
     dev = resolve_device(spec.device)
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -333,10 +333,10 @@ def add_cli(parser) -> None:
     )
     parser.add_argument(
         "--loss",
-        choices=["reference", "fused", "compiled"],
+        choices=["reference", "fused", "compiled", "triton"],
         default="reference",
         help="train: CE of the full-size logits (engine.losses), or the same value from the 1/8-size logits, "
-        "chunked (fused) or torch.compile'd (compiled), without the full-size tensors",
+        "chunked (fused), torch.compile'd (compiled) or one Triton kernel (triton), without the full-size tensors",
     )
     parser.add_argument("--cuda-graphs", action="store_true", help="inference: replay a captured CUDA graph")
     parser.add_argument("--warmup", type=int, default=2)

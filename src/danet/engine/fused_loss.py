@@ -292,7 +292,11 @@ def _summed_ce(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, im
         return UpsampledCrossEntropy.apply(logits, target, ignore_index)
     if impl == "compiled":
         return CompiledUpsampledCrossEntropy.apply(logits, target, ignore_index)
-    raise DanetError(f"unknown fused loss implementation {impl!r}; use 'chunked' or 'compiled'")
+    if impl == "triton":
+        from .triton_loss import TritonUpsampledCrossEntropy
+
+        return TritonUpsampledCrossEntropy.apply(logits, target, ignore_index)
+    raise DanetError(f"unknown fused loss implementation {impl!r}; use 'chunked', 'compiled' or 'triton'")
 
 
 def fused_danet_loss(

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -63,11 +65,23 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out: str, poisoned_rank
     Path(out, f"rank{rank}.json").write_text(json.dumps(jsonable(summary)))
 
 
+def spawn_two(*args, timeout: float = 180) -> None:
+    """Run `_worker` on 2 ranks; a deadlock (one rank waiting in an all-reduce the other never joins) fails the test
+    after `timeout` seconds instead of hanging the suite."""
+    ctx = mp.spawn(_worker, args=(2, _free_port(), *args), nprocs=2, join=False)
+    deadline = time.time() + timeout
+    while not ctx.join(timeout=2):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the 2 ranks did not finish in {timeout:.0f} s (deadlocked?)")
+
+
 def test_two_gloo_ranks_report_identical_metrics(tmp_path):
     data = ensure_synthetic(tmp_path / "data")
     work = tmp_path / "work"
     cfg = apply_overrides(RunConfig(preset="danet_tiny_synthetic", data_root=str(data), work_dir=str(work)), SETS)
-    mp.spawn(_worker, args=(2, _free_port(), to_dict(cfg), str(tmp_path)), nprocs=2, join=True)
+    spawn_two(to_dict(cfg), str(tmp_path))
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["iter"] == r1["iter"] == 2
     assert r0["metrics"] == r1["metrics"]
@@ -89,7 +103,7 @@ def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     cfg = apply_overrides(
         RunConfig(preset="danet_tiny_synthetic", data_root=str(data), work_dir=str(work)), [*SETS, "nonfinite=skip"]
     )
-    mp.spawn(_worker, args=(2, _free_port(), to_dict(cfg), str(tmp_path), 1), nprocs=2, join=True)
+    spawn_two(to_dict(cfg), str(tmp_path), 1)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["skipped"] == r1["skipped"] == 1 and r0["iter"] == r1["iter"] == 2
     assert r0["metrics"] == r1["metrics"]

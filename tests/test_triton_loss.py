@@ -8,6 +8,7 @@ with autograd, dtypes and memory formats; and the one-line errors.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -18,6 +19,11 @@ import danet.engine.fused_loss as L
 import danet.engine.triton_loss as TL
 from danet.config import RunConfig
 from danet.errors import DanetError
+
+# triton is in the [test] extra on Linux (its wheels are Linux-only): there these tests always run
+pytestmark = pytest.mark.skipif(
+    sys.platform != "linux" and importlib.util.find_spec("triton") is None, reason="no triton wheels off Linux"
+)
 
 
 @pytest.fixture

@@ -24,20 +24,13 @@ import torch
 
 from ..errors import DanetError
 
-_KERNEL: list = []
+try:  # NOTE: module level, not in a function: older Triton cannot compile kernels that use closure variables
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU builds of PyTorch come without it
+    triton = None
 
-
-def _kernel():
-    """The Triton kernel, defined at first use (so TRITON_INTERPRET set by then is honoured)."""
-    if _KERNEL:
-        return _KERNEL[0]
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        raise DanetError(
-            "fused_loss_impl=triton needs the triton package (part of PyTorch's CUDA builds); use 'compiled'"
-        ) from None
+if triton is not None:
 
     @triton.jit
     def upsampled_ce_tiles(
@@ -112,8 +105,13 @@ def _kernel():
         tl.store(gb + 2 * K + ks, g10, mask=kmask)
         tl.store(gb + 3 * K + ks, g11, mask=kmask)
 
-    _KERNEL.append((upsampled_ce_tiles, triton.next_power_of_2))
-    return _KERNEL[0]
+
+def _kernel():
+    if triton is None:
+        raise DanetError(
+            "fused_loss_impl=triton needs the triton package (part of PyTorch's CUDA builds); use 'compiled'"
+        )
+    return upsampled_ce_tiles, triton.next_power_of_2
 
 
 def _gather_corners(p0: torch.Tensor, p1: torch.Tensor, dim: int) -> torch.Tensor:

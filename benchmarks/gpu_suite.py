@@ -206,6 +206,17 @@ def group_loss(a) -> None:
 
     impls = {"reference": reference, "fused_gemm": fused(), "fused_aten": fused(path="never"),
              "compiled": fused("compiled"), "triton": fused("triton")}  # fmt: skip
+
+    def value_and_grads(fn) -> torch.Tensor:  # the gradients of one fwd+bwd, flattened
+        for v in outs.values():
+            v.grad = None
+        fn()
+        grads = torch.cat([v.grad.float().flatten() for v in outs.values()])
+        for v in outs.values():
+            v.grad = None
+        return grads
+
+    base = None
     for name, fn in impls.items():
         rec = {"group": "loss", "impl": name, "batch": b, "classes": k, "size": list(size)}
         try:
@@ -213,6 +224,9 @@ def group_loss(a) -> None:
             peak_reset()
             rec["ms_fwd_bwd"] = round(1e3 * bench(fn, 2, 5), 3)
             rec["peak_gib"] = peak_gib()
+            grads = value_and_grads(fn)  # same values as the first implementation (the reference)?
+            base = grads if base is None else base
+            rec["grad_rel_vs_reference"] = float((grads - base).norm() / base.norm())
         except Exception as e:  # noqa: BLE001
             rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         for v in outs.values():

@@ -165,9 +165,10 @@ def summarize(out: Path, peers_dir: Path | None = None) -> str:
     loss = [r for r in ours if r.get("group") == "loss"]
     if loss:
         lines += ["", "Training loss alone (4 outputs, bf16 logits, to 512x512), forward + backward:", "",
-                  "| implementation | ms | peak GiB |", "|---|---|---|"]  # fmt: skip
+                  "| implementation | ms | peak GiB | gradient vs reference |", "|---|---|---|---|"]  # fmt: skip
         for r in loss:
-            lines.append(f"| {r['impl']} | {r.get('ms_fwd_bwd', r.get('error', '-'))} | {fmt(r.get('peak_gib'))} |")
+            lines.append(f"| {r['impl']} | {r.get('ms_fwd_bwd', r.get('error', '-'))} | {fmt(r.get('peak_gib'))} | "
+                         f"{fmt(r.get('grad_rel_vs_reference'), '.1e')} |")  # fmt: skip
     parts = [r for r in ours if r.get("group") == "loss_part"]
     if parts:
         lines += ["", f"Loss parts on one output {parts[0]['shape']} (float32):", "", "| kernel | ms |", "|---|---|"]

@@ -28,6 +28,7 @@ from danet.engine.logging import read_log
 from danet.errors import DanetError
 from danet.models.danet import DANet
 from danet.presets import get_preset
+from test_speed_options import perturb
 
 PRESET = "danet_tiny_synthetic"
 SETS = [
@@ -117,17 +118,8 @@ def checkpoint(data_root, tmp_path_factory) -> Path:
     features of a val image (a fresh init gives nearly constant features, so one class everywhere)."""
     preset = get_preset(PRESET)
     torch.manual_seed(0)
-    model = DANet(preset.model).eval()
-    g = torch.Generator().manual_seed(1)
+    model = perturb(DANet(preset.model).eval(), 1)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0, 0.1, generator=g)
-                m.running_mean.normal_(0, 0.1, generator=g)
-                m.running_var.uniform_(0.5, 1.5, generator=g)
-            if hasattr(m, "gamma"):
-                m.gamma.fill_(0.5)
         image = sorted((data_root / "images" / "validation").glob("*.jpg"))[0]
         x = normalize(np.array(Image.open(image).convert("RGB")), preset.mean, preset.std)[None]
         cls = model.head.cls.conv

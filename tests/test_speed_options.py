@@ -31,11 +31,10 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-def narrow_model(seed: int = 0, dtype=torch.float32) -> danet.DANet:
-    """Narrow DANet-R50-D8 with perturbed BN and gamma (a fresh init would hide the attention branches)."""
-    torch.manual_seed(seed)
-    model = danet.create_model("danet_r50-d8_ade20k", **NARROW)
-    g = torch.Generator().manual_seed(seed + 1)
+def perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random BN affine and running statistics, attention gamma 0.5: a fresh init would hide the attention branches
+    (gamma 0) and make the features nearly constant (BN at identity)."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -45,7 +44,13 @@ def narrow_model(seed: int = 0, dtype=torch.float32) -> danet.DANet:
                 m.running_var.uniform_(0.5, 1.5, generator=g)
             if hasattr(m, "gamma"):
                 m.gamma.fill_(0.5)
-    return model.to(dtype)
+    return model
+
+
+def narrow_model(seed: int = 0, dtype=torch.float32) -> danet.DANet:
+    """Narrow DANet-R50-D8 with perturbed BN and gamma."""
+    torch.manual_seed(seed)
+    return perturb(danet.create_model("danet_r50-d8_ade20k", **NARROW), seed + 1).to(dtype)
 
 
 def batch(n=2, h=32, w=32, seed=0, k=5):

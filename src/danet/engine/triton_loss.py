@@ -10,8 +10,9 @@ registers, takes their log-sum-exp, loss and softmax - onehot, and contracts tha
 with the same bilinear weights. Each tile writes its loss sum and 4 corner gradients to its own slots; torch then
 adds the slots of the (up to 4) tiles that share a low-resolution pixel, in a fixed order: deterministic, no atomics.
 
-Work per head and image is ~K x H x W exponentials and a few FMAs each, reading only the low-resolution logits and
-the labels: a few hundred microseconds on a GPU where the compiled loss moved gigabytes. Same values as the other
+Work per head and image is ~K x H x W exponentials and a few FMAs each; memory traffic is the low-resolution logits,
+the labels and the per-tile corner gradients (~4x the logits' gradient): a few hundred microseconds on a GPU, where
+the compiled loss moved gigabytes (predicted, not yet measured on one). Same values as the other
 implementations to float32 rounding (tests run the kernel through Triton's CPU interpreter).
 
 Needs the `triton` package (it comes with the CUDA builds of PyTorch); CUDA tensors, or any tensors with

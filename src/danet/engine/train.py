@@ -210,6 +210,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     window: dict[str, float] = {}
     t_window, n_window = time.time(), 0
     stopped = False
+    loss_fn = partial(fused_danet_loss, impl=cfg.fused_loss_impl) if cfg.fused_loss else danet_loss
     skipped = in_a_row = 0  # steps skipped for a non-finite loss (nonfinite=skip): in all, and in a row now
     net.train()
     for epoch in range(it // ipe, sch.epochs):
@@ -223,7 +224,6 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
             lr = scheduler.step()
             with autocast(dev, cfg.amp):
                 outputs = step_net(images, resize=not cfg.fused_loss)
-            loss_fn = partial(fused_danet_loss, impl=cfg.fused_loss_impl) if cfg.fused_loss else danet_loss
             losses = loss_fn(outputs, labels, cfg.loss, cfg.aux_weight, preset.dataset.ignore_index)
             values = {k: v.item() for k, v in losses.items()}
             # NOTE: checked before the step, so the weights stay good; on every rank at once (DDP: no rank may step

@@ -7,7 +7,8 @@ Groups (the default order; each case starts only while the time budget lasts):
   train    R50-D8 ADE20K 512x512 batch 8 train step: fp32 / bf16 / fp16, channels_last, loss implementations
   e2e      the real loop, `danet train danet_r50-d8_ade20k` in this process (data loader, augmentation, logging) on
            ADE20K-layout JPEGs written to $E2E_DATA (default /tmp/danet-e2e-data), batch 8, bf16, channels_last,
-           fused loss compiled | chunked: images/s after a warm-up, data wait, peak memory
+           fused loss triton | compiled | chunked, whole-network compile, no prefetch: images/s after a warm-up, data
+           wait, peak memory
   profile  torch.profiler's top CUDA kernels of the two best train cases -> $OUT/profile.txt
   infer    R50-D8 inference 512x512 batch 1 (ADE20K) and whole 1024x2048 (Cityscapes): dtypes, CUDA graphs
   compile  torch.compile cases (slow to build: last)
@@ -370,13 +371,15 @@ def group_profile(a) -> None:
 
 # ------------------------------------------------------------------------------------------------- e2e
 E2E_WORK = Path(os.environ.get("E2E_WORK", "/tmp/danet-e2e-work"))
-# (label, fused_loss_impl, the isolated train-step case of the same settings, more --set); the last one compiles the
-# whole network in `danet train` (compile=true): the likeliest path to 3x, and the slowest to start (last: skipped
-# when the budget has run out)
+# (label, fused_loss_impl, the isolated train-step case of the same settings, more --set), the most telling first (a
+# case starts only while the budget lasts); the third compiles the whole network in `danet train` (compile=true), the
+# last copies each batch on the compute stream (data.prefetch=false: what the side-stream prefetch saves)
 E2E_CASES = [("e2e_bf16_cl_tritonloss", "triton", "train_bf16_cl_tritonloss", []),
              ("e2e_bf16_cl_compiledloss", "compiled", "train_bf16_cl_compiledloss", []),
              ("e2e_bf16_cl_tritonloss_compile", "triton", "train_bf16_cl_tritonloss_compile", ["compile=true"]),
-             ("e2e_bf16_cl_chunkedloss", "chunked", "train_bf16_cl_fusedloss", [])]  # fmt: skip
+             ("e2e_bf16_cl_chunkedloss", "chunked", "train_bf16_cl_fusedloss", []),
+             ("e2e_bf16_cl_tritonloss_noprefetch", "triton", "train_bf16_cl_tritonloss",
+              ["data.prefetch=false"])]  # fmt: skip
 
 
 def group_e2e(a) -> None:

@@ -67,6 +67,7 @@ class DataConfig:
     base_size: tuple[int, int] | None = None  # keep-ratio resize target (long, short)
     ratio_range: tuple[float, float] | None = None  # train random rescale range
     num_workers: int = 2
+    prefetch: bool = True  # CUDA: copy the next batch on a side stream while this step computes (engine/transfer.py)
     train_limit: int | None = None  # use only the first N train images (quick runs)
     val_limit: int | None = None  # validate on the first N val images only (quick runs)
 

@@ -36,6 +36,7 @@ from .logging import RunLogger, read_log, write_json
 from .losses import danet_loss
 from .sampling import EpochBatchSampler, capture_rng_states, mix, restore_rng_states
 from .schedule import PolyLR, build_optimizer
+from .transfer import labels_fit_uint8, narrow_labels_collate, to_device
 
 MAX_SKIPS_IN_A_ROW = 10  # nonfinite=skip: more non-finite losses in a row than this stop the run
 
@@ -142,11 +143,14 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     total = sch.epochs * ipe
     from ..data import worker_init_fn
 
+    narrow = labels_fit_uint8(preset.num_classes, preset.dataset.ignore_index)
+
     loader = DataLoader(
         train_ds,  # NOTE: indexed with (index, item_seed) pairs: the sampler decides every item's augmentation
         batch_sampler=sampler,
         num_workers=cfg.data.num_workers,
         worker_init_fn=worker_init_fn,
+        collate_fn=narrow_labels_collate if narrow else None,  # uint8 labels when they fit: 8x less to copy
         pin_memory=dev.type == "cuda",
         persistent_workers=cfg.data.num_workers > 0,
         generator=torch.Generator().manual_seed(cfg.seed),  # NOTE: keeps the loader off the global torch RNG
@@ -215,12 +219,8 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     net.train()
     for epoch in range(it // ipe, sch.epochs):
         sampler.set_epoch(epoch, start=it % ipe)
-        for images, labels in _batches(loader):
+        for images, labels in to_device(_batches(loader), dev, cfg.channels_last, cfg.data.prefetch):
             torch.manual_seed(mix(cfg.seed, "step", it, info.rank))  # dropout: a function of the iteration
-            images = images.to(dev, non_blocking=True)
-            labels = labels.to(dev, non_blocking=True)
-            if cfg.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
             lr = scheduler.step()
             with autocast(dev, cfg.amp):
                 outputs = step_net(images, resize=not cfg.fused_loss)

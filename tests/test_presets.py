@@ -1,9 +1,11 @@
 """The preset table: 12 zoo rows named as in REFERENCE.md, ssseg aliases, and the data each preset carries."""
 
+import numpy as np
 import pytest
 
 import danet
 from danet.cli import main
+from danet.data.transforms import random_scale
 from danet.presets import ALIASES, PRESETS, get_preset
 
 ZOO = [n for n in PRESETS if n != "danet_tiny_synthetic"]
@@ -54,3 +56,13 @@ def test_unknown_name_lists_valid_ones():
 def test_cli_models_lists_presets(capsys):
     assert main(["models"]) == 0
     assert capsys.readouterr().out.split() == danet.list_models()
+
+
+def test_tiny_synthetic_trains_at_128px_scales_and_tests_at_192px():
+    """The main job's preset tests at 1.5x the scenes' 128 px; its training sizes are still 128 px x 0.5-2.0."""
+    p = get_preset("danet_tiny_synthetic")
+    assert p.base_size == (192, 192)
+    draws = np.random.default_rng(0)
+    same = np.random.default_rng(0)
+    for _ in range(10_000):
+        assert random_scale(p.base_size, p.ratio_range, draws) == random_scale((128, 128), (0.5, 2.0), same)

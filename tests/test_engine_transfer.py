@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import default_collate
 
 import danet.engine.train as T
-from danet.config import RunConfig, apply_overrides
+from danet.config import RunConfig, apply_overrides, to_dict
 from danet.data import ensure_synthetic
 from danet.engine.transfer import labels_fit_uint8, narrow_labels_collate, to_device
 
@@ -108,6 +108,32 @@ def test_narrow_labels_change_nothing_in_training(tmp_path, monkeypatch):
             apply_overrides(RunConfig(preset="danet_tiny_synthetic", data_root=str(root), work_dir=str(work)), sets)
         )
         states.append(torch.load(work / "last.pth", weights_only=True)["model"])
+        assert "num_workers: 0" in (work / "config.yaml").read_text()
     assert seen == [torch.uint8] * 2 + [torch.int64] * 2
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+@pytest.mark.parametrize(
+    "requested, device, cores, local_world, want",
+    [
+        (0, "cuda", 16, 1, 0),  # asked for: kept
+        (5, "cpu", 2, 1, 5),
+        (None, "cpu", 64, 1, 2),  # the CPU also computes
+        (None, "cuda", 16, 1, 8),  # one GPU on 16 cores: capped at 8
+        (None, "cuda", 64, 8, 7),  # 8 processes share 64 cores: 8 each, one left for the step's own process
+        (None, "cuda", 4, 4, 2),  # at least 2
+    ],
+)
+def test_loader_workers(monkeypatch, requested, device, cores, local_world, want):
+    monkeypatch.setattr(T.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    assert T.loader_workers(requested, torch.device(device)) == want
+
+
+def test_prefetch_and_workers_do_not_count_as_changed_settings_on_resume():
+    base = RunConfig(preset="danet_tiny_synthetic").resolve()
+    other = apply_overrides(RunConfig(preset="danet_tiny_synthetic"), ["data.prefetch=false", "data.num_workers=7"])
+    assert T.check_compatible(to_dict(base), other.resolve()) == []
+    crop = apply_overrides(RunConfig(preset="danet_tiny_synthetic"), ["data.crop_size=[32,32]"])
+    assert T.check_compatible(to_dict(base), crop.resolve()) == ["data"]

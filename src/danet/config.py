@@ -66,7 +66,9 @@ class DataConfig:
     crop_size: tuple[int, int] | None = None  # train crop (H, W)
     base_size: tuple[int, int] | None = None  # keep-ratio resize target (long, short)
     ratio_range: tuple[float, float] | None = None  # train random rescale range
-    num_workers: int = 2
+    # loader processes; None: 2 on the CPU (its cores also compute), on a GPU this process's share of the cores less
+    # one, 2 to 8 (engine/train.py: loader_workers; config.yaml records the number used)
+    num_workers: int | None = None
     prefetch: bool = True  # CUDA: copy the next batch on a side stream while this step computes (engine/transfer.py)
     train_limit: int | None = None  # use only the first N train images (quick runs)
     val_limit: int | None = None  # validate on the first N val images only (quick runs)
@@ -170,7 +172,7 @@ class RunConfig:
         for key, v in (("schedule.lr", s.lr), ("schedule.min_lr", s.min_lr), ("schedule.momentum", s.momentum)):
             if v is not None and v < 0:
                 raise DanetError(f"setting {key!r} must not be negative, got {v}")
-        if d.num_workers < 0:
+        if d.num_workers is not None and d.num_workers < 0:
             raise DanetError(f"setting 'data.num_workers' must be 0 or more, got {d.num_workers}")
         for key, size in (("data.crop_size", d.crop_size), ("data.base_size", d.base_size)):
             if size is not None and min(size) < 1:

@@ -80,11 +80,22 @@ def check_compatible(saved: dict, cfg: RunConfig) -> list[str]:
     new = to_dict(cfg)
     keys = ["preset", "seed", "loss", "amp", "aux_weight", "schedule", "data", "model"]
     diff = [k for k in keys if old.get(k) != new.get(k)]
-    if "data" in diff and {k: v for k, v in old["data"].items() if k != "num_workers"} == {
-        k: v for k, v in new["data"].items() if k != "num_workers"
-    }:
+    same_data = lambda d: {k: v for k, v in d.items() if k not in ("num_workers", "prefetch")}  # noqa: E731
+    if "data" in diff and same_data(old["data"]) == same_data(new["data"]):  # how batches arrive changes nothing
         diff.remove("data")
     return diff
+
+
+def loader_workers(requested: int | None, device: torch.device) -> int:
+    """`data.num_workers`, or when unset: 2 on the CPU (its cores also run the model); on a GPU this process's share
+    of the cores less one (torchrun's LOCAL_WORLD_SIZE processes share the machine), at least 2 and at most 8."""
+    if requested is not None:
+        return requested
+    if device.type != "cuda":
+        return 2
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    share = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(2, min(8, share - 1))
 
 
 def train(cfg: RunConfig, resume: str | Path | None = None) -> dict:
@@ -144,6 +155,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     from ..data import worker_init_fn
 
     narrow = labels_fit_uint8(preset.num_classes, preset.dataset.ignore_index)
+    cfg.data.num_workers = loader_workers(cfg.data.num_workers, dev)  # before config.yaml is written: it says so
 
     loader = DataLoader(
         train_ds,  # NOTE: indexed with (index, item_seed) pairs: the sampler decides every item's augmentation

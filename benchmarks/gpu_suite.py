@@ -10,7 +10,8 @@ Groups (the default order; each case starts only while the time budget lasts):
            fused loss triton | compiled | chunked, whole-network compile, no prefetch: images/s after a warm-up, data
            wait, peak memory
   profile  torch.profiler's top CUDA kernels of the two best train cases -> $OUT/profile.txt
-  infer    R50-D8 inference 512x512 batch 1 (ADE20K) and whole 1024x2048 (Cityscapes): dtypes, CUDA graphs
+  infer    R50-D8 inference: sliding windows over 1024x2048 (one per forward vs stacked), 512x512 batch 1 (ADE20K)
+           and whole 1024x2048 (Cityscapes): dtypes, CUDA graphs
   compile  torch.compile cases (slow to build: last)
   pam      (on request) the PAM core softmax(q k^T) v, q/k 64 wide, v 512 wide: explicit vs SDPA variants
 
@@ -283,7 +284,15 @@ def cases(a, group: str) -> list[BenchSpec]:
             spec(tr, "train_bf16_cl_fusedloss_mmlayout", **bf, loss="fused", overrides=mm),
         ]
     if group == "infer":
+        win = dict(slide=(32, 64) if sm else (512, 1024))  # mmseg's Cityscapes slide window, stride 2/3: 9 windows
         return [
+            # sliding windows, one per forward (as both toolboxes) vs stacked: 4 per forward (the default on a GPU)
+            # and all 9; predicted: one at a time is bound by kernel launches (~9 ms a forward, ~85 ms in all),
+            # stacked ~30-35 ms
+            spec(wh, "slide_bf16_cl_w1", **bf, **win, window_batch=1),
+            spec(wh, "slide_bf16_cl_auto", **bf, **win),
+            spec(wh, "slide_bf16_cl_w9", **bf, **win, window_batch=9),
+            spec(wh, "slide_bf16_cl_auto_graphs", **bf, **win, cuda_graphs=gpu),
             spec(i5, "infer512_fp32"),
             spec(i5, "infer512_fp32_graphs", cuda_graphs=gpu),
             spec(i5, "infer512_bf16_cl_graphs", **bf, cuda_graphs=gpu),

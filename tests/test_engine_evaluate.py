@@ -37,11 +37,39 @@ def test_slide_windows_match_mmseg_grid_and_average():
     torch.manual_seed(0)
     m = Recorder()
     x = torch.randn(1, 3, 50, 70)
-    out = slide_logits(m, x, crop=(32, 32), stride=(20, 20))
+    out = slide_logits(m, x, crop=(32, 32), stride=(20, 20), window_batch=1)
     # rows: max(50 - 32 + 19, 0) // 20 + 1 = 2; cols: (70 - 32 + 19) // 20 + 1 = 3; all windows full-size
     assert m.calls == [(32, 32)] * 6
     with torch.no_grad():
         assert torch.allclose(out, m(x)["out"], atol=1e-6)  # a pointwise model: averaging changes nothing
+
+
+@pytest.mark.parametrize("window_batch, forwards", [(None, [2] * 6), (1, [2] * 6), (4, [8, 4]), (6, [12])])
+def test_slide_windows_batched_give_the_same_logits(window_batch, forwards):
+    """Windows of both images stacked into one forward (or a few) give the logits of one window at a time, float64."""
+    torch.manual_seed(0)
+    model = danet.create_model("danet_tiny_synthetic", base_channels=8, stem_channels=8, head_channels=16)
+    model = model.double().eval()
+    x = torch.randn(2, 3, 50, 70, dtype=torch.float64)
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))
+    with torch.no_grad():
+        one = slide_logits(model, x, crop=(32, 32), stride=(20, 20), window_batch=1)
+        seen.clear()
+        out = slide_logits(model, x, crop=(32, 32), stride=(20, 20), window_batch=window_batch)
+    assert seen == forwards
+    assert (out - one).abs().max() <= 1e-12 * one.abs().max()
+
+
+def test_windows_per_forward_default(monkeypatch):
+    import danet.engine.evaluate as E
+
+    assert E.windows_per_forward(torch.device("cpu"), 1, (512, 1024)) == 1  # measured fastest on the CPU
+    assert E.windows_per_forward(torch.device("cuda"), 1, (512, 1024)) == 4  # 2048 x 1024 pixels a forward
+    assert E.windows_per_forward(torch.device("cuda"), 2, (512, 512)) == 4
+    assert E.windows_per_forward(torch.device("cuda"), 1, (2048, 2048)) == 1
+    monkeypatch.setattr(E, "SLIDE_BATCH_PIXELS", 64 * 64)
+    assert E.windows_per_forward(torch.device("cuda"), 1, (32, 32)) == 4
 
 
 def test_slide_window_larger_than_image_is_cut():

@@ -364,3 +364,22 @@ def test_benchmark_cli_user_errors(capsys):
     assert main(["benchmark", "danet_tiny_synthetic", *cpu_graphs]) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 3
+
+
+def test_benchmark_slide_counts_every_window(tmp_path, capsys):
+    """`--slide`: sliding-window inference; the FLOPs are one window's times the number of windows."""
+    common = ["benchmark", "danet_tiny_synthetic", "--size", "192", "320", "--iters", "1", "--warmup", "0"]
+    whole, slide = tmp_path / "whole.json", tmp_path / "slide.json"
+    assert main([*common, "--infer", "--size", "128", "128", "--json", str(whole)]) == 0
+    windows = ["--slide", "128", "128", "--stride", "64", "96", "--window-batch", "2"]
+    assert main([*common, *windows, "--json", str(slide)]) == 0
+    (w,), (s,) = json.loads(whole.read_text()), json.loads(slide.read_text())
+    assert s["mode"] == "infer" and s["slide"] == [128, 128] and s["stride"] == [64, 96] and s["window_batch"] == 2
+    # rows (192 - 128 + 63) // 64 + 1 = 2, cols (320 - 128 + 95) // 96 + 1 = 3: six 128x128 windows
+    assert w["gflop_per_img"] > 0.2
+    assert s["gflop_per_img"] == pytest.approx(6 * w["gflop_per_img"], abs=7 * 0.005)  # both rounded to 0.01
+    assert "slide=128x128 stride=64x96 windows/forward=2" in capsys.readouterr().out
+    assert main([*common, "--slide", "32", "32", "--train"]) == 2
+    assert main([*common, "--slide", "32", "32", "--window-batch", "0"]) == 2
+    assert main([*common, "--slide", "0", "32"]) == 2
+    assert capsys.readouterr().err.count("error:") == 3

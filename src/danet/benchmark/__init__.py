@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..engine.evaluate import default_stride, slide_logits, slide_windows
 from ..engine.fused_loss import fused_danet_loss
 from ..engine.losses import danet_loss
 from ..engine.schedule import build_optimizer
@@ -56,6 +57,9 @@ class BenchSpec:
     conv: str = "direct"  # "direct" | "winograd" (models.winograd: CPU float32, F(4x4, 3x3))
     loss: str = "reference"  # "reference" (engine.losses, full-size logits) | "fused" | "compiled" | "triton"
     cuda_graphs: bool = False  # inference only: capture the forward once, replay it
+    slide: tuple[int, int] | None = None  # inference only: sliding windows of this size (H, W) instead of whole
+    stride: tuple[int, int] | None = None  # slide stride (None: 2/3 of the window)
+    window_batch: int | None = None  # windows per forward (None: engine.evaluate's default, by pixel budget)
     warmup: int = 2
     iters: int = 5
     device: str = "auto"
@@ -173,6 +177,9 @@ def make_infer_fn(spec: BenchSpec, model, x: torch.Tensor, dev: torch.device):
 
     def fwd():
         with torch.inference_mode(), _autocast(dev, spec.amp):
+            if spec.slide:
+                return slide_logits(net, x, spec.slide, spec.stride or default_stride(spec.slide), spec.amp,
+                                    spec.window_batch)  # fmt: skip
             return net(x)["out"]
 
     if not spec.cuda_graphs:
@@ -242,6 +249,13 @@ def run_case(spec: BenchSpec) -> dict:
         raise DanetError(f"unknown --conv {spec.conv!r}; use direct or winograd")
     if spec.loss not in ("reference", "fused", "compiled", "triton"):
         raise DanetError(f"unknown --loss {spec.loss!r}; use reference, fused, compiled or triton")
+    if spec.slide and spec.mode != "infer":
+        raise DanetError("--slide times inference; drop --train")
+    for name, v in (("--slide", spec.slide), ("--stride", spec.stride)):
+        if v is not None and (len(v) != 2 or min(v) < 1):
+            raise DanetError(f"{name} needs two positive sizes H W, got {list(v)}")
+    if spec.window_batch is not None and spec.window_batch < 1:
+        raise DanetError(f"--window-batch must be at least 1, got {spec.window_batch}")
     dev = resolve_device(spec.device)
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -250,7 +264,13 @@ def run_case(spec: BenchSpec) -> dict:
     train = spec.mode == "train"
     try:
         model, x, y = build(spec, dev)
-        flops = count_flops(model, x, train) if spec.flops else float("nan")
+        flops = float("nan")
+        if spec.flops and spec.slide:  # every window's forward
+            boxes = slide_windows(tuple(x.shape[-2:]), spec.slide, spec.stride or default_stride(spec.slide))
+            y1, y2, x1, x2 = boxes[0]
+            flops = count_flops(model, x[..., y1:y2, x1:x2], False) * len(boxes)
+        elif spec.flops:
+            flops = count_flops(model, x, train)
         last: dict = {}
         if train:
             fn, last = make_train_fn(spec, model, x, y, dev)
@@ -339,6 +359,11 @@ def add_cli(parser) -> None:
         "chunked (fused), torch.compile'd (compiled) or one Triton kernel (triton), without the full-size tensors",
     )
     parser.add_argument("--cuda-graphs", action="store_true", help="inference: replay a captured CUDA graph")
+    parser.add_argument("--slide", type=int, nargs=2, metavar=("H", "W"), help="inference: sliding windows of H x W")
+    parser.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"), help="slide stride (default: 2/3 window)")
+    parser.add_argument(
+        "--window-batch", type=int, metavar="N", help="slide: windows per forward (default: as fit in 2048x1024 pixels)"
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
@@ -361,6 +386,10 @@ def format_record(r: dict) -> str:
     opts += [f"compile={r['compile']}"] if r["compile"] else []
     opts += [f"attention={r['attention']}"] + ([f"conv={r['conv']}"] if r.get("conv", "direct") != "direct" else [])
     opts += [f"loss={r['loss']}"] if r["mode"] == "train" else []
+    if r.get("slide"):
+        stride = "x".join(map(str, r["stride"])) if r["stride"] else "2/3"
+        wb = r["window_batch"] or "auto"
+        opts += [f"slide={'x'.join(map(str, r['slide']))} stride={stride} windows/forward={wb}"]
     h, w = r["size"]
     line = (
         f"{r['mode']:5s} {r['preset']} b{r['batch']} {h}x{w} [{' '.join(opts)}] on {r['device_name']}: "
@@ -374,7 +403,7 @@ def format_record(r: dict) -> str:
 def run_cli(args) -> int:
     overrides = dict(_parse_override(o) for o in args.overrides)
     results = []
-    for mode in args.modes or ["infer", "train"]:
+    for mode in args.modes or (["infer"] if args.slide else ["infer", "train"]):
         spec = BenchSpec(
             preset=args.preset,
             mode=mode,
@@ -388,6 +417,9 @@ def run_cli(args) -> int:
             conv=args.conv,
             loss=args.loss,
             cuda_graphs=args.cuda_graphs and mode == "infer",
+            slide=tuple(args.slide) if args.slide else None,
+            stride=tuple(args.stride) if args.stride else None,
+            window_batch=args.window_batch,
             warmup=args.warmup,
             iters=args.iters,
             device=args.device,

@@ -16,6 +16,7 @@ from danet.checkpoints import read_checkpoint
 from danet.config import RunConfig, apply_overrides, from_dict, to_dict
 from danet.data import ensure_synthetic
 from danet.engine.logging import jsonable, read_log
+from test_faults_common import NARROW_MODEL_SETS
 
 SETS = [
     "schedule.epochs=1",
@@ -24,11 +25,7 @@ SETS = [
     "data.crop_size=[32,32]",
     "data.num_workers=0",
     "data.val_limit=3",  # uneven over 2 ranks: 2 + 1 images
-    "model.base_channels=8",
-    "model.stem_channels=8",
-    "model.head_channels=16",
-    "model.key_channels=8",
-    "model.aux_channels=16",
+    *NARROW_MODEL_SETS,
     "device=cpu",
     "threads=1",
     "progress=false",

@@ -10,6 +10,7 @@ import danet.engine.train as T
 from danet.config import RunConfig, apply_overrides, to_dict
 from danet.data import ensure_synthetic
 from danet.engine.transfer import labels_fit_uint8, narrow_labels_collate, to_device
+from test_faults_common import NARROW_MODEL_SETS
 
 CPU = torch.device("cpu")
 
@@ -88,9 +89,8 @@ def test_narrow_labels_change_nothing_in_training(tmp_path, monkeypatch):
     """Two steps with uint8 labels through the loader and with int64 labels give the same weights, bit for bit."""
     root = ensure_synthetic(tmp_path / "data")
     sets = ["schedule.epochs=1", "schedule.iters_per_epoch=2", "schedule.batch_size=2", "data.crop_size=[32,32]",
-            "data.num_workers=0", "data.val_limit=1", "model.base_channels=8", "model.stem_channels=8",
-            "model.head_channels=16", "model.key_channels=8", "model.aux_channels=16", "deterministic=true",
-            "device=cpu", "progress=false"]  # fmt: skip
+            "data.num_workers=0", "data.val_limit=1", *NARROW_MODEL_SETS, "deterministic=true", "device=cpu",
+            "progress=false"]  # fmt: skip
     seen: list[torch.dtype] = []
     orig = T._batches
 

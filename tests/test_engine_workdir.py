@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from danet.cli import main
 from danet.data import ensure_synthetic
+from test_faults_common import NARROW_MODEL_SETS
 
 SETS = [
     "schedule.epochs=1",
@@ -12,11 +13,7 @@ SETS = [
     "data.crop_size=[32,32]",
     "data.num_workers=0",
     "data.val_limit=1",
-    "model.base_channels=8",
-    "model.stem_channels=8",
-    "model.head_channels=16",
-    "model.key_channels=8",
-    "model.aux_channels=16",
+    *NARROW_MODEL_SETS,
     "device=cpu",
     "progress=false",
 ]

@@ -1,4 +1,4 @@
-"""Shared helpers of the fault-injection tests (test_faults_*.py); this module holds no tests itself.
+"""Shared helpers of the tests (mostly the fault-injection ones, test_faults_*.py); this module holds no tests itself.
 
 `cli_error` runs `danet.cli.main` in-process and `cli_error_subprocess` runs `python -m danet.cli`: both assert the
 command failed with exit status 2 and printed exactly one line on stderr, without a traceback, and return that line.
@@ -17,6 +17,15 @@ import torch
 import danet
 
 SRC = Path(danet.__file__).resolve().parents[1]
+
+# `--set` overrides that make the presets' model a narrow one (fast on the CPU; same structure)
+NARROW_MODEL_SETS = [
+    "model.base_channels=8",
+    "model.stem_channels=8",
+    "model.head_channels=16",
+    "model.key_channels=8",
+    "model.aux_channels=16",
+]
 
 
 def cli_error(capsys, *argv: str) -> str:

@@ -4,12 +4,14 @@
 Groups (the default order; each case starts only while the time budget lasts):
   sys      bf16 matrix rate (8192^3 matmul) and device-to-device copy bandwidth: the card's two ceilings
   loss     the training loss alone (reference, fused GEMM / aten paths, compiled) and its parts' kernels
+  norm     batch norm + ReLU [+ residual], forward + backward: PyTorch's kernels vs the fused Triton ones
   train    R50-D8 ADE20K 512x512 batch 8 train step: fp32 / bf16 / fp16, channels_last, loss implementations
   e2e      the real loop, `danet train danet_r50-d8_ade20k` in this process (data loader, augmentation, logging) on
            ADE20K-layout JPEGs written to $E2E_DATA (default /tmp/danet-e2e-data), batch 8, bf16, channels_last,
-           fused loss triton | compiled | chunked, whole-network compile, no prefetch: images/s after a warm-up, data
-           wait, peak memory
-  profile  torch.profiler's top CUDA kernels of the two best train cases -> $OUT/profile.txt
+           fused loss triton | compiled | chunked, fused batch norm, whole-network compile, no prefetch: images/s
+           after a warm-up, data wait, peak memory
+  profile  torch.profiler's top CUDA kernels of the Triton-loss train cases (batch norm native, Triton)
+           -> $OUT/profile.txt
   infer    R50-D8 inference: sliding windows over 1024x2048 (one per forward vs stacked), 512x512 batch 1 (ADE20K)
            and whole 1024x2048 (Cityscapes): dtypes, CUDA graphs
   compile  torch.compile cases (slow to build: last)
@@ -255,6 +257,49 @@ def group_loss(a) -> None:
         emit({"group": "loss_part", "part": name, "shape": [1, k, *size], "ms": round(1e3 * bench(fn, 3, 10), 4)})
 
 
+# ------------------------------------------------------------------------------------------------- norm
+def group_norm(a) -> None:
+    """Batch norm + ReLU [+ residual] in training mode, forward + backward (dx, dweight, dbias): PyTorch's kernels
+    vs the fused Triton ones (models/fused_norm.py), bf16 channels_last at R50-D8's batch-8 shapes; each one's
+    values against float64, and the rate at which the fused kernels move their minimal bytes (x read 4 times, dy
+    twice, y and dx written once; + the residual read and its gradient written)."""
+    from danet.models.fused_norm import FusedBatchNorm2d, bn_relu
+
+    dev = "cpu" if a.smoke else "cuda"
+    shapes = [(2, 8, 8, 8), (2, 16, 4, 4)] if a.smoke else [(8, 64, 128, 128), (8, 512, 64, 64), (8, 2048, 64, 64)]
+    relu = torch.nn.ReLU(inplace=True)
+    for shape in shapes:
+        for res in (False, True):
+            g = torch.Generator().manual_seed(0)
+            x64, r64, dy64 = ((torch.randn(shape, generator=g) * 2 + 0.5).to(dev).double() for _ in range(3))
+            ref = torch.nn.BatchNorm2d(shape[1]).to(dev).double()
+            xr = x64.clone().requires_grad_()
+            want = torch.autograd.grad(bn_relu(ref, xr, relu, r64 if res else None), (xr, ref.weight), dy64)
+            rec = {"group": "norm", "shape": list(shape), "residual": res, "dtype": "bfloat16", "channels_last": True}
+            for impl in ("native", "triton"):
+                try:
+                    bn = torch.nn.BatchNorm2d(shape[1]).to(dev)
+                    if impl == "triton":
+                        bn.__class__ = FusedBatchNorm2d
+                    cl = lambda t: t.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)  # noqa: E731
+                    x = cl(x64).requires_grad_()
+                    r, dy = (cl(r64) if res else None), cl(dy64)
+
+                    def step(bn=bn, x=x, r=r, dy=dy):
+                        return torch.autograd.grad(bn_relu(bn, x, relu, r), (x, bn.weight), dy)
+
+                    dx, dw = step()
+                    rec[f"{impl}_ms"] = round(1e3 * bench(step, 3, 20), 4)
+                    rec[f"{impl}_dx_rel"] = float((dx.double() - want[0]).norm() / want[0].norm())
+                    rec[f"{impl}_dw_rel"] = float((dw.double() - want[1]).norm() / want[1].norm())
+                except Exception as e:  # noqa: BLE001
+                    rec[f"{impl}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            passes = 8 + (3 if res else 0)
+            if "triton_ms" in rec:
+                rec["triton_tb_s"] = round(passes * x64.numel() * 2 / rec["triton_ms"] / 1e9, 3)
+            emit(rec)
+
+
 # ------------------------------------------------------------------------------------------------- model cases
 def cases(a, group: str) -> list[BenchSpec]:
     sm, gpu = a.smoke, not a.smoke
@@ -275,6 +320,7 @@ def cases(a, group: str) -> list[BenchSpec]:
         return [
             # the most telling first: the budget may end the group early (earlier runs measured the rest)
             spec(tr, "train_bf16_cl_tritonloss", **bf, loss="triton"),
+            spec(tr, "train_bf16_cl_tritonloss_tritonbn", **bf, loss="triton", norm="triton"),
             spec(tr, "train_bf16_cl_compiledloss", **bf, loss="compiled"),
             spec(tr, "train_bf16_cl_fusedloss", **bf, loss="fused"),
             spec(tr, "train_bf16_cl_refloss", **bf),
@@ -296,10 +342,12 @@ def cases(a, group: str) -> list[BenchSpec]:
             spec(i5, "infer512_fp32"),
             spec(i5, "infer512_fp32_graphs", cuda_graphs=gpu),
             spec(i5, "infer512_bf16_cl_graphs", **bf, cuda_graphs=gpu),
+            spec(i5, "infer512_bf16_cl_graphs_tritonbn", **bf, cuda_graphs=gpu, norm="triton"),
             spec(i5, "infer512_fp16_graphs", amp="fp16", cuda_graphs=gpu),
             spec(wh, "whole_fp32"),
             spec(wh, "whole_bf16_cl", **bf),
             spec(wh, "whole_bf16_cl_graphs", **bf, cuda_graphs=gpu),
+            spec(wh, "whole_bf16_cl_graphs_tritonbn", **bf, cuda_graphs=gpu, norm="triton"),
             spec(wh, "whole_fp16_graphs", amp="fp16", cuda_graphs=gpu),
         ]
     if group == "compile":
@@ -357,7 +405,7 @@ def group_profile(a) -> None:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     out = []
-    chosen = {"train_bf16_cl_tritonloss", "train_bf16_cl_compiledloss"}
+    chosen = {"train_bf16_cl_tritonloss", "train_bf16_cl_tritonloss_tritonbn"}
     for spec in [s for s in cases(a, "train") + cases(a, "infer") if s.label in chosen]:
         if time.time() - T0 > a.budget_s:
             break
@@ -381,9 +429,11 @@ def group_profile(a) -> None:
 # ------------------------------------------------------------------------------------------------- e2e
 E2E_WORK = Path(os.environ.get("E2E_WORK", "/tmp/danet-e2e-work"))
 # (label, fused_loss_impl, the isolated train-step case of the same settings, more --set), the most telling first (a
-# case starts only while the budget lasts); the third compiles the whole network in `danet train` (compile=true), the
-# last copies each batch on the compute stream (data.prefetch=false: what the side-stream prefetch saves)
+# case starts only while the budget lasts); the second fuses batch norm + ReLU (norm=triton), the fourth compiles
+# the whole network in `danet train` (compile=true), the last copies each batch on the compute stream
+# (data.prefetch=false: what the side-stream prefetch saves)
 E2E_CASES = [("e2e_bf16_cl_tritonloss", "triton", "train_bf16_cl_tritonloss", []),
+             ("e2e_bf16_cl_tritonloss_tritonbn", "triton", "train_bf16_cl_tritonloss_tritonbn", ["norm=triton"]),
              ("e2e_bf16_cl_compiledloss", "compiled", "train_bf16_cl_compiledloss", []),
              ("e2e_bf16_cl_tritonloss_compile", "triton", "train_bf16_cl_tritonloss_compile", ["compile=true"]),
              ("e2e_bf16_cl_chunkedloss", "chunked", "train_bf16_cl_fusedloss", []),
@@ -468,7 +518,7 @@ def group_e2e(a) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("groups", nargs="*", default=["sys", "loss", "train", "e2e", "profile", "infer", "compile"],
+    p.add_argument("groups", nargs="*", default=["sys", "loss", "norm", "train", "e2e", "profile", "infer", "compile"],
                    help="of: sys loss train e2e profile infer compile pam")  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: check that every case runs")
     p.add_argument("--budget-s", type=float, default=float(os.environ.get("BUDGET_S", 1e9)),
@@ -491,9 +541,9 @@ def main(argv=None) -> int:
             continue
         t = time.time()
         try:
-            {"sys": group_sys, "pam": group_pam, "loss": group_loss, "profile": group_profile, "e2e": group_e2e}.get(
-                g, lambda a, g=g: group_model(a, g)
-            )(a)
+            special = {"sys": group_sys, "pam": group_pam, "loss": group_loss, "norm": group_norm,
+                       "profile": group_profile, "e2e": group_e2e}  # fmt: skip
+            special.get(g, lambda a, g=g: group_model(a, g))(a)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             emit({"group": g, "error": f"{type(e).__name__}: {str(e)[:200]}"})

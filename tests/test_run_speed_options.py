@@ -1,5 +1,5 @@
 """Run-level speed options give the plain result: `fused_loss_impl=compiled` in `danet train`, `conv=winograd` in
-`danet train` (--set) and `danet test` / `danet predict` (--conv).
+`danet train` (--set) and `danet test` / `danet predict` (--conv), `--norm triton` in `danet test` / `predict`.
 
 Tiny: the synthetic preset at 32x32 crops, batch 2, 1-2 iterations (stopped mid-epoch: no validation), and a
 random-init checkpoint (perturbed BN and attention gamma) evaluated on two 128x128 val images. Winograd only takes
@@ -165,10 +165,38 @@ def test_predict_winograd_writes_the_same_labels(data_root, checkpoint, tmp_path
         assert (a != b).mean() <= 1e-3
 
 
+def test_test_and_predict_with_norm_triton(data_root, checkpoint, tmp_path, monkeypatch):
+    """`--norm triton` (fused batch norm + ReLU, here through Triton's interpreter): the same metrics and labels."""
+    import danet.models.fused_norm as FN
+
+    swapped: list[int] = []
+    real = FN.use_fused_norm
+    monkeypatch.setattr(FN, "use_fused_norm", lambda m, on=True: swapped.append(real(m, on)) or swapped[-1])
+    images = sorted((data_root / "images" / "validation").glob("*.jpg"))[:2]
+    base = ["test", PRESET, "--checkpoint", str(checkpoint), "--data-root", str(data_root), "--limit", "2"]
+    results, labels = {}, {}
+    for norm in ("native", "triton"):
+        out = tmp_path / f"{norm}.json"
+        argv = [*base, "--no-progress", "--norm", norm, "--json", str(out), "--plot", str(tmp_path / "p.png")]
+        assert main(argv) == 0
+        results[norm] = json.loads(out.read_text())
+        pred = tmp_path / norm
+        argv = ["predict", "--checkpoint", str(checkpoint), *map(str, images), "--out", str(pred), "--norm", norm]
+        assert main(argv) == 0
+        labels[norm] = [np.asarray(Image.open(pred / f"{img.stem}.png")) for img in images]
+    assert len(swapped) == 2 and swapped[0] > 10  # test and predict with triton; native: left alone
+    assert results["triton"]["settings"]["norm"] == "triton"
+    for key in ("mIoU", "mAcc", "aAcc", "IoU", "Acc"):
+        assert results["triton"][key] == pytest.approx(results["native"][key], abs=0.2, nan_ok=True), key
+    for a, b in zip(labels["triton"], labels["native"], strict=True):
+        assert len(np.unique(b)) >= 3 and (a != b).mean() <= 1e-3
+
+
 @pytest.mark.parametrize(
     ("setting", "words"),
     [
         ("conv=foo", ["'conv'", "direct, winograd", "'foo'"]),
+        ("norm=fast", ["'norm'", "native, triton", "'fast'"]),
         ("fused_loss_impl=fast", ["'fused_loss_impl'", "chunked, compiled", "'fast'"]),
         ("fused_loss_impl=compiled", ["fused_loss_impl=compiled", "fused_loss=true"]),  # without fused_loss=true
     ],

@@ -34,6 +34,7 @@ from ..engine.fused_loss import fused_danet_loss
 from ..engine.losses import danet_loss
 from ..engine.schedule import build_optimizer
 from ..errors import DanetError
+from ..models.fused_norm import use_fused_norm
 from ..models.registry import create_model
 from ..models.winograd import use_winograd
 from ..presets import get_preset
@@ -55,6 +56,7 @@ class BenchSpec:
     cudnn_benchmark: bool = False
     attention: str = "fused"  # "fused" (SDPA) | "explicit" (softmax(QK^T)V in memory)
     conv: str = "direct"  # "direct" | "winograd" (models.winograd: CPU float32, F(4x4, 3x3))
+    norm: str = "native"  # "native" | "triton" (models.fused_norm: batch norm + residual + ReLU fused, CUDA)
     loss: str = "reference"  # "reference" (engine.losses, full-size logits) | "fused" | "compiled" | "triton"
     cuda_graphs: bool = False  # inference only: capture the forward once, replay it
     slide: tuple[int, int] | None = None  # inference only: sliding windows of this size (H, W) instead of whole
@@ -138,6 +140,7 @@ def build(spec: BenchSpec, dev: torch.device):
     model = create_model(spec.preset, **spec.overrides)
     model.set_fused_attention(spec.attention == "fused")
     use_winograd(model, spec.conv == "winograd")
+    use_fused_norm(model, spec.norm == "triton")
     g = torch.Generator().manual_seed(spec.seed)
     x = torch.randn(spec.batch, 3, h, w, generator=g)
     y = torch.randint(0, model.num_classes, (spec.batch, h, w), generator=g)
@@ -247,6 +250,8 @@ def run_case(spec: BenchSpec) -> dict:
         raise DanetError(f"unknown --attention {spec.attention!r}; use fused or explicit")
     if spec.conv not in ("direct", "winograd"):
         raise DanetError(f"unknown --conv {spec.conv!r}; use direct or winograd")
+    if spec.norm not in ("native", "triton"):
+        raise DanetError(f"unknown --norm {spec.norm!r}; use native or triton")
     if spec.loss not in ("reference", "fused", "compiled", "triton"):
         raise DanetError(f"unknown --loss {spec.loss!r}; use reference, fused, compiled or triton")
     if spec.slide and spec.mode != "infer":
@@ -352,6 +357,12 @@ def add_cli(parser) -> None:
         help="3x3 convolutions: the library's (direct) or Winograd F(4x4,3x3) (CPU float32; same results to ~3e-6)",
     )
     parser.add_argument(
+        "--norm",
+        choices=["native", "triton"],
+        default="native",
+        help="batch norm: PyTorch's kernels, or batch norm + residual add + ReLU fused in Triton kernels (CUDA)",
+    )
+    parser.add_argument(
         "--loss",
         choices=["reference", "fused", "compiled", "triton"],
         default="reference",
@@ -385,6 +396,7 @@ def format_record(r: dict) -> str:
     opts = [r["amp"]] + [k for k in ("channels_last", "cudnn_benchmark", "cuda_graphs") if r[k]]
     opts += [f"compile={r['compile']}"] if r["compile"] else []
     opts += [f"attention={r['attention']}"] + ([f"conv={r['conv']}"] if r.get("conv", "direct") != "direct" else [])
+    opts += [f"norm={r['norm']}"] if r.get("norm", "native") != "native" else []
     opts += [f"loss={r['loss']}"] if r["mode"] == "train" else []
     if r.get("slide"):
         stride = "x".join(map(str, r["stride"])) if r["stride"] else "2/3"
@@ -415,6 +427,7 @@ def run_cli(args) -> int:
             cudnn_benchmark=args.cudnn_benchmark,
             attention=args.attention,
             conv=args.conv,
+            norm=args.norm,
             loss=args.loss,
             cuda_graphs=args.cuda_graphs and mode == "infer",
             slide=tuple(args.slide) if args.slide else None,

@@ -42,6 +42,9 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--conv", choices=("direct", "winograd"), default="direct", help="3x3 convolutions (winograd: faster on CPU)"
     )
+    parser.add_argument(
+        "--norm", choices=("native", "triton"), default="native", help="batch norm + ReLU (triton: fused kernels, CUDA)"
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
 
@@ -149,12 +152,14 @@ class Predictor:
 
 def run_cli(args) -> int:
     from ..data.io import read_image
+    from ..models.fused_norm import set_inference_norm
     from ..models.winograd import set_inference_conv
     from ..viz import overlay, save_label_png
 
     files = collect_inputs(args.inputs)
     predictor = Predictor(args.checkpoint, args.preset, args.device)
     set_inference_conv(predictor.model, args.conv)
+    set_inference_norm(predictor.model, args.norm)
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)

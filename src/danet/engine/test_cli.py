@@ -32,6 +32,9 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--conv", choices=("direct", "winograd"), default="direct", help="3x3 convolutions (winograd: faster on CPU)"
     )
+    parser.add_argument(
+        "--norm", choices=("native", "triton"), default="native", help="batch norm + ReLU (triton: fused kernels, CUDA)"
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--limit", type=int, help="evaluate the first N images only")
     parser.add_argument("--json", help="write the metrics to this JSON file (atomically)")
@@ -43,6 +46,7 @@ def run_test(args) -> dict:
     """Evaluate as the arguments say; returns the metrics dict (with the settings under "settings")."""
     from ..checkpoints import load_model
     from ..data import build_dataset
+    from ..models.fused_norm import set_inference_norm
     from ..models.winograd import set_inference_conv
     from ..presets import get_preset
     from . import distributed
@@ -61,6 +65,7 @@ def run_test(args) -> dict:
     try:
         model = load_model(args.checkpoint, preset.model).to(info.device).eval()
         set_inference_conv(model, args.conv)
+        set_inference_norm(model, args.norm)
         dataset = build_dataset(preset, args.data_root, args.split, train=False)
         mode = args.mode or preset.eval_mode
         scales = tuple(args.scales) if args.scales else tuple(preset.tta_scales) if args.tta else (1.0,)
@@ -96,6 +101,7 @@ def run_test(args) -> dict:
             "flip": flip,
             "amp": args.amp,
             "conv": args.conv,
+            "norm": args.norm,
             "seconds": round(time.time() - t0, 2),
         }
         if info.is_main:

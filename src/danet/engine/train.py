@@ -28,6 +28,7 @@ from .. import checkpoints
 from ..config import RunConfig, from_dict, to_dict
 from ..errors import DanetError
 from ..models.danet import DANet
+from ..models.fused_norm import use_fused_norm, why_unused
 from ..models.winograd import use_winograd
 from . import distributed
 from .evaluate import autocast, evaluate
@@ -140,6 +141,9 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
     model = build_model(cfg, preset).to(dev)
     use_winograd(model, cfg.conv == "winograd")  # same parameters and state-dict keys, another algorithm
+    use_fused_norm(model, cfg.norm == "triton")  # the same again
+    if cfg.norm == "triton" and info.is_main and (why := why_unused(dev, info.world, cfg.compile)):
+        print(f"note: norm=triton {why}; PyTorch's batch norm runs")
     if ckpt is not None:
         model.load_state_dict(ckpt.state_dict)
     if cfg.channels_last:

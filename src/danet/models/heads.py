@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .attention import ChannelAttention, PositionAttention
+from .fused_norm import bn_relu
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -20,6 +21,9 @@ class ConvBNReLU(nn.Sequential):
         self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
         self.bn = norm_layer(cout)
         self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return bn_relu(self.bn, self.conv(x), self.act)
 
 
 class Classifier(nn.Sequential):

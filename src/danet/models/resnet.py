@@ -11,6 +11,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .fused_norm import bn_relu
+
 NormLayer = Callable[[int], nn.Module]
 
 # blocks per stage for the supported depths (all bottleneck, expansion 4)
@@ -57,10 +59,18 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        y = self.relu(self.bn1(self.conv1(x)))
-        y = self.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
-        return self.relu(y + identity)
+        y = bn_relu(self.bn1, self.conv1(x), self.relu)
+        y = bn_relu(self.bn2, self.conv2(y), self.relu)
+        return bn_relu(self.bn3, self.conv3(y), self.relu, residual=identity)
+
+
+class Stem(nn.Sequential):
+    """The deep stem: (3x3 conv, norm, ReLU) x 3, keys `stem.0` .. `stem.8`; norm + ReLU through `bn_relu`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in range(0, len(self), 3):
+            x = bn_relu(self[i + 1], self[i](x), self[i + 2])
+        return x
 
 
 class ResNet(nn.Module):
@@ -97,7 +107,7 @@ class ResNet(nn.Module):
         self.stem_type = stem
         if stem == "deep":
             half = stem_channels // 2
-            self.stem = nn.Sequential(
+            self.stem = Stem(
                 nn.Conv2d(3, half, 3, stride=2, padding=1, bias=False),
                 norm_layer(half),
                 nn.ReLU(inplace=True),
@@ -141,7 +151,7 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = self.stem(x) if self.stem_type == "deep" else self.relu(self.bn1(self.conv1(x)))
+        x = self.stem(x) if self.stem_type == "deep" else bn_relu(self.bn1, self.conv1(x), self.relu)
         x = self.maxpool(x)
         c1 = self.layer1(x)
         c2 = self.layer2(c1)

@@ -1,0 +1,549 @@
+"""Batch norm + residual add + ReLU as Triton kernels (`norm="triton"`): the same values in fewer passes over memory.
+
+On an H200 a training step of R50-D8 (512x512, batch 8, bf16, channels_last) spent ~11 ms in PyTorch's batch-norm
+kernels and ~4 ms more in the ReLUs and residual adds around them (profile in benchmarks/RESULTS.md), against ~16 ms
+of convolutions. Those 60 batch norms see 2.3 GB of bf16 activations per step; PyTorch reads or writes them 8 times in
+batch norm (statistics, normalise; the backward's two reductions and its elementwise pass) and 5 more in each ReLU
+(in-place forward, `threshold_backward`) and 3 in each residual add. Here one autograd function does
+
+    forward:  y = relu(batchnorm(x) [+ residual])      x read twice (statistics, then normalise), y written once
+    backward: dx, dweight, dbias [, dresidual]          x and dy read twice, dx written once
+
+so the ReLU's mask is recomputed from x (or, after a residual add, read from y), never stored or applied in a pass
+of its own. Prediction for that step: ~8 ms less (the ReLU and add passes, and batch norm at the copy rate instead
+of PyTorch's ~1.7 TB/s). Not yet measured on a GPU (`danet benchmark --norm triton`; the GPU suite's
+`train_bf16_cl_tritonloss_tritonbn` case).
+
+Statistics: each program reduces a block of rows of the (rows = N*H*W, channels) view to a centred partial (count,
+mean, sum of squared deviations), partials combined with Chan's formula in a second kernel that also updates the
+running statistics (unbiased variance, momentum) as `nn.BatchNorm2d` does. No atomics: the same input gives the same
+bits. Accumulation in float32 (float64 for float64 tensors), as PyTorch's kernels do.
+
+`use_fused_norm(model)` swaps every `nn.BatchNorm2d` for `FusedBatchNorm2d` (a subclass: the same parameters,
+buffers and state-dict keys) and the model's blocks route batch norm + ReLU pairs through `bn_relu`. Whatever the
+kernels do not cover runs PyTorch's batch norm unchanged: CPU tensors (unless TRITON_INTERPRET=1), other layouts
+than NCHW- or NHWC-contiguous, evaluation with gradients, `torch.compile` tracing (inductor fuses these itself), and
+`nn.SyncBatchNorm` (distributed training converts the modules back to it).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from ..errors import DanetError
+
+try:  # NOTE: module level (see engine/triton_loss.py)
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU builds of PyTorch come without it
+    triton = None
+
+TARGET_PROGRAMS = 2048  # statistics / reductions: rows per program grow until about this many programs run
+MAX_ITERS = 32
+
+if triton is not None:
+
+    @triton.jit
+    def _offsets(rows, cols, C, HW, CL: tl.constexpr):
+        if CL:  # NHWC: row m, channel c at m * C + c
+            return rows[:, None] * C + cols[None, :]
+        else:  # NCHW: image m // HW, pixel m % HW
+            return ((rows // HW) * C * HW + rows % HW)[:, None] + cols[None, :] * HW
+
+    @triton.jit
+    def _invstd(var, eps):
+        """1 / sqrt(var + eps), correctly rounded (plain `sqrt` and `/` are approximate in float32 on GPUs)."""
+        if var.dtype == tl.float64:
+            return 1.0 / tl.sqrt(var + eps)
+        else:
+            return tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+
+    @triton.jit
+    def bn_partial_stats(
+        x_ptr, mean_ptr, m2_ptr, M, C, HW, iters, CL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr
+    ):
+        """Program (p, c-block): rows [p * iters * BLOCK_M, ...) -> mean and M2 (sum of squared deviations)."""
+        p = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        acc = mean_ptr.dtype.element_ty
+        n = tl.zeros([BLOCK_C], dtype=acc)
+        mean = tl.zeros([BLOCK_C], dtype=acc)
+        m2 = tl.zeros([BLOCK_C], dtype=acc)
+        for i in range(iters):
+            rows = (p * iters + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+            mask = (rows < M)[:, None] & cmask[None, :]
+            x = tl.load(x_ptr + _offsets(rows, cols, C, HW, CL), mask=mask, other=0.0).to(acc)
+            nb = tl.sum(mask.to(acc), 0)
+            mb = tl.sum(x, 0) / tl.maximum(nb, 1.0)
+            d = tl.where(mask, x - mb[None, :], 0.0)
+            n_new = n + nb
+            delta = mb - mean
+            frac = nb / tl.maximum(n_new, 1.0)
+            mean += delta * frac
+            m2 += tl.sum(d * d, 0) + delta * delta * n * frac
+            n = n_new
+        tl.store(mean_ptr + p * C + cols, mean, mask=cmask)
+        tl.store(m2_ptr + p * C + cols, m2, mask=cmask)
+
+    @triton.jit
+    def bn_combine_stats(
+        mean_p,
+        m2_p,
+        scalars_ptr,  # [eps, momentum factor] in the accumulation dtype
+        mean_ptr,
+        invstd_ptr,
+        rmean_ptr,
+        rvar_ptr,
+        P,
+        M,
+        C,
+        rows_per_program,
+        BLOCK_P: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        """Chan's combination of the P partials of a block of channels; batch mean, 1/std; running statistics."""
+        cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        acc = mean_p.dtype.element_ty
+        n = tl.zeros([BLOCK_C], dtype=acc)
+        mean = tl.zeros([BLOCK_C], dtype=acc)
+        m2 = tl.zeros([BLOCK_C], dtype=acc)
+        for p0 in range(0, P, BLOCK_P):
+            ps = p0 + tl.arange(0, BLOCK_P)
+            mask = (ps < P)[:, None] & cmask[None, :]
+            cnt = tl.minimum(tl.maximum(M - ps * rows_per_program, 0), rows_per_program).to(acc)
+            cnt2 = tl.where(mask, cnt[:, None], 0.0)
+            mp = tl.load(mean_p + ps[:, None] * C + cols[None, :], mask=mask, other=0.0)
+            qp = tl.load(m2_p + ps[:, None] * C + cols[None, :], mask=mask, other=0.0)
+            nb = tl.sum(cnt2, 0)
+            mb = tl.sum(cnt2 * mp, 0) / tl.maximum(nb, 1.0)
+            d = mp - mb[None, :]
+            qb = tl.sum(tl.where(mask, qp + cnt2 * d * d, 0.0), 0)
+            n_new = n + nb
+            delta = mb - mean
+            frac = nb / tl.maximum(n_new, 1.0)
+            mean += delta * frac
+            m2 += qb + delta * delta * n * frac
+            n = n_new
+        eps = tl.load(scalars_ptr)
+        factor = tl.load(scalars_ptr + 1)
+        invstd = _invstd(m2 / M, eps)
+        tl.store(mean_ptr + cols, mean, mask=cmask)
+        tl.store(invstd_ptr + cols, invstd, mask=cmask)
+        rm = tl.load(rmean_ptr + cols, mask=cmask, other=0.0)
+        rv = tl.load(rvar_ptr + cols, mask=cmask, other=0.0)
+        unbiased = m2 / tl.maximum(M - 1, 1)
+        tl.store(rmean_ptr + cols, (factor * mean + (1.0 - factor) * rm).to(rm.dtype), mask=cmask)
+        tl.store(rvar_ptr + cols, (factor * unbiased + (1.0 - factor) * rv).to(rv.dtype), mask=cmask)
+
+    @triton.jit
+    def bn_apply(
+        x_ptr,
+        r_ptr,
+        y_ptr,
+        mean_ptr,
+        stat_ptr,  # 1/std (training) or the running variance (FROM_VAR)
+        w_ptr,
+        b_ptr,
+        scalars_ptr,
+        M,
+        C,
+        HW,
+        CL: tl.constexpr,
+        HAS_RES: tl.constexpr,
+        RELU: tl.constexpr,
+        FROM_VAR: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        """y = relu((x - mean) * (w / std) + b [+ r]), computed in the statistics' dtype, stored in y's."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        mask = (rows < M)[:, None] & cmask[None, :]
+        offs = _offsets(rows, cols, C, HW, CL)
+        acc = scalars_ptr.dtype.element_ty
+        mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(acc)
+        stat = tl.load(stat_ptr + cols, mask=cmask, other=1.0).to(acc)
+        if FROM_VAR:
+            stat = _invstd(stat, tl.load(scalars_ptr))
+        scale = stat * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(acc)
+        shift = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(acc)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc)
+        y = (x - mean[None, :]) * scale[None, :] + shift[None, :]
+        if HAS_RES:
+            y += tl.load(r_ptr + offs, mask=mask, other=0.0).to(acc)
+        if RELU:
+            y = tl.maximum(y, 0.0)
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _upstream(dy_ptr, x, y_ptr, offs, mask, mean, scale, shift, RELU: tl.constexpr, MASK_FROM_Y: tl.constexpr):
+        """The gradient reaching batch norm's output: dy where the ReLU passed (its input > 0), else 0."""
+        dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(mean.dtype)
+        if RELU:
+            if MASK_FROM_Y:  # after a residual add: the stored output says where it passed
+                keep = tl.load(y_ptr + offs, mask=mask, other=0.0) > 0
+            else:  # the forward's own arithmetic, redone from x
+                keep = ((x - mean[None, :]) * scale[None, :] + shift[None, :]) > 0
+            dz = tl.where(keep, dz, 0.0)
+        return dz
+
+    @triton.jit
+    def bn_backward_reduce(
+        dy_ptr,
+        x_ptr,
+        y_ptr,
+        dz_ptr,  # written when WRITE_DZ: the gradient after the ReLU (that of the residual)
+        mean_ptr,
+        invstd_ptr,
+        w_ptr,
+        b_ptr,
+        sums_ptr,  # (2, P, C): partial sums of dz and of dz * xhat
+        M,
+        C,
+        HW,
+        P,
+        iters,
+        CL: tl.constexpr,
+        RELU: tl.constexpr,
+        MASK_FROM_Y: tl.constexpr,
+        WRITE_DZ: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        p = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
+        invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
+        acc = mean.dtype
+        scale = invstd * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(acc)
+        shift = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(acc)
+        s1 = tl.zeros([BLOCK_C], dtype=acc)
+        s2 = tl.zeros([BLOCK_C], dtype=acc)
+        for i in range(iters):
+            rows = (p * iters + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+            mask = (rows < M)[:, None] & cmask[None, :]
+            offs = _offsets(rows, cols, C, HW, CL)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc)
+            dz = _upstream(dy_ptr, x, y_ptr, offs, mask, mean, scale, shift, RELU, MASK_FROM_Y)
+            if WRITE_DZ:  # NOTE: the sums then take the stored (rounded) values, those the second pass reads
+                dz = dz.to(dz_ptr.dtype.element_ty)
+                tl.store(dz_ptr + offs, dz, mask=mask)
+                dz = dz.to(acc)
+            s1 += tl.sum(dz, 0)
+            s2 += tl.sum(dz * ((x - mean[None, :]) * invstd[None, :]), 0)
+        tl.store(sums_ptr + p * C + cols, s1, mask=cmask)
+        tl.store(sums_ptr + (P + p) * C + cols, s2, mask=cmask)
+
+    @triton.jit
+    def bn_backward_apply(
+        dy_ptr,
+        x_ptr,
+        y_ptr,
+        dx_ptr,
+        mean_ptr,
+        invstd_ptr,
+        w_ptr,
+        b_ptr,
+        sums_ptr,  # (2, C): sum of dz, sum of dz * xhat
+        M,
+        C,
+        HW,
+        CL: tl.constexpr,
+        RELU: tl.constexpr,
+        MASK_FROM_Y: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        """dx = (w / std) * (dz - mean(dz) - xhat * mean(dz * xhat))."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        mask = (rows < M)[:, None] & cmask[None, :]
+        offs = _offsets(rows, cols, C, HW, CL)
+        mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
+        invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
+        acc = mean.dtype
+        scale = invstd * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(acc)
+        shift = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(acc)
+        k1 = tl.load(sums_ptr + cols, mask=cmask, other=0.0) / M
+        k2 = tl.load(sums_ptr + C + cols, mask=cmask, other=0.0) / M
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc)
+        dz = _upstream(dy_ptr, x, y_ptr, offs, mask, mean, scale, shift, RELU, MASK_FROM_Y)
+        xhat = (x - mean[None, :]) * invstd[None, :]
+        dx = scale[None, :] * (dz - k1[None, :] - xhat * k2[None, :])
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _layout(x: torch.Tensor) -> bool | None:
+    """True: NHWC-contiguous, False: NCHW-contiguous, None: neither (PyTorch's kernels then)."""
+    if x.is_contiguous():  # NOTE: first: a (N, C, 1, 1) or C == 1 tensor is both, NCHW addressing is right then
+        return False
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return True
+    return None
+
+
+def _blocks(m: int, c: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_C, iters, programs along the rows) for the reductions over an (m, c) view."""
+    block_c = min(64, triton.next_power_of_2(c))
+    block_m = min(128, max(64, 4096 // block_c))
+    tiles = triton.cdiv(m, block_m)
+    iters = max(1, min(MAX_ITERS, tiles * triton.cdiv(c, block_c) // TARGET_PROGRAMS))
+    return block_m, block_c, iters, triton.cdiv(tiles, iters)
+
+
+def _scalars(bn: nn.BatchNorm2d, dtype: torch.dtype, device: torch.device, factor: float) -> torch.Tensor:
+    """[eps, momentum factor] on the device in the accumulation dtype (full precision, unlike a kernel's float
+    argument, which Triton passes as float32). Cached per module: no host-to-device copy per call."""
+    key = (dtype, device, bn.eps, factor)
+    cache = bn.__dict__.setdefault("_fused_scalars", {})
+    t = cache.get(key)
+    if t is None:
+        if len(cache) > 8:  # momentum=None (a cumulative average) gives a new factor every step
+            cache.clear()
+        t = cache[key] = torch.tensor([bn.eps, factor], dtype=dtype, device=device)
+    return t
+
+
+class _FusedBatchNormAct(torch.autograd.Function):
+    """relu(batch_norm(x) [+ residual]) in training mode, with the running statistics updated."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, bn, relu):
+        cl = _layout(x)
+        n, c, h, w = x.shape
+        m, hw = n * h * w, h * w
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        block_m, block_c, iters, p = _blocks(m, c)
+        factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        scalars = _scalars(bn, acc, x.device, factor)
+        mean_p = torch.empty(p, c, dtype=acc, device=x.device)
+        m2_p = torch.empty_like(mean_p)
+        bn_partial_stats[(p, triton.cdiv(c, block_c))](
+            x, mean_p, m2_p, m, c, hw, iters, CL=cl, BLOCK_M=block_m, BLOCK_C=block_c
+        )
+        mean = torch.empty(c, dtype=acc, device=x.device)
+        invstd = torch.empty_like(mean)
+        bn_combine_stats[(triton.cdiv(c, block_c),)](
+            mean_p,
+            m2_p,
+            scalars,
+            mean,
+            invstd,
+            bn.running_mean,
+            bn.running_var,
+            p,
+            m,
+            c,
+            iters * block_m,
+            BLOCK_P=min(64, triton.next_power_of_2(p)),
+            BLOCK_C=block_c,
+        )
+        y = torch.empty_like(x)
+        grid = (triton.cdiv(m, block_m), triton.cdiv(c, block_c))
+        r = residual if residual is not None else x
+        bn_apply[grid](
+            x,
+            r,
+            y,
+            mean,
+            invstd,
+            weight,
+            bias,
+            scalars,
+            m,
+            c,
+            hw,
+            CL=cl,
+            HAS_RES=residual is not None,
+            RELU=relu,
+            FROM_VAR=False,
+            BLOCK_M=block_m,
+            BLOCK_C=block_c,
+        )
+        mask_from_y = relu and residual is not None
+        ctx.save_for_backward(x, y if mask_from_y else None, weight, bias, mean, invstd)
+        ctx.conf = (cl, relu, mask_from_y, residual is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, y, weight, bias, mean, invstd = ctx.saved_tensors
+        cl, relu, mask_from_y, has_res = ctx.conf
+        n, c, h, w = x.shape
+        m, hw = n * h * w, h * w
+        dy = dy.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        block_m, block_c, iters, p = _blocks(m, c)
+        sums = torch.empty(2, p, c, dtype=mean.dtype, device=x.device)
+        dz = torch.empty_like(dy) if has_res and relu else None
+        bn_backward_reduce[(p, triton.cdiv(c, block_c))](
+            dy,
+            x,
+            y if y is not None else x,
+            dz if dz is not None else dy,
+            mean,
+            invstd,
+            weight,
+            bias,
+            sums,
+            m,
+            c,
+            hw,
+            p,
+            iters,
+            CL=cl,
+            RELU=relu,
+            MASK_FROM_Y=mask_from_y,
+            WRITE_DZ=dz is not None,
+            BLOCK_M=block_m,
+            BLOCK_C=block_c,
+        )
+        total = sums.sum(1)  # (2, C), in a fixed order
+        dx = torch.empty_like(x)
+        upstream = dz if dz is not None else dy  # with dz, the ReLU is already applied
+        grid = (triton.cdiv(m, block_m), triton.cdiv(c, block_c))
+        bn_backward_apply[grid](
+            upstream,
+            x,
+            x,
+            dx,
+            mean,
+            invstd,
+            weight,
+            bias,
+            total,
+            m,
+            c,
+            hw,
+            CL=cl,
+            RELU=relu and dz is None,
+            MASK_FROM_Y=False,
+            BLOCK_M=block_m,
+            BLOCK_C=block_c,
+        )
+        d_res = (dz if dz is not None else dy) if has_res else None
+        dw = total[1].to(weight.dtype) if ctx.needs_input_grad[2] else None
+        db = total[0].to(bias.dtype) if ctx.needs_input_grad[3] else None
+        return dx, d_res, dw, db, None, None
+
+
+def _eval_apply(bn: nn.BatchNorm2d, x: torch.Tensor, residual, relu: bool) -> torch.Tensor:
+    n, c, h, w = x.shape
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    block_m, block_c, _, _ = _blocks(n * h * w, c)
+    y = torch.empty_like(x)
+    grid = (triton.cdiv(n * h * w, block_m), triton.cdiv(c, block_c))
+    bn_apply[grid](
+        x,
+        residual if residual is not None else x,
+        y,
+        bn.running_mean,
+        bn.running_var,
+        bn.weight,
+        bn.bias,
+        _scalars(bn, acc, x.device, 0.0),
+        n * h * w,
+        c,
+        h * w,
+        CL=_layout(x),
+        HAS_RES=residual is not None,
+        RELU=relu,
+        FROM_VAR=True,
+        BLOCK_M=block_m,
+        BLOCK_C=block_c,
+    )
+    return y
+
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class FusedBatchNorm2d(nn.BatchNorm2d):
+    """`nn.BatchNorm2d` whose forward (and `forward_act`: + residual + ReLU) runs the Triton kernels where they apply,
+    PyTorch's batch norm elsewhere. Same parameters, buffers and state-dict keys."""
+
+    def fusable(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+        if triton is None or not self.affine or not self.track_running_stats or self.running_mean is None:
+            return False
+        if not (x.is_cuda or _interpreted()) or x.dim() != 4 or x.dtype not in DTYPES or x.numel() == 0:
+            return False
+        if x.numel() >= 2**31 or _layout(x) is None or torch.compiler.is_compiling():
+            return False
+        if residual is not None and (residual.dtype != x.dtype or residual.stride() != x.stride()):
+            return False
+        if not self.training and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return False  # evaluation with gradients (rare): PyTorch's kernels, which have the backward
+        return True
+
+    def forward_act(self, x: torch.Tensor, residual: torch.Tensor | None = None, relu: bool = True) -> torch.Tensor:
+        if not self.fusable(x, residual):
+            y = super().forward(x)
+            if residual is not None:
+                y = y + residual
+            return torch.relu_(y) if relu else y
+        if not self.training:
+            return _eval_apply(self, x, residual, relu)
+        if x.numel() // x.shape[1] <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+        self.num_batches_tracked.add_(1)
+        return _FusedBatchNormAct.apply(x, residual, self.weight, self.bias, self, relu)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_act(x, None, relu=False)
+
+
+def bn_relu(bn: nn.Module, x: torch.Tensor, relu: nn.Module, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """relu(bn(x) [+ residual]): one fused pass with `FusedBatchNorm2d`, the modules one by one otherwise."""
+    if type(bn) is FusedBatchNorm2d:
+        return bn.forward_act(x, residual)
+    y = bn(x)
+    if residual is not None:
+        y = y + residual
+    return relu(y)
+
+
+def why_unused(device: torch.device, world: int = 1, compiled: bool = False) -> str | None:
+    """Why `norm="triton"` would leave a run on PyTorch's batch norm (None: its kernels run)."""
+    if device.type != "cuda" and not _interpreted():
+        return "runs on CUDA only"
+    if world > 1:
+        return "is for one process (with several, SyncBatchNorm replaces it)"
+    if compiled:
+        return "has no effect under compile (inductor fuses batch norm itself)"
+    return None
+
+
+def use_fused_norm(model: nn.Module, enabled: bool = True) -> int:
+    """Swap the model's `nn.BatchNorm2d` modules for `FusedBatchNorm2d` (or back). Returns how many were swapped."""
+    if enabled and triton is None:
+        raise DanetError("norm=triton needs the triton package (part of PyTorch's CUDA builds); use norm=native")
+    count = 0
+    for mod in model.modules():
+        if enabled and type(mod) is nn.BatchNorm2d:
+            mod.__class__ = FusedBatchNorm2d
+            count += 1
+        elif not enabled and type(mod) is FusedBatchNorm2d:
+            mod.__class__ = nn.BatchNorm2d
+            mod.__dict__.pop("_fused_scalars", None)
+            count += 1
+    return count
+
+
+def set_inference_norm(model: nn.Module, norm: str) -> nn.Module:
+    """`danet test` / `predict` `--norm`: "triton" swaps the batch norms (with a note where its kernels cannot run)."""
+    if norm == "triton":
+        use_fused_norm(model)
+        if why := why_unused(next(model.parameters()).device):
+            print(f"note: --norm triton {why}; PyTorch's batch norm runs")
+    return model

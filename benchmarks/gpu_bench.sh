@@ -5,13 +5,14 @@
 #                     $E2E_DATA (default /tmp/danet-e2e-data, not $OUT), work dirs in $E2E_WORK (/tmp/danet-e2e-work)
 #   anchor_gpu.json   mmsegmentation 1.2.2 (../shared/peers/gpu_anchor_mmseg.py --cudnn-benchmark --skip-pam)
 #   anchor_ssseg.json sssegmentation 1.7.0 (../shared/peers/gpu_anchor_ssseg.py)
-#   profile.txt       top CUDA kernels of the two best train cases (bf16, channels_last, fused / compiled loss)
+#   profile.txt       top CUDA kernels of the Triton-loss train step with PyTorch's and with the fused batch norm
 #   summary.md        the tables for benchmarks/RESULTS.md (benchmarks/summarize_gpu.py), printed last
 #   log.txt           everything printed
 # Before: `bash benchmarks/gpu_prepare.sh` here (wheels + peer scripts into .whl/, carried with carry=[".whl"]).
 # Device:  bash benchmarks/gpu_bench.sh   (BUDGET_S=420: seconds after which no case starts; ANCHORS=0 skips the
 #          peers, whose figures then come from an earlier run on the same kind of card: PEERS_DIR=that run's folder;
-#          GROUPS_CORE="sys loss train profile" and COMPILE=0 shorten it; E2E_ITERS=50, E2E_WARMUP=10 and
+#          GROUPS_CORE="sys loss train profile" and COMPILE=0 shorten it, ONLY="a b" keeps the train / infer / e2e
+#          cases whose label contains a or b; E2E_ITERS=50, E2E_WARMUP=10 and
 #          E2E_WORKERS=8 size the e2e runs: ~10-25 s in all after the train group, ~1 min alone (cuDNN autotuning
 #          and the compiled loss then happen in its first run's warm-up))
 # Here:    bash benchmarks/gpu_bench.sh --cpu-smoke     (tiny sizes on the CPU: checks every step of the script)
@@ -57,7 +58,9 @@ if ((ANCHORS)); then
   (cd .whl/peer_scripts && timeout $(lim 90) $PEER_PY gpu_anchor_ssseg.py) || echo "WARNING: ssseg anchor exited $?"
 fi
 stage "ours: $GROUPS_CORE"
-timeout $(lim $(($(left) - 5))) $PY benchmarks/gpu_suite.py $GROUPS_CORE "${SMOKE_ARG[@]}" \
+ONLY_ARG=()
+[[ -n "${ONLY:-}" ]] && read -ra ONLY_WORDS <<< "$ONLY" && ONLY_ARG=(--only "${ONLY_WORDS[@]}")
+timeout $(lim $(($(left) - 5))) $PY benchmarks/gpu_suite.py $GROUPS_CORE "${SMOKE_ARG[@]}" "${ONLY_ARG[@]}" \
   --budget-s $(($(left) - 60 * COMPILE)) || echo "WARNING: gpu_suite core exited $?"
 if ((COMPILE)) && { (($(left) > 60)) || ((SMOKE)); }; then
   stage "ours: torch.compile"

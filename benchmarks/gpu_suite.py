@@ -519,7 +519,7 @@ def group_e2e(a) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("groups", nargs="*", default=["sys", "loss", "norm", "train", "e2e", "profile", "infer", "compile"],
-                   help="of: sys loss train e2e profile infer compile pam")  # fmt: skip
+                   help="of: sys loss norm train e2e profile infer compile pam")  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: check that every case runs")
     p.add_argument("--budget-s", type=float, default=float(os.environ.get("BUDGET_S", 1e9)),
                    help="skip the cases that would start after this many seconds")  # fmt: skip

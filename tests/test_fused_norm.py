@@ -12,9 +12,13 @@ import copy
 import importlib.util
 import os
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
 import danet
@@ -173,13 +177,82 @@ def test_one_value_per_channel_is_an_error_in_training():
 
 def test_why_unused_and_a_missing_triton(monkeypatch):
     assert FN.why_unused(torch.device("cpu")) is None  # the interpreter runs the kernels here
-    assert "one process" in FN.why_unused(torch.device("cpu"), world=2)
     assert "compile" in FN.why_unused(torch.device("cpu"), compiled=True)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert "CUDA" in FN.why_unused(torch.device("cpu"))
     monkeypatch.setattr(FN, "triton", None)
     with pytest.raises(DanetError, match="norm=triton needs the triton package"):
         FN.use_fused_norm(nn.BatchNorm2d(3))
+
+
+def _sync_worker(rank: int, world: int, port: int, out: str, sizes: tuple[int, ...]) -> None:
+    """One process of a synchronised fused batch norm: its share of the batch, float64, NHWC, residual + ReLU."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        x, r, dy = sync_data(sum(sizes))
+        lo = sum(sizes[:rank])
+        xs, rs = (t[lo : lo + sizes[rank]].clone().requires_grad_() for t in (x, r))
+        _, bn = pair(6)
+        assert FN.sync_fused_norm(nn.Sequential(bn)) == 1
+        y = bn.forward_act(xs, rs)
+        grads = torch.autograd.grad(y, (xs, rs, bn.weight, bn.bias), dy[lo : lo + sizes[rank]])
+        torch.save({"y": y, "grads": grads, "mean": bn.running_mean, "var": bn.running_var}, Path(out, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def sync_data(n: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(3)
+    return tuple(
+        (torch.randn(n, 6, 5, 4, generator=g, dtype=torch.float64) + 0.3).contiguous(memory_format=torch.channels_last)
+        for _ in range(3)
+    )
+
+
+def test_synchronised_over_two_processes(tmp_path):
+    """Two gloo processes holding 3 and 1 images: outputs and input gradients those of one batch norm over all 4,
+    dweight / dbias each process's share (DDP averages them), the same running statistics on both."""
+    from test_engine_ddp import _free_port
+
+    sizes = (3, 1)
+    ctx = mp.spawn(_sync_worker, args=(2, _free_port(), str(tmp_path), sizes), nprocs=2, join=False)
+    deadline = time.time() + 120
+    while not ctx.join(timeout=2):
+        if time.time() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("the 2 processes did not finish in 120 s (deadlocked?)")
+    got = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in range(2)]
+    x, r, dy = sync_data(sum(sizes))
+    ref, _ = pair(6)
+    xx, rr = x.clone().requires_grad_(), r.clone().requires_grad_()
+    y = reference(ref, xx, rr, True)
+    want = torch.autograd.grad(y, (xx, rr, ref.weight, ref.bias), dy)
+    assert rel(torch.cat([g["y"] for g in got]), y) < 1e-13
+    for i, name in enumerate(("dx", "dresidual", "dweight", "dbias")):
+        ours = torch.cat([g["grads"][i] for g in got]) if i < 2 else got[0]["grads"][i] + got[1]["grads"][i]
+        assert rel(ours, want[i]) < 1e-13, name
+    assert rel(got[0]["grads"][2], want[2]) > 1e-3  # each process's own share, not the sum
+    for g in got:
+        assert rel(g["mean"], ref.running_mean) < 1e-13 and rel(g["var"], ref.running_var) < 1e-13
+
+
+def test_torchrun_wrapping_synchronises_fused_norms_instead_of_converting(monkeypatch):
+    """`danet train` under torchrun on GPUs: PyTorch's batch norms become nn.SyncBatchNorm, fused ones stay fused and
+    synchronise themselves (DDP stubbed: no process group here)."""
+    from danet.engine import distributed as D
+
+    monkeypatch.setattr(nn.parallel, "DistributedDataParallel", lambda model, device_ids=None: model)
+    info = D.DistInfo(rank=0, world=2, local_rank=0, device=torch.device("cuda", 0))
+    plain = D.wrap_model(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), info)
+    assert type(plain[1]) is nn.SyncBatchNorm
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    FN.use_fused_norm(model)
+    wrapped = D.wrap_model(model, info)
+    assert type(wrapped[1]) is FN.FusedBatchNorm2d and wrapped[1].sync_group is dist.group.WORLD
+    FN.use_fused_norm(wrapped, False)
+    assert type(wrapped[1]) is nn.BatchNorm2d and "sync_group" not in vars(wrapped[1])
 
 
 def narrow_pair() -> tuple[nn.Module, nn.Module]:
@@ -260,6 +333,14 @@ def test_danet_train_with_norm_triton(tmp_path, monkeypatch, capsys):
     assert calls == {"train": 2 * n_bn, "eval": n_bn - 1}  # two steps; one validation image (no auxiliary head)
     assert first["triton"] == pytest.approx(first["native"], rel=1e-5)
     assert "note: norm=triton" not in capsys.readouterr().out  # the interpreter runs the kernels here
+    # where the kernels cannot run (here: the CPU without the interpreter), the run says so and keeps PyTorch's
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    T.train(
+        apply_overrides(RunConfig(preset="danet_tiny_synthetic", data_root=str(root), work_dir=str(tmp_path / "cpu")),
+                        [*sets, "norm=triton"])  # fmt: skip
+    )
+    assert "note: norm=triton runs on CUDA only; PyTorch's batch norm runs" in capsys.readouterr().out
+    assert calls == {"train": 2 * n_bn, "eval": n_bn - 1}  # no more kernel calls
 
 
 def test_benchmark_norm_option():

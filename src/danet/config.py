@@ -97,8 +97,9 @@ class RunConfig:
     # otherwise, so config.yaml always says what ran)
     fused_loss_impl: str = "chunked"
     conv: str = "direct"  # 3x3 convs: direct | winograd (CPU float32/64 without autocast, else direct; models.winograd)
-    # batch norm (+ residual add + ReLU): native (PyTorch's kernels) | triton (fused Triton kernels: one CUDA process,
-    # eager mode; elsewhere native runs; models.fused_norm)
+    # batch norm (+ residual add + ReLU): native (PyTorch's kernels) | triton (fused Triton kernels, CUDA, eager mode,
+    # synchronised over torchrun's processes like SyncBatchNorm; on the CPU or under compile native runs;
+    # models.fused_norm)
     norm: str = "native"
     eval_mode: str = "whole"  # validation inference: whole | slide
     # a non-finite loss (on any rank): stop with the last good checkpoint, or skip that step (no update; the run

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import DanetError
+from ..models.fused_norm import sync_fused_norm
 
 
 @dataclass(frozen=True)
@@ -105,10 +106,11 @@ def broadcast_buffers(model: nn.Module) -> None:
 
 
 def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
-    """SyncBatchNorm (CUDA, world > 1) + DistributedDataParallel, or the model itself for one process."""
+    """SyncBatchNorm (CUDA, world > 1) + DistributedDataParallel, or the model itself for one process. Fused batch
+    norms (norm=triton) are synchronised themselves (on the CPU only where Triton's interpreter runs them: tests)."""
     if not info.distributed:
         return model
-    if info.device.type == "cuda":
+    if sync_fused_norm(model) == 0 and info.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [info.device.index] if info.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)

@@ -141,8 +141,9 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
     model = build_model(cfg, preset).to(dev)
     use_winograd(model, cfg.conv == "winograd")  # same parameters and state-dict keys, another algorithm
-    use_fused_norm(model, cfg.norm == "triton")  # the same again
-    if cfg.norm == "triton" and info.is_main and (why := why_unused(dev, info.world, cfg.compile)):
+    why = why_unused(dev, cfg.compile) if cfg.norm == "triton" else None
+    use_fused_norm(model, cfg.norm == "triton" and why is None)  # the same again; under torchrun synchronised itself
+    if why and info.is_main:  # NOTE: then plain BatchNorm2d, so torchrun on GPUs converts it to SyncBatchNorm
         print(f"note: norm=triton {why}; PyTorch's batch norm runs")
     if ckpt is not None:
         model.load_state_dict(ckpt.state_dict)

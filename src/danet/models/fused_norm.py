@@ -22,8 +22,10 @@ bits. Accumulation in float32 (float64 for float64 tensors), as PyTorch's kernel
 `use_fused_norm(model)` swaps every `nn.BatchNorm2d` for `FusedBatchNorm2d` (a subclass: the same parameters,
 buffers and state-dict keys) and the model's blocks route batch norm + ReLU pairs through `bn_relu`. Whatever the
 kernels do not cover runs PyTorch's batch norm unchanged: CPU tensors (unless TRITON_INTERPRET=1), other layouts
-than NCHW- or NHWC-contiguous, evaluation with gradients, `torch.compile` tracing (inductor fuses these itself), and
-`nn.SyncBatchNorm` (distributed training converts the modules back to it).
+than NCHW- or NHWC-contiguous, evaluation with gradients, `torch.compile` tracing (inductor fuses these itself).
+Under torchrun `sync_fused_norm` (engine/distributed.py, instead of `nn.SyncBatchNorm`) makes the statistics span
+the processes: each one's (count, mean, M2) gathered and merged, the backward's two sums all-reduced; dweight and
+dbias stay local, as in `nn.SyncBatchNorm` (DDP averages them).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..errors import DanetError
@@ -102,10 +105,12 @@ if triton is not None:
         M,
         C,
         rows_per_program,
+        LOCAL: tl.constexpr,
         BLOCK_P: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
-        """Chan's combination of the P partials of a block of channels; batch mean, 1/std; running statistics."""
+        """Chan's combination of the P partials of a block of channels; batch mean, 1/std; running statistics.
+        LOCAL (synchronised batch norm): this process's mean and M2 (into invstd_ptr) only, for the processes' merge."""
         cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cols < C
         acc = mean_p.dtype.element_ty
@@ -129,16 +134,18 @@ if triton is not None:
             mean += delta * frac
             m2 += qb + delta * delta * n * frac
             n = n_new
-        eps = tl.load(scalars_ptr)
-        factor = tl.load(scalars_ptr + 1)
-        invstd = _invstd(m2 / M, eps)
         tl.store(mean_ptr + cols, mean, mask=cmask)
-        tl.store(invstd_ptr + cols, invstd, mask=cmask)
-        rm = tl.load(rmean_ptr + cols, mask=cmask, other=0.0)
-        rv = tl.load(rvar_ptr + cols, mask=cmask, other=0.0)
-        unbiased = m2 / tl.maximum(M - 1, 1)
-        tl.store(rmean_ptr + cols, (factor * mean + (1.0 - factor) * rm).to(rm.dtype), mask=cmask)
-        tl.store(rvar_ptr + cols, (factor * unbiased + (1.0 - factor) * rv).to(rv.dtype), mask=cmask)
+        if LOCAL:
+            tl.store(invstd_ptr + cols, m2, mask=cmask)
+        else:
+            eps = tl.load(scalars_ptr)
+            factor = tl.load(scalars_ptr + 1)
+            tl.store(invstd_ptr + cols, _invstd(m2 / M, eps), mask=cmask)
+            rm = tl.load(rmean_ptr + cols, mask=cmask, other=0.0)
+            rv = tl.load(rvar_ptr + cols, mask=cmask, other=0.0)
+            unbiased = m2 / tl.maximum(M - 1, 1)
+            tl.store(rmean_ptr + cols, (factor * mean + (1.0 - factor) * rm).to(rm.dtype), mask=cmask)
+            tl.store(rvar_ptr + cols, (factor * unbiased + (1.0 - factor) * rv).to(rv.dtype), mask=cmask)
 
     @triton.jit
     def bn_apply(
@@ -251,7 +258,8 @@ if triton is not None:
         invstd_ptr,
         w_ptr,
         b_ptr,
-        sums_ptr,  # (2, C): sum of dz, sum of dz * xhat
+        sums_ptr,  # (2, C): sum of dz, sum of dz * xhat, over `count` values per channel
+        count,
         M,
         C,
         HW,
@@ -272,8 +280,8 @@ if triton is not None:
         acc = mean.dtype
         scale = invstd * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(acc)
         shift = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(acc)
-        k1 = tl.load(sums_ptr + cols, mask=cmask, other=0.0) / M
-        k2 = tl.load(sums_ptr + C + cols, mask=cmask, other=0.0) / M
+        k1 = tl.load(sums_ptr + cols, mask=cmask, other=0.0) / count
+        k2 = tl.load(sums_ptr + C + cols, mask=cmask, other=0.0) / count
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc)
         dz = _upstream(dy_ptr, x, y_ptr, offs, mask, mean, scale, shift, RELU, MASK_FROM_Y)
         xhat = (x - mean[None, :]) * invstd[None, :]
@@ -316,11 +324,33 @@ def _scalars(bn: nn.BatchNorm2d, dtype: torch.dtype, device: torch.device, facto
     return t
 
 
+def _merge_processes(mean, m2, m: int, bn: nn.BatchNorm2d, factor: float, group) -> tuple:
+    """Synchronised batch norm: every process's (count, mean, M2) gathered and merged (Chan's formula, in rank
+    order: the same on every process); returns the global mean, 1/std and count (a tensor: no host sync) and updates
+    the running statistics with the global unbiased variance, as `nn.SyncBatchNorm` does."""
+    local = torch.cat([mean.new_full((1,), m), mean, m2])
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local, group=group)
+    g = torch.stack(parts)
+    c = mean.numel()
+    n, means, m2s = g[:, :1], g[:, 1 : 1 + c], g[:, 1 + c :]
+    total = n.sum()
+    mean = (n * means).sum(0) / total
+    m2 = (m2s + n * (means - mean).square()).sum(0)
+    invstd = 1.0 / torch.sqrt(m2 / total + bn.eps)
+    with torch.no_grad():
+        bn.running_mean.mul_(1.0 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+        unbiased = (m2 / (total - 1).clamp(min=1)).to(bn.running_var.dtype)
+        bn.running_var.mul_(1.0 - factor).add_(unbiased, alpha=factor)
+    return mean, invstd, total
+
+
 class _FusedBatchNormAct(torch.autograd.Function):
-    """relu(batch_norm(x) [+ residual]) in training mode, with the running statistics updated."""
+    """relu(batch_norm(x) [+ residual]) in training mode, with the running statistics updated; `group`: the
+    statistics and the backward's two sums over all its processes (synchronised batch norm)."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, bn, relu):
+    def forward(ctx, x, residual, weight, bias, bn, relu, group):
         cl = _layout(x)
         n, c, h, w = x.shape
         m, hw = n * h * w, h * w
@@ -347,9 +377,13 @@ class _FusedBatchNormAct(torch.autograd.Function):
             m,
             c,
             iters * block_m,
+            LOCAL=group is not None,
             BLOCK_P=min(64, triton.next_power_of_2(p)),
             BLOCK_C=block_c,
         )
+        count = m
+        if group is not None:  # `invstd` holds this process's M2
+            mean, invstd, count = _merge_processes(mean, invstd, m, bn, factor, group)
         y = torch.empty_like(x)
         grid = (triton.cdiv(m, block_m), triton.cdiv(c, block_c))
         r = residual if residual is not None else x
@@ -374,13 +408,13 @@ class _FusedBatchNormAct(torch.autograd.Function):
         )
         mask_from_y = relu and residual is not None
         ctx.save_for_backward(x, y if mask_from_y else None, weight, bias, mean, invstd)
-        ctx.conf = (cl, relu, mask_from_y, residual is not None)
+        ctx.conf = (cl, relu, mask_from_y, residual is not None, group, count)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, y, weight, bias, mean, invstd = ctx.saved_tensors
-        cl, relu, mask_from_y, has_res = ctx.conf
+        cl, relu, mask_from_y, has_res, group, count = ctx.conf
         n, c, h, w = x.shape
         m, hw = n * h * w, h * w
         dy = dy.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
@@ -410,6 +444,11 @@ class _FusedBatchNormAct(torch.autograd.Function):
             BLOCK_C=block_c,
         )
         total = sums.sum(1)  # (2, C), in a fixed order
+        means, count_arg = total, count
+        if group is not None:  # dx takes the sums over every process; dweight, dbias stay local (DDP averages them)
+            means = total.clone()
+            dist.all_reduce(means, group=group)
+            means, count_arg = means / count, 1
         dx = torch.empty_like(x)
         upstream = dz if dz is not None else dy  # with dz, the ReLU is already applied
         grid = (triton.cdiv(m, block_m), triton.cdiv(c, block_c))
@@ -422,7 +461,8 @@ class _FusedBatchNormAct(torch.autograd.Function):
             invstd,
             weight,
             bias,
-            total,
+            means,
+            count_arg,
             m,
             c,
             hw,
@@ -435,7 +475,7 @@ class _FusedBatchNormAct(torch.autograd.Function):
         d_res = (dz if dz is not None else dy) if has_res else None
         dw = total[1].to(weight.dtype) if ctx.needs_input_grad[2] else None
         db = total[0].to(bias.dtype) if ctx.needs_input_grad[3] else None
-        return dx, d_res, dw, db, None, None
+        return dx, d_res, dw, db, None, None, None
 
 
 def _eval_apply(bn: nn.BatchNorm2d, x: torch.Tensor, residual, relu: bool) -> torch.Tensor:
@@ -471,7 +511,10 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 class FusedBatchNorm2d(nn.BatchNorm2d):
     """`nn.BatchNorm2d` whose forward (and `forward_act`: + residual + ReLU) runs the Triton kernels where they apply,
-    PyTorch's batch norm elsewhere. Same parameters, buffers and state-dict keys."""
+    PyTorch's batch norm elsewhere. Same parameters, buffers and state-dict keys. With `sync_group` set
+    (`sync_fused_norm`, as `danet train` does under torchrun) training statistics span its processes."""
+
+    sync_group = None
 
     def fusable(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
         if triton is None or not self.affine or not self.track_running_stats or self.running_mean is None:
@@ -497,7 +540,10 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
         if x.numel() // x.shape[1] <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
         self.num_batches_tracked.add_(1)
-        return _FusedBatchNormAct.apply(x, residual, self.weight, self.bias, self, relu)
+        group = self.sync_group
+        if group is not None and not (dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1):
+            group = None
+        return _FusedBatchNormAct.apply(x, residual, self.weight, self.bias, self, relu, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_act(x, None, relu=False)
@@ -513,12 +559,10 @@ def bn_relu(bn: nn.Module, x: torch.Tensor, relu: nn.Module, residual: torch.Ten
     return relu(y)
 
 
-def why_unused(device: torch.device, world: int = 1, compiled: bool = False) -> str | None:
+def why_unused(device: torch.device, compiled: bool = False) -> str | None:
     """Why `norm="triton"` would leave a run on PyTorch's batch norm (None: its kernels run)."""
     if device.type != "cuda" and not _interpreted():
         return "runs on CUDA only"
-    if world > 1:
-        return "is for one process (with several, SyncBatchNorm replaces it)"
     if compiled:
         return "has no effect under compile (inductor fuses batch norm itself)"
     return None
@@ -536,8 +580,18 @@ def use_fused_norm(model: nn.Module, enabled: bool = True) -> int:
         elif not enabled and type(mod) is FusedBatchNorm2d:
             mod.__class__ = nn.BatchNorm2d
             mod.__dict__.pop("_fused_scalars", None)
+            mod.__dict__.pop("sync_group", None)
             count += 1
     return count
+
+
+def sync_fused_norm(model: nn.Module, group=None) -> int:
+    """Synchronise the model's `FusedBatchNorm2d` over `group` (default: all processes), in place of converting
+    them to `nn.SyncBatchNorm`. Returns how many."""
+    mods = [m for m in model.modules() if type(m) is FusedBatchNorm2d]
+    for m in mods:
+        m.sync_group = group if group is not None else dist.group.WORLD
+    return len(mods)
 
 
 def set_inference_norm(model: nn.Module, norm: str) -> nn.Module:

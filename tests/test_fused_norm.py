@@ -336,8 +336,10 @@ def test_danet_train_with_norm_triton(tmp_path, monkeypatch, capsys):
     # where the kernels cannot run (here: the CPU without the interpreter), the run says so and keeps PyTorch's
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     T.train(
-        apply_overrides(RunConfig(preset="danet_tiny_synthetic", data_root=str(root), work_dir=str(tmp_path / "cpu")),
-                        [*sets, "norm=triton"])  # fmt: skip
+        apply_overrides(
+            RunConfig(preset="danet_tiny_synthetic", data_root=str(root), work_dir=str(tmp_path / "cpu")),
+            [*sets, "norm=triton"],
+        )  # fmt: skip
     )
     assert "note: norm=triton runs on CUDA only; PyTorch's batch norm runs" in capsys.readouterr().out
     assert calls == {"train": 2 * n_bn, "eval": n_bn - 1}  # no more kernel calls

@@ -177,6 +177,20 @@ def summarize(out: Path, peers_dir: Path | None = None) -> str:
     if parts:
         lines += ["", f"Loss parts on one output {parts[0]['shape']} (float32):", "", "| kernel | ms |", "|---|---|"]
         lines += [f"| {r['part']} | {r['ms']} |" for r in parts]
+    norm = [r for r in ours if r.get("group") == "norm"]
+    if norm:
+        head = ["shape", "residual", "PyTorch ms", "fused ms", "speed-up", "fused TB/s", "dx err PyTorch",
+                "dx err fused", "dw err PyTorch", "dw err fused"]  # fmt: skip
+        lines += ["", "Batch norm + ReLU [+ residual] in training, forward + backward, bf16 channels_last (PyTorch's "
+                  "kernels vs the fused Triton ones; errors against float64):", "",
+                  "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]  # fmt: skip
+        for r in norm:
+            nat, fus = r.get("native_ms"), r.get("triton_ms")
+            cells = ["x".join(map(str, r["shape"])), str(r["residual"]), fmt(nat, ".3f"),
+                     fmt(fus, ".3f") if fus else r.get("triton_error", "-")[:60], fmt(ratio(nat, fus), ".2f", "x"),
+                     fmt(r.get("triton_tb_s"))] + [fmt(r.get(f"{i}_{g}_rel"), ".1e")
+                                                   for g in ("dx", "dw") for i in ("native", "triton")]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
     bad = [r for r in ours if "error" in r and r.get("group") != "pam"] + [r for r in ours if "skipped" in r]
     if bad:
         lines += ["", "Errors / skipped:", ""] + [f"- {json.dumps(r)[:300]}" for r in bad]

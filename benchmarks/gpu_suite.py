@@ -321,6 +321,8 @@ def cases(a, group: str) -> list[BenchSpec]:
             # the most telling first: the budget may end the group early (earlier runs measured the rest)
             spec(tr, "train_bf16_cl_tritonloss", **bf, loss="triton"),
             spec(tr, "train_bf16_cl_tritonloss_tritonbn", **bf, loss="triton", norm="triton"),
+            # the same step replayed as one CUDA graph: no host launches (does the host limit the eager step?)
+            spec(tr, "train_bf16_cl_tritonloss_tritonbn_graphs", **bf, loss="triton", norm="triton", cuda_graphs=gpu),
             spec(tr, "train_bf16_cl_compiledloss", **bf, loss="compiled"),
             spec(tr, "train_bf16_cl_fusedloss", **bf, loss="fused"),
             spec(tr, "train_bf16_cl_refloss", **bf),

@@ -362,8 +362,12 @@ def test_benchmark_cli_user_errors(capsys):
     assert main(["benchmark", "danet_tiny_synthetic", "--set", "widht=3", "--iters", "1"]) == 2
     cpu_graphs = ["--cuda-graphs", "--device", "cpu", "--infer", "--size", "32", "32", "--no-flops"]
     assert main(["benchmark", "danet_tiny_synthetic", *cpu_graphs]) == 2
+    train_graphs = ["--cuda-graphs", "--device", "cpu", "--train", "--size", "32", "32", "--no-flops"]
+    assert main(["benchmark", "danet_tiny_synthetic", *train_graphs]) == 2
+    assert main(["benchmark", "danet_tiny_synthetic", *train_graphs, "--amp", "fp16"]) == 2
     err = capsys.readouterr().err
-    assert err.count("error:") == 3
+    assert err.count("error:") == 5
+    assert "--cuda-graphs needs a CUDA device" in err and "GradScaler" in err
 
 
 def test_benchmark_slide_counts_every_window(tmp_path, capsys):

@@ -58,7 +58,7 @@ class BenchSpec:
     conv: str = "direct"  # "direct" | "winograd" (models.winograd: CPU float32, F(4x4, 3x3))
     norm: str = "native"  # "native" | "triton" (models.fused_norm: batch norm + residual + ReLU fused, CUDA)
     loss: str = "reference"  # "reference" (engine.losses, full-size logits) | "fused" | "compiled" | "triton"
-    cuda_graphs: bool = False  # inference only: capture the forward once, replay it
+    cuda_graphs: bool = False  # capture the forward (train: forward + backward + SGD step) once, replay it
     slide: tuple[int, int] | None = None  # inference only: sliding windows of this size (H, W) instead of whole
     stride: tuple[int, int] | None = None  # slide stride (None: 2/3 of the window)
     window_batch: int | None = None  # windows per forward (None: engine.evaluate's default, by pixel budget)
@@ -222,7 +222,28 @@ def make_train_fn(spec: BenchSpec, model, x: torch.Tensor, y: torch.Tensor, dev:
         scaler.update()
         last["loss"] = losses["loss"].detach()
 
-    return step, last
+    if not spec.cuda_graphs:
+        return step, last
+    return _graphed_step(step, opt, dev), last
+
+
+def _graphed_step(step, opt, dev: torch.device):
+    """The whole train step (forward, backward, SGD) captured as one CUDA graph after 3 eager warm-up steps on a
+    side stream (cuDNN autotuning, Triton compiles, momentum buffers); each replay runs it on the same batch with
+    no kernel launched from the host. The gradients live in the graph's pool (set to None before the capture)."""
+    if dev.type != "cuda":
+        raise DanetError("--cuda-graphs needs a CUDA device")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    opt.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def environment(dev: torch.device) -> dict:
@@ -261,6 +282,11 @@ def run_case(spec: BenchSpec) -> dict:
             raise DanetError(f"{name} needs two positive sizes H W, got {list(v)}")
     if spec.window_batch is not None and spec.window_batch < 1:
         raise DanetError(f"--window-batch must be at least 1, got {spec.window_batch}")
+    if spec.cuda_graphs and spec.mode == "train" and (spec.amp == "fp16" or spec.compile):
+        raise DanetError(
+            "--cuda-graphs --train captures an eager bf16 or float32 step (fp16's GradScaler checks the gradients on "
+            "the host); for a compiled step use --compile reduce-overhead"
+        )
     dev = resolve_device(spec.device)
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -369,7 +395,9 @@ def add_cli(parser) -> None:
         help="train: CE of the full-size logits (engine.losses), or the same value from the 1/8-size logits, "
         "chunked (fused), torch.compile'd (compiled) or one Triton kernel (triton), without the full-size tensors",
     )
-    parser.add_argument("--cuda-graphs", action="store_true", help="inference: replay a captured CUDA graph")
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="replay a captured CUDA graph (train: the whole step, bf16/fp32)"
+    )
     parser.add_argument("--slide", type=int, nargs=2, metavar=("H", "W"), help="inference: sliding windows of H x W")
     parser.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"), help="slide stride (default: 2/3 window)")
     parser.add_argument(
@@ -429,7 +457,7 @@ def run_cli(args) -> int:
             conv=args.conv,
             norm=args.norm,
             loss=args.loss,
-            cuda_graphs=args.cuda_graphs and mode == "infer",
+            cuda_graphs=args.cuda_graphs,
             slide=tuple(args.slide) if args.slide else None,
             stride=tuple(args.stride) if args.stride else None,
             window_batch=args.window_batch,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -238,6 +239,45 @@ def test_synchronised_over_two_processes(tmp_path):
     assert rel(got[0]["grads"][2], want[2]) > 1e-3  # each process's own share, not the sum
     for g in got:
         assert rel(g["mean"], ref.running_mean) < 1e-13 and rel(g["var"], ref.running_var) < 1e-13
+
+
+def _train_worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
+    """One rank of `danet train` with norm=triton; counts the merges of statistics over the processes."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
+    from danet.config import from_dict
+    from danet.engine.train import train
+
+    merges, real = [], FN._merge_processes
+    FN._merge_processes = lambda *a: merges.append(1) or real(*a)
+    summary = train(from_dict(cfg))
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"merges": len(merges), "metrics": summary["metrics"]}))
+
+
+def test_danet_train_on_two_processes_synchronises_the_fused_norms(tmp_path):
+    """`danet train` under two gloo processes with norm=triton (Triton's interpreter): every training forward of
+    every batch norm merges the statistics of both processes, and both report the same metrics."""
+    from danet.config import RunConfig, apply_overrides, to_dict
+    from danet.data import ensure_synthetic
+    from test_engine_ddp import SETS, _free_port
+
+    root = ensure_synthetic(tmp_path / "data")
+    cfg = apply_overrides(
+        RunConfig(preset="danet_tiny_synthetic", data_root=str(root), work_dir=str(tmp_path / "work")),
+        [*SETS, "norm=triton"],
+    )
+    ctx = mp.spawn(_train_worker, args=(2, _free_port(), to_dict(cfg), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.time() + 240
+    while not ctx.join(timeout=2):
+        if time.time() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("the 2 ranks did not finish in 240 s (deadlocked?)")
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    n_bn = sum(type(m) is nn.BatchNorm2d for m in danet.create_model("danet_tiny_synthetic").modules())
+    assert r0["merges"] == r1["merges"] == 2 * n_bn  # two iterations
+    assert r0["metrics"] == r1["metrics"]
 
 
 def test_torchrun_wrapping_synchronises_fused_norms_instead_of_converting(monkeypatch):

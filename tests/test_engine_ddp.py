@@ -62,10 +62,10 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out: str, poisoned_rank
     Path(out, f"rank{rank}.json").write_text(json.dumps(jsonable(summary)))
 
 
-def spawn_two(*args, timeout: float = 180) -> None:
-    """Run `_worker` on 2 ranks; a deadlock (one rank waiting in an all-reduce the other never joins) fails the test
-    after `timeout` seconds instead of hanging the suite."""
-    ctx = mp.spawn(_worker, args=(2, _free_port(), *args), nprocs=2, join=False)
+def spawn_two(*args, timeout: float = 180, worker=None) -> None:
+    """Run `worker(rank, 2, port, *args)` (default `_worker`) on 2 ranks; a deadlock (one rank waiting in an
+    all-reduce the other never joins) fails the test after `timeout` seconds instead of hanging the suite."""
+    ctx = mp.spawn(worker or _worker, args=(2, _free_port(), *args), nprocs=2, join=False)
     deadline = time.time() + timeout
     while not ctx.join(timeout=2):
         if time.time() > deadline:

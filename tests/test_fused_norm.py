@@ -13,18 +13,17 @@ import importlib.util
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import danet
 import danet.models.fused_norm as FN
 from danet.errors import DanetError
+from test_engine_ddp import spawn_two
 from test_faults_common import NARROW_MODEL_SETS
 
 pytestmark = pytest.mark.skipif(
@@ -216,16 +215,8 @@ def sync_data(n: int) -> tuple[torch.Tensor, ...]:
 def test_synchronised_over_two_processes(tmp_path):
     """Two gloo processes holding 3 and 1 images: outputs and input gradients those of one batch norm over all 4,
     dweight / dbias each process's share (DDP averages them), the same running statistics on both."""
-    from test_engine_ddp import _free_port
-
     sizes = (3, 1)
-    ctx = mp.spawn(_sync_worker, args=(2, _free_port(), str(tmp_path), sizes), nprocs=2, join=False)
-    deadline = time.time() + 120
-    while not ctx.join(timeout=2):
-        if time.time() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail("the 2 processes did not finish in 120 s (deadlocked?)")
+    spawn_two(str(tmp_path), sizes, timeout=120, worker=_sync_worker)
     got = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in range(2)]
     x, r, dy = sync_data(sum(sizes))
     ref, _ = pair(6)
@@ -260,20 +251,14 @@ def test_danet_train_on_two_processes_synchronises_the_fused_norms(tmp_path):
     every batch norm merges the statistics of both processes, and both report the same metrics."""
     from danet.config import RunConfig, apply_overrides, to_dict
     from danet.data import ensure_synthetic
-    from test_engine_ddp import SETS, _free_port
+    from test_engine_ddp import SETS
 
     root = ensure_synthetic(tmp_path / "data")
     cfg = apply_overrides(
         RunConfig(preset="danet_tiny_synthetic", data_root=str(root), work_dir=str(tmp_path / "work")),
         [*SETS, "norm=triton"],
     )
-    ctx = mp.spawn(_train_worker, args=(2, _free_port(), to_dict(cfg), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.time() + 240
-    while not ctx.join(timeout=2):
-        if time.time() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail("the 2 ranks did not finish in 240 s (deadlocked?)")
+    spawn_two(to_dict(cfg), str(tmp_path), timeout=240, worker=_train_worker)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     n_bn = sum(type(m) is nn.BatchNorm2d for m in danet.create_model("danet_tiny_synthetic").modules())
     assert r0["merges"] == r1["merges"] == 2 * n_bn  # two iterations

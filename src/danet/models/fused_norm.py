@@ -57,12 +57,34 @@ if triton is not None:
             return ((rows // HW) * C * HW + rows % HW)[:, None] + cols[None, :] * HW
 
     @triton.jit
+    def _tile(M, C, HW, CL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's tile of BLOCK_M rows x BLOCK_C channels: channels, their mask, the element mask, offsets."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        return cols, cmask, (rows < M)[:, None] & cmask[None, :], _offsets(rows, cols, C, HW, CL)
+
+    @triton.jit
+    def _scale_shift(invstd, w_ptr, b_ptr, cols, cmask):
+        """Per channel w / std and b, in the statistics' dtype: y = (x - mean) * scale + shift."""
+        scale = invstd * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(invstd.dtype)
+        return scale, tl.load(b_ptr + cols, mask=cmask, other=0.0).to(invstd.dtype)
+
+    @triton.jit
     def _invstd(var, eps):
         """1 / sqrt(var + eps), correctly rounded (plain `sqrt` and `/` are approximate in float32 on GPUs)."""
         if var.dtype == tl.float64:
             return 1.0 / tl.sqrt(var + eps)
         else:
             return tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+
+    @triton.jit
+    def _chan(n, mean, m2, nb, mb, qb):
+        """Chan et al.'s merge of (count, mean, M2) with a block's (nb, mb, qb): the merged (count, mean, M2)."""
+        n_new = n + nb
+        delta = mb - mean
+        frac = nb / tl.maximum(n_new, 1.0)
+        return n_new, mean + delta * frac, m2 + qb + delta * delta * n * frac
 
     @triton.jit
     def bn_partial_stats(
@@ -83,12 +105,7 @@ if triton is not None:
             nb = tl.sum(mask.to(acc), 0)
             mb = tl.sum(x, 0) / tl.maximum(nb, 1.0)
             d = tl.where(mask, x - mb[None, :], 0.0)
-            n_new = n + nb
-            delta = mb - mean
-            frac = nb / tl.maximum(n_new, 1.0)
-            mean += delta * frac
-            m2 += tl.sum(d * d, 0) + delta * delta * n * frac
-            n = n_new
+            n, mean, m2 = _chan(n, mean, m2, nb, mb, tl.sum(d * d, 0))
         tl.store(mean_ptr + p * C + cols, mean, mask=cmask)
         tl.store(m2_ptr + p * C + cols, m2, mask=cmask)
 
@@ -128,12 +145,7 @@ if triton is not None:
             mb = tl.sum(cnt2 * mp, 0) / tl.maximum(nb, 1.0)
             d = mp - mb[None, :]
             qb = tl.sum(tl.where(mask, qp + cnt2 * d * d, 0.0), 0)
-            n_new = n + nb
-            delta = mb - mean
-            frac = nb / tl.maximum(n_new, 1.0)
-            mean += delta * frac
-            m2 += qb + delta * delta * n * frac
-            n = n_new
+            n, mean, m2 = _chan(n, mean, m2, nb, mb, qb)
         tl.store(mean_ptr + cols, mean, mask=cmask)
         if LOCAL:
             tl.store(invstd_ptr + cols, m2, mask=cmask)
@@ -168,18 +180,13 @@ if triton is not None:
         BLOCK_C: tl.constexpr,
     ):
         """y = relu((x - mean) * (w / std) + b [+ r]), computed in the statistics' dtype, stored in y's."""
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = cols < C
-        mask = (rows < M)[:, None] & cmask[None, :]
-        offs = _offsets(rows, cols, C, HW, CL)
+        cols, cmask, mask, offs = _tile(M, C, HW, CL, BLOCK_M, BLOCK_C)
         acc = scalars_ptr.dtype.element_ty
         mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(acc)
         stat = tl.load(stat_ptr + cols, mask=cmask, other=1.0).to(acc)
         if FROM_VAR:
             stat = _invstd(stat, tl.load(scalars_ptr))
-        scale = stat * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(acc)
-        shift = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(acc)
+        scale, shift = _scale_shift(stat, w_ptr, b_ptr, cols, cmask)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc)
         y = (x - mean[None, :]) * scale[None, :] + shift[None, :]
         if HAS_RES:
@@ -229,8 +236,7 @@ if triton is not None:
         mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
         invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
         acc = mean.dtype
-        scale = invstd * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(acc)
-        shift = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(acc)
+        scale, shift = _scale_shift(invstd, w_ptr, b_ptr, cols, cmask)
         s1 = tl.zeros([BLOCK_C], dtype=acc)
         s2 = tl.zeros([BLOCK_C], dtype=acc)
         for i in range(iters):
@@ -270,16 +276,11 @@ if triton is not None:
         BLOCK_C: tl.constexpr,
     ):
         """dx = (w / std) * (dz - mean(dz) - xhat * mean(dz * xhat))."""
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = cols < C
-        mask = (rows < M)[:, None] & cmask[None, :]
-        offs = _offsets(rows, cols, C, HW, CL)
+        cols, cmask, mask, offs = _tile(M, C, HW, CL, BLOCK_M, BLOCK_C)
         mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
         invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
         acc = mean.dtype
-        scale = invstd * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(acc)
-        shift = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(acc)
+        scale, shift = _scale_shift(invstd, w_ptr, b_ptr, cols, cmask)
         k1 = tl.load(sums_ptr + cols, mask=cmask, other=0.0) / count
         k2 = tl.load(sums_ptr + C + cols, mask=cmask, other=0.0) / count
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc)

@@ -1,0 +1,88 @@
+"""Compile this project's Triton kernels for an H100 / H200 (sm_90) without a GPU; run by tests/test_triton_compile.py.
+
+Triton's compiler (front end, MLIR passes, ptxas) runs on any Linux machine, so a kernel that the interpreter runs
+but the GPU compiler rejects fails here, not on the GPU. Every variant the code launches: the fused batch norm's
+kernels for each dtype, layout and flag combination, and the Triton loss for the crops' scales. Prints one JSON line:
+{"triton": version, "compiled": n, "failed": [...]}. Must run without TRITON_INTERPRET (compiled mode).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from itertools import product
+
+assert os.environ.get("TRITON_INTERPRET", "0") != "1", "compiled mode only"
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import danet.engine.triton_loss as TL  # noqa: E402
+import danet.models.fused_norm as FN  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "fp64": "*fp64"}
+
+
+def acc_of(dt: str) -> str:
+    return "*fp64" if dt == "fp64" else "*fp32"
+
+
+def cases():
+    """(name, kernel, signature {arg: type}, constexprs {arg: value})."""
+    i32 = "i32"
+    for dt, cl in product(("bf16", "fp16", "fp32", "fp64"), (True, False)):
+        x, a = PTR[dt], acc_of(dt)
+        blocks = {"BLOCK_M": 64, "BLOCK_C": 64}
+        yield (f"partial_stats/{dt}/cl={cl}", FN.bn_partial_stats,
+               dict(x_ptr=x, mean_ptr=a, m2_ptr=a, M=i32, C=i32, HW=i32, iters=i32),
+               dict(CL=cl, **blocks))  # fmt: skip
+        flag_sets = [(True, True, False), (False, True, False), (False, False, False), (True, True, True),
+                     (False, True, True)] if cl else [(False, True, False), (True, True, True)]  # fmt: skip
+        for has_res, relu, from_var in flag_sets:
+            yield (f"apply/{dt}/cl={cl}/res={has_res}/relu={relu}/from_var={from_var}", FN.bn_apply,
+                   dict(x_ptr=x, r_ptr=x, y_ptr=x, mean_ptr="*fp32" if from_var and dt != "fp64" else a,
+                        stat_ptr="*fp32" if from_var and dt != "fp64" else a, w_ptr="*fp32" if dt != "fp64" else a,
+                        b_ptr="*fp32" if dt != "fp64" else a, scalars_ptr=a, M=i32, C=i32, HW=i32),
+                   dict(CL=cl, HAS_RES=has_res, RELU=relu, FROM_VAR=from_var, **blocks))  # fmt: skip
+        w = "*fp32" if dt != "fp64" else a
+        for relu, from_y, write_dz in [(True, False, False), (True, True, True), (False, False, False)]:
+            yield (f"backward_reduce/{dt}/cl={cl}/relu={relu}/from_y={from_y}", FN.bn_backward_reduce,
+                   dict(dy_ptr=x, x_ptr=x, y_ptr=x, dz_ptr=x, mean_ptr=a, invstd_ptr=a, w_ptr=w, b_ptr=w, sums_ptr=a,
+                        M=i32, C=i32, HW=i32, P=i32, iters=i32),
+                   dict(CL=cl, RELU=relu, MASK_FROM_Y=from_y, WRITE_DZ=write_dz, **blocks))  # fmt: skip
+        for relu in (True, False):
+            yield (f"backward_apply/{dt}/cl={cl}/relu={relu}", FN.bn_backward_apply,
+                   dict(dy_ptr=x, x_ptr=x, y_ptr=x, dx_ptr=x, mean_ptr=a, invstd_ptr=a, w_ptr=w, b_ptr=w,
+                        sums_ptr=a, count=i32, M=i32, C=i32, HW=i32),
+                   dict(CL=cl, RELU=relu, MASK_FROM_Y=False, **blocks))  # fmt: skip
+    for acc, local in product(("*fp32", "*fp64"), (False, True)):
+        yield (f"combine_stats/{acc}/local={local}", FN.bn_combine_stats,
+               dict(mean_p=acc, m2_p=acc, scalars_ptr=acc, mean_ptr=acc, invstd_ptr=acc, rmean_ptr=acc, rvar_ptr=acc,
+                    P=i32, M=i32, C=i32, rows_per_program=i32),
+               dict(LOCAL=local, BLOCK_P=64, BLOCK_C=64))  # fmt: skip
+    for s, k in ((8, 150), (8, 19), (4, 21)):  # ADE20K / Cityscapes / VOC logits at 1/8; an OS16-like scale
+        yield (f"triton_loss/S={s}/K={k}", TL.upsampled_ce_tiles,
+               dict(z_ptr="*fp32", t_ptr="*i64", loss_ptr="*fp32", g_ptr="*fp32", h=i32, w=i32, H=i32, W=i32, K=i32,
+                    ignore=i32),
+               dict(S=s, BLOCK_S=triton.next_power_of_2(s), BLOCK_K=triton.next_power_of_2(k)))  # fmt: skip
+
+
+def main() -> int:
+    done, failed = 0, []
+    for name, kernel, sig, consts in cases():
+        signature = {**sig, **dict.fromkeys(consts, "constexpr")}
+        try:
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs=consts), target=TARGET)
+            assert "cubin" in compiled.asm
+            done += 1
+        except Exception as e:  # noqa: BLE001  (every failure reported, not just the first)
+            failed.append(f"{name}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e) else ''}")
+    print(json.dumps({"triton": triton.__version__, "compiled": done, "failed": failed}))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

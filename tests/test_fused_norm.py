@@ -382,3 +382,5 @@ def test_benchmark_norm_option():
     assert fused["loss_value"] == pytest.approx(native["loss_value"], rel=1e-5)  # the first step: same weights, batch
     with pytest.raises(DanetError, match="--norm"):
         B.run_case(B.BenchSpec(**base, norm="fast"))
+    with pytest.raises(DanetError, match="--norm triton has no effect under compile"):
+        B.run_case(B.BenchSpec(**base, norm="triton", compile="default"))

@@ -34,7 +34,7 @@ from ..engine.fused_loss import fused_danet_loss
 from ..engine.losses import danet_loss
 from ..engine.schedule import build_optimizer
 from ..errors import DanetError
-from ..models.fused_norm import use_fused_norm
+from ..models.fused_norm import use_fused_norm, why_unused
 from ..models.registry import create_model
 from ..models.winograd import use_winograd
 from ..presets import get_preset
@@ -288,6 +288,8 @@ def run_case(spec: BenchSpec) -> dict:
             "the host); for a compiled step use --compile reduce-overhead"
         )
     dev = resolve_device(spec.device)
+    if spec.norm == "triton" and (why := why_unused(dev, bool(spec.compile))):
+        raise DanetError(f"--norm triton {why}; drop --norm triton")
     if spec.threads:
         torch.set_num_threads(spec.threads)
     old_bench = torch.backends.cudnn.benchmark

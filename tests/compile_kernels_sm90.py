@@ -4,10 +4,12 @@ Triton's compiler (front end, MLIR passes, ptxas) runs on any Linux machine, so 
 but the GPU compiler rejects fails here, not on the GPU. Every variant the code launches: the fused batch norm's
 kernels for each dtype, layout and flag combination, and the Triton loss for the crops' scales. The arguments are
 marked as Triton's launcher marks them for the real shapes (pointers 16-byte aligned; the batch norm's C, M = N*H*W
-and H*W multiples of 16), so the code is what an H100 would run: for the bf16 / fp16 NHWC batch norm every global load
-and store of activations must be vectorised (128-bit), which is what makes these kernels bandwidth-bound. Prints
-one JSON line: {"triton": version, "compiled": n, "failed": [...], "scalar_access": [...]}. Must run without
-TRITON_INTERPRET (compiled mode).
+and H*W multiples of 16), so the code is what an H100 would run: for the bf16 / fp16 NHWC batch norm every global
+load and store of activations must be vectorised (128-bit), which is what makes these kernels bandwidth-bound; and
+no kernel that a GPU run uses may spill registers to local memory (ptxas -v on its PTX: the Triton loss spilled 796
+bytes a thread when its row loop was unrolled; the float64 variants, for exactness checks only, may). Prints one
+JSON line: {"triton": version, "compiled": n, "failed": [...], "scalar_access": [...], "spills": [...]}. Must run
+without TRITON_INTERPRET (compiled mode).
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
 from itertools import product
+from pathlib import Path
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "compiled mode only"
 
@@ -75,8 +80,20 @@ def cases():
                dict(S=s, BLOCK_S=triton.next_power_of_2(s), BLOCK_K=triton.next_power_of_2(k)))  # fmt: skip
 
 
+def spill_bytes(ptx: str) -> int:
+    """Bytes of spill stores a thread, from ptxas -v on the PTX (the same ptxas Triton uses)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp, "k.ptx")
+        src.write_text(ptx)
+        log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", "-o", str(Path(tmp, "k.cubin")), str(src)],
+                             capture_output=True, text=True, check=True).stderr  # fmt: skip
+    return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log))
+
+
 def main() -> int:
-    done, failed, scalar = 0, [], []
+    done, failed, scalar, spills = 0, [], [], []
     for name, kernel, sig, consts in cases():
         signature = {**sig, **dict.fromkeys(consts, "constexpr")}
         multiples = ("C", "M", "HW") if kernel is not TL.upsampled_ce_tiles else ()
@@ -92,8 +109,11 @@ def main() -> int:
         half_nhwc = name.split("/")[1] in ("bf16", "fp16") and "cl=True" in name
         if half_nhwc and re.search(r"(ld|st)\.global\.b16", compiled.asm["ptx"]):  # one 2-byte element at a time
             scalar.append(name)
-    print(json.dumps({"triton": triton.__version__, "compiled": done, "failed": failed, "scalar_access": scalar}))
-    return 1 if failed or scalar else 0
+        if "fp64" not in name and (spilled := spill_bytes(compiled.asm["ptx"])) > 0:
+            spills.append(f"{name}: {spilled} bytes")
+    out = {"triton": triton.__version__, "compiled": done, "failed": failed, "scalar_access": scalar, "spills": spills}
+    print(json.dumps(out))
+    return 1 if failed or scalar or spills else 0
 
 
 if __name__ == "__main__":

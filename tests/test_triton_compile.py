@@ -3,8 +3,8 @@
 The other Triton tests run the kernels through the interpreter, which accepts some programs the GPU compiler rejects
 (and the reverse). `compile_kernels_sm90.py` runs Triton's real compiler (to a cubin, with ptxas) on every variant the
 code launches, in a subprocess without TRITON_INTERPRET, with its arguments marked as Triton marks them at launch;
-the half-precision NHWC batch-norm kernels must move activations in 128-bit accesses only. Checked by hand with
-triton 3.6.0 too, the GPU image's.
+the half-precision NHWC batch-norm kernels must move activations in 128-bit accesses only, and no kernel may spill
+registers. Checked by hand with triton 3.6.0 too, the GPU image's.
 """
 
 from __future__ import annotations
@@ -31,4 +31,5 @@ def test_every_kernel_variant_compiles_for_sm90(tmp_path):
     result = json.loads(lines[-1])
     assert result["failed"] == [] and run.returncode == 0
     assert result["scalar_access"] == []  # bf16 / fp16 NHWC batch norm: 128-bit loads and stores only
+    assert result["spills"] == []  # no kernel spills registers to local memory
     assert result["compiled"] == 83  # 80 batch-norm variants (4 dtypes x 2 layouts x flags), 3 of the loss

@@ -80,8 +80,8 @@ def cases():
                dict(S=s, BLOCK_S=triton.next_power_of_2(s), BLOCK_K=triton.next_power_of_2(k)))  # fmt: skip
 
 
-def spill_bytes(ptx: str) -> int:
-    """Bytes of spill stores a thread, from ptxas -v on the PTX (the same ptxas Triton uses)."""
+def ptxas_info(ptx: str) -> tuple[int, int]:
+    """(registers, bytes of spill stores) a thread, from ptxas -v on the PTX (the same ptxas Triton uses)."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,7 +89,8 @@ def spill_bytes(ptx: str) -> int:
         src.write_text(ptx)
         log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", "-o", str(Path(tmp, "k.cubin")), str(src)],
                              capture_output=True, text=True, check=True).stderr  # fmt: skip
-    return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log))
+    regs = re.search(r"Used (\d+) registers", log)
+    return int(regs.group(1)) if regs else -1, sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log))
 
 
 def main() -> int:
@@ -109,8 +110,13 @@ def main() -> int:
         half_nhwc = name.split("/")[1] in ("bf16", "fp16") and "cl=True" in name
         if half_nhwc and re.search(r"(ld|st)\.global\.b16", compiled.asm["ptx"]):  # one 2-byte element at a time
             scalar.append(name)
-        if "fp64" not in name and (spilled := spill_bytes(compiled.asm["ptx"])) > 0:
+        regs, spilled = ptxas_info(compiled.asm["ptx"])
+        if "fp64" not in name and spilled > 0:
             spills.append(f"{name}: {spilled} bytes")
+        if "--table" in sys.argv:  # a markdown row: warps, registers, spills, shared memory, global access widths
+            widths = ", ".join(sorted(set(re.findall(r"(?:ld|st)\.global\.(v\d\.b\d+|b\d+)", compiled.asm["ptx"]))))
+            meta = compiled.metadata
+            print(f"| {name} | {meta.num_warps} | {regs} | {spilled} | {meta.shared} | {widths} |", file=sys.stderr)
     out = {"triton": triton.__version__, "compiled": done, "failed": failed, "scalar_access": scalar, "spills": spills}
     print(json.dumps(out))
     return 1 if failed or scalar or spills else 0

@@ -171,6 +171,20 @@ def test_pytorch_takes_over_where_the_kernels_do_not_apply(monkeypatch):
     assert torch.equal(fused.running_var, ref.running_var)
 
 
+def test_compile_traces_pytorchs_batch_norm_in_one_graph():
+    """Under torch.compile the fused modules hand over to PyTorch's batch norm (inductor fuses it itself): a whole
+    bottleneck traces as one graph (no break at the Triton launches) and gives the plain block's output."""
+    from danet.models.resnet import Bottleneck
+
+    torch.manual_seed(0)
+    block = Bottleneck(16, 4)
+    plain = copy.deepcopy(block)
+    assert FN.use_fused_norm(block) == 3
+    x = torch.randn(2, 16, 8, 8)
+    compiled = torch.compile(block, backend="eager", fullgraph=True)  # dynamo only: fails on any graph break
+    assert torch.equal(compiled(x), plain(x))
+
+
 def test_one_value_per_channel_is_an_error_in_training():
     _, fused = pair(3)
     with pytest.raises(ValueError, match="more than 1 value per channel"):

@@ -518,11 +518,13 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
     sync_group = None
 
     def fusable(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+        if torch.compiler.is_compiling():  # first: dynamo then traces PyTorch's batch norm and nothing below
+            return False
         if triton is None or not self.affine or not self.track_running_stats or self.running_mean is None:
             return False
         if not (x.is_cuda or _interpreted()) or x.dim() != 4 or x.dtype not in DTYPES or x.numel() == 0:
             return False
-        if x.numel() >= 2**31 or _layout(x) is None or torch.compiler.is_compiling():
+        if x.numel() >= 2**31 or _layout(x) is None:
             return False
         if residual is not None and (residual.dtype != x.dtype or residual.stride() != x.stride()):
             return False

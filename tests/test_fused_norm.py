@@ -165,6 +165,9 @@ def test_pytorch_takes_over_where_the_kernels_do_not_apply(monkeypatch):
     assert not fused.fusable(x, r.double())  # a residual of another dtype
     assert not fused.fusable(x, r.contiguous(memory_format=torch.channels_last))  # ... or layout
     assert not fused.fusable(x.to(torch.int32), None)
+    ref_view, fused_view = pair(4, torch.float32)  # a strided view runs the kernels on a dense copy
+    view = x[..., ::2]
+    assert rel(fused_view.forward_act(view, r[..., ::2]), reference(ref_view, view, r[..., ::2], True)) < 1e-6
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors without the interpreter
     assert not fused.fusable(x, r)
     assert torch.equal(fused.forward_act(x, r), reference(ref, x, r, True))  # PyTorch's values, bit for bit
@@ -214,6 +217,12 @@ def _sync_worker(rank: int, world: int, port: int, out: str, sizes: tuple[int, .
         y = bn.forward_act(xs, rs)
         grads = torch.autograd.grad(y, (xs, rs, bn.weight, bn.bias), dy[lo : lo + sizes[rank]])
         torch.save({"y": y, "grads": grads, "mean": bn.running_mean, "var": bn.running_var}, Path(out, f"{rank}.pt"))
+        os.environ["TRITON_INTERPRET"] = "0"  # now the kernels cannot run here: an error, not unsynchronised statistics
+        try:
+            bn.forward_act(xs)
+            raise AssertionError("expected an error")
+        except DanetError as e:
+            assert "would not be synchronised" in str(e)
     finally:
         dist.destroy_process_group()
 

@@ -533,7 +533,19 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
         return True
 
     def forward_act(self, x: torch.Tensor, residual: torch.Tensor | None = None, relu: bool = True) -> torch.Tensor:
+        if x.dim() == 4 and _layout(x) is None:  # a strided view: one copy rather than PyTorch's three passes
+            x = x.contiguous()
+        if x.dim() == 4 and residual is not None and residual.stride() != x.stride():
+            residual = residual.contiguous(memory_format=torch.channels_last if _layout(x) else torch.contiguous_format)
+        group = self.sync_group if self.training else None
+        if group is not None and not (dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1):
+            group = None
         if not self.fusable(x, residual):
+            if group is not None:  # PyTorch's batch norm here would leave this process's statistics its own
+                raise DanetError(
+                    f"norm=triton cannot run its kernels on this input ({x.dtype}, {tuple(x.shape)} on {x.device}), "
+                    "so its statistics would not be synchronised over the processes; use norm=native"
+                )
             y = super().forward(x)
             if residual is not None:
                 y = y + residual
@@ -543,9 +555,6 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
         if x.numel() // x.shape[1] <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
         self.num_batches_tracked.add_(1)
-        group = self.sync_group
-        if group is not None and not (dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1):
-            group = None
         return _FusedBatchNormAct.apply(x, residual, self.weight, self.bias, self, relu, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,8 @@
 # Before: `bash benchmarks/gpu_prepare.sh` here (wheels + peer scripts into .whl/, carried with carry=[".whl"]).
 # Device:  bash benchmarks/gpu_bench.sh   (BUDGET_S=420: seconds after which no case starts; ANCHORS=0 skips the
 #          peers, whose figures then come from an earlier run on the same kind of card: PEERS_DIR=that run's folder;
-#          GROUPS_CORE="sys loss train profile" and COMPILE=0 shorten it, ONLY="a b" keeps the train / infer / e2e
-#          cases whose label contains a or b; E2E_ITERS=50, E2E_WARMUP=10 and
+#          GROUPS_CORE="sys loss train profile" and COMPILE=0 shorten it, ONLY="a b" keeps the train / infer / e2e /
+#          compile cases whose label contains a or b; E2E_ITERS=50, E2E_WARMUP=10 and
 #          E2E_WORKERS=8 size the e2e runs: ~10-25 s in all after the train group, ~1 min alone (cuDNN autotuning
 #          and the compiled loss then happen in its first run's warm-up))
 # Here:    bash benchmarks/gpu_bench.sh --cpu-smoke     (tiny sizes on the CPU: checks every step of the script)
@@ -64,7 +64,8 @@ timeout $(lim $(($(left) - 5))) $PY benchmarks/gpu_suite.py $GROUPS_CORE "${SMOK
   --budget-s $(($(left) - 60 * COMPILE)) || echo "WARNING: gpu_suite core exited $?"
 if ((COMPILE)) && { (($(left) > 60)) || ((SMOKE)); }; then
   stage "ours: torch.compile"
-  timeout $(lim $(left)) $PY benchmarks/gpu_suite.py compile "${SMOKE_ARG[@]}" --budget-s $(($(left) - 50)) \
+  timeout $(lim $(left)) $PY benchmarks/gpu_suite.py compile "${SMOKE_ARG[@]}" "${ONLY_ARG[@]}" \
+    --budget-s $(($(left) - 50)) \
     || echo "WARNING: gpu_suite compile exited $?"
 fi
 stage "summary"

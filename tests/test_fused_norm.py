@@ -1,9 +1,10 @@
 """Fused batch norm + residual + ReLU (models/fused_norm.py), run through Triton's CPU interpreter (TRITON_INTERPRET=1).
 
 Against PyTorch's batch norm followed by the add and the ReLU: in float64 to ~1e-13 (output, every gradient, the
-running statistics), in float32 to rounding, in bf16 to bf16 rounding; multi-program reductions; evaluation mode;
-the whole narrow DANet (logits, gradients, state-dict keys) and a `danet train` run; where PyTorch's kernels take
-over; `danet benchmark --norm triton`.
+running statistics), in float32 to rounding, in bf16 / fp16 within PyTorch's own error + 1 ulp; multi-program
+reductions; evaluation mode; synchronised over two gloo processes (and a two-process `danet train`); the whole narrow
+DANet (logits, gradients, state-dict keys) and a `danet train` run; where PyTorch's kernels take over;
+`torch.compile`; `danet benchmark --norm triton`. (tests/test_triton_compile.py compiles the kernels for GPUs.)
 """
 
 from __future__ import annotations

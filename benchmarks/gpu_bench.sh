@@ -27,7 +27,7 @@ PY=${PYTHON:-python3}                      # the device's python3 holds PyTorch
 PEER_PY=${PEER_PYTHON:-$PY}
 BUDGET=${BUDGET_S:-420}
 ANCHORS=${ANCHORS:-1}
-GROUPS_CORE=${GROUPS_CORE:-sys loss norm train e2e profile infer}  # gpu_suite.py groups; COMPILE=0: no torch.compile
+GROUPS_CORE=${GROUPS_CORE:-sys loss norm train e2e profile eval infer}  # gpu_suite.py groups; COMPILE=0: no torch.compile
 COMPILE=${COMPILE:-1}
 T0=$(date +%s)
 left() { echo $((BUDGET - ($(date +%s) - T0))); }

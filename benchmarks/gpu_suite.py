@@ -12,6 +12,7 @@ Groups (the default order; each case starts only while the time budget lasts):
            after a warm-up, data wait, peak memory
   profile  torch.profiler's top CUDA kernels of the Triton-loss train cases (batch norm native, Triton)
            -> $OUT/profile.txt
+  eval     evaluation over an ADE20K-layout val split: images read in this process vs by reader processes
   infer    R50-D8 inference: sliding windows over 1024x2048 (one per forward vs stacked), 512x512 batch 1 (ADE20K)
            and whole 1024x2048 (Cityscapes): dtypes, CUDA graphs
   compile  torch.compile cases (slow to build: last)
@@ -518,10 +519,45 @@ def group_e2e(a) -> None:
         release()
 
 
+# ------------------------------------------------------------------------------------------------- eval
+def group_eval(a) -> None:
+    """Evaluation over an ADE20K-layout val split (JPEGs at 512x683, whole-image bf16 channels_last, R50-D8 at random
+    weights): images read one by one in this process (workers 0, as both toolboxes' single-GPU test) vs read ahead
+    by `eval_workers` processes (the GPU default); images/s of each and whether the confusion matrices agree."""
+    from e2e_data import make_ade_like  # benchmarks/ (this script's folder is on sys.path)
+
+    from danet.data import build_dataset
+    from danet.engine.evaluate import eval_workers, evaluate
+    from danet.models.registry import create_model
+    from danet.presets import get_preset
+
+    sm = a.smoke
+    dev = torch.device("cpu" if sm else "cuda")
+    n_val, hw = (6, (64, 85)) if sm else (96, (512, 683))
+    root = make_ade_like(8, n_val, hw)
+    preset = get_preset("danet_r50-d8_ade20k")
+    ds = build_dataset(preset, root, "val")
+    nar = dict(base_channels=4, stem_channels=8, head_channels=32, key_channels=16, aux_channels=16) if sm else {}
+    model = create_model("danet_r50-d8_ade20k", **nar).to(dev).to(memory_format=torch.channels_last).eval()
+    torch.backends.cudnn.benchmark = True
+    kw = dict(device=dev, amp="bf16", channels_last=True, progress=False)
+    evaluate(model, ds, preset.num_classes, limit=4, workers=0, **kw)  # cuDNN autotuning, lazy initialisation
+    auto = eval_workers(dev) if not sm else 2
+    rec, mats = {"group": "eval", "images": n_val, "image_hw": list(hw), "workers_auto": auto}, []
+    for w in (0, auto):
+        sync()
+        t = time.perf_counter()
+        mats.append(evaluate(model, ds, preset.num_classes, workers=w, **kw).mat)
+        sync()
+        rec[f"img_s_workers{'_auto' if w else '0'}"] = round(n_val / (time.perf_counter() - t), 2)
+    rec["same_confusion_matrix"] = bool(torch.equal(mats[0], mats[1]))
+    emit(rec)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("groups", nargs="*", default=["sys", "loss", "norm", "train", "e2e", "profile", "infer", "compile"],
-                   help="of: sys loss norm train e2e profile infer compile pam")  # fmt: skip
+    groups = ["sys", "loss", "norm", "train", "e2e", "profile", "eval", "infer", "compile"]
+    p.add_argument("groups", nargs="*", default=groups, help=f"of: {' '.join(groups)} pam")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: check that every case runs")
     p.add_argument("--budget-s", type=float, default=float(os.environ.get("BUDGET_S", 1e9)),
                    help="skip the cases that would start after this many seconds")  # fmt: skip
@@ -544,7 +580,7 @@ def main(argv=None) -> int:
         t = time.time()
         try:
             special = {"sys": group_sys, "pam": group_pam, "loss": group_loss, "norm": group_norm,
-                       "profile": group_profile, "e2e": group_e2e}  # fmt: skip
+                       "profile": group_profile, "e2e": group_e2e, "eval": group_eval}  # fmt: skip
             special.get(g, lambda a, g=g: group_model(a, g))(a)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()

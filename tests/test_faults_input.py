@@ -115,6 +115,14 @@ def test_data_fault_in_test_command(fault, dataset, checkpoint, tmp_path, capsys
     assert digest(out) == before
 
 
+def test_data_fault_met_by_a_reader_process_is_one_line(dataset, checkpoint, tmp_path, capsys):
+    """`danet test --workers 1` (a GPU's default reads images ahead in processes): the worker's error, one line."""
+    root = copy_with(dataset, tmp_path, FAULTS["truncated image"][0])
+    argv = ["test", PRESET, "--checkpoint", checkpoint, "--data-root", root, "--no-progress", "--workers", "1"]
+    line = cli_error(capsys, *argv)
+    assert "001.png" in line and "DataLoader" not in line and "Traceback" not in line
+
+
 def test_data_fault_subprocess_has_one_line(dataset, checkpoint, tmp_path):
     """Through a fresh interpreter: nothing else (e.g. OpenCV's decoder warnings) reaches stderr."""
     root = copy_with(dataset, tmp_path, FAULTS["truncated image"][0])

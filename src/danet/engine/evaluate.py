@@ -12,12 +12,15 @@ Facts kept from the reference toolboxes (REFERENCE.md, Data / Metrics; mmseg's E
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
+
+from ..errors import DanetError
 
 
 def autocast(device: torch.device, amp: str = "none"):
@@ -189,11 +192,13 @@ def evaluate(
     limit: int | None = None,
     progress: bool = True,
     desc: str = "val",
+    workers: int | None = None,
 ):
     """mIoU etc. of `model` on a val dataset (items: normalised `(3, h, w)` image, `(H, W)` label at original size).
 
     In a process group each rank takes every world-th image and the confusion matrix is summed over the ranks,
-    so every rank returns the same metrics. Returns the `ConfusionMatrix`.
+    so every rank returns the same metrics. `workers`: processes that read and decode the next images while the
+    model runs (None: `eval_workers`); the same items in the same order either way. Returns the `ConfusionMatrix`.
     """
     from .metrics import ConfusionMatrix
 
@@ -203,9 +208,15 @@ def evaluate(
     cm = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
     n = len(dataset) if limit is None else min(limit, len(dataset))
     indices = range(rank, n, world)
-    bar = tqdm(indices, desc=desc, disable=not progress or rank != 0, leave=False, dynamic_ncols=True)
-    for i in bar:
-        image, label = dataset[i]
+    bar = tqdm(
+        _items(dataset, indices, eval_workers(device, workers), device),
+        total=len(indices),
+        desc=desc,
+        disable=not progress or rank != 0,
+        leave=False,
+        dynamic_ncols=True,
+    )
+    for image, label in bar:
         image = torch.as_tensor(image)[None].to(device)
         if channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
@@ -215,6 +226,45 @@ def evaluate(
     cm.all_reduce()
     model.train(was_training)
     return cm
+
+
+EVAL_WORKERS_MAX = 4
+
+
+def eval_workers(device: torch.device, requested: int | None = None) -> int:
+    """Reader processes for evaluation: as asked, else 0 on the CPU (its cores run the model: one reader process
+    measured no faster) and on a GPU this process's share of the cores less one, 1 to EVAL_WORKERS_MAX (there a
+    batch-1 forward takes milliseconds while decoding a Cityscapes PNG takes tens of them)."""
+    if requested is not None:
+        if requested < 0:
+            raise DanetError(f"evaluation workers must be 0 or more, got {requested}")
+        return requested
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    share = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(EVAL_WORKERS_MAX, share - 1))
+
+
+def _items(dataset, indices: range, workers: int, device: torch.device) -> Iterator:
+    """The dataset's items at `indices`, in order: read here one by one, or by `workers` processes ahead of use."""
+    if workers == 0:
+        for i in indices:
+            yield dataset[i]
+        return
+    from torch.utils.data import DataLoader, Subset
+
+    from ..data import worker_init_fn
+    from .transfer import loader_items
+
+    loader = DataLoader(
+        Subset(dataset, list(indices)),
+        batch_size=None,  # the items as they are: one image, its label
+        num_workers=workers,
+        worker_init_fn=worker_init_fn,
+        pin_memory=device.type == "cuda",
+    )
+    yield from loader_items(loader)
 
 
 def _rank_world() -> tuple[int, int]:

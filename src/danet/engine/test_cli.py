@@ -37,6 +37,9 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--limit", type=int, help="evaluate the first N images only")
+    parser.add_argument(
+        "--workers", type=int, help="processes reading the next images ahead (default: 0 on the CPU, 1-4 on a GPU)"
+    )
     parser.add_argument("--json", help="write the metrics to this JSON file (atomically)")
     parser.add_argument("--plot", help="per-class IoU bar chart PNG (default: beside --json, else none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -87,6 +90,7 @@ def run_test(args) -> dict:
             limit=args.limit,
             progress=not args.no_progress,
             desc="test",
+            workers=args.workers,
         )
         metrics = cm.compute()
         n = len(dataset) if args.limit is None else min(args.limit, len(dataset))

@@ -37,7 +37,7 @@ from .logging import RunLogger, read_log, write_json
 from .losses import danet_loss
 from .sampling import EpochBatchSampler, capture_rng_states, mix, restore_rng_states
 from .schedule import PolyLR, build_optimizer
-from .transfer import labels_fit_uint8, narrow_labels_collate, to_device
+from .transfer import labels_fit_uint8, loader_items, narrow_labels_collate, to_device
 
 MAX_SKIPS_IN_A_ROW = 10  # nonfinite=skip: more non-finite losses in a row than this stop the run
 
@@ -323,26 +323,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     }
 
 
-def _batches(loader: DataLoader):
-    """Iterate a DataLoader; a DanetError raised in a worker process comes out as its own one-line message.
-
-    NOTE: DataLoader re-raises worker exceptions with "Caught ... in DataLoader worker" and the worker's traceback
-    prepended to the message; the user should see only the original line.
-    """
-    it = iter(loader)
-    while True:
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        except DanetError as e:
-            msg = str(e)
-            if "DataLoader worker" in msg:
-                lines = [ln for ln in msg.splitlines() if ln.strip()]
-                msg = lines[-1].split("DanetError: ", 1)[-1] if lines else msg
-                raise DanetError(msg) from None
-            raise
-        yield batch
+_batches = loader_items  # NOTE: a module-level name: tests and the GPU suite wrap it to watch the batches
 
 
 def validate(model: DANet, val_ds, preset, cfg: RunConfig, info: distributed.DistInfo) -> dict:

@@ -13,7 +13,31 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import torch
-from torch.utils.data import default_collate
+from torch.utils.data import DataLoader, default_collate
+
+from ..errors import DanetError
+
+
+def loader_items(loader: DataLoader) -> Iterator:
+    """Iterate a DataLoader; a DanetError raised in a worker process comes out as its own one-line message.
+
+    NOTE: DataLoader re-raises worker exceptions with "Caught ... in DataLoader worker" and the worker's traceback
+    prepended to the message; the user should see only the original line.
+    """
+    it = iter(loader)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except DanetError as e:
+            msg = str(e)
+            if "DataLoader worker" in msg:
+                lines = [ln for ln in msg.splitlines() if ln.strip()]
+                msg = lines[-1].split("DanetError: ", 1)[-1] if lines else msg
+                raise DanetError(msg) from None
+            raise
+        yield item
 
 
 def labels_fit_uint8(num_classes: int, ignore_index: int) -> bool:

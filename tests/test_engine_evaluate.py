@@ -1,6 +1,9 @@
-"""Inference paths: slide windows cover the image, TTA averages probabilities, strip-wise upsampled argmax."""
+"""Inference paths: slide windows cover the image, TTA averages probabilities, strip-wise upsampled argmax; reader
+processes give the same metrics."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -130,7 +133,7 @@ def test_reader_processes_give_the_same_confusion_matrix(tmp_path):
 def test_eval_workers_default(monkeypatch):
     import danet.engine.evaluate as E
 
-    monkeypatch.setattr(E.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert E.eval_workers(torch.device("cpu")) == 0  # the CPU's cores run the model
     assert E.eval_workers(torch.device("cuda")) == 4  # a GPU: capped
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")

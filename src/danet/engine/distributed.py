@@ -76,6 +76,12 @@ def cpu_threads(requested: int | None) -> int:
     return max(1, (os.cpu_count() or 2) // 2 // per_node)
 
 
+def cores_per_process() -> int:
+    """This process's share of the cores it may run on: torchrun's LOCAL_WORLD_SIZE processes share the machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    return cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -12,7 +12,6 @@ Facts kept from the reference toolboxes (REFERENCE.md, Data / Metrics; mmseg's E
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -242,9 +241,9 @@ def eval_workers(device: torch.device, requested: int | None = None) -> int:
         return requested
     if device.type != "cuda":
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
-    share = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(EVAL_WORKERS_MAX, share - 1))
+    from .distributed import cores_per_process
+
+    return max(1, min(EVAL_WORKERS_MAX, cores_per_process() - 1))
 
 
 def _uint8_label(item: tuple) -> tuple:

@@ -94,8 +94,7 @@ def loader_workers(requested: int | None, device: torch.device) -> int:
         return requested
     if device.type != "cuda":
         return 2
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
-    share = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    share = distributed.cores_per_process()
     return max(2, min(8, share - 1))
 
 

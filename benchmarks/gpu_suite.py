@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""This project's GPU measurements, one JSON line per case (also appended to $OUT/ours.jsonl).
+"""This project's GPU measurements, one JSON line per case (also appended to $OUT/ours.jsonl; $OUT defaults to
+/tmp/danet-gpu-out, as in gpu_bench.sh).
 
 Groups (the default order; each case starts only while the time budget lasts):
   sys      bf16 matrix rate (8192^3 matmul) and device-to-device copy bandwidth: the card's two ceilings
@@ -39,7 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from danet.benchmark import BenchSpec, release, run_case  # noqa: E402
 
-OUT = Path(os.environ.get("OUT", "."))
+OUT = Path(os.environ.get("OUT", "/tmp/danet-gpu-out"))  # as gpu_bench.sh; not the working tree (a run's files)
 T0 = time.time()
 
 

@@ -433,11 +433,14 @@ def group_profile(a) -> None:
 # ------------------------------------------------------------------------------------------------- e2e
 E2E_WORK = Path(os.environ.get("E2E_WORK", "/tmp/danet-e2e-work"))
 # (label, fused_loss_impl, the isolated train-step case of the same settings, more --set), the most telling first (a
-# case starts only while the budget lasts); the second fuses batch norm + ReLU (norm=triton), the fourth compiles
-# the whole network in `danet train` (compile=true), the last copies each batch on the compute stream
-# (data.prefetch=false: what the side-stream prefetch saves)
+# case starts only while the budget lasts); the second fuses batch norm + ReLU (norm=triton), the third replays each
+# step's forward, loss and backward as a CUDA graph (cuda_graphs=true), the fifth compiles the whole network in
+# `danet train` (compile=true), the last copies each batch on the compute stream (data.prefetch=false: what the
+# side-stream prefetch saves)
 E2E_CASES = [("e2e_bf16_cl_tritonloss", "triton", "train_bf16_cl_tritonloss", []),
              ("e2e_bf16_cl_tritonloss_tritonbn", "triton", "train_bf16_cl_tritonloss_tritonbn", ["norm=triton"]),
+             ("e2e_bf16_cl_tritonloss_tritonbn_graphs", "triton", "train_bf16_cl_tritonloss_tritonbn_graphs",
+              ["norm=triton", "cuda_graphs=true"]),
              ("e2e_bf16_cl_compiledloss", "compiled", "train_bf16_cl_compiledloss", []),
              ("e2e_bf16_cl_tritonloss_compile", "triton", "train_bf16_cl_tritonloss_compile", ["compile=true"]),
              ("e2e_bf16_cl_chunkedloss", "chunked", "train_bf16_cl_fusedloss", []),

@@ -101,6 +101,10 @@ class RunConfig:
     # synchronised over torchrun's processes like SyncBatchNorm; on the CPU or under compile native runs;
     # models.fused_norm)
     norm: str = "native"
+    # capture a step's forward, loss and backward once as a CUDA graph and replay it (one GPU process; bf16 or
+    # float32, eager: an error with amp=fp16 or compile=true; on the CPU or under torchrun eager steps run;
+    # engine/graphed.py)
+    cuda_graphs: bool = False
     eval_mode: str = "whole"  # validation inference: whole | slide
     # a non-finite loss (on any rank): stop with the last good checkpoint, or skip that step (no update; the run
     # still stops after MAX_SKIPS_IN_A_ROW in a row, see engine/train.py)
@@ -158,6 +162,12 @@ class RunConfig:
         if self.fused_loss_impl != "chunked" and not self.fused_loss:
             raise DanetError(
                 f"setting 'fused_loss_impl={self.fused_loss_impl}' needs fused_loss=true; add --set fused_loss=true"
+            )
+        if self.cuda_graphs and (self.amp == "fp16" or self.compile):
+            what = "amp=fp16 (its GradScaler reads the gradients on the host)" if self.amp == "fp16" else "compile=true"
+            raise DanetError(
+                f"setting 'cuda_graphs=true' captures an eager bf16 or float32 step, not {what}; use amp=bf16 "
+                "without compile, or drop cuda_graphs"
             )
         positive = {
             "schedule.epochs": s.epochs,

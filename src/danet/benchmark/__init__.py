@@ -31,6 +31,7 @@ import torch
 
 from ..engine.evaluate import default_stride, slide_logits, slide_windows
 from ..engine.fused_loss import fused_danet_loss
+from ..engine.graphed import WARMUP, CudaGraphs, GraphedStep
 from ..engine.losses import danet_loss
 from ..engine.schedule import build_optimizer
 from ..errors import DanetError
@@ -58,7 +59,7 @@ class BenchSpec:
     conv: str = "direct"  # "direct" | "winograd" (models.winograd: CPU float32, F(4x4, 3x3))
     norm: str = "native"  # "native" | "triton" (models.fused_norm: batch norm + residual + ReLU fused, CUDA)
     loss: str = "reference"  # "reference" (engine.losses, full-size logits) | "fused" | "compiled" | "triton"
-    cuda_graphs: bool = False  # capture the forward (train: forward + backward + SGD step) once, replay it
+    cuda_graphs: bool = False  # capture the forward (train: forward, loss, backward; SGD eager) once, replay it
     slide: tuple[int, int] | None = None  # inference only: sliding windows of this size (H, W) instead of whole
     stride: tuple[int, int] | None = None  # slide stride (None: 2/3 of the window)
     window_batch: int | None = None  # windows per forward (None: engine.evaluate's default, by pixel budget)
@@ -209,14 +210,16 @@ def make_train_fn(spec: BenchSpec, model, x: torch.Tensor, y: torch.Tensor, dev:
     ignore = get_preset(spec.preset).dataset.ignore_index
     last = {}
 
-    def step():
-        opt.zero_grad(set_to_none=True)
+    def losses_of(x, y) -> dict:
         with _autocast(dev, spec.amp):
             if spec.loss in ("fused", "compiled", "triton"):
                 impl = "chunked" if spec.loss == "fused" else spec.loss
-                losses = fused_danet_loss(net(x, resize=False), y, ignore_index=ignore, impl=impl)
-            else:
-                losses = danet_loss(net(x), y, ignore_index=ignore)
+                return fused_danet_loss(net(x, resize=False), y, ignore_index=ignore, impl=impl)
+            return danet_loss(net(x), y, ignore_index=ignore)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        losses = losses_of(x, y)
         scaler.scale(losses["loss"]).backward()
         scaler.step(opt)
         scaler.update()
@@ -224,26 +227,23 @@ def make_train_fn(spec: BenchSpec, model, x: torch.Tensor, y: torch.Tensor, dev:
 
     if not spec.cuda_graphs:
         return step, last
-    return _graphed_step(step, opt, dev), last
+    if why := CudaGraphs.why_unused(dev, 1):
+        raise DanetError(f"--cuda-graphs {why}")
 
+    def forward_backward(x, y) -> dict:
+        losses = losses_of(x, y)
+        losses["loss"].backward()
+        return {k: v.detach() for k, v in losses.items()}
 
-def _graphed_step(step, opt, dev: torch.device):
-    """The whole train step (forward, backward, SGD) captured as one CUDA graph after 3 eager warm-up steps on a
-    side stream (cuDNN autotuning, Triton compiles, momentum buffers); each replay runs it on the same batch with
-    no kernel launched from the host. The gradients live in the graph's pool (set to None before the capture)."""
-    if dev.type != "cuda":
-        raise DanetError("--cuda-graphs needs a CUDA device")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    opt.zero_grad(set_to_none=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
+    graphed = GraphedStep(forward_backward, model.parameters(), CudaGraphs(dev))  # what `danet train` replays
+
+    def graphed_step():
+        last["loss"] = graphed(x, y)["loss"]
+        opt.step()
+
+    for _ in range(WARMUP + 1):  # the eager warm-up steps and the capture, before the timing
+        graphed_step()
+    return graphed_step, last
 
 
 def environment(dev: torch.device) -> dict:
@@ -398,7 +398,10 @@ def add_cli(parser) -> None:
         "chunked (fused), torch.compile'd (compiled) or one Triton kernel (triton), without the full-size tensors",
     )
     parser.add_argument(
-        "--cuda-graphs", action="store_true", help="replay a captured CUDA graph (train: the whole step, bf16/fp32)"
+        "--cuda-graphs",
+        action="store_true",
+        help="replay a captured CUDA graph (train: forward, loss and backward as `danet train --set cuda_graphs=true`; "
+        "bf16/fp32)",
     )
     parser.add_argument("--slide", type=int, nargs=2, metavar=("H", "W"), help="inference: sliding windows of H x W")
     parser.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"), help="slide stride (default: 2/3 window)")

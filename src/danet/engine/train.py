@@ -33,6 +33,7 @@ from ..models.winograd import use_winograd
 from . import distributed
 from .evaluate import autocast, evaluate
 from .fused_loss import fused_danet_loss
+from .graphed import CudaGraphs, GraphedStep
 from .logging import RunLogger, read_log, write_json
 from .losses import danet_loss
 from .sampling import EpochBatchSampler, capture_rng_states, mix, restore_rng_states
@@ -232,15 +233,32 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     stopped = False
     loss_fn = partial(fused_danet_loss, impl=cfg.fused_loss_impl) if cfg.fused_loss else danet_loss
     skipped = in_a_row = 0  # steps skipped for a non-finite loss (nonfinite=skip): in all, and in a row now
+    graphed = None
+    why = GRAPH_BACKEND.why_unused(dev, info.world) if cfg.cuda_graphs else None
+    if why and info.is_main:
+        print(f"note: cuda_graphs {why}; eager steps run")
+    if cfg.cuda_graphs and not why:
+
+        def forward_backward(images: torch.Tensor, labels: torch.Tensor) -> dict:
+            with autocast(dev, cfg.amp):
+                outputs = step_net(images, resize=not cfg.fused_loss)
+            losses = loss_fn(outputs, labels, cfg.loss, cfg.aux_weight, preset.dataset.ignore_index)
+            losses["loss"].backward()  # NOTE: no GradScaler here: the config check refuses fp16 with cuda_graphs
+            return {k: v.detach() for k, v in losses.items()}
+
+        graphed = GraphedStep(forward_backward, raw.parameters(), GRAPH_BACKEND(dev))
     net.train()
     for epoch in range(it // ipe, sch.epochs):
         sampler.set_epoch(epoch, start=it % ipe)
         for images, labels in to_device(_batches(loader), dev, cfg.channels_last, cfg.data.prefetch):
             torch.manual_seed(mix(cfg.seed, "step", it, info.rank))  # dropout: a function of the iteration
             lr = scheduler.step()
-            with autocast(dev, cfg.amp):
-                outputs = step_net(images, resize=not cfg.fused_loss)
-            losses = loss_fn(outputs, labels, cfg.loss, cfg.aux_weight, preset.dataset.ignore_index)
+            if graphed is not None:  # forward, loss and backward (replayed from the fourth step on)
+                losses = graphed(images, labels)
+            else:
+                with autocast(dev, cfg.amp):
+                    outputs = step_net(images, resize=not cfg.fused_loss)
+                losses = loss_fn(outputs, labels, cfg.loss, cfg.aux_weight, preset.dataset.ignore_index)
             values = {k: v.item() for k, v in losses.items()}
             # NOTE: checked before the step, so the weights stay good; on every rank at once (DDP: no rank may step
             # alone, or the others wait in its all-reduce)
@@ -260,8 +278,9 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
                     bar.write(f"iteration {it + 1}: non-finite loss (here {values['loss']:g}); step skipped")
             else:
                 in_a_row = 0
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(losses["loss"]).backward()
+                if graphed is None:
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(losses["loss"]).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 for k, v in values.items():
@@ -322,6 +341,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     }
 
 
+GRAPH_BACKEND = CudaGraphs  # NOTE: a module-level name: tests put a CPU stand-in here
 _batches = loader_items  # NOTE: a module-level name: tests and the GPU suite wrap it to watch the batches
 
 

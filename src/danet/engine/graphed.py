@@ -1,0 +1,109 @@
+"""A training step's forward, loss and backward captured once as a CUDA graph and replayed (`cuda_graphs=true`).
+
+Eager PyTorch launches each of a step's ~1,000 kernels from Python (with `norm=triton` ~300 more through Triton's
+launcher); where the host takes longer to launch a stretch of kernels than the GPU to run them, the GPU waits. A
+replay launches them all at once. What is computed does not change: the same kernels on the same buffers.
+
+`GraphedStep(fn, params)` runs `fn(images, labels)` (forward, loss, backward; returns 0-dim loss tensors) eagerly
+for the first `WARMUP` steps, on a side stream (cuDNN's autotuning, Triton's compiles and lazy CUDA state happen
+there, as capture needs), then captures it on that stream and from then on copies each batch into the captured
+input buffers and replays. The gradients live in the graph's memory; each call points the parameters' `.grad` at
+them again, so the optimiser (outside the graph: the learning rate changes every step) always reads the new ones.
+
+Outside the graph stay: the learning-rate schedule and the SGD step (a few foreach kernels), reading the losses (the
+loop's non-finite check, before the step, as in the eager loop), logging, validation, checkpoints. The dropout masks
+are a function of the RNG state at each replay (the loop re-seeds before every step), as in the eager loop.
+
+Where it does not run (`CudaGraphs.why_unused`): the CPU; torchrun (DDP's gradient hooks need their own capture rules);
+fp16 (the GradScaler reads the gradients on the host each step) and torch.compile (its `reduce-overhead` mode makes
+its own graphs) are refused by the config check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+
+import torch
+
+WARMUP = 3  # eager steps before the capture (cuDNN benchmark picks, Triton compiles, optimiser state)
+
+
+class CudaGraphs:
+    """Capture and replay on CUDA. `capture_error_mode="thread_local"`: the DataLoader's pin-memory thread may use
+    the pinned-memory allocator (which queries events) while this thread captures."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.side = torch.cuda.Stream(device)
+
+    @staticmethod
+    def why_unused(device: torch.device, world: int) -> str | None:
+        """Why `cuda_graphs` cannot capture here (None where it can)."""
+        if device.type != "cuda":
+            return "needs a CUDA device"
+        if world > 1:
+            return "runs in one process (under torchrun DDP's gradient hooks would need their own capture)"
+        return None
+
+    @contextlib.contextmanager
+    def warmup(self):
+        cur = torch.cuda.current_stream(self.side.device)
+        self.side.wait_stream(cur)
+        with torch.cuda.stream(self.side):
+            yield
+        cur.wait_stream(self.side)
+
+    def capture(self, fn: Callable[[], dict], params: list[torch.nn.Parameter]) -> tuple[Callable[[], None], dict]:
+        del params  # NOTE: a replay writes the gradients where the capture put them
+        torch.cuda.empty_cache()  # the warm-up steps' cached blocks: the graph's own pool takes their place
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self.side, capture_error_mode="thread_local"):
+            out = fn()
+        return graph.replay, out
+
+
+class GraphedStep:
+    """`step(images, labels) -> {name: 0-dim loss}` with the backward done; see the module docstring."""
+
+    def __init__(self, fn: Callable, params: Iterable[torch.nn.Parameter], backend) -> None:
+        self.fn = fn
+        self.params = [p for p in params if p.requires_grad]
+        self.backend = backend
+        self.steps = 0  # eager warm-up steps run so far
+        self.replay = None
+        self.grads: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        self.eager_steps = 0  # after the capture: batches of another shape, run eagerly (none from `danet train`)
+
+    @property
+    def captured(self) -> bool:
+        return self.replay is not None
+
+    def _clear_grads(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        if self.replay is None and self.steps < WARMUP:
+            self.steps += 1
+            self._clear_grads()
+            with self.backend.warmup():
+                return self.fn(images, labels)
+        if self.replay is None:
+            self.x, self.y = images.clone(), labels.clone()  # the graph's inputs (clone keeps channels_last)
+            self._clear_grads()  # NOTE: so the captured backward writes fresh gradients instead of adding
+            self.replay, self.out = self.backend.capture(lambda: self.fn(self.x, self.y), self.params)
+            self.grads = [(p, p.grad) for p in self.params if p.grad is not None]
+        elif not _same_layout(images, self.x) or not _same_layout(labels, self.y):
+            self.eager_steps += 1
+            self._clear_grads()
+            return self.fn(images, labels)
+        self.x.copy_(images)
+        self.y.copy_(labels)
+        self.replay()
+        for p, g in self.grads:  # NOTE: an eager step (another shape) may have pointed .grad elsewhere
+            p.grad = g
+        return self.out
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.stride() == b.stride() and a.device == b.device

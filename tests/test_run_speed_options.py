@@ -1,5 +1,6 @@
 """Run-level speed options give the plain result: `fused_loss_impl=compiled` in `danet train`, `conv=winograd` in
-`danet train` (--set) and `danet test` / `danet predict` (--conv), `--norm triton` in `danet test` / `predict`.
+`danet train` (--set) and `danet test` / `danet predict` (--conv), `--norm triton` and `--channels-last` in `danet test`
+/ `predict`.
 
 Tiny: the synthetic preset at 32x32 crops, batch 2, 1-2 iterations (stopped mid-epoch: no validation), and a
 random-init checkpoint (perturbed BN and attention gamma) evaluated on two 128x128 val images. Winograd only takes
@@ -190,6 +191,47 @@ def test_test_and_predict_with_norm_triton(data_root, checkpoint, tmp_path, monk
         assert results["triton"][key] == pytest.approx(results["native"][key], abs=0.2, nan_ok=True), key
     for a, b in zip(labels["triton"], labels["native"], strict=True):
         assert len(np.unique(b)) >= 3 and (a != b).mean() <= 1e-3
+
+
+def test_test_and_predict_with_channels_last(data_root, checkpoint, tmp_path, monkeypatch):
+    """`--channels-last`: the model (and evaluation's inputs) in NHWC; the same metrics and labels."""
+    import danet.engine.evaluate as E
+
+    seen: list[bool] = []  # the layout of every image the model gets
+    real = E.segment
+    monkeypatch.setattr(E, "segment", lambda m, x, *a: seen.append(_nhwc(x)) or real(m, x, *a))
+    layouts: list[bool] = []
+    real_pick = DANet.forward
+    monkeypatch.setattr(DANet, "forward", lambda self, *a, **k: layouts.append(_nhwc(_first_3x3(self)))
+                        or real_pick(self, *a, **k))  # fmt: skip
+    images = sorted((data_root / "images" / "validation").glob("*.jpg"))[:2]
+    base = ["test", PRESET, "--checkpoint", str(checkpoint), "--data-root", str(data_root), "--limit", "2"]
+    results, labels = {}, {}
+    for flag in ([], ["--channels-last"]):
+        name = "nhwc" if flag else "nchw"
+        out = tmp_path / f"{name}.json"
+        assert main([*base, "--no-progress", *flag, "--json", str(out), "--plot", str(tmp_path / "p.png")]) == 0
+        results[name] = json.loads(out.read_text())
+        pred = tmp_path / name
+        assert main(["predict", "--checkpoint", str(checkpoint), *map(str, images), "--out", str(pred), *flag]) == 0
+        labels[name] = [np.asarray(Image.open(pred / f"{img.stem}.png")) for img in images]
+    assert seen == [False] * 4 + [True, True, False, False]  # test's inputs follow the flag (predict's: the model)
+    assert layouts == [False] * 4 + [True] * 4  # test (2) and predict (2) forwards, each run
+    assert (
+        results["nhwc"]["settings"]["channels_last"] is True and results["nchw"]["settings"]["channels_last"] is False
+    )
+    for key in ("mIoU", "mAcc", "aAcc", "IoU", "Acc"):
+        assert results["nhwc"][key] == pytest.approx(results["nchw"][key], abs=0.2, nan_ok=True), key
+    for a, b in zip(labels["nhwc"], labels["nchw"], strict=True):
+        assert len(np.unique(b)) >= 3 and (a != b).mean() <= 1e-3
+
+
+def _first_3x3(model) -> torch.Tensor:
+    return next(p for p in model.parameters() if p.dim() == 4 and p.shape[-1] == 3)
+
+
+def _nhwc(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
 @pytest.mark.parametrize(

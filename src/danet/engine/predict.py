@@ -45,6 +45,9 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--norm", choices=("native", "triton"), default="native", help="batch norm + ReLU (triton: fused kernels, CUDA)"
     )
+    parser.add_argument(
+        "--channels-last", action="store_true", help="NHWC memory format (with --amp bf16 the fast layout on a GPU)"
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
 
@@ -160,6 +163,8 @@ def run_cli(args) -> int:
     predictor = Predictor(args.checkpoint, args.preset, args.device)
     set_inference_conv(predictor.model, args.conv)
     set_inference_norm(predictor.model, args.norm)
+    if args.channels_last:
+        predictor.model = predictor.model.to(memory_format=torch.channels_last)
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""`danet test PRESET --checkpoint CKPT [--data-root DIR] [--mode whole|slide] [--tta] [--conv winograd] [--json FILE]`.
+"""`danet test PRESET --checkpoint CKPT [--data-root DIR] [--mode whole|slide] [--tta] [--amp bf16] [--channels-last]
+[--json FILE]` (all options: `danet test --help`).
 
 Evaluates a checkpoint on the preset's val split (REFERENCE.md, Metrics): per-class table, mIoU / mAcc / aAcc,
 optionally multi-scale + flip (`--tta`, the preset's tta_scales) and sliding-window inference. Runs under torchrun
@@ -35,6 +36,9 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--norm", choices=("native", "triton"), default="native", help="batch norm + ReLU (triton: fused kernels, CUDA)"
     )
+    parser.add_argument(
+        "--channels-last", action="store_true", help="NHWC memory format (with --amp bf16 the fast layout on a GPU)"
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--limit", type=int, help="evaluate the first N images only")
     parser.add_argument(
@@ -69,6 +73,8 @@ def run_test(args) -> dict:
         model = load_model(args.checkpoint, preset.model).to(info.device).eval()
         set_inference_conv(model, args.conv)
         set_inference_norm(model, args.norm)
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         dataset = build_dataset(preset, args.data_root, args.split, train=False)
         mode = args.mode or preset.eval_mode
         scales = tuple(args.scales) if args.scales else tuple(preset.tta_scales) if args.tta else (1.0,)
@@ -86,6 +92,7 @@ def run_test(args) -> dict:
             scales=scales,
             flip=flip,
             amp=args.amp,
+            channels_last=args.channels_last,
             ignore_index=preset.dataset.ignore_index,
             limit=args.limit,
             progress=not args.no_progress,
@@ -106,6 +113,7 @@ def run_test(args) -> dict:
             "amp": args.amp,
             "conv": args.conv,
             "norm": args.norm,
+            "channels_last": args.channels_last,
             "seconds": round(time.time() - t0, 2),
         }
         if info.is_main:

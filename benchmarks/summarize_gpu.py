@@ -84,9 +84,9 @@ def model_table(ours: list, peers: dict, kind: str, rate: float | None) -> list[
         return []
     same_prec = lambda r: "fp32" if r["amp"] == "none" else r["amp"]  # noqa: E731
     speed = "img/s" if kind == "train" else "ms"
-    head = (f"| case | {speed} | peak GiB | TFLOP/s | % of bf16 matmul | x mmseg same | x mmseg best | x ssseg same | "
-            "x ssseg best | mem / mmseg same | mem / ssseg same |")  # fmt: skip
-    out = [head, "|" + "---|" * 11]
+    head = (f"| case | {speed} | host ms | peak GiB | TFLOP/s | % of bf16 matmul | x mmseg same | x mmseg best | "
+            "x ssseg same | x ssseg best | mem / mmseg same | mem / ssseg same |")  # fmt: skip
+    out = [head, "|" + "---|" * 12]
     for r in rows:
         cells = []
         for tool in ("mmseg", "ssseg"):
@@ -99,8 +99,8 @@ def model_table(ours: list, peers: dict, kind: str, rate: float | None) -> list[
                 for t in ("mmseg", "ssseg")]  # fmt: skip
         val = r["img_s"] if kind == "train" else r["ms"]
         frac = ratio(r.get("tflop_s"), rate)
-        first = [r.get("label") or r["mode"], f"{val:.2f}", f"{r['peak_gib']:.2f}", fmt(r.get("tflop_s"), ".1f"),
-                 fmt(frac and 100 * frac, ".0f", "%")]  # fmt: skip
+        first = [r.get("label") or r["mode"], f"{val:.2f}", fmt(r.get("host_ms"), ".1f"), f"{r['peak_gib']:.2f}",
+                 fmt(r.get("tflop_s"), ".1f"), fmt(frac and 100 * frac, ".0f", "%")]  # fmt: skip
         out.append("| " + " | ".join(first + cells + mems) + " |")
     return out
 

@@ -306,6 +306,7 @@ def test_run_case_figures_and_flops():
                        device="cpu", loss="fused")  # fmt: skip
     rec = B.run_case(spec)
     assert rec["ms"] > 0 and rec["img_s"] == pytest.approx(2000 / rec["ms"], rel=1e-2)
+    assert 0 < rec["host_ms"] <= rec["ms"] * 1.01  # on the CPU a step returns when it is done
     assert rec["peak_gib"] > 0.05 and rec["mem_kind"] == "rss_high_water"
     assert rec["gflop_per_img"] > 0 and rec["tflop_s"] > 0 and rec["loss_value"] > 0
     infer = B.run_case(B.BenchSpec(preset="danet_tiny_synthetic", batch=2, size=(32, 32), warmup=0, iters=1))

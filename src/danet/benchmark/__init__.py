@@ -5,10 +5,12 @@ channels_last, torch.compile, cuDNN benchmark, fused or explicit position attent
 CUDA graphs). `run_case(spec)` returns a dict of figures; the CLI prints it and can write it as JSON.
 
 Timing: `warmup` untimed runs, then `iters` timed runs, each ended by a device synchronisation; the median is
-reported. Peak memory is CUDA's `max_memory_allocated` over the timed runs (on the CPU: the process's resident-set
-high-water mark over the timed runs, which includes the Python process itself). FLOPs are counted by
-`torch.utils.flop_counter.FlopCounterMode` on one image with the explicit attention (the algorithm's work, the same
-for every option): the forward for inference, forward + backward for training.
+reported, and `host_ms`, the median time until a run returned before its synchronisation (on a GPU the host's time
+to queue the run's kernels: well below `ms` where the GPU is the bound; CUDA's launch queue holds ~1,000 kernels, so
+near `ms` it may be either). Peak memory is CUDA's `max_memory_allocated` over the timed runs (on the CPU: the
+process's resident-set high-water mark over the timed runs, which includes the Python process itself). FLOPs are
+counted by `torch.utils.flop_counter.FlopCounterMode` on one image with the explicit attention (the algorithm's work,
+the same for every option): the forward for inference, forward + backward for training.
 
 The train step is: forward in train mode, the 4-output cross-entropy (main, pam, cam 1.0, aux 0.4, ignore 255,
 mean over the labelled pixels), backward, SGD(lr 0.01, momentum 0.9, weight decay 5e-4) step.
@@ -110,18 +112,19 @@ def _peak_gib(dev: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB
 
 
-def timed(fn, dev: torch.device, warmup: int, iters: int) -> list[float]:
-    """Seconds of each of `iters` calls of `fn` after `warmup` calls, each call ended by a device sync."""
-    for _ in range(warmup):
-        fn()
+def timed(fn, dev: torch.device, iters: int) -> tuple[list[float], list[float]]:
+    """Seconds of each of `iters` calls of `fn`, each ended by a device sync; and the seconds until each call
+    returned, before its sync (on a GPU: the host's time to queue the work; far below the first where the GPU is
+    the bound, close to it where launching is)."""
     _sync(dev)
-    times = []
+    times, host = [], []
     for _ in range(iters):
         t = time.perf_counter()
         fn()
+        host.append(time.perf_counter() - t)
         _sync(dev)
         times.append(time.perf_counter() - t)
-    return times
+    return times, host
 
 
 def resolve_device(name: str) -> torch.device:
@@ -313,7 +316,7 @@ def run_case(spec: BenchSpec) -> dict:
             fn()
         _sync(dev)
         _reset_peak(dev)
-        times = timed(fn, dev, 0, spec.iters)
+        times, host = timed(fn, dev, spec.iters)
         peak = _peak_gib(dev)
     finally:
         torch.backends.cudnn.benchmark = old_bench
@@ -325,6 +328,7 @@ def run_case(spec: BenchSpec) -> dict:
         ms=round(1000 * med, 3),
         ms_min=round(1000 * min(times), 3),
         ms_all=[round(1000 * t, 3) for t in times],
+        host_ms=round(1000 * statistics.median(host), 3),
         img_s=round(spec.batch / med, 3),
         peak_gib=round(peak, 3),
         mem_kind="cuda_max_allocated" if dev.type == "cuda" else "rss_high_water",
@@ -438,7 +442,7 @@ def format_record(r: dict) -> str:
     h, w = r["size"]
     line = (
         f"{r['mode']:5s} {r['preset']} b{r['batch']} {h}x{w} [{' '.join(opts)}] on {r['device_name']}: "
-        f"{r['ms']:.1f} ms/batch (median of {len(r['ms_all'])}), {r['img_s']:.2f} img/s, "
+        f"{r['ms']:.1f} ms/batch (median of {len(r['ms_all'])}; host {r['host_ms']:.1f}), {r['img_s']:.2f} img/s, "
         f"peak {r['peak_gib']:.2f} GiB ({r['mem_kind']}), {r['gflop_per_img']:.1f} GFLOP/img, "
         f"{r['tflop_s']:.3f} TFLOP/s"
     )

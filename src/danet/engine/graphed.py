@@ -55,7 +55,6 @@ class CudaGraphs:
 
     def capture(self, fn: Callable[[], dict], params: list[torch.nn.Parameter]) -> tuple[Callable[[], None], dict]:
         del params  # NOTE: a replay writes the gradients where the capture put them
-        torch.cuda.empty_cache()  # the warm-up steps' cached blocks: the graph's own pool takes their place
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=self.side, capture_error_mode="thread_local"):
             out = fn()

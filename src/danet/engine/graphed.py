@@ -4,19 +4,20 @@ Eager PyTorch launches each of a step's ~1,000 kernels from Python (with `norm=t
 launcher); where the host takes longer to launch a stretch of kernels than the GPU to run them, the GPU waits. A
 replay launches them all at once. What is computed does not change: the same kernels on the same buffers.
 
-`GraphedStep(fn, params)` runs `fn(images, labels)` (forward, loss, backward; returns 0-dim loss tensors) eagerly
-for the first `WARMUP` steps, on a side stream (cuDNN's autotuning, Triton's compiles and lazy CUDA state happen
-there, as capture needs), then captures it on that stream and from then on copies each batch into the captured
-input buffers and replays. The gradients live in the graph's memory; each call points the parameters' `.grad` at
-them again, so the optimiser (outside the graph: the learning rate changes every step) always reads the new ones.
+`GraphedStep(fn, params, backend)` (backend: `CudaGraphs`) runs `fn(images, labels)` (forward, loss, backward;
+returns 0-dim loss tensors) eagerly for the first `WARMUP` steps, on a side stream (cuDNN's autotuning, Triton's
+compiles and lazy CUDA state happen there, as capture needs), then captures it on that stream and from then on
+copies each batch into the captured input buffers and replays. The gradients live in the graph's memory; each call
+points the parameters' `.grad` at them again, so the optimiser (outside the graph: the learning rate changes every
+step) always reads the new ones.
 
 Outside the graph stay: the learning-rate schedule and the SGD step (a few foreach kernels), reading the losses (the
 loop's non-finite check, before the step, as in the eager loop), logging, validation, checkpoints. The dropout masks
 are a function of the RNG state at each replay (the loop re-seeds before every step), as in the eager loop.
 
-Where it does not run (`CudaGraphs.why_unused`): the CPU; torchrun (DDP's gradient hooks need their own capture rules);
-fp16 (the GradScaler reads the gradients on the host each step) and torch.compile (its `reduce-overhead` mode makes
-its own graphs) are refused by the config check.
+Where it does not run (`CudaGraphs.why_unused`): the CPU; torchrun (DDP's gradient hooks need their own capture
+rules). fp16 (the GradScaler reads the gradients on the host each step) and torch.compile (its `reduce-overhead` mode
+makes its own graphs) are refused by the config check.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The training loop: one code path for one process and many (torchrun), AMP, channels_last, compile, exact resume.
+"""The training loop: one code path for one process and many (torchrun), AMP, channels_last, compile, CUDA graphs
+(engine/graphed.py), exact resume.
 
 Per iteration i (global, 0-based): lr = poly(i); forward under autocast; CE on main/pam/cam (1) + aux (0.4);
 SGD step (through a GradScaler for fp16). Each epoch ends with last.pth (and epoch_N.pth every save interval),
@@ -234,10 +235,10 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     loss_fn = partial(fused_danet_loss, impl=cfg.fused_loss_impl) if cfg.fused_loss else danet_loss
     skipped = in_a_row = 0  # steps skipped for a non-finite loss (nonfinite=skip): in all, and in a row now
     graphed = None
-    why = GRAPH_BACKEND.why_unused(dev, info.world) if cfg.cuda_graphs else None
-    if why and info.is_main:
-        print(f"note: cuda_graphs {why}; eager steps run")
-    if cfg.cuda_graphs and not why:
+    no_graphs = GRAPH_BACKEND.why_unused(dev, info.world) if cfg.cuda_graphs else None
+    if no_graphs and info.is_main:
+        print(f"note: cuda_graphs {no_graphs}; eager steps run")
+    if cfg.cuda_graphs and not no_graphs:
 
         def forward_backward(images: torch.Tensor, labels: torch.Tensor) -> dict:
             with autocast(dev, cfg.amp):

@@ -141,3 +141,16 @@ def test_eval_workers_default(monkeypatch):
     assert E.eval_workers(torch.device("cuda"), 3) == 3  # asked for: kept
     with pytest.raises(E.DanetError, match="0 or more"):
         E.eval_workers(torch.device("cpu"), -1)
+
+
+@pytest.mark.parametrize(
+    "crop, stride, words",
+    [((32, 32), (33, 20), "at most the window"), ((32, 32), (0, 20), "must be 1..32"), ((0, 32), None, "positive")],
+)
+def test_slide_rejects_windows_that_leave_gaps(crop, stride, words):
+    """A stride beyond the window would leave pixels without logits (NaN, then argmax 0): an error instead."""
+    from danet.engine.evaluate import slide_windows
+    from danet.errors import DanetError
+
+    with pytest.raises(DanetError, match=words):
+        slide_windows((50, 70), crop, stride or (20, 20))

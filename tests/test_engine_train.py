@@ -152,6 +152,47 @@ def test_predict_writes_palette_pngs_and_overlays(runs, data_root, tmp_path, cap
     assert Image.open(out / "big.png").size == (300, 200)
 
 
+def test_predict_tta_gives_danet_test_labels(runs, data_root, monkeypatch):
+    """--tta: each view's probabilities at the original size, as `danet test` (evaluate.segment) takes them; past the
+    size limit at the resized size (a few pixels differ, never the shape). The model: coarse, smooth logits, so that
+    where the softmax is taken matters (a trained model's crisp edges hide it)."""
+    import danet.engine.predict as P
+    from danet.data.transforms import normalize, resize_keep_ratio
+    from danet.engine.evaluate import segment
+
+    class Coarse(torch.nn.Module):
+        num_classes = 5
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+
+        def forward(self, x):
+            y = 3 * self.conv(x)[:, :, ::8, ::8]
+            return {"out": torch.nn.functional.interpolate(y, x.shape[-2:], mode="bilinear", align_corners=False)}
+
+    pred = P.Predictor(runs["resumed"] / "best.pth")
+    torch.manual_seed(0)
+    pred.model = Coarse().eval()
+    image = Image.open(sorted((data_root / "images" / "validation").glob("*.jpg"))[0]).convert("RGB")
+    image = np.asarray(image.resize((500, 350)))  # shrunk to the base size before the model
+    x = normalize(resize_keep_ratio(image, None, pred.base_size)[0], pred.mean, pred.std)[None]
+    want = segment(pred.model, x, image.shape[:2], "whole", None, None, pred.tta_scales, True)[0].argmax(0).numpy()
+    assert len(np.unique(want)) >= 3 and np.array_equal(pred(image, tta=True), want)
+    monkeypatch.setattr(P, "TTA_FULL_SIZE_ELEMS", 0)
+    small = pred(image, tta=True)
+    assert small.shape == image.shape[:2] and 0 < (small != want).mean() < 0.05
+
+
+def test_test_cli_bad_slide_window_is_one_line(runs, data_root, capsys):
+    base = ["test", PRESET, "--checkpoint", str(runs["resumed"] / "best.pth"), "--data-root", str(data_root)]
+    for extra, words in ((["--stride", "0", "0"], "must be 1.."), (["--crop", "16", "16", "--stride", "24", "24"],
+                                                                    "at most the window [16, 16]")):  # fmt: skip
+        assert main([*base, "--mode", "slide", *extra]) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(err) == 1 and words in err[0] and "Traceback" not in err[0]
+
+
 def test_predict_missing_input_is_one_line(runs, tmp_path, capsys):
     rc = main(["predict", "--checkpoint", str(runs["resumed"] / "best.pth"), str(tmp_path / "nope.jpg"), "--out", "x"])
     assert rc == 2

@@ -49,10 +49,23 @@ def windows_per_forward(device: torch.device, images: int, window: tuple[int, in
     return max(1, SLIDE_BATCH_PIXELS // (images * window[0] * window[1]))
 
 
+def check_slide(crop: tuple[int, int], stride: tuple[int, int] | None) -> None:
+    """DanetError unless the windows are at least 1 x 1 and the stride at most the window (else pixels between
+    windows would get no logits)."""
+    if len(crop) != 2 or min(crop) < 1:
+        raise DanetError(f"slide window {list(crop)} needs two positive sizes H W")
+    if stride is not None and (len(stride) != 2 or min(stride) < 1 or stride[0] > crop[0] or stride[1] > crop[1]):
+        raise DanetError(
+            f"slide stride {list(stride)} must be 1..{crop[0]} x 1..{crop[1]} (at most the window {list(crop)}, so "
+            "the windows cover every pixel)"
+        )
+
+
 def slide_windows(
     size: tuple[int, int], crop: tuple[int, int], stride: tuple[int, int]
 ) -> list[tuple[int, int, int, int]]:
     """(y1, y2, x1, x2) of every window, row by row; all of one size: the crop, or the image where it is smaller."""
+    check_slide(crop, stride)
     (h, w), (ch, cw), (sh, sw) = size, crop, stride
     rows = max(h - ch + sh - 1, 0) // sh + 1
     cols = max(w - cw + sw - 1, 0) // sw + 1

@@ -6,7 +6,9 @@ preset's base size (as in testing), segmented, and the labels brought back to th
 Classes, palette and normalisation come from the checkpoint's meta (or --preset).
 
 Large inputs: an image over `--max-pixels` (default 2048 x 1024, a Cityscapes frame) after resizing is segmented
-in sliding windows of the crop size, and the labels are upsampled in strips, so memory stays bounded.
+in sliding windows of the crop size, and the labels are upsampled in strips, so memory stays bounded. With `--tta`
+the views' probabilities are averaged at the original size as `danet test` does, unless K x H x W floats would pass
+TTA_FULL_SIZE_ELEMS; then at the resized size.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from tqdm import tqdm
 from ..errors import DanetError
 
 DEFAULT_MAX_PIXELS = 2048 * 1024
+# --tta averages the views' softmax at the original size (as `danet test`) while K x H x W float32 stays under this
+# many elements (1 GiB); above it, at the resized size, then upsampled (may differ from `danet test` on a few pixels)
+TTA_FULL_SIZE_ELEMS = 1 << 28
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
@@ -148,9 +153,13 @@ class Predictor:
         if mode is None:
             mode = "slide" if x.shape[-2] * x.shape[-1] > max_pixels else "whole"
         scales = self.tta_scales if tta else (1.0,)
-        size = tuple(x.shape[-2:])
-        scores = segment(self.model, x, size, mode, self.crop, None, scales, tta, amp)  # (1, K, h', w')
-        return upsample_argmax(scores[0], (h, w)).to(torch.uint8).cpu().numpy()
+        if tta and self.model.num_classes * h * w <= TTA_FULL_SIZE_ELEMS:
+            # as `danet test`: each view's logits resized to the original size before the softmax
+            labels = segment(self.model, x, (h, w), mode, self.crop, None, scales, tta, amp)[0].argmax(0)
+        else:  # one view (the same labels either way), or TTA at the resized size: K x H x W floats never exist
+            scores = segment(self.model, x, tuple(x.shape[-2:]), mode, self.crop, None, scales, tta, amp)
+            labels = upsample_argmax(scores[0], (h, w))
+        return labels.to(torch.uint8).cpu().numpy()
 
 
 def run_cli(args) -> int:

@@ -57,11 +57,15 @@ def run_test(args) -> dict:
     from ..models.winograd import set_inference_conv
     from ..presets import get_preset
     from . import distributed
-    from .evaluate import evaluate
+    from .evaluate import check_slide, evaluate
 
     preset = get_preset(args.preset)
     if not Path(args.checkpoint).is_file():
         raise DanetError(f"checkpoint {args.checkpoint} does not exist")
+    mode = args.mode or preset.eval_mode
+    crop = tuple(args.crop) if args.crop else preset.crop_size
+    if mode == "slide" or args.crop or args.stride:  # NOTE: a bad window fails here, before the model loads
+        check_slide(crop, tuple(args.stride) if args.stride else None)
     for out in (args.json, args.plot):  # fail before the evaluation, not after it
         if out:
             check_writable_dir(Path(out).parent)
@@ -76,10 +80,8 @@ def run_test(args) -> dict:
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
         dataset = build_dataset(preset, args.data_root, args.split, train=False)
-        mode = args.mode or preset.eval_mode
         scales = tuple(args.scales) if args.scales else tuple(preset.tta_scales) if args.tta else (1.0,)
         flip = (args.tta or bool(args.scales)) and not args.no_flip
-        crop = tuple(args.crop) if args.crop else preset.crop_size
         t0 = time.time()
         cm = evaluate(
             model,

@@ -1,12 +1,14 @@
 """The `danet` command. Each subcommand lives in the module that does the work; this file only dispatches.
 
 A module named in COMMANDS provides `add_cli(parser)` (arguments) and `run_cli(args) -> int` (exit status).
-Errors a user can cause (DanetError) are printed as one line, exit status 2, no traceback unless --debug.
+Errors a user can cause (DanetError) are printed as one line, exit status 2, no traceback unless --debug; so is an
+OSError no command caught itself (a full disk, a permission), with what to do.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -70,6 +72,31 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"danet {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # NOTE: a safety net: a file the commands did not expect to fail (disk full, permissions)
+        if args.debug:
+            raise
+        print(f"danet {args.command}: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+
+
+OS_HINTS = {
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.EDQUOT: "free some space or write elsewhere",
+    errno.EACCES: "check the permissions or write elsewhere",
+    errno.EPERM: "check the permissions or write elsewhere",
+    errno.EROFS: "the file system is read-only: write elsewhere",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "check the path",
+    errno.EISDIR: "give a file, not a folder",
+}
+
+
+def os_error_line(e: OSError) -> str:
+    """`<file>: <reason>; <what to do>` of an OSError, on one line."""
+    where = f"{e.filename}: " if e.filename else ""
+    reason = e.strerror or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+    hint = OS_HINTS.get(e.errno)
+    return f"{where}{reason}" + (f"; {hint}" if hint else "")
 
 
 if __name__ == "__main__":

@@ -184,7 +184,9 @@ class RunConfig:
         for key, v in positive.items():
             if v is not None and v < 1:
                 raise DanetError(f"setting {key!r} must be at least 1, got {v}")
-        for key, v in (("schedule.lr", s.lr), ("schedule.min_lr", s.min_lr), ("schedule.momentum", s.momentum)):
+        for key, v in (("schedule.lr", s.lr), ("schedule.min_lr", s.min_lr), ("schedule.momentum", s.momentum),
+                       ("schedule.power", s.power), ("schedule.weight_decay", s.weight_decay),
+                       ("aux_weight", self.aux_weight)):  # fmt: skip
             if v is not None and v < 0:
                 raise DanetError(f"setting {key!r} must not be negative, got {v}")
         if d.num_workers is not None and d.num_workers < 0:
@@ -206,6 +208,13 @@ class RunConfig:
         for key in ("num_classes", "base_channels", "stem_channels", "head_channels", "key_channels", "aux_channels"):
             if key in m and m[key] < 1:
                 raise DanetError(f"setting 'model.{key}' must be at least 1, got {m[key]}")
+        if "dropout" in m and not 0 <= m["dropout"] < 1:
+            raise DanetError(f"setting 'model.dropout' must be in [0, 1), got {m['dropout']}")
+        if "num_classes" in m and m["num_classes"] != (n := self.base_preset().num_classes):
+            raise DanetError(
+                f"setting 'model.num_classes={m['num_classes']}' contradicts the dataset of preset {self.preset} "
+                f"({n} classes); the classes come from the dataset: drop it or pick a preset of another dataset"
+            )
         return self
 
     # ---- YAML --------------------------------------------------------------------------------------------------
@@ -222,7 +231,15 @@ class RunConfig:
         if not path.is_file():
             raise DanetError(f"config file {str(path)!r} not found; pass a preset name or an existing .yaml file")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            hint = ""
+            if path.suffix in (".pth", ".pt", ".ckpt"):
+                hint = (
+                    " (a checkpoint: continue its run with --resume CKPT, or start from it with --set init_checkpoint="
+                )
+                hint += "CKPT)"
+            raise DanetError(f"{path} is not a YAML text file{hint}; pass a preset name or a .yaml config") from None
         except yaml.YAMLError as e:
             raise DanetError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
         if not isinstance(data, dict):

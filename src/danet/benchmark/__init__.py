@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..engine.distributed import pick_device
 from ..engine.evaluate import default_stride, slide_logits, slide_windows
 from ..engine.fused_loss import fused_danet_loss
 from ..engine.graphed import WARMUP, CudaGraphs, GraphedStep
@@ -128,12 +129,7 @@ def timed(fn, dev: torch.device, iters: int) -> tuple[list[float], list[float]]:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DanetError("--device cuda asked for but no CUDA device is visible; use --device cpu")
-    return dev
+    return pick_device(name)  # DanetError for a name it does not know or a GPU that is not there
 
 
 def build(spec: BenchSpec, dev: torch.device):
@@ -280,6 +276,13 @@ def run_case(spec: BenchSpec) -> dict:
         raise DanetError(f"unknown --loss {spec.loss!r}; use reference, fused, compiled or triton")
     if spec.slide and spec.mode != "infer":
         raise DanetError("--slide times inference; drop --train")
+    for name, v in (("--batch", spec.batch), ("--iters", spec.iters)):
+        if v < 1:
+            raise DanetError(f"{name} must be at least 1, got {v}")
+    if spec.warmup < 0:
+        raise DanetError(f"--warmup must be 0 or more, got {spec.warmup}")
+    if spec.size is not None and (len(spec.size) != 2 or min(spec.size) < 1):
+        raise DanetError(f"--size needs two positive sizes H W, got {list(spec.size)}")
     for name, v in (("--slide", spec.slide), ("--stride", spec.stride)):
         if v is not None and (len(v) != 2 or min(v) < 1):
             raise DanetError(f"{name} needs two positive sizes H W, got {list(v)}")

@@ -37,11 +37,20 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """ "auto" -> this process's CUDA device when there is one, else the CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda:") and name[5:].isdigit():  # one GPU of several, outside torchrun
+        name, local_rank = "cuda", int(name[5:])
+        if torch.cuda.is_available() and local_rank >= torch.cuda.device_count():
+            raise DanetError(f"device cuda:{local_rank} asked for, but {torch.cuda.device_count()} GPU(s) are visible")
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise DanetError("device 'cuda' requested but no CUDA GPU is visible; use --set device=cpu")
+            raise DanetError(
+                "device 'cuda' requested but no CUDA GPU is visible; run on the CPU (danet train: --set device=cpu; "
+                "test, predict, benchmark: --device cpu)"
+            )
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
+    if name != "cpu":
+        raise DanetError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
     return torch.device(name)
 
 

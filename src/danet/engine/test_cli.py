@@ -66,6 +66,12 @@ def run_test(args) -> dict:
     crop = tuple(args.crop) if args.crop else preset.crop_size
     if mode == "slide" or args.crop or args.stride:  # NOTE: a bad window fails here, before the model loads
         check_slide(crop, tuple(args.stride) if args.stride else None)
+    if args.scales and min(args.scales) <= 0:
+        raise DanetError(f"--scales must be positive factors (e.g. 0.75 1 1.25), got {args.scales}")
+    if args.limit is not None and args.limit < 1:
+        raise DanetError(f"--limit must be at least 1 (the first N images), got {args.limit}")
+    if args.plot and Path(args.plot).suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise DanetError(f"--plot {args.plot}: give a .png (or .jpg) file name")
     for out in (args.json, args.plot):  # fail before the evaluation, not after it
         if out:
             check_writable_dir(Path(out).parent)

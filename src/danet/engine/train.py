@@ -67,9 +67,26 @@ def build_datasets(cfg: RunConfig, preset, seed: int):
     return train_ds, val_ds
 
 
+# the ModelConfig fields a checkpoint's weights decide (checkpoints.load_model takes them from the weights)
+WEIGHT_FIELDS = ("num_classes", "depth", "stem", "base_channels", "stem_channels", "head_channels", "key_channels",
+                 "aux_channels", "pam_bias", "aux")  # fmt: skip
+
+
 def build_model(cfg: RunConfig, preset) -> DANet:
+    """The run's DANet. From `init_checkpoint` the weights decide the structure: a field set explicitly in
+    `cfg.model` that they contradict is an error; other differences from the preset go into `cfg.model`, so that
+    config.yaml (written after this) tells the structure that trains."""
     if cfg.init_checkpoint:
         model = checkpoints.load_model(cfg.init_checkpoint, preset.model)
+        got = {k: getattr(model.cfg, k) for k in WEIGHT_FIELDS if getattr(model.cfg, k) != getattr(preset.model, k)}
+        if clash := [k for k in got if k in cfg.model]:
+            have = ", ".join(f"model.{k}={got[k]}" for k in clash)
+            asked = ", ".join(f"{cfg.model[k]}" for k in clash)
+            raise DanetError(
+                f"init_checkpoint {cfg.init_checkpoint} holds a model with {have}, not the {asked} asked for; drop "
+                "those settings or start from another checkpoint"
+            )
+        cfg.model.update(got)
     else:
         model = DANet(preset.model)
     if cfg.backbone_weights:
@@ -147,7 +164,14 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     if why and info.is_main:  # NOTE: then plain BatchNorm2d, so torchrun on GPUs converts it to SyncBatchNorm
         print(f"note: norm=triton {why}; PyTorch's batch norm runs")
     if ckpt is not None:
-        model.load_state_dict(ckpt.state_dict)
+        try:
+            model.load_state_dict(ckpt.state_dict)
+        except RuntimeError as e:  # NOTE: another width, depth or class count: torch lists every tensor
+            first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+            raise DanetError(
+                f"{resume} holds a model of another structure than this run's settings ({first.rstrip('.')}); resume "
+                f"with the run's own settings: danet train {work / 'config.yaml'} --resume"
+            ) from None
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     n_train = min(len(train_ds), cfg.data.train_limit or len(train_ds))  # train_limit: the first N images
@@ -184,6 +208,12 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     it, best, best_iter = 0, -math.inf, None
     if ckpt is not None:
         ts = ckpt.train_state
+        if int(ts["iter"]) >= total:  # NOTE: before config.yaml is rewritten: nothing of the run changes
+            done = int(ts["iter"])
+            raise DanetError(
+                f"{resume} is at iteration {done}, and this run's schedule ends at {total} ({sch.epochs} epochs of "
+                f"{ipe}): nothing left to train; raise schedule.epochs to train further"
+            )
         optimizer.load_state_dict(ts["optimizer"])
         scheduler.load_state_dict(ts["scheduler"])
         scaler.load_state_dict(ts["grad_scaler"]) if ts.get("grad_scaler") else None
@@ -309,16 +339,17 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
         if stopped:
             break
         done = epoch + 1
-        if done % sch.eval_interval == 0 or done == sch.epochs:
+        validated = done % sch.eval_interval == 0 or done == sch.epochs
+        if validated:
             metrics = validate(raw, val_ds, preset, cfg, info)
             logger.log("val", iter=it, epoch=done, **_scalars(metrics), IoU=metrics["IoU"])
             bar.write(f"epoch {done}/{sch.epochs} iter {it}: mIoU {metrics['mIoU']:.2f} mAcc {metrics['mAcc']:.2f}")
             if metrics["mIoU"] > best:
                 best, best_iter = metrics["mIoU"], it
                 save("best.pth", done, with_state=False)
-            if info.is_main:
-                write_metrics(work, metrics, best, best_iter, it, done, time.time() - t_start)
-        save("last.pth", done)
+        save("last.pth", done)  # NOTE: before metrics.json, which must never run ahead of the checkpoints
+        if validated and info.is_main:
+            write_metrics(work, metrics, best, best_iter, it, done, time.time() - t_start)
         if done % sch.save_interval == 0:
             save(f"epoch_{done}.pth", done)
         if cfg.stop_iter is not None and it >= cfg.stop_iter:
@@ -378,6 +409,16 @@ def write_metrics(work: Path, metrics: dict, best: float, best_iter, it: int, ep
 
 def draw_pictures(work: Path, preset, metrics: dict) -> None:
     """curves.png (loss, lr, val mIoU vs iteration) and per_class_iou.png (the final validation)."""
+    try:
+        _draw_pictures(work, preset, metrics)
+    except OSError as e:
+        raise DanetError(
+            f"training finished (checkpoints and metrics.json are in {work}) but a picture could not be written: "
+            f"{e.filename or ''} {e.strerror or e}; free some space (the run itself is complete)"
+        ) from None
+
+
+def _draw_pictures(work: Path, preset, metrics: dict) -> None:
     from .. import viz
 
     viz.plot_training_curves(read_log(work / "log.jsonl"), work / "curves.png", title=f"{preset.name} training")

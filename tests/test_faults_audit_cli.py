@@ -1,0 +1,180 @@
+"""Faults an audit of the commands found (2026-11-26), each now one line with exit status 2 and nothing lost.
+
+- `danet train`: resuming with another model structure; an init checkpoint of another structure than the settings
+  asked for; resuming a run whose schedule is already done; metrics.json never ahead of last.pth when writing a
+  checkpoint fails; a picture that cannot be written; a checkpoint given as the config; out-of-range model and
+  schedule settings.
+- any command: an OSError nothing caught (a full disk) is one line with what to do.
+- devices, `danet test` and `danet benchmark` options out of range.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+
+import danet.engine.train as T
+from danet.checkpoints import read_checkpoint, save_checkpoint
+from danet.cli import main
+from danet.data import ensure_synthetic
+from danet.errors import DanetError
+from danet.presets import get_preset
+from test_faults_common import NARROW_MODEL_SETS, cli_error, digest, tiny_model
+
+PRESET = "danet_tiny_synthetic"
+TINY = ["schedule.epochs=1", "schedule.iters_per_epoch=2", "schedule.batch_size=2", "data.crop_size=[32,32]",
+        "data.num_workers=0", "data.val_limit=2", "device=cpu", "progress=false", "deterministic=true",
+        *NARROW_MODEL_SETS]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return ensure_synthetic(tmp_path_factory.mktemp("data"))
+
+
+def train_argv(data_root: Path, work: Path, *sets: str, config: str = PRESET) -> list[str]:
+    return ["train", config, "--data-root", str(data_root), "--work-dir", str(work)] + [
+        a for s in [*TINY, *sets] for a in ("--set", s)
+    ]
+
+
+@pytest.fixture(scope="module")
+def run(data_root, tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("run")
+    assert main(train_argv(data_root, work)) == 0
+    return work
+
+
+def test_resume_with_another_structure_is_one_line(run, data_root, capsys):
+    before = {f: digest(run / f) for f in ("last.pth", "best.pth", "metrics.json", "config.yaml")}
+    line = cli_error(capsys, *train_argv(data_root, run, "model.base_channels=16", "schedule.epochs=2"), "--resume")
+    assert "another structure" in line and "size mismatch" in line and "config.yaml --resume" in line
+    assert {f: digest(run / f) for f in before} == before
+
+
+def test_resume_of_a_finished_schedule_is_one_line_and_changes_nothing(run, data_root, capsys):
+    before = {f: digest(run / f) for f in ("last.pth", "config.yaml", "log.jsonl")}
+    line = cli_error(capsys, *train_argv(data_root, run), "--resume")
+    assert "at iteration 2" in line and "nothing left to train" in line and "schedule.epochs" in line
+    assert {f: digest(run / f) for f in before} == before
+
+
+def test_init_checkpoint_structure(data_root, tmp_path, capsys):
+    """The weights decide the structure: a width set explicitly that they contradict is an error; one the preset
+    gives is replaced, and config.yaml records it (so a resume without the init file builds the same model)."""
+    wide = tiny_model(base_channels=8, stem_channels=8, head_channels=24, key_channels=8, aux_channels=16)
+    ck = save_checkpoint(tmp_path / "wide.pth", wide, get_preset(PRESET))
+    line = cli_error(capsys, *train_argv(data_root, tmp_path / "w1", f"init_checkpoint={ck}"))  # head_channels=16 set
+    assert "model.head_channels=24, not the 16 asked for" in line
+    assert not (tmp_path / "w1" / "last.pth").exists()
+    sets = [s for s in TINY if not s.startswith("model.head_channels")]
+    argv = ["train", PRESET, "--data-root", str(data_root), "--work-dir", str(tmp_path / "w2")]
+    argv += [a for s in [*sets, f"init_checkpoint={ck}"] for a in ("--set", s)]
+    assert main(argv) == 0
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "w2" / "config.yaml").read_text())
+    assert saved["model"]["head_channels"] == 24  # the preset says 32
+    assert read_checkpoint(tmp_path / "w2" / "last.pth").meta["model_cfg"]["head_channels"] == 24
+
+
+def test_metrics_never_run_ahead_of_last_pth(run, data_root, tmp_path, monkeypatch, capsys):
+    """Writing last.pth fails at the end of epoch 2 of a resumed run: metrics.json keeps epoch 1's bytes."""
+    import shutil
+
+    work = tmp_path / "w"
+    shutil.copytree(run, work)
+    before = digest(work / "metrics.json")
+    real = T.checkpoints.save_checkpoint
+
+    def full_disk(path, *a, **k):
+        if Path(path).name == "last.pth":
+            raise DanetError(f"could not write checkpoint {path}: No space left on device")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(T.checkpoints, "save_checkpoint", full_disk)
+    line = cli_error(capsys, *train_argv(data_root, work, "schedule.epochs=2"), "--resume")
+    assert "No space left" in line
+    assert digest(work / "metrics.json") == before and json.loads((work / "metrics.json").read_text())["epoch"] == 1
+
+
+def test_a_picture_that_cannot_be_written_is_one_line(data_root, tmp_path, monkeypatch, capsys):
+    import danet.viz as V
+
+    def no_space(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "w" / "curves.png"))
+
+    monkeypatch.setattr(V, "plot_training_curves", no_space)
+    line = cli_error(capsys, *train_argv(data_root, tmp_path / "w"))
+    assert "training finished" in line and "No space left on device" in line and "curves.png" in line
+    assert read_checkpoint(tmp_path / "w" / "last.pth").train_state["iter"] == 2
+
+
+def test_an_unexpected_os_error_is_one_line_with_a_hint(monkeypatch, capsys, tmp_path):
+    import danet.engine.test_cli as TC
+
+    def fail(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/somewhere/x.png")
+
+    monkeypatch.setattr(TC, "run_test", fail)
+    line = cli_error(capsys, "test", PRESET, "--checkpoint", tmp_path / "c.pth")
+    assert line.endswith("/somewhere/x.png: No space left on device; free some space or write elsewhere")
+
+
+@pytest.mark.parametrize(
+    "setting, words",
+    [
+        ("model.dropout=2", "'model.dropout' must be in [0, 1)"),
+        ("model.num_classes=3", "contradicts the dataset of preset danet_tiny_synthetic (5 classes)"),
+        ("schedule.power=-3", "'schedule.power' must not be negative"),
+        ("aux_weight=-1", "'aux_weight' must not be negative"),
+        ("device=cuda:0", "must be one of auto, cpu, cuda"),
+    ],
+)
+def test_bad_settings_are_one_line(setting, words, tmp_path, capsys):
+    line = cli_error(capsys, "train", PRESET, "--work-dir", tmp_path / "w", "--set", setting)
+    assert words in line
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_checkpoint_as_the_config_is_one_line(run, capsys):
+    line = cli_error(capsys, "train", run / "last.pth")
+    assert "is not a YAML text file (a checkpoint: continue its run with --resume" in line
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--device", "foo"], "unknown device 'foo'; use auto, cpu, cuda or cuda:N"),
+        (["--scales", "0"], "--scales must be positive"),
+        (["--limit", "0"], "--limit must be at least 1"),
+        (["--plot", "x.json"], "give a .png (or .jpg) file name"),
+    ],
+)
+def test_test_options_out_of_range(run, data_root, argv, words, capsys):
+    base = ["test", PRESET, "--checkpoint", run / "last.pth", "--data-root", data_root, "--no-progress"]
+    assert words in cli_error(capsys, *base, *argv)
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--size", "0", "0"], "--size needs two positive sizes"),
+        (["--iters", "0"], "--iters must be at least 1"),
+        (["--batch", "0"], "--batch must be at least 1"),
+        (["--device", "foo"], "unknown device 'foo'"),
+    ],
+)
+def test_benchmark_options_out_of_range(argv, words, capsys):
+    assert words in cli_error(capsys, "benchmark", PRESET, "--infer", "--no-flops", *argv)
+
+
+def test_cuda_asked_for_without_a_gpu_names_each_commands_option(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line = cli_error(capsys, "benchmark", PRESET, "--infer", "--device", "cuda", "--no-flops")
+    assert "no CUDA GPU is visible" in line and "--device cpu" in line and "--set device=cpu" in line

@@ -178,3 +178,9 @@ def test_cuda_asked_for_without_a_gpu_names_each_commands_option(capsys, monkeyp
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     line = cli_error(capsys, "benchmark", PRESET, "--infer", "--device", "cuda", "--no-flops")
     assert "no CUDA GPU is visible" in line and "--device cpu" in line and "--set device=cpu" in line
+
+
+def test_written_files_get_the_usual_permissions(run):
+    """config.yaml and metrics.json go through a temp file (mkstemp: 0600); they end with a checkpoint's mode."""
+    modes = {f: (run / f).stat().st_mode & 0o777 for f in ("config.yaml", "metrics.json", "last.pth")}
+    assert modes["config.yaml"] == modes["metrics.json"] == modes["last.pth"] != 0o600, modes

@@ -383,11 +383,18 @@ def _keys_line() -> str:
     return ", ".join(valid_keys())
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` via a temp file in the same folder and os.replace (survives a crash)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # NOTE: mkstemp makes 0600; the file gets what open() would give it
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)

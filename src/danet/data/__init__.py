@@ -77,7 +77,9 @@ def find_files(info: DatasetInfo, root: Path, split: str) -> list[tuple[Path, Pa
         if names != tuple(info.classes):
             raise DanetError(
                 f"the classes file of {root} names {len(names)} classes {list(names[:4])}... but the preset has "
-                f"{info.num_classes} {list(info.classes[:4])}...; build the preset from the folder (folder_info)"
+                f"{info.num_classes} {list(info.classes[:4])}...; the danet commands use only a preset's classes (no "
+                f"option changes them): list those {info.num_classes} in the classes file, in order, or build the data "
+                f"in Python: build_dataset(preset.replace(dataset=danet.data.folder_info({str(root)!r})), ...)"
             )
     return pairs
 

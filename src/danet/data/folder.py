@@ -26,7 +26,7 @@ import yaml
 
 from ..errors import DanetError
 from ..presets import DatasetInfo
-from .io import IMAGE_EXTENSIONS
+from .io import IMAGE_EXTENSIONS, read_text
 
 CLASS_FILES = ("classes.yaml", "classes.yml", "classes.txt")
 _RGB_TAIL = re.compile(r"^(.*?)\s+(?:(\d{1,3})[\s,]+(\d{1,3})[\s,]+(\d{1,3})|#([0-9a-fA-F]{6}))\s*$")
@@ -64,21 +64,38 @@ def load_classes(root: Path) -> tuple[tuple[str, ...], tuple[tuple[int, int, int
         raise DanetError(f"classes file {path} names no classes")
     if len(entries) > 255:
         raise DanetError(f"classes file {path} names {len(entries)} classes; at most 255 fit 8-bit masks")
+    for k, (name, _) in enumerate(entries):
+        if name is None or isinstance(name, list | dict):
+            raise DanetError(f"classes file {path}: class {k} has no usable name (got {name!r}); give it a plain name")
     names = tuple(str(n) for n, _ in entries)
     if len(set(names)) != len(names):
         raise DanetError(f"classes file {path} names a class twice")
     fallback = default_palette(len(entries))
     palette = []
     for k, (_, colour) in enumerate(entries):
-        c = fallback[k] if colour is None else tuple(int(v) for v in colour)
-        if len(c) != 3 or not all(0 <= v <= 255 for v in c):
-            raise DanetError(f"classes file {path}: colour of {names[k]!r} must be three integers 0..255, got {colour}")
-        palette.append(c)
+        if colour is None:
+            palette.append(fallback[k])
+        elif _is_rgb(colour):
+            palette.append(tuple(int(v) for v in colour))
+        else:
+            raise DanetError(
+                f"classes file {path}: colour of {names[k]!r} must be three integers 0..255 like [128, 64, 128], "
+                f"got {colour!r}"
+            )
     return names, tuple(palette)
 
 
+def _is_rgb(colour) -> bool:
+    """Three integers 0..255 (a list or tuple; not a string, number or mapping)."""
+    return (
+        isinstance(colour, list | tuple)
+        and len(colour) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in colour)
+    )
+
+
 def _parse_yaml(path: Path) -> list[tuple[str, list | None]]:
-    data = yaml.safe_load(path.read_text())
+    data = yaml.safe_load(read_text(path, "classes file"))
     if isinstance(data, dict) and "classes" in data:
         data = data["classes"]
     if isinstance(data, dict):
@@ -96,7 +113,7 @@ def _parse_yaml(path: Path) -> list[tuple[str, list | None]]:
 
 def _parse_text(path: Path) -> list[tuple[str, list | None]]:
     out = []
-    for line in path.read_text().splitlines():
+    for line in read_text(path, "classes file").splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -146,7 +163,7 @@ def list_files(root: Path, split: str) -> list[tuple[Path, Path]]:
     if not list_file.is_file():
         raise DanetError(f"folder dataset {root} has neither images/{split}/ nor a {split}.txt list")
     pairs = []
-    for line in list_file.read_text().splitlines():
+    for line in read_text(list_file, "split list").splitlines():
         rel = line.strip()
         if not rel:
             continue

@@ -8,6 +8,7 @@ indices of a palette ("P" mode) PNG rather than its colours.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -158,12 +159,48 @@ def fork_safe_opencv() -> None:
         cv2.setNumThreads(0)
 
 
+def read_text(path: Path, what: str) -> str:
+    """The text of a small UTF-8 file (a classes file, a split list; a BOM is dropped); DanetError naming it."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DanetError(
+            f"{what} {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+            f"save it as UTF-8 plain text"
+        ) from None
+    except OSError as e:
+        raise DanetError(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
+WRITE_HINTS = {
+    errno.ENOSPC: "free some space (or move the dataset to a disk with room) and run again",
+    errno.EDQUOT: "free some space (or move the dataset to a disk with room) and run again",
+    errno.EACCES: "make the folder writable and run again",
+    errno.EPERM: "make the folder writable and run again",
+    errno.EROFS: "the file system is read-only; copy the dataset to a writable disk",
+}
+
+
+def write_error(path: Path, e: OSError) -> DanetError:
+    """A one-line DanetError for an OSError met writing `path`: the file, the reason, what to do."""
+    hint = WRITE_HINTS.get(e.errno, "check the folder and run again")
+    return DanetError(f"cannot write {path}: {e.strerror or e}; {hint} (files already written are kept)")
+
+
 def write_atomic(path: Path, write) -> None:
-    """Call `write(tmp_path)` for a temporary name beside `path`, then rename it into place."""
+    """Call `write(tmp_path)` for a temporary name beside `path`, then rename it into place.
+
+    A failed write (a full disk, no permission) leaves `path` as it was (no partial file) and raises a DanetError
+    naming `path`.
+    """
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise write_error(path, e) from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # NOTE: nothing more to do; the error above (if any) is the one to report

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ..classes import VOC_PALETTE
 from ..errors import DanetError
 from . import cityscapes, voc
-from .io import read_label, write_atomic
+from .io import read_label, write_atomic, write_error
 
 
 @dataclass
@@ -85,7 +85,10 @@ def prepare_voc_aug(voc_root: str | Path, sbd_root: str | Path, *, overwrite: bo
             raise DanetError(f"{name} list {path} does not exist")
         lists[name] = voc.read_ids(path)
     out_dir = base / "SegmentationClassAug"
-    out_dir.mkdir(exist_ok=True)
+    try:
+        out_dir.mkdir(exist_ok=True)
+    except OSError as e:
+        raise write_error(out_dir, e) from None
     report = PrepareReport()
     mats = sorted((sbd / "cls").glob("*.mat"))
     if not mats:
@@ -102,7 +105,7 @@ def prepare_voc_aug(voc_root: str | Path, sbd_root: str | Path, *, overwrite: bo
     ids = sorted(set(lists["VOC train"] + lists["SBD train"] + lists["SBD val"]) - val)
     list_file = sets / "trainaug.txt"
     text = "".join(f"{i}\n" for i in ids)
-    if list_file.exists() and not overwrite and list_file.read_text() != text:
+    if list_file.exists() and not overwrite and list_file.read_text("utf-8", errors="replace") != text:
         report.notes.append(f"kept the existing {list_file}, which differs from the computed list (--overwrite)")
         report.skipped += 1
     elif list_file.exists() and not overwrite:

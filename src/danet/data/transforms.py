@@ -23,10 +23,11 @@ from ..errors import DanetError
 def keep_ratio_size(h: int, w: int, target: Sequence[int]) -> tuple[int, int]:
     """The (new_w, new_h) of a keep-ratio resize of an h x w image to `target` (long, short) (either order).
 
-    s = min(max(target) / max(h, w), min(target) / min(h, w)); new size = (int(w * s + 0.5), int(h * s + 0.5)).
+    s = min(max(target) / max(h, w), min(target) / min(h, w)); new size = (int(w * s + 0.5), int(h * s + 0.5)),
+    each side at least 1 pixel (NOTE: an extreme aspect ratio, e.g. 2 x 1000, would otherwise round a side to 0).
     """
     s = min(max(target) / max(h, w), min(target) / min(h, w))
-    return int(w * s + 0.5), int(h * s + 0.5)
+    return max(1, int(w * s + 0.5)), max(1, int(h * s + 0.5))
 
 
 def resize_keep_ratio(

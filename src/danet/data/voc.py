@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import DanetError
+from .io import read_text
 
 LABEL_DIRS = ("SegmentationClass", "SegmentationClassAug")
 
@@ -27,7 +28,7 @@ def base_dir(root: Path) -> Path:
 
 
 def read_ids(list_file: Path) -> list[str]:
-    return [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+    return [line.split()[0] for line in read_text(list_file, "split list").splitlines() if line.strip()]
 
 
 def list_files(root: Path, split: str) -> list[tuple[Path, Path]]:

@@ -55,10 +55,11 @@ def test_resume_with_another_structure_is_one_line(run, data_root, capsys):
     assert {f: digest(run / f) for f in before} == before
 
 
-def test_resume_of_a_finished_schedule_is_one_line_and_changes_nothing(run, data_root, capsys):
+def test_resume_past_the_schedule_is_one_line_and_changes_nothing(run, data_root, capsys):
+    """The run is at iteration 2; a schedule of 1 iteration has nothing left (the same schedule resumes to no work)."""
     before = {f: digest(run / f) for f in ("last.pth", "config.yaml", "log.jsonl")}
-    line = cli_error(capsys, *train_argv(data_root, run), "--resume")
-    assert "at iteration 2" in line and "nothing left to train" in line and "schedule.epochs" in line
+    line = cli_error(capsys, *train_argv(data_root, run, "schedule.iters_per_epoch=1"), "--resume")
+    assert "at iteration 2, past this run's schedule, which ends at 1" in line and "raise schedule.epochs" in line
     assert {f: digest(run / f) for f in before} == before
 
 

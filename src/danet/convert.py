@@ -3,9 +3,11 @@ format, with the structure read from the weights and the preset (classes, palett
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .checkpoints import dataset_for, infer_config, load_model, read_checkpoint, save_checkpoint
+from .errors import DanetError
 
 
 def add_cli(parser) -> None:
@@ -26,9 +28,24 @@ def _guess_preset(path: Path, found: dict):
     return None
 
 
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    a, b = Path(a).expanduser(), Path(b).expanduser()
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (or cannot be reached): not the same file
+        return False
+
+
 def run_cli(args) -> int:
     from .presets import DATASETS, get_preset
 
+    if _same_file(args.src, args.dst):
+        raise DanetError(
+            f"destination {args.dst} is the source checkpoint: converting in place would drop what the file holds "
+            "beyond the weights (a run's training state); give another destination"
+        )
     ck = read_checkpoint(args.src)
     found = infer_config(ck.state_dict, ck.path.name)
     preset = get_preset(args.preset) if args.preset else _guess_preset(ck.path, found)

@@ -74,10 +74,23 @@ def rows_json() -> list[dict]:
 
 def fetch(url: str, dest: Path, progress: bool = True) -> Path:
     """Download `url` to `dest` atomically (temp file + rename); DanetError in one line when it cannot."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        request = urllib.request.Request(url)
+    except ValueError as e:  # "unknown url type": not a URL at all
+        raise DanetError(
+            f"cannot download {url}: {e}; give a full URL (https://... or file:///path/file.pth)"
+        ) from None
+    if dest.parent.exists() and not dest.parent.is_dir():
+        raise DanetError(f"download folder {dest.parent} is a file, not a folder; give another --cache")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DanetError(
+            f"cannot create download folder {dest.parent}: {e.strerror or e}; give another --cache"
+        ) from None
     tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
     try:
-        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as resp, open(tmp, "wb") as f:
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as resp, open(tmp, "wb") as f:
             size = int(resp.headers.get("Content-Length") or 0) or None
             with tqdm(
                 total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name, disable=not progress

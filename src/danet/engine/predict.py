@@ -14,7 +14,9 @@ TTA_FULL_SIZE_ELEMS; then at the resized size.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
+import os
 from pathlib import Path
 
 import numpy as np
@@ -56,17 +58,26 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
 
-def collect_inputs(inputs: list[str]) -> list[tuple[Path, str]]:
-    """(file, output stem) for every image named by files, folders (recursive) or glob patterns; sorted, unique."""
+def collect_inputs(inputs: list[str], out: str | Path | None = None) -> list[tuple[Path, str]]:
+    """(file, output stem) for every image named by files, folders (recursive) or glob patterns; sorted, unique.
+
+    out: the output folder; a folder walked here skips what lies under it when it is inside that folder (the outputs
+    of an earlier run are not inputs).
+    """
     from ..data.io import IMAGE_EXTENSIONS
 
+    out_r = Path(out).expanduser().resolve() if out is not None else None
     found: list[tuple[Path, str]] = []
     for item in inputs:
         p = Path(item).expanduser()
         if p.is_dir():
             files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            where = ""
+            if out_r is not None and out_r != p.resolve() and out_r.is_relative_to(p.resolve()):
+                files = [f for f in files if not f.resolve().is_relative_to(out_r)]
+                where = f" outside --out {out}"
             if not files:
-                raise DanetError(f"folder {p} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+                raise DanetError(f"folder {p} holds no images ({', '.join(IMAGE_EXTENSIONS)}){where}")
             found += [(f, str(f.relative_to(p).with_suffix(""))) for f in files]
         elif p.is_file():
             found.append((p, p.stem))
@@ -90,6 +101,48 @@ def collect_inputs(inputs: list[str]) -> list[tuple[Path, str]]:
         names.add(name)
         result.append((f, name))
     return result
+
+
+def output_paths(out: Path, name: str, overlay: bool) -> list[Path]:
+    """The files `danet predict` writes for the image named `name`."""
+    return [out / f"{name}.png"] + ([out / f"{name}_overlay.jpg"] if overlay else [])
+
+
+def check_outputs(files: list[tuple[Path, str]], out: Path, overlay: bool) -> None:
+    """DanetError, before anything is written, when an output file would be one of the input images."""
+
+    def key(f: Path) -> tuple[int, int] | None:
+        try:
+            st = os.stat(f)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    inputs = {f.resolve(): f for f, _ in files}
+    inputs_by_key = {k: f for f, _ in files if (k := key(f)) is not None}
+    for _, name in files:
+        for target in output_paths(out, name, overlay):
+            src = inputs.get(target.resolve()) or (inputs_by_key.get(key(target)) if target.exists() else None)
+            if src is not None:
+                raise DanetError(
+                    f"--out {out} would overwrite the input image {src} with {target.name}; pick another --out folder"
+                )
+
+
+def write_output(path: Path, image: Image.Image, **save_args) -> None:
+    """Save `image` to `path` through a temporary file beside it and os.replace: a failed write (a full disk) leaves
+    no partial file and keeps the previous one; DanetError in one line."""
+    tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            image.save(f, **save_args)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise DanetError(f"cannot write {path}: {e.strerror or e}; free space or pick another --out") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def preset_from_filename(name: str) -> str | None:
@@ -166,15 +219,18 @@ def run_cli(args) -> int:
     from ..data.io import read_image
     from ..models.fused_norm import set_inference_norm
     from ..models.winograd import set_inference_conv
-    from ..viz import overlay, save_label_png
+    from ..viz import label_image, overlay
 
-    files = collect_inputs(args.inputs)
+    if not 0 <= args.alpha <= 1:
+        raise DanetError(f"--alpha {args.alpha} is outside 0..1 (0: the photo only, 1: the labels only)")
+    out = Path(args.out)
+    files = collect_inputs(args.inputs, out)
+    check_outputs(files, out, args.overlay)
     predictor = Predictor(args.checkpoint, args.preset, args.device)
     set_inference_conv(predictor.model, args.conv)
     set_inference_norm(predictor.model, args.norm)
     if args.channels_last:
         predictor.model = predictor.model.to(memory_format=torch.channels_last)
-    out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -184,12 +240,9 @@ def run_cli(args) -> int:
         label = predictor(
             image, resize=not args.no_resize, mode=args.mode, tta=args.tta, max_pixels=args.max_pixels, amp=args.amp
         )
-        target = out / f"{name}.png"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        save_label_png(target, label, predictor.palette)
+        write_output(out / f"{name}.png", label_image(label, predictor.palette), format="PNG")
         if args.overlay:
-            Image.fromarray(overlay(image, label, predictor.palette, args.alpha)).save(
-                out / f"{name}_overlay.jpg", quality=92
-            )
+            colour = Image.fromarray(overlay(image, label, predictor.palette, args.alpha))
+            write_output(out / f"{name}_overlay.jpg", colour, format="JPEG", quality=92)
     print(f"wrote {len(files)} label map(s){' and overlays' if args.overlay else ''} to {out}")
     return 0

@@ -208,11 +208,11 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     it, best, best_iter = 0, -math.inf, None
     if ckpt is not None:
         ts = ckpt.train_state
-        if int(ts["iter"]) >= total:  # NOTE: before config.yaml is rewritten: nothing of the run changes
-            done = int(ts["iter"])
+        if int(ts["iter"]) > total:  # NOTE: before config.yaml is rewritten (a finished run, == total, resumes to
+            done = int(ts["iter"])  # no further work)
             raise DanetError(
-                f"{resume} is at iteration {done}, and this run's schedule ends at {total} ({sch.epochs} epochs of "
-                f"{ipe}): nothing left to train; raise schedule.epochs to train further"
+                f"{resume} is at iteration {done}, past this run's schedule, which ends at {total} ({sch.epochs} "
+                f"epochs of {ipe}): nothing left to train; raise schedule.epochs to train further"
             )
         optimizer.load_state_dict(ts["optimizer"])
         scheduler.load_state_dict(ts["scheduler"])

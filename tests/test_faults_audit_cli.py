@@ -185,3 +185,11 @@ def test_written_files_get_the_usual_permissions(run):
     """config.yaml and metrics.json go through a temp file (mkstemp: 0600); they end with a checkpoint's mode."""
     modes = {f: (run / f).stat().st_mode & 0o777 for f in ("config.yaml", "metrics.json", "last.pth")}
     assert modes["config.yaml"] == modes["metrics.json"] == modes["last.pth"] != 0o600, modes
+
+
+def test_a_folder_given_as_a_checkpoint_names_a_file_inside(run, data_root, capsys):
+    line = cli_error(capsys, "test", PRESET, "--checkpoint", run, "--data-root", data_root)
+    assert "is a directory; pass a checkpoint file (e.g." in line and "best.pth" in line
+    line = cli_error(capsys, "predict", "--checkpoint", run, data_root / "images" / "validation", "--out", run / "p")
+    assert "is a directory" in line and not (run / "p").exists()
+    assert "is a directory; pass its last.pth" in cli_error(capsys, "train", "--resume", run)

@@ -24,7 +24,7 @@ from torch import nn
 from . import safe_load
 from .errors import DanetError
 from .models.danet import DANet, ModelConfig
-from .models.resnet import DEPTH_LAYERS
+from .models.resnet import DEPTH_LAYERS, STRIDE_PLANS
 
 FORMAT_VERSION = 1
 
@@ -189,7 +189,7 @@ def _state_dict_of(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict,
     if not isinstance(obj, dict):
         raise DanetError(f"{path} holds a {type(obj).__name__}, not a state dict; pass a model checkpoint")
     if obj.get("format") == "danet":
-        return dict(obj["model"]), dict(obj.get("meta") or {}), obj.get("train_state"), True
+        return (*_our_entries(obj, path), True)
     meta = safe_load.plain(obj.get("meta") or {})
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(obj.get(key), dict):
@@ -202,6 +202,23 @@ def _state_dict_of(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict,
         )
     sd = _strip(sd, "module.")  # DDP
     return sd, meta if isinstance(meta, dict) else {}, None, False
+
+
+def _our_entries(obj: dict, path: Path) -> tuple[dict[str, torch.Tensor], dict, dict | None]:
+    """(model, meta, train_state) of a file in our format, each checked for the type save_checkpoint writes."""
+    redo = "pass a complete checkpoint (best.pth / last.pth of a run, or `danet convert` output)"
+    model = obj.get("model")
+    if model is None:
+        raise DanetError(f'{path} is a danet checkpoint without its "model" entry (the weights); {redo}')
+    if not isinstance(model, dict) or not model:
+        got = "empty" if isinstance(model, dict) else f"a {type(model).__name__}, not a dict of tensors"
+        raise DanetError(f'{path}: its "model" entry (the weights) is {got}; {redo}')
+    if bad := next((k for k, v in model.items() if not isinstance(v, torch.Tensor)), None):
+        raise DanetError(f'{path}: "model" entry {bad!r} is a {type(model[bad]).__name__}, not a tensor; {redo}')
+    for key in ("meta", "train_state"):
+        if obj.get(key) is not None and not isinstance(obj[key], dict):
+            raise DanetError(f'{path}: its "{key}" entry is a {type(obj[key]).__name__}, not a dict; {redo}')
+    return dict(model), dict(obj.get("meta") or {}), obj.get("train_state")
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -245,11 +262,33 @@ def _blocks(sd: dict, stage: int) -> int:
     return max(idx) + 1 if idx else 0
 
 
+# the weights `infer_config` reads the structure from (our key names): every DANet has them, whatever its layout
+REQUIRED_KEYS = (
+    "backbone.layer1.0.conv1.weight",
+    "head.pam_in.conv.weight",
+    "head.pam.query_project.weight",
+    "head.cam_in.conv.weight",
+    "head.cls.conv.weight",
+)
+
+
 def infer_config(sd: dict[str, torch.Tensor], path: str | Path = "checkpoint") -> dict:
     """The ModelConfig fields the weights decide (our key names): classes, depth, stem, widths, layout, aux."""
-    if "head.cls.conv.weight" not in sd:
+    attention = any(k.startswith(("head.pam", "head.cam")) for k in sd)
+    if "head.cls.conv.weight" not in sd and not attention:
         hint = "pass it as backbone_weights=" if any(k.startswith("backbone.layer1.") for k in sd) else "pass a DANet"
         raise DanetError(f"{path} holds no DANet head (no classifier weights); {hint}")
+    if not attention:  # e.g. an mmseg FCN / PSPNet: a ResNet and a `decode_head.conv_seg`, but no attention modules
+        raise DanetError(
+            f"{path} is not a DANet checkpoint (no position-attention weights, e.g. head.pam_in.conv.weight / "
+            "mmseg's decode_head.pam_in_conv); use a DANet checkpoint of sssegmentation, mmsegmentation or danet "
+            "(its ResNet can still initialise a model: backbone_weights=)"
+        )
+    if missing := [k for k in REQUIRED_KEYS if k not in sd]:
+        raise DanetError(
+            f"{path} is an incomplete DANet checkpoint: required weight{'s' * (len(missing) > 1)} "
+            f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} missing; download, convert or save it again"
+        )
     blocks = tuple(_blocks(sd, i) for i in range(1, 5))
     depth = next((d for d, b in DEPTH_LAYERS.items() if b == blocks), None)
     if depth is None:
@@ -258,6 +297,11 @@ def infer_config(sd: dict[str, torch.Tensor], path: str | Path = "checkpoint") -
     stem_key = "backbone.stem.6.weight" if deep else "backbone.conv1.weight"
     if stem_key not in sd:
         raise DanetError(f"{path}: no ResNet stem weights ({stem_key}); the file is incomplete")
+    convs = (*REQUIRED_KEYS, stem_key, *(["aux.conv.conv.weight"] if "aux.conv.conv.weight" in sd else []))
+    if flat := next((k for k in convs if sd[k].dim() != 4), None):
+        raise DanetError(
+            f"{path}: {flat} has shape {tuple(sd[flat].shape)}, not a convolution's 4-d weight; the file is damaged"
+        )
     fields = {
         "num_classes": sd["head.cls.conv.weight"].shape[0],
         "depth": depth,
@@ -281,6 +325,21 @@ def _preset_name(cfg: ModelConfig) -> str | None:
         if p.model.replace(fused_attention=cfg.fused_attention, dropout=cfg.dropout) == cfg:
             return p.name
     return None
+
+
+def _class_count_hint(n: int, depth: int, cli: bool) -> str:
+    """What follows "pass num_classes=N" (the Python API's way) for command-line users: the presets that fit."""
+    from .presets import PRESETS
+
+    fits = [p.name for p in PRESETS.values() if p.num_classes == n and p.model.depth == depth]
+    if fits:
+        return f" (Python API) or, on the command line, a {n}-class preset such as {fits[0]} (--preset / PRESET)"
+    if not cli:  # a model asked for from Python, not a preset
+        return ""
+    return (
+        f" (Python API); on the command line no ResNet-{depth} preset has {n} classes: leave --preset out (danet "
+        f"predict / export / convert read the structure from the file), or danet train --set model.num_classes={n}"
+    )
 
 
 def dataset_for(num_classes: int, depth: int | None = None) -> str | None:
@@ -319,10 +378,9 @@ def load_model(
     if cfg is not None:
         what = f"preset {p}" if (p := _preset_name(cfg)) else "the requested model"
         if cfg.num_classes != n:
-            ds = dataset_for(n, found["depth"])
-            alt = f" or pick a{'n' if ds and ds[0] in 'aeiou' else ''} {ds} preset" if ds else ""
             raise DanetError(
-                f"checkpoint {name} has {n} classes but {what} has {cfg.num_classes}; pass num_classes={n}{alt}"
+                f"checkpoint {name} has {n} classes but {what} has {cfg.num_classes}; pass num_classes={n}"
+                + _class_count_hint(n, found["depth"], cli=p is not None)
             )
         if cfg.depth != found["depth"]:
             raise DanetError(
@@ -336,9 +394,18 @@ def load_model(
                 stacklevel=2,
             )
         base = cfg
-    elif meta_cfg:
+    elif meta_cfg:  # what the weights decide (`found`) replaces the meta's values below; the rest is checked here
         known = set(ModelConfig.__dataclass_fields__)
-        base = ModelConfig.from_dict({k: v for k, v in meta_cfg.items() if k in known})
+        base = ModelConfig(**{**{k: v for k, v in meta_cfg.items() if k in known}, "num_classes": n})
+        if (
+            base.output_stride not in STRIDE_PLANS
+            or not isinstance(base.fused_attention, bool)
+            or not (isinstance(base.dropout, (int, float)) and 0 <= base.dropout < 1)
+        ):
+            raise DanetError(
+                f"{name}: its meta holds an invalid model_cfg (output_stride={base.output_stride!r}, dropout="
+                f"{base.dropout!r}, fused_attention={base.fused_attention!r}); name a preset (--preset) to run it"
+            )
     else:
         base = ModelConfig(num_classes=n)
     model = DANet(base.replace(**found), norm_layer)
@@ -362,6 +429,13 @@ def _load_strict(module: nn.Module, sd: dict[str, torch.Tensor], name: str, what
         problems.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:2])})")
     if problems:
         raise DanetError(f"{name} does not fit the {what}: {'; '.join(problems)}")
+    # NOTE: NaN/inf weights (a diverged run, a damaged file) would evaluate silently; training never saves them
+    if bad := [k for k in own if k in sd and sd[k].is_floating_point() and not torch.isfinite(sd[k]).all()]:
+        more = f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
+        raise DanetError(
+            f"{name} holds non-finite weights (NaN or inf) in {bad[0]}{more}; use a checkpoint saved before training "
+            "diverged, or download / save it again"
+        )
     module.load_state_dict(sd, strict=False)  # strict by the checks above (num_batches_tracked may be absent)
 
 

@@ -86,10 +86,24 @@ class _RestrictedPickleModule:
         return _RestrictedUnpickler(f, **kwargs).load()
 
 
-def load_file(path: Path) -> Any:
-    """Load without executing pickled code; DanetError (one line) for missing, truncated or foreign files."""
+def check_file(path: str | Path) -> Path:
+    """`path` as a Path if it is a file; else DanetError: not found, or a folder (naming a checkpoint inside it)."""
+    path = Path(path)
+    if path.is_dir():
+        try:
+            inside = sorted(path.glob("*.pth"), key=lambda p: (p.name not in ("best.pth", "last.pth"), p.name))
+        except OSError:  # an unreadable folder
+            inside = []
+        hint = f"e.g. {inside[0]}" if inside else "a .pth file, not its folder"
+        raise DanetError(f"checkpoint {path} is a directory; pass a checkpoint file ({hint})")
     if not path.is_file():
         raise DanetError(f"checkpoint {path} not found; check the path")
+    return path
+
+
+def load_file(path: Path) -> Any:
+    """Load without executing pickled code; DanetError (one line) for missing, truncated or foreign files."""
+    check_file(path)
     is_zip = zipfile.is_zipfile(path)
     try:
         with warnings.catch_warnings():

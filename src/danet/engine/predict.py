@@ -159,10 +159,10 @@ class Predictor:
     def __init__(self, checkpoint: str | Path, preset_name: str | None = None, device: str = "auto") -> None:
         from ..checkpoints import load_model, read_checkpoint
         from ..presets import get_preset
+        from ..safe_load import check_file
         from .distributed import cpu_threads, pick_device
 
-        if not Path(checkpoint).is_file():
-            raise DanetError(f"checkpoint {checkpoint} does not exist")
+        check_file(checkpoint)  # not found, or a folder (naming a checkpoint inside)
         ck = read_checkpoint(checkpoint)
         name = preset_name or ck.meta.get("preset") or preset_from_filename(Path(checkpoint).name)
         self.preset = get_preset(name) if name else None

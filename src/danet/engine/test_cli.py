@@ -56,12 +56,12 @@ def run_test(args) -> dict:
     from ..models.fused_norm import set_inference_norm
     from ..models.winograd import set_inference_conv
     from ..presets import get_preset
+    from ..safe_load import check_file
     from . import distributed
     from .evaluate import check_slide, evaluate
 
     preset = get_preset(args.preset)
-    if not Path(args.checkpoint).is_file():
-        raise DanetError(f"checkpoint {args.checkpoint} does not exist")
+    check_file(args.checkpoint)  # not found, or a folder (naming a checkpoint inside)
     mode = args.mode or preset.eval_mode
     crop = tuple(args.crop) if args.crop else preset.crop_size
     if mode == "slide" or args.crop or args.stride:  # NOTE: a bad window fails here, before the model loads

@@ -75,6 +75,8 @@ def resolve_args(args) -> tuple[RunConfig, Path | None]:
             resume = Path(cfg.work_dir) / "last.pth" if args.resume == "auto" else Path(args.resume)
         elif int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and (Path(cfg.work_dir) / "last.pth").is_file():
             resume = Path(cfg.work_dir) / "last.pth"  # torchrun --max-restarts restarted the group: continue
+    if resume is not None and resume.is_dir():
+        raise DanetError(f"cannot resume: {resume} is a directory; pass its last.pth (or --resume with no path)")
     if resume is not None and not resume.is_file():
         raise DanetError(f"cannot resume: {resume} does not exist (a run writes last.pth at every epoch end)")
     if resume is not None and not any(o.startswith("stop_iter=") for o in args.overrides):
@@ -89,6 +91,8 @@ def _is_default_work_dir(args) -> bool:
 def _config_of_checkpoint(path: Path) -> RunConfig:
     from ..checkpoints import read_checkpoint
 
+    if path.is_dir():
+        raise DanetError(f"cannot resume: {path} is a directory; pass its last.pth")
     if not path.is_file():
         raise DanetError(f"cannot resume: {path} does not exist")
     saved = read_checkpoint(path).meta.get("config")

@@ -338,7 +338,7 @@ def _class_count_hint(n: int, depth: int, cli: bool) -> str:
         return ""
     return (
         f" (Python API); on the command line no ResNet-{depth} preset has {n} classes: leave --preset out (danet "
-        f"predict / export / convert read the structure from the file), or danet train --set model.num_classes={n}"
+        f"predict / export / convert read the structure from the file)"
     )
 
 

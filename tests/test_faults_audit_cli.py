@@ -193,3 +193,13 @@ def test_a_folder_given_as_a_checkpoint_names_a_file_inside(run, data_root, caps
     line = cli_error(capsys, "predict", "--checkpoint", run, data_root / "images" / "validation", "--out", run / "p")
     assert "is a directory" in line and not (run / "p").exists()
     assert "is a directory; pass its last.pth" in cli_error(capsys, "train", "--resume", run)
+
+
+def test_a_corrupt_val_image_keeps_the_epochs_training(tmp_path, capsys):
+    """The val split is read at the end of the epoch: the error keeps that epoch's training in last.pth."""
+    root = ensure_synthetic(tmp_path / "data")
+    first = sorted((root / "images" / "validation").iterdir())[0]
+    first.write_bytes(first.read_bytes()[:100])
+    line = cli_error(capsys, *train_argv(root, tmp_path / "w"))
+    assert first.name in line and "validating epoch 1; its training is in last.pth: --resume" in line
+    assert read_checkpoint(tmp_path / "w" / "last.pth").train_state["iter"] == 2

@@ -341,7 +341,11 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
         done = epoch + 1
         validated = done % sch.eval_interval == 0 or done == sch.epochs
         if validated:
-            metrics = validate(raw, val_ds, preset, cfg, info)
+            try:
+                metrics = validate(raw, val_ds, preset, cfg, info)
+            except DanetError as e:  # e.g. a corrupt val image: keep the epoch's training before stopping
+                save("last.pth", done)
+                raise DanetError(f"{e} (validating epoch {done}; its training is in last.pth: --resume)") from None
             logger.log("val", iter=it, epoch=done, **_scalars(metrics), IoU=metrics["IoU"])
             bar.write(f"epoch {done}/{sch.epochs} iter {it}: mIoU {metrics['mIoU']:.2f} mAcc {metrics['mAcc']:.2f}")
             if metrics["mIoU"] > best:

@@ -121,6 +121,7 @@ def _kind(fault: str) -> str:
         ("empty file", "unreadable"),
         ("same size", "size mismatch"),
         ("outside", "bad label values"),
+        ("classes file", "bad classes file"),
         ("colour", "bad label format"),
     ):
         if key in fault:

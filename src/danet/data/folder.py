@@ -59,7 +59,9 @@ def load_classes(root: Path) -> tuple[tuple[str, ...], tuple[tuple[int, int, int
     try:
         entries = _parse_yaml(path) if path.suffix in (".yaml", ".yml") else _parse_text(path)
     except (yaml.YAMLError, ValueError, TypeError, KeyError) as e:
-        raise DanetError(f"classes file {path} is malformed ({e}); see the README's "Datasets" section for the format") from None
+        raise DanetError(
+            f"classes file {path} is malformed ({e}); see the README's Datasets section for the format"
+        ) from None
     if not entries:
         raise DanetError(f"classes file {path} names no classes")
     if len(entries) > 255:

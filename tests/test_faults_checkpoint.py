@@ -25,7 +25,7 @@ from PIL import Image
 import danet
 from danet.checkpoints import read_checkpoint, save_checkpoint
 from danet.errors import DanetError
-from test_faults_common import cli_error, cli_error_subprocess, digest, tiny_model
+from test_faults_common import cli_error, cli_error_subprocess, digest, tiny_folder_dataset, tiny_model
 
 PRESET = "danet_tiny_synthetic"
 
@@ -175,15 +175,7 @@ def test_export_cli_runs_no_code(kind, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    """A folder dataset with the synthetic classes and one 48x64 image per split."""
-    root = tmp_path_factory.mktemp("data")
-    (root / "classes.yaml").write_text("\n".join(f"- {c}" for c in danet.get_preset(PRESET).classes) + "\n")
-    for split in ("training", "validation"):
-        (root / "images" / split).mkdir(parents=True)
-        (root / "masks" / split).mkdir(parents=True)
-        Image.fromarray(np.full((48, 64, 3), 90, np.uint8)).save(root / "images" / split / "a.png")
-        Image.fromarray(np.zeros((48, 64), np.uint8)).save(root / "masks" / split / "a.png")
-    return root
+    return tiny_folder_dataset(tmp_path_factory.mktemp("data"))
 
 
 @pytest.mark.parametrize("kind", ["pickle-open", "zip-meta", "zip-top", "legacy-meta"])

@@ -22,7 +22,7 @@ from PIL import Image
 import danet
 from danet.checkpoints import load_model, read_checkpoint, save_checkpoint
 from danet.errors import DanetError
-from test_faults_common import cli_error, tiny_model
+from test_faults_common import cli_error, tiny_folder_dataset, tiny_model
 
 PRESET = "danet_tiny_synthetic"
 
@@ -42,15 +42,7 @@ def good(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    """A folder dataset with the synthetic classes and one 48x64 image per split (so `danet test` can evaluate)."""
-    root = tmp_path_factory.mktemp("data")
-    (root / "classes.yaml").write_text("\n".join(f"- {c}" for c in danet.get_preset(PRESET).classes) + "\n")
-    for split in ("training", "validation"):
-        (root / "images" / split).mkdir(parents=True)
-        (root / "masks" / split).mkdir(parents=True)
-        Image.fromarray(np.full((48, 64, 3), 90, np.uint8)).save(root / "images" / split / "a.png")
-        Image.fromarray(np.zeros((48, 64), np.uint8)).save(root / "masks" / split / "a.png")
-    return root
+    return tiny_folder_dataset(tmp_path_factory.mktemp("data"))
 
 
 def _cli_errors(capsys, path: Path, tmp_path: Path, data_root: Path) -> list[str]:

@@ -12,7 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 import danet
 
@@ -77,3 +79,17 @@ def tiny_model(num_classes: int | None = None, **overrides) -> danet.DANet:
         model.head.pam.gamma.fill_(0.5)
         model.head.cam.gamma.fill_(0.25)
     return model.eval()
+
+
+def tiny_folder_dataset(root: Path) -> Path:
+    """A folder dataset at `root` with the synthetic preset's classes and one 48x64 image per split (enough for
+    `danet test` to evaluate a checkpoint)."""
+    (root / "classes.yaml").write_text(
+        "\n".join(f"- {c}" for c in danet.get_preset("danet_tiny_synthetic").classes) + "\n"
+    )
+    for split in ("training", "validation"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "masks" / split).mkdir(parents=True)
+        Image.fromarray(np.full((48, 64, 3), 90, np.uint8)).save(root / "images" / split / "a.png")
+        Image.fromarray(np.zeros((48, 64), np.uint8)).save(root / "masks" / split / "a.png")
+    return root

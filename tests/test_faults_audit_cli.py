@@ -19,6 +19,7 @@ import pytest
 import danet.engine.train as T
 from danet.checkpoints import read_checkpoint, save_checkpoint
 from danet.cli import main
+from danet.config import load_run_config
 from danet.data import ensure_synthetic
 from danet.errors import DanetError
 from danet.presets import get_preset
@@ -132,7 +133,8 @@ def test_an_unexpected_os_error_is_one_line_with_a_hint(monkeypatch, capsys, tmp
         ("model.num_classes=3", "contradicts the dataset of preset danet_tiny_synthetic (5 classes)"),
         ("schedule.power=-3", "'schedule.power' must not be negative"),
         ("aux_weight=-1", "'aux_weight' must not be negative"),
-        ("device=cuda:0", "must be one of auto, cpu, cuda"),
+        ("device=gpu", "must be one of auto, cpu, cuda, cuda:N, got 'gpu'"),
+        ("device=cuda:x", "must be one of auto, cpu, cuda, cuda:N"),
     ],
 )
 def test_bad_settings_are_one_line(setting, words, tmp_path, capsys):
@@ -203,3 +205,42 @@ def test_a_corrupt_val_image_keeps_the_epochs_training(tmp_path, capsys):
     line = cli_error(capsys, *train_argv(root, tmp_path / "w"))
     assert first.name in line and "validating epoch 1; its training is in last.pth: --resume" in line
     assert read_checkpoint(tmp_path / "w" / "last.pth").train_state["iter"] == 2
+
+
+def test_cuda_n_is_a_device_of_train_too(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line = cli_error(capsys, "train", PRESET, "--work-dir", tmp_path / "w", "--set", "device=cuda:1")
+    assert "no CUDA GPU is visible" in line and "--set device=cpu" in line
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    from danet.engine.distributed import setup
+
+    with pytest.raises(DanetError, match="under torchrun: each process takes its own GPU"):
+        setup("cuda:1")
+
+
+def test_skip_undoes_the_batch_norm_statistics_of_a_nan_batch(data_root, tmp_path, monkeypatch):
+    """nonfinite=skip and a NaN pixel in iteration 2's images: the forward poisons the batch norms' running
+    statistics before the loss shows it; the skip puts them back, so the run finishes with finite buffers."""
+    real = T._batches
+
+    def poisoned(loader):
+        for i, (images, labels) in enumerate(real(loader)):
+            if i == 1:
+                images = images.clone()
+                images[0, 0, 0, 0] = float("nan")
+            yield images, labels
+
+    monkeypatch.setattr(T, "_batches", poisoned)
+    cfg = load_run_config(PRESET, [*TINY, "schedule.iters_per_epoch=3", "nonfinite=skip"], data_root=str(data_root),
+                          work_dir=str(tmp_path / "w"))  # fmt: skip
+    summary = T.train(cfg)
+    assert summary["skipped"] == 1 and summary["iter"] == 3
+    state = read_checkpoint(tmp_path / "w" / "last.pth").state_dict
+    assert all(v.isfinite().all() for v in state.values() if v.is_floating_point())
+
+
+def test_a_nan_before_any_checkpoint_says_to_start_again(data_root, tmp_path, capsys):
+    line = cli_error(capsys, *train_argv(data_root, tmp_path / "w", "schedule.lr=1e12", "schedule.iters_per_epoch=6"))
+    assert "loss became" in line and "start again (no epoch has finished: there is no checkpoint yet)" in line

@@ -35,13 +35,20 @@ from .presets import Preset, Schedule, get_preset
 CHOICES: dict[str, tuple[str, ...]] = {
     "amp": ("none", "bf16", "fp16"),
     "loss": ("ssseg", "mmseg"),
-    "device": ("auto", "cpu", "cuda"),
+    "device": ("auto", "cpu", "cuda", "cuda:N"),  # cuda:N: one GPU of several (one process)
     "eval_mode": ("whole", "slide"),
     "fused_loss_impl": ("chunked", "compiled", "triton"),
     "conv": ("direct", "winograd"),
     "norm": ("native", "triton"),
     "nonfinite": ("stop", "skip"),
 }
+
+
+def _chosen(key: str, value: Any) -> bool:
+    """Whether `value` is one of CHOICES[key] ("cuda:N": cuda: and a GPU index)."""
+    if key == "device" and isinstance(value, str) and value.startswith("cuda:") and value[5:].isdigit():
+        return True
+    return value in CHOICES[key] and value != "cuda:N"
 
 
 @dataclass
@@ -157,7 +164,7 @@ class RunConfig:
 
         s, d = self.schedule, self.data
         for key, words in CHOICES.items():  # NOTE: also for configs built in code, which skip from_dict's checks
-            if getattr(self, key) not in words:
+            if not _chosen(key, getattr(self, key)):
                 raise DanetError(f"setting {key!r} must be one of {', '.join(words)}, got {getattr(self, key)!r}")
         if self.fused_loss_impl != "chunked" and not self.fused_loss:
             raise DanetError(
@@ -336,7 +343,7 @@ def coerce(name: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, str):
             raise DanetError(f"setting {name!r} must be a string, got {value!r}")
         key = name.rsplit(".", 1)[-1]
-        if key in CHOICES and value not in CHOICES[key]:
+        if key in CHOICES and not _chosen(key, value):
             raise DanetError(f"setting {name!r} must be one of {', '.join(CHOICES[key])}, got {value!r}")
         return value
     return value

@@ -59,6 +59,8 @@ def setup(device: str = "auto") -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and device.startswith("cuda:"):
+        raise DanetError(f"device {device} under torchrun: each process takes its own GPU; use device cuda or auto")
     dev = pick_device(device, local_rank)
     if world > 1 and not dist.is_initialized():
         # NOTE: under `torchrun --max-restarts` every attempt of the group meets in the same store; with the same key

@@ -264,6 +264,10 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     stopped = False
     loss_fn = partial(fused_danet_loss, impl=cfg.fused_loss_impl) if cfg.fused_loss else danet_loss
     skipped = in_a_row = 0  # steps skipped for a non-finite loss (nonfinite=skip): in all, and in a row now
+    # nonfinite=skip: the batch norms' statistics before each step, put back when it is skipped (a NaN input poisons
+    # them in the forward, before the loss shows it)
+    buffers = [b for b in raw.buffers() if b.numel()] if cfg.nonfinite == "skip" else []
+    saved = [b.clone() for b in buffers]
     graphed = None
     no_graphs = GRAPH_BACKEND.why_unused(dev, info.world) if cfg.cuda_graphs else None
     if no_graphs and info.is_main:
@@ -284,6 +288,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
         for images, labels in to_device(_batches(loader), dev, cfg.channels_last, cfg.data.prefetch):
             torch.manual_seed(mix(cfg.seed, "step", it, info.rank))  # dropout: a function of the iteration
             lr = scheduler.step()
+            _copy_all(saved, buffers)
             if graphed is not None:  # forward, loss and backward (replayed from the fourth step on)
                 losses = graphed(images, labels)
             else:
@@ -299,10 +304,13 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
                     hint = " or try amp=bf16" if cfg.amp == "fp16" else ""
                     loss = values["loss"] if not math.isfinite(values["loss"]) else "non-finite on another rank"
                     when = f"at iteration {it + 1}" + (f", {in_a_row} times in a row" if in_a_row > 1 else "")
-                    raise DanetError(
-                        f"loss became {loss} {when}; lower schedule.lr (now {sch.lr:g}){hint} and --resume from "
-                        f"{work / 'last.pth'} (the last good checkpoint)"
+                    then = (
+                        f"--resume from {work / 'last.pth'} (the last good checkpoint)"
+                        if (work / "last.pth").is_file()
+                        else "start again (no epoch has finished: there is no checkpoint yet)"
                     )
+                    raise DanetError(f"loss became {loss} {when}; lower schedule.lr (now {sch.lr:g}){hint} and {then}")
+                _copy_all(buffers, saved)  # the skipped step's forward changed no statistics either
                 skipped += 1
                 logger.log("skip", iter=it + 1, epoch=epoch + 1, loss=values["loss"])
                 if info.is_main:
@@ -375,6 +383,11 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
         "stopped": stopped,
         "skipped": skipped,
     }
+
+
+def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    if dst:
+        torch._foreach_copy_(dst, src)
 
 
 GRAPH_BACKEND = CudaGraphs  # NOTE: a module-level name: tests put a CPU stand-in here

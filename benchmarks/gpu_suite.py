@@ -472,7 +472,8 @@ def group_e2e(a) -> None:
     sets = ["schedule.epochs=1", f"schedule.iters_per_epoch={iters + 1}", f"stop_iter={iters}",
             f"schedule.batch_size={batch}", "schedule.eval_interval=1000", "schedule.save_interval=1000",
             f"data.num_workers={workers}", "amp=bf16", "channels_last=true", "fused_loss=true",
-            f"log_interval={log_every}", "progress=false", "overwrite=true"]  # fmt: skip
+            f"log_interval={log_every}", "progress=false", "overwrite=true",
+            "backbone_weights=none"]  # fmt: skip  # NOTE: the GPU machine has no internet for the ImageNet ResNet
     if sm:  # the narrow R50-D8 of the smoke cases, 64x64 crops of 64x85 images
         nar = dict(base_channels=4, stem_channels=8, head_channels=32, key_channels=16, aux_channels=16)
         sets += ["device=cpu", "threads=1", "data.crop_size=[32,32]", "data.base_size=[256,64]"]

@@ -14,12 +14,14 @@ import errno
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import danet.engine.train as T
 from danet.checkpoints import read_checkpoint, save_checkpoint
 from danet.cli import main
-from danet.config import load_run_config
+from danet.config import RunConfig, apply_overrides, load_run_config
 from danet.data import ensure_synthetic
 from danet.errors import DanetError
 from danet.presets import get_preset
@@ -244,3 +246,81 @@ def test_skip_undoes_the_batch_norm_statistics_of_a_nan_batch(data_root, tmp_pat
 def test_a_nan_before_any_checkpoint_says_to_start_again(data_root, tmp_path, capsys):
     line = cli_error(capsys, *train_argv(data_root, tmp_path / "w", "schedule.lr=1e12", "schedule.iters_per_epoch=6"))
     assert "loss became" in line and "start again (no epoch has finished: there is no checkpoint yet)" in line
+
+
+# --------------------------------------------------------------------------- the zoo presets' ImageNet backbone
+def test_zoo_presets_start_from_the_imagenet_resnet_v1c_as_sssegmentation():
+    from danet.presets import PRESETS
+
+    for p in PRESETS.values():
+        want = None if not p.alias else f"resnet{p.model.depth}_v1c"
+        assert (p.backbone_url and p.backbone_url.rsplit("/", 1)[1].split("-")[0]) == want, p.name
+    assert RunConfig().backbone_weights == "imagenet"
+
+
+def test_backbone_source_downloads_once_and_follows_the_settings(tmp_path, monkeypatch):
+    import torch
+
+    import danet.presets as P
+    from danet.models.resnet import ResNet
+
+    torch.manual_seed(1)
+    sd = ResNet(50, 8, "deep", base_channels=8, stem_channels=8).state_dict()
+    src = tmp_path / "mirror" / "resnet50_v1c-2cccc1ad.pth"
+    src.parent.mkdir()
+    torch.save({"meta": {}, "state_dict": {f"backbone.{k}": v for k, v in sd.items()}}, src)
+    monkeypatch.setitem(P.BACKBONE_URLS, 50, src.as_uri())
+    monkeypatch.setenv("DANET_CACHE", str(tmp_path / "cache"))
+    sets = ["model.base_channels=8", "model.stem_channels=8", "model.head_channels=16", "model.key_channels=8"]
+    cfg = apply_overrides(RunConfig(preset="danet_r50-d8_ade20k"), sets).resolve()
+    preset = cfg.effective_preset()
+    got = T.backbone_source(cfg, preset)
+    assert got == tmp_path / "cache" / "checkpoints" / src.name and got.read_bytes() == src.read_bytes()
+    src.unlink()  # the second run reads the cache
+    assert T.backbone_source(cfg, preset) == got
+    model = T.build_model(cfg, preset, got)
+    assert torch.equal(model.backbone.layer4[2].conv3.weight, sd["layer4.2.conv3.weight"])
+    for change in (["backbone_weights=none"], [f"init_checkpoint={got}"]):
+        assert T.backbone_source(apply_overrides(cfg, change), preset) is None
+    assert T.backbone_source(RunConfig().resolve(), get_preset(PRESET)) is None  # the synthetic preset has none
+    assert T.backbone_source(apply_overrides(cfg, [f"backbone_weights={src}"]), preset) == src
+
+
+def test_an_offline_backbone_download_is_one_line(data_root, tmp_path, monkeypatch, capsys):
+    import danet.presets as P
+
+    monkeypatch.setitem(P.BACKBONE_URLS, 50, "http://127.0.0.1:9/resnet50_v1c.pth")  # nothing listens on port 9
+    monkeypatch.setenv("DANET_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "ade" / "ADEChallengeData2016"
+    for split in ("training", "validation"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((40, 60, 3), 90, np.uint8)).save(root / "images" / split / f"ADE_{i}.jpg")
+            Image.fromarray(np.ones((40, 60), np.uint8)).save(root / "annotations" / split / f"ADE_{i}.png")
+    line = cli_error(capsys, "train", "danet_r50-d8_ade20k", "--data-root", root.parent, "--work-dir", tmp_path / "w",
+                     *[a for s in [*TINY, "data.train_limit=2"] for a in ("--set", s)])  # fmt: skip
+    assert "cannot download http://127.0.0.1:9/resnet50_v1c.pth" in line and "backbone_weights=none" in line
+    assert not (tmp_path / "w" / "last.pth").exists()
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_tf32_is_off_while_training_unless_asked(tf32, data_root, tmp_path, monkeypatch):
+    """sssegmentation trains with TF32 off (PyTorch leaves cuDNN's on); the setting holds during the run only."""
+    import torch
+
+    seen = []
+    real = T._batches
+
+    def watch(loader):
+        for item in real(loader):
+            seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            yield item
+
+    monkeypatch.setattr(T, "_batches", watch)
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    cfg = load_run_config(PRESET, [*TINY, f"tf32={str(tf32).lower()}"], data_root=str(data_root),
+                          work_dir=str(tmp_path / "w"))  # fmt: skip
+    T.train(cfg)
+    assert seen and set(seen) == {(tf32, tf32)}
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before

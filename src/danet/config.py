@@ -95,6 +95,7 @@ class RunConfig:
     threads: int | None = None  # CPU intra-op threads; None: $OMP_NUM_THREADS, else half the cores (see train.py)
     amp: str = "none"  # autocast dtype: none | bf16 | fp16 (fp16 uses a GradScaler)
     channels_last: bool = False
+    tf32: bool = False  # TF32 convolutions and matmuls in float32 on Ampere+ GPUs (sssegmentation turns both off)
     compile: bool = False  # torch.compile the training module
     loss: str = "ssseg"  # ssseg: CE mean over labelled pixels; mmseg: CE sum over labelled / all pixels
     aux_weight: float = 0.4
@@ -121,7 +122,9 @@ class RunConfig:
     progress: bool = True  # tqdm bar on rank 0
     overwrite: bool = False  # allow a fresh run in a work dir that already holds one (its last.pth is replaced)
     init_checkpoint: str | None = None  # start from these whole-model weights
-    backbone_weights: str | None = None  # ImageNet backbone weights
+    # ImageNet backbone: "imagenet" (the zoo presets' ResNetV1c, as sssegmentation trains; downloaded once into
+    # $DANET_CACHE/checkpoints; none for presets without one, and not with init_checkpoint), a file or URL, or "none"
+    backbone_weights: str | None = "imagenet"
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides, e.g. {head_channels: 32}

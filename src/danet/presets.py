@@ -19,6 +19,11 @@ MEAN = (123.675, 116.28, 103.53)  # RGB, 0..255
 STD = (58.395, 57.12, 57.375)
 TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 ZOO_URL = "https://github.com/SegmentationBLWX/modelstore/releases/download/ssseg_danet/{config}_train.{ext}"
+# the ImageNet-1k ResNetV1c (deep stem) weights sssegmentation's DANet configs start from ('pretrained': True)
+BACKBONE_URLS = {
+    50: "https://download.openmmlab.com/pretrain/third_party/resnet50_v1c-2cccc1ad.pth",
+    101: "https://download.openmmlab.com/pretrain/third_party/resnet101_v1c-e67eebb6.pth",
+}
 
 
 @dataclass(frozen=True)
@@ -112,7 +117,9 @@ class Preset:
 
     @property
     def iters_per_epoch(self) -> int:
-        return max(1, self.dataset.num_train // self.schedule.batch_size)  # drop_last, as the toolboxes
+        # NOTE: drop_last. VOC (661) and ADE20K (1263) match sssegmentation's count; for Cityscapes its sampler pads
+        # 2975 images to 8 GPUs x 372, one batch more an epoch than 371 here (0.27 % of the schedule)
+        return max(1, self.dataset.num_train // self.schedule.batch_size)
 
     @property
     def total_iters(self) -> int:
@@ -121,6 +128,11 @@ class Preset:
     @property
     def checkpoint_url(self) -> str | None:
         return ZOO_URL.format(config=self.alias, ext="pth") if self.alias else None
+
+    @property
+    def backbone_url(self) -> str | None:
+        """The ImageNet backbone the zoo row trained from (None: the preset starts from random weights)."""
+        return BACKBONE_URLS.get(self.model.depth) if self.alias and self.model.stem == "deep" else None
 
     @property
     def log_url(self) -> str | None:

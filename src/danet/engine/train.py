@@ -72,10 +72,36 @@ WEIGHT_FIELDS = ("num_classes", "depth", "stem", "base_channels", "stem_channels
                  "aux_channels", "pam_bias", "aux")  # fmt: skip
 
 
-def build_model(cfg: RunConfig, preset) -> DANet:
-    """The run's DANet. From `init_checkpoint` the weights decide the structure: a field set explicitly in
-    `cfg.model` that they contradict is an error; other differences from the preset go into `cfg.model`, so that
-    config.yaml (written after this) tells the structure that trains."""
+def backbone_source(cfg: RunConfig, preset, info: distributed.DistInfo | None = None) -> Path | None:
+    """The local file of the run's ImageNet backbone, downloaded (by rank 0, once into the cache) where it is a URL;
+    None: random backbone weights (`backbone_weights` none, a preset without one, or "imagenet" with
+    init_checkpoint, whose backbone comes with it)."""
+    from .. import zoo
+
+    src = cfg.backbone_weights
+    if src in (None, "none") or (src == "imagenet" and (cfg.init_checkpoint or not preset.backbone_url)):
+        return None
+    url = preset.backbone_url if src == "imagenet" else src
+    if not url.startswith(("http://", "https://", "file://")):
+        return Path(url)
+    dest = zoo.default_cache() / Path(url.split("?")[0]).name
+    if (info is None or info.is_main) and not dest.is_file():
+        try:
+            zoo.fetch(url, dest, progress=cfg.progress)
+        except DanetError as e:  # NOTE: its own line names the URL, the reason and where the file would go
+            raise DanetError(
+                f"{e} (the run's ImageNet backbone; or pass a copy with --set backbone_weights=FILE, or --set "
+                "backbone_weights=none to start from random weights)"
+            ) from None
+    distributed.barrier()  # NOTE: the other processes read the file rank 0 wrote
+    return dest
+
+
+def build_model(cfg: RunConfig, preset, backbone: Path | None = None) -> DANet:
+    """The run's DANet, its backbone from `backbone` (see `backbone_source`). From `init_checkpoint` the weights
+    decide the structure: a field set explicitly in `cfg.model` that they contradict is an error; other
+    differences from the preset go into `cfg.model`, so that config.yaml (written after this) tells the structure
+    that trains."""
     if cfg.init_checkpoint:
         model = checkpoints.load_model(cfg.init_checkpoint, preset.model)
         got = {k: getattr(model.cfg, k) for k in WEIGHT_FIELDS if getattr(model.cfg, k) != getattr(preset.model, k)}
@@ -89,8 +115,8 @@ def build_model(cfg: RunConfig, preset) -> DANet:
         cfg.model.update(got)
     else:
         model = DANet(preset.model)
-    if cfg.backbone_weights:
-        checkpoints.load_backbone(model, cfg.backbone_weights)
+    if backbone is not None:
+        checkpoints.load_backbone(model, backbone)
     return model
 
 
@@ -121,10 +147,13 @@ def train(cfg: RunConfig, resume: str | Path | None = None) -> dict:
     """Run (or resume) a training run; returns the summary (final metrics, best mIoU, iterations, seconds)."""
     info = distributed.setup(cfg.device)
     threads = torch.get_num_threads()
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = cfg.tf32  # NOTE: cuDNN's default is on
     try:
         return _train(cfg.resolve().validate(), resume, info)
     finally:
         torch.set_num_threads(threads)
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
         distributed.cleanup()
 
 
@@ -157,7 +186,8 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
         except OSError as e:
             raise DanetError(f"cannot create the work dir {work}: {e.strerror or e}; pick another --work-dir") from None
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
-    model = build_model(cfg, preset).to(dev)
+    backbone = backbone_source(cfg, preset, info) if ckpt is None else None  # NOTE: a resume has its weights
+    model = build_model(cfg, preset, backbone).to(dev)
     use_winograd(model, cfg.conv == "winograd")  # same parameters and state-dict keys, another algorithm
     why = why_unused(dev, cfg.compile) if cfg.norm == "triton" else None
     use_fused_norm(model, cfg.norm == "triton" and why is None)  # the same again; under torchrun synchronised itself

@@ -31,7 +31,7 @@ class Recorder(nn.Module):
         self.conv = nn.Conv2d(3, k, 1)
         self.calls: list[tuple[int, int]] = []
 
-    def forward(self, x):
+    def forward(self, x, resize: bool = True):  # NOTE: pointwise: the output has the input's size either way
         self.calls.append(tuple(x.shape[-2:]))
         return {"out": self.conv(x)}
 
@@ -93,12 +93,16 @@ def test_tta_averages_softmax_over_scales_and_flips():
         for s in (0.75, 1.0, 1.25):
             xs = F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False) if s != 1 else x
             for flip in (False, True):
-                logit = model(xs.flip(-1) if flip else xs)["out"]
+                logit = model(xs.flip(-1) if flip else xs, resize=False)["out"]  # at the output stride
                 logit = logit.flip(-1) if flip else logit
                 views.append(F.interpolate(logit, (60, 50), mode="bilinear", align_corners=False).softmax(1))
-        assert torch.allclose(probs, torch.stack(views).mean(0), atol=1e-5)
+        assert torch.allclose(probs, torch.stack(views).mean(0), atol=1e-6)
     logits = segment(model, x, (60, 50))
     assert logits.shape == (1, 5, 60, 50) and not torch.allclose(logits.sum(1), torch.ones(1, 60, 50))
+    with torch.no_grad():  # one resize, from the output stride straight to the label size (as sssegmentation)
+        once = F.interpolate(model(x, resize=False)["out"], (60, 50), mode="bilinear", align_corners=False)
+        twice = F.interpolate(model(x)["out"], (60, 50), mode="bilinear", align_corners=False)
+    assert torch.equal(logits, once) and not torch.equal(logits, twice)
     slide = segment(model, x, (60, 50), mode="slide", crop=(32, 32), scales=(1.0, 1.5), flip=True)
     assert slide.shape == (1, 5, 60, 50)
 

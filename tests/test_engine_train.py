@@ -167,8 +167,10 @@ def test_predict_tta_gives_danet_test_labels(runs, data_root, monkeypatch):
             super().__init__()
             self.conv = torch.nn.Conv2d(3, 5, 3, padding=1)
 
-        def forward(self, x):
+        def forward(self, x, resize: bool = True):
             y = 3 * self.conv(x)[:, :, ::8, ::8]
+            if not resize:
+                return {"out": y}
             return {"out": torch.nn.functional.interpolate(y, x.shape[-2:], mode="bilinear", align_corners=False)}
 
     pred = P.Predictor(runs["resumed"] / "best.pth")
@@ -179,7 +181,7 @@ def test_predict_tta_gives_danet_test_labels(runs, data_root, monkeypatch):
     x = normalize(resize_keep_ratio(image, None, pred.base_size)[0], pred.mean, pred.std)[None]
     want = segment(pred.model, x, image.shape[:2], "whole", None, None, pred.tta_scales, True)[0].argmax(0).numpy()
     assert len(np.unique(want)) >= 3 and np.array_equal(pred(image, tta=True), want)
-    monkeypatch.setattr(P, "TTA_FULL_SIZE_ELEMS", 0)
+    monkeypatch.setattr(P, "FULL_SIZE_ELEMS", 0)
     small = pred(image, tta=True)
     assert small.shape == image.shape[:2] and 0 < (small != want).mean() < 0.05
 

@@ -1,8 +1,9 @@
 """Inference and validation: whole-image or sliding-window logits, multi-scale + flip TTA, mIoU over a split.
 
 Facts kept from the reference toolboxes (REFERENCE.md, Data / Metrics; mmseg's EncoderDecoder and SegTTAModel):
-- whole: one forward of the keep-ratio-resized image; logits resized bilinearly (align_corners=False) to the
-  ORIGINAL label size; the metric is taken there.
+- whole: one forward of the keep-ratio-resized image; its output-stride logits resized bilinearly
+  (align_corners=False) in one step to the ORIGINAL label size, as sssegmentation tests (mmseg resizes twice: to the
+  input, then to the label); the metric is taken there.
 - slide: windows of the crop size every `stride` pixels, the last window of a row/column pulled back inside the
   image; overlapping logits are averaged; a window larger than the image is cut to the image (no padding).
 - TTA: the image rescaled by each factor (bilinear on the normalised tensor, as sssegmentation) and flipped; each
@@ -31,10 +32,11 @@ def autocast(device: torch.device, amp: str = "none"):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def forward_logits(model: nn.Module, image: torch.Tensor, amp: str = "none") -> torch.Tensor:
-    """`(B, 3, h, w)` -> `(B, K, h, w)` float32 logits of the main output."""
+def forward_logits(model: nn.Module, image: torch.Tensor, amp: str = "none", resize: bool = True) -> torch.Tensor:
+    """`(B, 3, h, w)` -> `(B, K, h, w)` float32 logits of the main output (resize=False: at the model's output
+    stride)."""
     with autocast(image.device, amp):
-        return model(image)["out"].float()
+        return model(image, resize=resize)["out"].float()
 
 
 # windows per forward in slide mode on a GPU: as many as fit in this many input pixels (one whole Cityscapes image)
@@ -120,12 +122,15 @@ def infer(
     crop: tuple[int, int] | None = None,
     stride: tuple[int, int] | None = None,
     amp: str = "none",
+    resize: bool = True,
 ) -> torch.Tensor:
-    """Logits `(B, K, h, w)` of a normalised `(B, 3, h, w)` batch, whole-image or sliding-window."""
+    """Logits `(B, K, h, w)` of a normalised `(B, 3, h, w)` batch, whole-image or sliding-window. resize=False: a
+    whole image's logits at the model's output stride (to be resized once, to the label size, as sssegmentation
+    tests); slide windows are resized to their window either way (both toolboxes do)."""
     if mode == "slide":
         assert crop is not None, "slide inference needs a crop size"
         return slide_logits(model, image, crop, stride or default_stride(crop), amp)
-    return forward_logits(model, image, amp)
+    return forward_logits(model, image, amp, resize)
 
 
 @torch.inference_mode()
@@ -151,7 +156,7 @@ def segment(
         scaled = image if s == 1.0 else F.interpolate(image, scale_factor=s, mode="bilinear", align_corners=False)
         for flipped in (False, True) if flip else (False,):
             x = scaled.flip(-1) if flipped else scaled
-            logits = infer(model, x, mode, crop, stride, amp)
+            logits = infer(model, x, mode, crop, stride, amp, resize=False)  # whole: at the output stride
             if flipped:
                 logits = logits.flip(-1)
             logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)

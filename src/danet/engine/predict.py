@@ -6,9 +6,9 @@ preset's base size (as in testing), segmented, and the labels brought back to th
 Classes, palette and normalisation come from the checkpoint's meta (or --preset).
 
 Large inputs: an image over `--max-pixels` (default 2048 x 1024, a Cityscapes frame) after resizing is segmented
-in sliding windows of the crop size, and the labels are upsampled in strips, so memory stays bounded. With `--tta`
-the views' probabilities are averaged at the original size as `danet test` does, unless K x H x W floats would pass
-TTA_FULL_SIZE_ELEMS; then at the resized size.
+in sliding windows of the crop size. The labels are those `danet test` computes (logits resized once to the original
+size; with `--tta` the views' probabilities averaged there) unless K x H x W floats would pass FULL_SIZE_ELEMS; then
+they are computed at the resized size and upsampled in strips, so memory stays bounded.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from tqdm import tqdm
 from ..errors import DanetError
 
 DEFAULT_MAX_PIXELS = 2048 * 1024
-# --tta averages the views' softmax at the original size (as `danet test`) while K x H x W float32 stays under this
-# many elements (1 GiB); above it, at the resized size, then upsampled (may differ from `danet test` on a few pixels)
-TTA_FULL_SIZE_ELEMS = 1 << 28
+# labels as `danet test` computes them (logits resized once to the original size; --tta: the views' softmax averaged
+# there) while K x H x W float32 stays under this many elements (1 GiB); above it, at the resized size, then upsampled
+# in strips (a few pixels near class edges may differ from `danet test`)
+FULL_SIZE_ELEMS = 1 << 28
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
@@ -206,10 +207,10 @@ class Predictor:
         if mode is None:
             mode = "slide" if x.shape[-2] * x.shape[-1] > max_pixels else "whole"
         scales = self.tta_scales if tta else (1.0,)
-        if tta and self.model.num_classes * h * w <= TTA_FULL_SIZE_ELEMS:
-            # as `danet test`: each view's logits resized to the original size before the softmax
+        if self.model.num_classes * h * w <= FULL_SIZE_ELEMS:
+            # as `danet test`: the logits resized once to the original size (with TTA, before each view's softmax)
             labels = segment(self.model, x, (h, w), mode, self.crop, None, scales, tta, amp)[0].argmax(0)
-        else:  # one view (the same labels either way), or TTA at the resized size: K x H x W floats never exist
+        else:  # at the resized size, then upsampled in strips: K x H x W floats never exist
             scores = segment(self.model, x, tuple(x.shape[-2:]), mode, self.crop, None, scales, tta, amp)
             labels = upsample_argmax(scores[0], (h, w))
         return labels.to(torch.uint8).cpu().numpy()

@@ -8,11 +8,10 @@ OSError no command caught itself (a full disk, a permission), with what to do.
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import sys
 
-from .errors import DanetError
+from .errors import DanetError, os_hint
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -79,23 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-OS_HINTS = {
-    errno.ENOSPC: "free some space or write elsewhere",
-    errno.EDQUOT: "free some space or write elsewhere",
-    errno.EACCES: "check the permissions or write elsewhere",
-    errno.EPERM: "check the permissions or write elsewhere",
-    errno.EROFS: "the file system is read-only: write elsewhere",
-    errno.ENOENT: "check the path",
-    errno.ENOTDIR: "check the path",
-    errno.EISDIR: "give a file, not a folder",
-}
-
-
 def os_error_line(e: OSError) -> str:
     """`<file>: <reason>; <what to do>` of an OSError, on one line."""
     where = f"{e.filename}: " if e.filename else ""
     reason = e.strerror or (str(e).splitlines()[0] if str(e) else type(e).__name__)
-    hint = OS_HINTS.get(e.errno)
+    hint = os_hint(e)
     return f"{where}{reason}" + (f"; {hint}" if hint else "")
 
 

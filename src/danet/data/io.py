@@ -8,7 +8,6 @@ indices of a palette ("P" mode) PNG rather than its colours.
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from ..errors import DanetError
+from ..errors import DanetError, os_hint
 
 # NOTE: OpenCV logs decoder warnings ("PNG input buffer is incomplete") straight to stderr; a bad file is reported
 # once, as the DanetError below, so that a CLI error stays one line.
@@ -172,19 +171,10 @@ def read_text(path: Path, what: str) -> str:
         raise DanetError(f"cannot read {what} {path}: {e.strerror or e}") from None
 
 
-WRITE_HINTS = {
-    errno.ENOSPC: "free some space (or move the dataset to a disk with room) and run again",
-    errno.EDQUOT: "free some space (or move the dataset to a disk with room) and run again",
-    errno.EACCES: "make the folder writable and run again",
-    errno.EPERM: "make the folder writable and run again",
-    errno.EROFS: "the file system is read-only; copy the dataset to a writable disk",
-}
-
-
 def write_error(path: Path, e: OSError) -> DanetError:
     """A one-line DanetError for an OSError met writing `path`: the file, the reason, what to do."""
-    hint = WRITE_HINTS.get(e.errno, "check the folder and run again")
-    return DanetError(f"cannot write {path}: {e.strerror or e}; {hint} (files already written are kept)")
+    hint = os_hint(e, "check the folder")
+    return DanetError(f"cannot write {path}: {e.strerror or e}; {hint} and run again (files already written are kept)")
 
 
 def write_atomic(path: Path, write) -> None:

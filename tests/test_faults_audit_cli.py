@@ -324,3 +324,51 @@ def test_tf32_is_off_while_training_unless_asked(tf32, data_root, tmp_path, monk
     T.train(cfg)
     assert seen and set(seen) == {(tf32, tf32)}
     assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+
+
+def test_last_pth_is_saved_before_validating(data_root, tmp_path, monkeypatch):
+    """Under torchrun a corrupt val image may be met by a process that does not write files: the epoch's training
+    must already be in last.pth when validation starts, whichever process fails."""
+    seen = []
+    real = T.validate
+
+    def watch(*a, **k):
+        seen.append(read_checkpoint(tmp_path / "w" / "last.pth").train_state["iter"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(T, "validate", watch)
+    cfg = load_run_config(PRESET, [*TINY, "schedule.epochs=2", "schedule.eval_interval=1"], data_root=str(data_root),
+                          work_dir=str(tmp_path / "w"))  # fmt: skip
+    T.train(cfg)
+    assert seen == [2, 4]
+
+
+def test_a_process_left_waiting_by_a_stopped_peer_prints_one_line(monkeypatch, capsys, tmp_path):
+    import danet.engine.test_cli as TC
+
+    def peer_gone(args):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [10.0.0.2]:1")
+
+    monkeypatch.setattr(TC, "run_test", peer_gone)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    line = cli_error(capsys, "test", PRESET, "--checkpoint", tmp_path / "c.pth")
+    assert "another process of this run stopped" in line and "Connection closed by peer" in line
+    monkeypatch.setenv("WORLD_SIZE", "1")  # alone, a RuntimeError is a bug: its traceback stays
+    with pytest.raises(RuntimeError, match="Connection closed"):
+        main(["test", PRESET, "--checkpoint", str(tmp_path / "c.pth")])
+
+
+def test_each_machines_first_process_downloads_the_backbone(tmp_path, monkeypatch):
+    """Under torchrun over several machines each has its own cache: its local rank 0 downloads, not only rank 0."""
+    from danet.engine.distributed import DistInfo
+
+    calls = []
+    monkeypatch.setattr("danet.zoo.fetch", lambda url, dest, progress=True: calls.append(dest) or dest)
+    monkeypatch.setattr(T.distributed, "barrier", lambda: None)
+    monkeypatch.setenv("DANET_CACHE", str(tmp_path / "cache"))
+    cfg = apply_overrides(RunConfig(), ["backbone_weights=https://example.org/r.pth"]).resolve()
+    import torch
+
+    for rank, local_rank in ((0, 0), (1, 1), (2, 0), (3, 1)):  # two machines of two processes
+        T.backbone_source(cfg, get_preset(PRESET), DistInfo(rank, 4, local_rank, torch.device("cpu")))
+    assert len(calls) == 2

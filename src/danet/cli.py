@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .errors import DanetError, os_hint
@@ -76,6 +77,23 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"danet {args.command}: error: {os_error_line(e)}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # NOTE: under torchrun, the processes left waiting when another one stopped
+        if args.debug or not peer_stopped(e):
+            raise
+        first = str(e).strip().splitlines()[0][:200]
+        print(
+            f"danet {args.command}: error: another process of this run stopped ({first}); its own error line says why",
+            file=sys.stderr,
+        )
+        return 2
+
+
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def peer_stopped(e: RuntimeError) -> bool:
+    """Whether `e` is a collective (gloo / NCCL) failing because another process of a torchrun run went away."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(w in str(e) for w in PEER_GONE)
 
 
 def os_error_line(e: OSError) -> str:

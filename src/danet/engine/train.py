@@ -73,9 +73,9 @@ WEIGHT_FIELDS = ("num_classes", "depth", "stem", "base_channels", "stem_channels
 
 
 def backbone_source(cfg: RunConfig, preset, info: distributed.DistInfo | None = None) -> Path | None:
-    """The local file of the run's ImageNet backbone, downloaded (by rank 0, once into the cache) where it is a URL;
-    None: random backbone weights (`backbone_weights` none, a preset without one, or "imagenet" with
-    init_checkpoint, whose backbone comes with it)."""
+    """The local file of the run's ImageNet backbone, downloaded where it is a URL (once into the cache, by each
+    machine's first process). None: random backbone weights (`backbone_weights` none, a preset without one, or
+    "imagenet" with init_checkpoint, whose backbone comes with it)."""
     from .. import zoo
 
     src = cfg.backbone_weights
@@ -85,7 +85,7 @@ def backbone_source(cfg: RunConfig, preset, info: distributed.DistInfo | None = 
     if not url.startswith(("http://", "https://", "file://")):
         return Path(url)
     dest = zoo.default_cache() / Path(url.split("?")[0]).name
-    if (info is None or info.is_main) and not dest.is_file():
+    if (info is None or info.local_rank == 0) and not dest.is_file():  # NOTE: each machine's first process
         try:
             zoo.fetch(url, dest, progress=cfg.progress)
         except DanetError as e:  # NOTE: its own line names the URL, the reason and where the file would go
@@ -93,7 +93,7 @@ def backbone_source(cfg: RunConfig, preset, info: distributed.DistInfo | None = 
                 f"{e} (the run's ImageNet backbone; or pass a copy with --set backbone_weights=FILE, or --set "
                 "backbone_weights=none to start from random weights)"
             ) from None
-    distributed.barrier()  # NOTE: the other processes read the file rank 0 wrote
+    distributed.barrier()  # NOTE: the other processes of each machine read the file its first one wrote
     return dest
 
 
@@ -379,13 +379,16 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
         done = epoch + 1
         validated = done % sch.eval_interval == 0 or done == sch.epochs
         if validated:
+            # NOTE: saved first, so that a failure while validating (a corrupt val image, met by any process) keeps
+            # the epoch's training; saved again below with the validation's best mIoU
+            save("last.pth", done)
             try:
                 metrics = validate(raw, val_ds, preset, cfg, info)
-            except DanetError as e:  # e.g. a corrupt val image: keep the epoch's training before stopping
-                save("last.pth", done)
+            except DanetError as e:
                 raise DanetError(f"{e} (validating epoch {done}; its training is in last.pth: --resume)") from None
             logger.log("val", iter=it, epoch=done, **_scalars(metrics), IoU=metrics["IoU"])
-            bar.write(f"epoch {done}/{sch.epochs} iter {it}: mIoU {metrics['mIoU']:.2f} mAcc {metrics['mAcc']:.2f}")
+            if info.is_main:
+                bar.write(f"epoch {done}/{sch.epochs} iter {it}: mIoU {metrics['mIoU']:.2f} mAcc {metrics['mAcc']:.2f}")
             if metrics["mIoU"] > best:
                 best, best_iter = metrics["mIoU"], it
                 save("best.pth", done, with_state=False)

@@ -145,7 +145,37 @@ def test_export_errors_are_one_line(checkpoint, tmp_path, capsys):
     assert "unknown preset" in cli_error(
         capsys, "export", checkpoint, "--onnx", tmp_path / "m.onnx", "--preset", "danet_r50_nope"
     )
+    assert "newer than this PyTorch exports" in cli_error(capsys, "export", checkpoint, "--onnx", tmp_path / "m.onnx",
+                                                           "--opset", "99")  # fmt: skip
     assert not list(tmp_path.iterdir())
+
+
+def test_export_never_writes_over_its_checkpoint_or_its_other_output(checkpoint, tmp_path, capsys):
+    import shutil
+
+    ck = Path(shutil.copy(checkpoint, tmp_path / "best.pth"))
+    before = digest(ck)
+    for flag in ("--onnx", "--torch-export"):
+        assert "is the checkpoint being exported" in cli_error(capsys, "export", ck, flag, ck)
+    assert "both name" in cli_error(capsys, "export", ck, "--onnx", tmp_path / "m", "--torch-export", tmp_path / "m")
+    assert digest(ck) == before and sorted(f.name for f in tmp_path.iterdir()) == ["best.pth"]
+
+
+def test_export_of_a_file_without_a_preset_guesses_it_or_says_so(tmp_path, capsys):
+    """A bare state dict records no preset: its sssegmentation file name gives it (output stride 16 here, and the
+    normalisation metadata); without one, a note says the export runs at output stride 8 without that metadata."""
+    narrow = dict(base_channels=4, stem_channels=8, head_channels=16, key_channels=8, aux_channels=8)
+    model = danet.create_model("danet_r50-d16_ade20k", **narrow)
+    named = tmp_path / "danet_resnet50os16_ade20k_train.pth"
+    torch.save(model.state_dict(), named)
+    got, meta = export.load_for_export(named)
+    assert got.cfg.output_stride == 16 and json.loads(meta["danet.mean"]) == list(danet.get_preset(PRESET).mean)
+    assert "records no preset" not in capsys.readouterr().out
+    plain = tmp_path / "weights.pth"
+    torch.save(model.state_dict(), plain)
+    got, meta = export.load_for_export(plain)
+    assert "records no preset: exported at output stride 8" in capsys.readouterr().out
+    assert got.cfg.output_stride == 8 and "danet.mean" not in meta
 
 
 def test_export_function_refuses_unwritable(tmp_path):

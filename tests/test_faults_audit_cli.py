@@ -372,3 +372,23 @@ def test_each_machines_first_process_downloads_the_backbone(tmp_path, monkeypatc
     for rank, local_rank in ((0, 0), (1, 1), (2, 0), (3, 1)):  # two machines of two processes
         T.backbone_source(cfg, get_preset(PRESET), DistInfo(rank, 4, local_rank, torch.device("cpu")))
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        (dict(output_stride=7), "output_stride must be one of [8, 16, 32], got 7"),
+        (dict(stem="bogus"), "stem must be one of ['deep', 'single'], got 'bogus'"),
+        (dict(dropout=2.0), "dropout must be in [0, 1), got 2.0"),
+        (dict(depth=34), "depth must be one of"),
+        (dict(num_classes=-3), "num_classes must be a positive integer, got -3"),
+        (dict(num_classes="5"), "num_classes must be a positive integer, got '5'"),
+        (dict(num_classes=0), "num_classes must be a positive integer, got 0"),
+    ],
+)
+def test_create_model_with_values_no_danet_takes_is_one_line(kw, words):
+    import danet
+
+    with pytest.raises(DanetError) as e:
+        danet.create_model(PRESET, **kw)
+    assert words in str(e.value) and "\n" not in str(e.value)

@@ -67,7 +67,7 @@ def test_predict_into_a_subfolder_twice_skips_its_own_outputs(photos, checkpoint
     argv = ["predict", "--checkpoint", str(checkpoint), str(photos), "--out", str(out), "--overlay"]
     assert main(argv) == 0
     first = digests(out)
-    assert sorted(first) == ["a.png", "a_overlay.jpg", "b.png", "b_overlay.jpg"]
+    assert sorted(first) == ["a.png", "a_overlay.jpg", "b.png", "b_overlay.jpg", "legend.png"]
     capsys.readouterr()
     assert main(argv) == 0
     assert "wrote 2 label map(s)" in capsys.readouterr().out
@@ -179,3 +179,22 @@ def test_zoo_download_cache_is_a_file(tmp_path, capsys):
     line = cli_error(capsys, "zoo", "download", PRESET, "--url", src.as_uri(), "--cache", blocker, "--no-progress")
     assert "a-file" in line and "--cache" in line
     assert blocker.read_text() == "x"
+
+
+def test_predict_writes_a_legend_of_the_class_colours(photos, checkpoint, tmp_path, capsys):
+    """The label maps and overlays carry colours only: legend.png names them (classes_legend.png when an input is
+    itself called legend)."""
+    from danet.presets import get_preset
+
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(checkpoint), str(photos), "--out", str(out)]) == 0
+    assert "the classes' colours in legend.png" in capsys.readouterr().out
+    legend = np.asarray(Image.open(out / "legend.png").convert("RGB"))
+    preset = get_preset("danet_tiny_synthetic")
+    for i, colour in enumerate(preset.palette):  # each row's swatch, in the class's colour
+        assert tuple(legend[10 + 22 * i + 11, 20]) == tuple(colour)
+    named = tmp_path / "named"
+    named.mkdir()
+    Image.open(next(p for p in Path(photos).iterdir() if p.is_file())).save(named / "legend.jpg")
+    assert main(["predict", "--checkpoint", str(checkpoint), str(named), "--out", str(tmp_path / "o2")]) == 0
+    assert {p.name for p in (tmp_path / "o2").iterdir()} == {"legend.png", "classes_legend.png"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from danet import viz
@@ -69,3 +70,20 @@ def test_nice_ticks():
     assert viz.nice_ticks(0, 100) == [0, 20, 40, 60, 80, 100]
     assert viz.nice_ticks(0, 0.0105)[:3] == [0, 0.0025, 0.005]
     assert viz.tick_label(0.0025, 0.0025) == "0.0025"
+
+
+def test_a_picture_that_fails_to_write_leaves_the_previous_one(tmp_path, monkeypatch):
+    """Pictures go through a temporary file: a full disk keeps the earlier picture and leaves no partial file."""
+    import errno
+
+    path = viz.plot_class_iou(["a", "b"], [50.0, 70.0], tmp_path / "iou.png")
+    before = path.read_bytes()
+
+    def half_then_full(self, fp, *a, **k):
+        open(fp, "wb").write(b"\x89PNG partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", half_then_full)
+    with pytest.raises(OSError, match="No space left"):
+        viz.plot_class_iou(["a", "b"], [10.0, 20.0], tmp_path / "iou.png")
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["iou.png"]

@@ -49,6 +49,18 @@ def test_download_of_a_file_that_does_not_fit_is_removed(tmp_path):
     assert not list((tmp_path / "cache").iterdir())
 
 
+def test_a_file_already_in_the_cache_that_does_not_fit_is_kept(tmp_path):
+    """A file put in the cache by hand (no download in this call) is the user's: an error names it, nothing is
+    deleted."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    _tiny_checkpoint(cache / "src.pth")
+    before = (cache / "src.pth").read_bytes()
+    with pytest.raises(DanetError, match="does not load as danet_r50-d8_ade20k.*replace it, or add --force"):
+        zoo.download("danet_r50-d8_ade20k", cache, url="https://example.org/src.pth", progress=False)
+    assert (cache / "src.pth").read_bytes() == before
+
+
 def test_offline_download_fails_in_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(zoo, "checkpoint_url", lambda preset: "http://127.0.0.1:9/danet.pth")
     rc = main(["zoo", "download", "danet_r50-d8_ade20k", "--cache", str(tmp_path), "--no-progress"])

@@ -24,7 +24,7 @@ from torch import nn
 from . import safe_load
 from .errors import DanetError
 from .models.danet import DANet, ModelConfig
-from .models.resnet import DEPTH_LAYERS, STRIDE_PLANS
+from .models.resnet import DEPTH_LAYERS
 
 FORMAT_VERSION = 1
 
@@ -396,15 +396,16 @@ def load_model(
         base = cfg
     elif meta_cfg:  # what the weights decide (`found`) replaces the meta's values below; the rest is checked here
         known = set(ModelConfig.__dataclass_fields__)
-        base = ModelConfig(**{**{k: v for k, v in meta_cfg.items() if k in known}, "num_classes": n})
-        if (
-            base.output_stride not in STRIDE_PLANS
-            or not isinstance(base.fused_attention, bool)
-            or not (isinstance(base.dropout, (int, float)) and 0 <= base.dropout < 1)
-        ):
+        try:
+            base = ModelConfig(**{**{k: v for k, v in meta_cfg.items() if k in known}, "num_classes": n})
+        except DanetError as e:
             raise DanetError(
-                f"{name}: its meta holds an invalid model_cfg (output_stride={base.output_stride!r}, dropout="
-                f"{base.dropout!r}, fused_attention={base.fused_attention!r}); name a preset (--preset) to run it"
+                f"{name}: its meta holds an invalid model_cfg ({e}); name a preset (--preset) to run it"
+            ) from None
+        if not isinstance(base.fused_attention, bool):
+            raise DanetError(
+                f"{name}: its meta holds an invalid model_cfg (fused_attention={base.fused_attention!r}); name a "
+                "preset (--preset) to run it"
             )
     else:
         base = ModelConfig(num_classes=n)

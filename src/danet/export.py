@@ -251,12 +251,19 @@ def load_for_export(checkpoint: str | os.PathLike, preset: str | None = None) ->
     The file is read without executing pickled code (`danet.checkpoints.read_checkpoint`).
     """
     from .checkpoints import load_model, read_checkpoint
+    from .engine.predict import preset_from_filename
     from .presets import get_preset
 
     ck = read_checkpoint(checkpoint)
     if ck.source == "imagenet":
         raise DanetError(f"{checkpoint} holds a backbone only; export a whole-model checkpoint")
+    preset = preset or (None if ck.meta.get("model_cfg") else preset_from_filename(Path(checkpoint).name))
     p = get_preset(preset) if preset else None
+    if p is None and not ck.meta.get("model_cfg"):
+        print(
+            f"note: {Path(checkpoint).name} records no preset: exported at output stride 8 and without the "
+            "normalisation metadata; pass --preset NAME if it is another"
+        )
     model = load_model(ck, p.model if p else None).eval().cpu()
     meta = ck.meta
     name = p.name if p else meta.get("preset")
@@ -270,6 +277,13 @@ def load_for_export(checkpoint: str | os.PathLike, preset: str | None = None) ->
         "danet.std": list(p.std) if p else meta.get("std"),
     }
     return model, {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items() if v is not None}
+
+
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve() or os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet
+        return False
 
 
 def _default_size(meta: dict[str, str]) -> tuple[int, int]:
@@ -296,9 +310,16 @@ def run_cli(args) -> int:
         raise DanetError("nothing to export: give --onnx FILE and/or --torch-export FILE")
     if args.opset < 14:
         raise DanetError(f"--opset {args.opset} is too old: the attention needs opset 14 or newer")
-    for out in (args.onnx, args.torch_export):
-        if out:
-            check_output_path(out)
+    max_opset = getattr(getattr(torch.onnx, "_constants", None), "ONNX_MAX_OPSET", 20)
+    if args.opset > max_opset:
+        raise DanetError(f"--opset {args.opset} is newer than this PyTorch exports (at most {max_opset})")
+    outs = [Path(o) for o in (args.onnx, args.torch_export) if o]
+    for out in outs:
+        check_output_path(out)
+        if _same_file(out, args.checkpoint):
+            raise DanetError(f"output {out} is the checkpoint being exported; give another file name")
+    if len(outs) == 2 and _same_file(*outs):
+        raise DanetError(f"--onnx and --torch-export both name {outs[0]}; give two file names")
     model, meta = load_for_export(args.checkpoint, args.preset)
     size = tuple(args.size) if args.size else _default_size(meta)
     if min(size) < MIN_SIZE:

@@ -7,6 +7,7 @@ files are both viewable and machine-readable.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -201,8 +202,10 @@ def plot_training_curves(records: list[dict], path: str | Path, title: str = "tr
     ys = [v for s in series.values() for v in s if math.isfinite(v)] or [0.0, 1.0]
     ax = Axes(d, panels[0], xlim, (0, max(ys) * 1.05))
     ax.frame("loss" + (f" (moving average of {k})" if k > 1 else ""), "iteration", "cross-entropy")
+    # NOTE: the main, PAM and CAM losses run close together: drawn widest first, each stays visible beneath the next
+    widths = {"loss": 3, "loss_out": 8, "loss_pam": 5, "loss_cam": 3, "loss_aux": 2}
     for (key, name), color in zip(parts, SERIES_COLORS, strict=False):
-        ax.line(iters, series[key], color, name, width=3 if key == "loss" else 2)
+        ax.line(iters, series[key], color, name, width=widths[key])
     ax.draw_legend()
     ax.paste_ylabel(img, panels[0][0] - 80)
 
@@ -220,15 +223,16 @@ def plot_training_curves(records: list[dict], path: str | Path, title: str = "tr
         ax.line(vi, [r.get(key) for r in val], color, key, markers=True)
     if val:
         x, y = ax.px(vi[-1], val[-1]["mIoU"])
-        d.text((x - 6, y + 8), f"{val[-1]['mIoU']:.1f}", fill=SERIES_COLORS[3], font=font(14), anchor="rt")
+        low = y > panels[2][3] - 30  # NOTE: near the x axis the value goes above its point, clear of the ticks
+        d.text((x - 6, y - 8 if low else y + 8), f"{val[-1]['mIoU']:.1f}", fill=SERIES_COLORS[3], font=font(14),
+               anchor="rb" if low else "rt")  # fmt: skip
     else:
         left, t, r, b = panels[2]
         d.text(((left + r) / 2, (t + b) / 2), "no validation yet", fill=(120, 120, 120), font=font(15), anchor="mm")
-    ax.draw_legend("bottom")
+    # the legend in the right-hand corner away from the last points (low percentages: at the top)
+    ax.draw_legend("top" if val and min(val[-1].get(k) or 0 for k in ("mIoU", "mAcc")) < 50 else "bottom")
     ax.paste_ylabel(img, panels[2][0] - 80)
-    path = Path(path)
-    img.save(path)
-    return path
+    return save_picture(img, path)
 
 
 def plot_class_iou(
@@ -279,6 +283,35 @@ def plot_class_iou(
         d.text((x + 6, y + row / 2), text, fill=(30, 30, 30), font=f, anchor="lm")
     d.text((w / 2, 12), title, fill=(0, 0, 0), font=font(18), anchor="mt")
     d.text(((left + r) / 2, b + 30), "IoU (%)", fill=(30, 30, 30), font=font(15), anchor="mt")
+    return save_picture(img, path)
+
+
+def legend_image(classes: Sequence[str], palette: Sequence[Sequence[int]] | None) -> Image.Image:
+    """The classes' colours and names, one row each (what the label maps and overlays mean)."""
+    f = font(14)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    rows = [f"{i} {name}" for i, name in enumerate(classes)]
+    cols = 1 if len(rows) <= 40 else 3
+    per = -(-len(rows) // cols)
+    col_w = max(int(probe.textlength(r, font=f)) for r in rows) + 50
+    img = Image.new("RGB", (cols * col_w + 20, per * 22 + 20), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    colors = palette_array(palette)
+    for i, text in enumerate(rows):
+        x, y = 10 + (i // per) * col_w, 10 + (i % per) * 22
+        d.rectangle([x, y + 3, x + 28, y + 19], fill=tuple(int(u) for u in colors[i % 256]), outline=(70, 70, 70))
+        d.text((x + 36, y + 11), text, fill=(30, 30, 30), font=f, anchor="lm")
+    return img
+
+
+def save_picture(img: Image.Image, path: str | Path, **save_args) -> Path:
+    """Save through a temporary file beside `path` and os.replace: a failed write (a full disk) leaves no partial
+    picture and keeps the previous one; the OSError goes up (the commands turn it into one line)."""
     path = Path(path)
-    img.save(path)
+    tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
+    try:
+        img.save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"), **save_args)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

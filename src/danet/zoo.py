@@ -126,11 +126,14 @@ def download(
         raise DanetError(f"preset {preset.name} has no published checkpoint; zoo rows: {rows}")
     dest = Path(cache).expanduser() if cache else default_cache()
     dest = dest / (Path(urlparse(url).path).name or f"{preset.name}.pth")
-    if force or not dest.is_file():
+    fetched = force or not dest.is_file()
+    if fetched:
         fetch(url, dest, progress)
     try:
         load_model(dest, preset.model)
     except DanetError as e:
+        if not fetched:  # NOTE: a file already in the cache (perhaps put there by hand) is the user's: kept
+            raise DanetError(f"{dest} does not load as {preset.name}: {e}; replace it, or add --force") from None
         dest.unlink(missing_ok=True)
         raise DanetError(f"{dest.name} does not load as {preset.name} (removed it): {e}") from None
     return dest

@@ -109,8 +109,14 @@ def output_paths(out: Path, name: str, overlay: bool) -> list[Path]:
     return [out / f"{name}.png"] + ([out / f"{name}_overlay.jpg"] if overlay else [])
 
 
+def legend_path(files: list[tuple[Path, str]], out: Path) -> Path:
+    """Where the class legend goes: OUT/legend.png, or OUT/classes_legend.png when an image is named legend."""
+    return out / ("classes_legend.png" if any(name == "legend" for _, name in files) else "legend.png")
+
+
 def check_outputs(files: list[tuple[Path, str]], out: Path, overlay: bool) -> None:
-    """DanetError, before anything is written, when an output file would be one of the input images."""
+    """DanetError, before anything is written, when an output file (a label map, an overlay, the legend) would be
+    one of the input images."""
 
     def key(f: Path) -> tuple[int, int] | None:
         try:
@@ -121,13 +127,13 @@ def check_outputs(files: list[tuple[Path, str]], out: Path, overlay: bool) -> No
 
     inputs = {f.resolve(): f for f, _ in files}
     inputs_by_key = {k: f for f, _ in files if (k := key(f)) is not None}
-    for _, name in files:
-        for target in output_paths(out, name, overlay):
-            src = inputs.get(target.resolve()) or (inputs_by_key.get(key(target)) if target.exists() else None)
-            if src is not None:
-                raise DanetError(
-                    f"--out {out} would overwrite the input image {src} with {target.name}; pick another --out folder"
-                )
+    targets = [t for _, name in files for t in output_paths(out, name, overlay)] + [legend_path(files, out)]
+    for target in targets:
+        src = inputs.get(target.resolve()) or (inputs_by_key.get(key(target)) if target.exists() else None)
+        if src is not None:
+            raise DanetError(
+                f"--out {out} would overwrite the input image {src} with {target.name}; pick another --out folder"
+            )
 
 
 def write_output(path: Path, image: Image.Image, **save_args) -> None:
@@ -220,7 +226,7 @@ def run_cli(args) -> int:
     from ..data.io import read_image
     from ..models.fused_norm import set_inference_norm
     from ..models.winograd import set_inference_conv
-    from ..viz import label_image, overlay
+    from ..viz import label_image, legend_image, overlay
 
     if not 0 <= args.alpha <= 1:
         raise DanetError(f"--alpha {args.alpha} is outside 0..1 (0: the photo only, 1: the labels only)")
@@ -245,5 +251,8 @@ def run_cli(args) -> int:
         if args.overlay:
             colour = Image.fromarray(overlay(image, label, predictor.palette, args.alpha))
             write_output(out / f"{name}_overlay.jpg", colour, format="JPEG", quality=92)
-    print(f"wrote {len(files)} label map(s){' and overlays' if args.overlay else ''} to {out}")
+    legend = legend_path(files, out)
+    write_output(legend, legend_image(predictor.classes, predictor.palette), format="PNG")
+    what = f"{len(files)} label map(s){' and overlays' if args.overlay else ''}"
+    print(f"wrote {what} to {out}, and the classes' colours in {legend.name}")
     return 0

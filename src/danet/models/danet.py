@@ -35,6 +35,24 @@ class ModelConfig:
     aux: bool = True
     fused_attention: bool = True
 
+    def __post_init__(self) -> None:
+        """One-line DanetError for a value no DANet can be built with (create_model(..., depth=34), a bad meta)."""
+        from ..errors import DanetError
+        from .resnet import DEPTH_LAYERS, STRIDE_PLANS
+
+        def positive(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+        widths = ("num_classes", "base_channels", "stem_channels", "head_channels", "key_channels", "aux_channels")
+        if bad := next((k for k in widths if not positive(getattr(self, k))), None):
+            raise DanetError(f"{bad} must be a positive integer, got {getattr(self, bad)!r}")
+        for key, allowed in (("depth", sorted(DEPTH_LAYERS)), ("output_stride", sorted(STRIDE_PLANS)),
+                             ("stem", ["deep", "single"])):  # fmt: skip
+            if getattr(self, key) not in allowed:
+                raise DanetError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if not (isinstance(self.dropout, int | float) and 0 <= self.dropout < 1):
+            raise DanetError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
     @property
     def layout(self) -> str:
         if self.pam_bias and self.aux_channels == 256:

@@ -28,7 +28,8 @@ def _guess_preset(path: Path, found: dict):
     return None
 
 
-def _same_file(a: str | Path, b: str | Path) -> bool:
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether `a` and `b` name one file (the same resolved path, or a link to it)."""
     a, b = Path(a).expanduser(), Path(b).expanduser()
     if a.resolve() == b.resolve():
         return True
@@ -41,7 +42,7 @@ def _same_file(a: str | Path, b: str | Path) -> bool:
 def run_cli(args) -> int:
     from .presets import DATASETS, get_preset
 
-    if _same_file(args.src, args.dst):
+    if same_file(args.src, args.dst):
         raise DanetError(
             f"destination {args.dst} is the source checkpoint: converting in place would drop what the file holds "
             "beyond the weights (a run's training state); give another destination"

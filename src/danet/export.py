@@ -279,13 +279,6 @@ def load_for_export(checkpoint: str | os.PathLike, preset: str | None = None) ->
     return model, {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items() if v is not None}
 
 
-def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    try:
-        return Path(a).resolve() == Path(b).resolve() or os.path.samefile(a, b)
-    except OSError:  # one of them does not exist yet
-        return False
-
-
 def _default_size(meta: dict[str, str]) -> tuple[int, int]:
     from .presets import PRESETS
 
@@ -306,6 +299,8 @@ def add_cli(parser) -> None:
 
 
 def run_cli(args) -> int:
+    from .convert import same_file
+
     if not args.onnx and not args.torch_export:
         raise DanetError("nothing to export: give --onnx FILE and/or --torch-export FILE")
     if args.opset < 14:
@@ -316,9 +311,9 @@ def run_cli(args) -> int:
     outs = [Path(o) for o in (args.onnx, args.torch_export) if o]
     for out in outs:
         check_output_path(out)
-        if _same_file(out, args.checkpoint):
+        if same_file(out, args.checkpoint):
             raise DanetError(f"output {out} is the checkpoint being exported; give another file name")
-    if len(outs) == 2 and _same_file(*outs):
+    if len(outs) == 2 and same_file(*outs):
         raise DanetError(f"--onnx and --torch-export both name {outs[0]}; give two file names")
     model, meta = load_for_export(args.checkpoint, args.preset)
     size = tuple(args.size) if args.size else _default_size(meta)

@@ -14,7 +14,6 @@ they are computed at the resized size and upsampled in strips, so memory stays b
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import os
 from pathlib import Path
@@ -137,19 +136,15 @@ def check_outputs(files: list[tuple[Path, str]], out: Path, overlay: bool) -> No
 
 
 def write_output(path: Path, image: Image.Image, **save_args) -> None:
-    """Save `image` to `path` through a temporary file beside it and os.replace: a failed write (a full disk) leaves
-    no partial file and keeps the previous one; DanetError in one line."""
-    tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
+    """`viz.save_picture` (a temporary file, then os.replace: a full disk leaves no partial file and keeps the
+    previous one), its OSError as one line."""
+    from ..viz import save_picture
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            image.save(f, **save_args)
-        os.replace(tmp, path)
+        save_picture(image, path, **save_args)
     except OSError as e:
         raise DanetError(f"cannot write {path}: {e.strerror or e}; free space or pick another --out") from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
 
 
 def preset_from_filename(name: str) -> str | None:
@@ -247,12 +242,12 @@ def run_cli(args) -> int:
         label = predictor(
             image, resize=not args.no_resize, mode=args.mode, tta=args.tta, max_pixels=args.max_pixels, amp=args.amp
         )
-        write_output(out / f"{name}.png", label_image(label, predictor.palette), format="PNG")
+        write_output(out / f"{name}.png", label_image(label, predictor.palette))
         if args.overlay:
             colour = Image.fromarray(overlay(image, label, predictor.palette, args.alpha))
-            write_output(out / f"{name}_overlay.jpg", colour, format="JPEG", quality=92)
+            write_output(out / f"{name}_overlay.jpg", colour, quality=92)
     legend = legend_path(files, out)
-    write_output(legend, legend_image(predictor.classes, predictor.palette), format="PNG")
+    write_output(legend, legend_image(predictor.classes, predictor.palette))
     what = f"{len(files)} label map(s){' and overlays' if args.overlay else ''}"
     print(f"wrote {what} to {out}, and the classes' colours in {legend.name}")
     return 0

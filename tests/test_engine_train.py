@@ -125,6 +125,9 @@ def test_test_cli_tta_and_slide(runs, data_root, tmp_path, capsys):
     assert main([*base, "--tta", "--json", str(tmp_path / "tta.json")]) == 0
     tta = json.loads((tmp_path / "tta.json").read_text())
     assert tta["settings"]["scales"] == list(get_preset(PRESET).tta_scales) and tta["settings"]["flip"] is True
+    assert tta["settings"]["tta_merge"] == "probs" and whole["settings"]["tta_merge"] is None
+    assert main([*base, "--tta", "--tta-merge", "logits", "--json", str(tmp_path / "logits.json")]) == 0
+    assert json.loads((tmp_path / "logits.json").read_text())["settings"]["tta_merge"] == "logits"
     assert main([*base, "--mode", "slide", "--crop", "64", "64", "--json", str(tmp_path / "slide.json")]) == 0
     slide = json.loads((tmp_path / "slide.json").read_text())
     assert slide["settings"]["mode"] == "slide" and slide["settings"]["crop"] == [64, 64]
@@ -181,6 +184,10 @@ def test_predict_tta_gives_danet_test_labels(runs, data_root, monkeypatch):
     x = normalize(resize_keep_ratio(image, None, pred.base_size)[0], pred.mean, pred.std)[None]
     want = segment(pred.model, x, image.shape[:2], "whole", None, None, pred.tta_scales, True)[0].argmax(0).numpy()
     assert len(np.unique(want)) >= 3 and np.array_equal(pred(image, tta=True), want)
+    # --tta-merge logits: the views' logits averaged (sssegmentation), other labels here
+    by_logits = segment(pred.model, x, image.shape[:2], scales=pred.tta_scales, flip=True, merge="logits")
+    by_logits = by_logits[0].argmax(0).numpy()
+    assert (by_logits != want).any() and np.array_equal(pred(image, tta=True, merge="logits"), by_logits)
     monkeypatch.setattr(P, "FULL_SIZE_ELEMS", 0)
     small = pred(image, tta=True)
     assert small.shape == image.shape[:2] and 0 < (small != want).mean() < 0.05

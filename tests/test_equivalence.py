@@ -80,3 +80,23 @@ def test_float32_fused_within_tolerance(case):
         assert rel(ours, data[f"{key}_64"]) < 2e-3, (name, key, "vs float64")
         assert rel(ours, data[f"{key}_32"]) < 2e-3, (name, key, "vs toolbox float32")
     assert (outs["logits"].argmax(1).numpy() == data["logits_64"].argmax(1)).mean() > 0.99
+
+
+def test_tta_logits_merge_matches_sssegmentation_test():
+    """`segment(..., merge="logits")` = sssegmentation's multi-scale + flip test (auginference on the image rescaled
+    by each factor and flipped, every view's logits resized to the original size, their mean), float64, on the
+    ssseg_d8 fixture's model and input; the default merge (mean softmax, mmseg's) gives other scores."""
+    from danet.engine.evaluate import segment
+
+    data, tta = np.load(FIXTURES / "ssseg_d8.npz"), np.load(FIXTURES / "ssseg_d8_tta.npz")
+    meta = json.loads(str(tta["meta_json"]))
+    model = load_model(FIXTURES / "ssseg_d8.pth", ModelConfig(num_classes=5, output_stride=8)).double()
+    x = torch.from_numpy(data["input"]).double()
+    assert rel(segment(model, x, tuple(meta["size"])), data["logits_64"]) < 1e-9  # one view: the test path itself
+    scales = tuple(meta["scales"])
+    ours = segment(model, x, tuple(meta["size"]), scales=scales, flip=True, merge="logits")
+    assert ours.shape == tta["logits_64"].shape and rel(ours, tta["logits_64"]) < 1e-9
+    probs = segment(model, x, tuple(meta["size"]), scales=scales, flip=True)
+    assert rel(probs, tta["logits_64"]) > 0.1
+    with pytest.raises(Exception, match="TTA merge must be one of probs, logits"):
+        segment(model, x, tuple(meta["size"]), scales=scales, merge="mean")

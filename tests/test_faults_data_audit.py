@@ -213,8 +213,8 @@ def test_prepare_voc_aug_disk_full_is_one_line(tmp_path, capsys, monkeypatch):
 def test_other_classes_message_says_what_a_command_line_user_can_do(folder, tmp_path, capsys):
     (folder / "classes.yaml").write_text("[sky, road]\n")
     line = cli_error(capsys, "train", PRESET, "--data-root", folder, "--work-dir", tmp_path / "w", *FAST)
-    assert "names 2 classes" in line and "the danet commands use only a preset's classes" in line
-    assert "list those 5 in the classes file, in order" in line and "danet.data.folder_info(" in line
+    assert "names 2 classes" in line and "--set data.dataset=folder (train)" in line and "--dataset folder" in line
+    assert "list the preset's 5 classes in the file, in order" in line
     assert "in order" in check(capsys, folder)
 
 

@@ -198,3 +198,22 @@ def test_predict_writes_a_legend_of_the_class_colours(photos, checkpoint, tmp_pa
     Image.open(next(p for p in Path(photos).iterdir() if p.is_file())).save(named / "legend.jpg")
     assert main(["predict", "--checkpoint", str(checkpoint), str(named), "--out", str(tmp_path / "o2")]) == 0
     assert {p.name for p in (tmp_path / "o2").iterdir()} == {"legend.png", "classes_legend.png"}
+
+
+def test_predict_segments_at_the_sizes_the_run_trained_at(tmp_path):
+    """A run's `--set data.base_size=... data.crop_size=...` (its config in the checkpoint) decide predict's resize
+    and windows; --preset NAME takes the preset's; a malformed config falls back to the preset's."""
+    from danet.engine.predict import Predictor
+    from danet.presets import get_preset
+
+    preset = get_preset("danet_tiny_synthetic")
+    path = tmp_path / "run.pth"
+    save_checkpoint(
+        path, tiny_model(), preset, extra_meta={"config": {"data": {"base_size": [96, 48], "crop_size": [40, 40]}}}
+    )
+    run = Predictor(path, device="cpu")
+    assert run.base_size == (96, 48) and run.crop == (40, 40)
+    named = Predictor(path, "danet_tiny_synthetic", device="cpu")
+    assert named.base_size == preset.base_size and named.crop == preset.crop_size
+    save_checkpoint(path, tiny_model(), preset, extra_meta={"config": {"data": {"base_size": [96, "x"]}}})
+    assert Predictor(path, device="cpu").base_size == preset.base_size

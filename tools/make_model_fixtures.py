@@ -44,6 +44,7 @@ NARROW = {"base": 4, "stem": 8, "head": 32, "key": 16, "aux_ssseg": 32, "aux_mms
 # (toolbox, output stride, (H, W), seed): sizes that are not multiples of 8 (nor 16)
 CASES = [("ssseg", 8, (75, 97), 0), ("ssseg", 16, (67, 101), 1), ("mmseg", 8, (75, 97), 2), ("mmseg", 16, (67, 101), 3)]
 SAVED = ("logits", "head_pam_cam", "head_pam", "head_cam", "aux_logits")
+TTA_SCALES = [0.5, 1.0, 1.5]  # the TTA fixture (ssseg_d8_tta.npz): scales not a multiple of 8 apart, and flips
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -65,6 +66,9 @@ def peer_ssseg(peers: str, argv: list[str]) -> None:
         cfg["backbone"].update(base_channels=base, stem_channels=NARROW["stem"])
         cfg["head"].update(in_channels=base * 32, feats_channels=NARROW["head"], transform_channels=NARROW["key"])
         cfg["auxiliary"].update(in_channels=base * 16, out_channels=NARROW["aux_ssseg"])
+        if scales := os.environ.get("DANET_FIXTURE_TTA"):  # ssseg's multi-scale + flip test, its logits averaged
+            cfg["inference"]["tta"].update(multiscale=[float(f) for f in scales.split(",")], flip=True)
+            assert cfg["inference"]["tta"]["use_probs_before_resize"] is False
         return cfg
 
     ssseg_cfg.build = build
@@ -103,9 +107,9 @@ def peer_mmengine(src: str, dst: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # driver (this project's venv)
 # ---------------------------------------------------------------------------------------------------------------
-def run(cmd: list[str]) -> None:
+def run(cmd: list[str], env: dict | None = None) -> None:
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
 def harness_cmd(toolbox: str, peers: Path, os_: int, size, seed: int, out: Path, double: bool) -> list[str]:
@@ -160,6 +164,33 @@ def make(peers: Path, out_dir: Path) -> None:
                   f"{(out_dir / f'{name}.npz').stat().st_size / 1e3:.0f} kB arrays")  # fmt: skip
 
 
+def make_tta(peers: Path, out_dir: Path) -> None:
+    """ssseg_d8_tta.npz: sssegmentation's test with TTA_SCALES and flip on the ssseg_d8 fixture's model and input
+    (auginference, then test.py's resize of every view to the original size and mean of the logits), float64."""
+    import numpy as np
+    import torch
+
+    toolbox, os_, size, seed = CASES[0]
+    with tempfile.TemporaryDirectory(prefix="danet-fixtures-") as tmp:
+        f64 = Path(tmp) / "tta_64.npz"
+        scales = ",".join(map(str, TTA_SCALES))
+        run(harness_cmd(toolbox, peers, os_, size, seed, f64, double=True), env={"DANET_FIXTURE_TTA": scales})
+        a = np.load(f64)
+        same = np.load(out_dir / "ssseg_d8.npz")
+        assert np.array_equal(a["input"].astype(np.float32), same["input"]), "not the ssseg_d8 fixture's input"
+        new, old = (
+            torch.load(f, weights_only=True)["model"] for f in (f64.with_suffix(".pth"), out_dir / "ssseg_d8.pth")
+        )
+        assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in new), "not ssseg_d8.pth's weights"
+        peer = json.loads(str(a["meta_json"]))
+        meta = {"toolbox": toolbox, "output_stride": os_, "size": list(size), "seed": seed, "scales": TTA_SCALES,
+                "flip": True, "merge": "the mean of the views' logits resized to the original size",
+                "harness_meta": {k: peer.get(k) for k in ("config", "versions", "inference")}}  # fmt: skip
+        arrays = {"logits_64": a["logits"].astype(np.float64), "meta_json": np.array(json.dumps(meta))}
+        np.savez_compressed(out_dir / "ssseg_d8_tta.npz", **arrays)
+        print(f"ssseg_d8_tta: {(out_dir / 'ssseg_d8_tta.npz').stat().st_size / 1e3:.0f} kB")
+
+
 def _tensors(path: Path):
     sys.path.insert(0, str(ROOT / "src"))
     from danet.checkpoints import read_checkpoint
@@ -178,11 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--peers", type=Path, default=Path(os.environ.get("DANET_PEERS_DIR", "/work/shared/peers")))
     p.add_argument("--out", type=Path, default=ROOT / "tests/fixtures/models")
+    p.add_argument("--tta-only", action="store_true", help="only ssseg_d8_tta.npz (beside an existing ssseg_d8)")
     args = p.parse_args(argv)
     for tb, venv in VENVS.items():
         if not (venv / "bin/python").exists():
             raise SystemExit(f"{tb} venv not found at {venv}: run {args.peers}/setup_{tb}_env.sh")
-    make(args.peers, args.out)
+    if not args.tta_only:
+        make(args.peers, args.out)
+    make_tta(args.peers, args.out)
     return 0
 
 

@@ -41,7 +41,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "conv": ("direct", "winograd"),
     "norm": ("native", "triton"),
     "nonfinite": ("stop", "skip"),
+    "data.dataset": ("preset", "folder"),
 }
+
+
+def _setting(cfg: Any, key: str) -> Any:
+    """The value of a dotted setting, e.g. 'data.dataset'."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def _chosen(key: str, value: Any) -> bool:
@@ -78,6 +86,10 @@ class DataConfig:
     # one, 2 to 8 (engine/train.py: loader_workers; config.yaml records the number used)
     num_workers: int | None = None
     prefetch: bool = True  # CUDA: copy the next batch on a side stream while this step computes (engine/transfer.py)
+    # preset: the preset's dataset and classes; folder: the data root is a folder dataset with its own classes file
+    # (classes.yaml / classes.txt, images/{train,val}, masks/{train,val}), whose classes replace the preset's (the
+    # model gets one output per class; the preset keeps the rest: sizes, schedule, model)
+    dataset: str = "preset"
     train_limit: int | None = None  # use only the first N train images (quick runs)
     val_limit: int | None = None  # validate on the first N val images only (quick runs)
 
@@ -155,8 +167,17 @@ class RunConfig:
             p.schedule, **{k: v for k, v in dataclasses.asdict(r.schedule).items() if k in sched_fields}
         )
         dataset = dataclasses.replace(p.dataset, crop_size=tuple(r.data.crop_size), base_size=tuple(r.data.base_size))
+        if self.data.dataset == "folder":
+            from .data.folder import own_classes  # NOTE: lazy: reading a config needs no data code
+
+            dataset = own_classes(self.data_root, dataset)
+            if self.model.get("num_classes", dataset.num_classes) != dataset.num_classes:
+                raise DanetError(
+                    f"setting 'model.num_classes={self.model['num_classes']}' contradicts the classes file of "
+                    f"{self.data_root} ({dataset.num_classes} classes); the classes come from the data: drop it"
+                )
         try:
-            model = p.model.replace(**self.model)
+            model = p.model.replace(**{**self.model, "num_classes": dataset.num_classes})
         except TypeError as e:
             raise DanetError(f"bad model override: {e}; valid keys: {', '.join(_names(ModelConfig))}") from e
         return p.replace(schedule=schedule, dataset=dataset, model=model, ratio_range=tuple(r.data.ratio_range))
@@ -167,8 +188,8 @@ class RunConfig:
 
         s, d = self.schedule, self.data
         for key, words in CHOICES.items():  # NOTE: also for configs built in code, which skip from_dict's checks
-            if not _chosen(key, getattr(self, key)):
-                raise DanetError(f"setting {key!r} must be one of {', '.join(words)}, got {getattr(self, key)!r}")
+            if not _chosen(key, value := _setting(self, key)):
+                raise DanetError(f"setting {key!r} must be one of {', '.join(words)}, got {value!r}")
         if self.fused_loss_impl != "chunked" and not self.fused_loss:
             raise DanetError(
                 f"setting 'fused_loss_impl={self.fused_loss_impl}' needs fused_loss=true; add --set fused_loss=true"
@@ -220,10 +241,11 @@ class RunConfig:
                 raise DanetError(f"setting 'model.{key}' must be at least 1, got {m[key]}")
         if "dropout" in m and not 0 <= m["dropout"] < 1:
             raise DanetError(f"setting 'model.dropout' must be in [0, 1), got {m['dropout']}")
-        if "num_classes" in m and m["num_classes"] != (n := self.base_preset().num_classes):
+        if d.dataset == "preset" and "num_classes" in m and m["num_classes"] != (n := self.base_preset().num_classes):
             raise DanetError(
                 f"setting 'model.num_classes={m['num_classes']}' contradicts the dataset of preset {self.preset} "
-                f"({n} classes); the classes come from the dataset: drop it or pick a preset of another dataset"
+                f"({n} classes); the classes come from the dataset: drop it, pick a preset of another dataset, or "
+                "train on a folder dataset with its own classes file (data.dataset=folder)"
             )
         return self
 
@@ -345,9 +367,8 @@ def coerce(name: str, value: Any, tp: Any) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise DanetError(f"setting {name!r} must be a string, got {value!r}")
-        key = name.rsplit(".", 1)[-1]
-        if key in CHOICES and not _chosen(key, value):
-            raise DanetError(f"setting {name!r} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+        if name in CHOICES and not _chosen(name, value):
+            raise DanetError(f"setting {name!r} must be one of {', '.join(CHOICES[name])}, got {value!r}")
         return value
     return value
 

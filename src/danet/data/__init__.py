@@ -17,7 +17,7 @@ from ..errors import DanetError
 from ..presets import DatasetInfo
 from . import ade20k, cityscapes, folder, voc
 from .base import SegmentationDataset, worker_init_fn
-from .folder import folder_info, load_classes
+from .folder import folder_info, load_classes, own_classes
 from .synthetic import ensure_synthetic
 from .transforms import EvalPipeline, TrainPipeline, eval_pipeline, train_pipeline
 
@@ -43,8 +43,10 @@ __all__ = [
     "find_files",
     "folder_info",
     "load_classes",
+    "own_classes",
     "resolve_split",
     "train_pipeline",
+    "with_own_classes",
     "worker_init_fn",
 ]
 
@@ -77,11 +79,17 @@ def find_files(info: DatasetInfo, root: Path, split: str) -> list[tuple[Path, Pa
         if names != tuple(info.classes):
             raise DanetError(
                 f"the classes file of {root} names {len(names)} classes {list(names[:4])}... but the preset has "
-                f"{info.num_classes} {list(info.classes[:4])}...; the danet commands use only a preset's classes (no "
-                f"option changes them): list those {info.num_classes} in the classes file, in order, or build the data "
-                f"in Python: build_dataset(preset.replace(dataset=danet.data.folder_info({str(root)!r})), ...)"
+                f"{info.num_classes} {list(info.classes[:4])}...; to use the file's classes, lay the data out in "
+                "images/{train,val} and masks/{train,val} and add --set data.dataset=folder (train) or --dataset "
+                f"folder (test, data check); or list the preset's {info.num_classes} classes in the file, in order"
             )
     return pairs
+
+
+def with_own_classes(preset, root: str | os.PathLike | None):
+    """`preset` on the folder dataset at `root` with its own classes (`own_classes`): one model output per class."""
+    info = own_classes(root, preset.dataset)
+    return preset.replace(dataset=info, model=preset.model.replace(num_classes=info.num_classes))
 
 
 def build_dataset(

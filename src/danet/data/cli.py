@@ -30,6 +30,12 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     chk = sub.add_parser("check", help="walk a dataset and list every fault; exit status 1 if there are any")
     chk.add_argument("preset", help="preset name (its dataset is checked), e.g. danet_r50-d8_ade20k")
     chk.add_argument("--data-root", help="dataset root (default for the synthetic preset: the bundled data)")
+    chk.add_argument(
+        "--dataset",
+        choices=("preset", "folder"),
+        default="preset",
+        help="folder: a folder dataset with its own classes file (as data.dataset=folder in training)",
+    )
     chk.add_argument("--split", action="append", help="split to check (repeatable; default: train and val)")
     chk.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     chk.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -51,10 +57,12 @@ def run_cli(args: argparse.Namespace) -> int:
         return 0
     if args.data_command == "check":
         from ..presets import get_preset
-        from . import data_root, resolve_split
+        from . import data_root, own_classes, resolve_split
         from .check import check_dataset, format_report
 
         info = get_preset(args.preset).dataset
+        if args.dataset == "folder":
+            info = own_classes(args.data_root, info)
         root = data_root(info, args.data_root)
         splits = [resolve_split(info, s) for s in args.split] if args.split else None
         report = check_dataset(info, root, splits, jobs=max(1, args.jobs), progress=not args.no_progress)

@@ -149,6 +149,14 @@ def folder_info(
     return DatasetInfo(name, names, palette, train_split, val_split, num_train, tuple(base_size), tuple(crop_size))
 
 
+def own_classes(root: str | Path | None, like: DatasetInfo) -> DatasetInfo:
+    """The folder dataset at ROOT with its own classes, in place of a preset's dataset `like` (whose sizes it keeps):
+    splits train / val, index masks 0..K-1, 255 ignored (`data.dataset=folder`, `danet test --dataset folder`)."""
+    if root is None:
+        raise DanetError("a folder dataset with its own classes needs its data root: add --data-root DIR")
+    return folder_info(Path(root).expanduser(), base_size=like.base_size, crop_size=like.crop_size)
+
+
 def list_files(root: Path, split: str) -> list[tuple[Path, Path]]:
     """(image, expected mask) pairs of a split, sorted by relative path."""
     if not root.is_dir():

@@ -7,7 +7,9 @@ Facts kept from the reference toolboxes (REFERENCE.md, Data / Metrics; mmseg's E
 - slide: windows of the crop size every `stride` pixels, the last window of a row/column pulled back inside the
   image; overlapping logits are averaged; a window larger than the image is cut to the image (no padding).
 - TTA: the image rescaled by each factor (bilinear on the normalised tensor, as sssegmentation) and flipped; each
-  view's logits are resized to the original size and turned into softmax probabilities, which are averaged.
+  view's logits are resized to the original size and turned into softmax probabilities, which are averaged (as
+  mmseg's SegTTAModel); merge="logits" averages the resized logits instead, as sssegmentation's test does (its
+  default, use_probs_before_resize=False).
 """
 
 from __future__ import annotations
@@ -33,10 +35,11 @@ def autocast(device: torch.device, amp: str = "none"):
 
 
 def forward_logits(model: nn.Module, image: torch.Tensor, amp: str = "none", resize: bool = True) -> torch.Tensor:
-    """`(B, 3, h, w)` -> `(B, K, h, w)` float32 logits of the main output (resize=False: at the model's output
-    stride)."""
+    """`(B, 3, h, w)` -> `(B, K, h, w)` logits of the main output (resize=False: at the model's output stride);
+    float32, or float64 from a float64 model."""
     with autocast(image.device, amp):
-        return model(image, resize=resize)["out"].float()
+        out = model(image, resize=resize)["out"]
+    return out if out.dtype == torch.float64 else out.float()
 
 
 # windows per forward in slide mode on a GPU: as many as fit in this many input pixels (one whole Cityscapes image)
@@ -133,6 +136,10 @@ def infer(
     return forward_logits(model, image, amp, resize)
 
 
+# how TTA combines its views: the mean softmax probability (mmseg) or the mean logits (sssegmentation)
+TTA_MERGES = ("probs", "logits")
+
+
 @torch.inference_mode()
 def segment(
     model: nn.Module,
@@ -144,11 +151,15 @@ def segment(
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     amp: str = "none",
+    merge: str = "probs",
 ) -> torch.Tensor:
     """Scores `(B, K, H, W)` at `out_size` (H, W) of a normalised `(B, 3, h, w)` image: argmax them for labels.
 
-    Without TTA (one scale, no flip) these are the logits; with TTA, the mean softmax probability over the views.
+    Without TTA (one scale, no flip) these are the logits; with TTA, the mean over the views of the softmax
+    probabilities (merge="probs", mmseg) or of the logits (merge="logits", sssegmentation).
     """
+    if merge not in TTA_MERGES:
+        raise DanetError(f"TTA merge must be one of {', '.join(TTA_MERGES)}, got {merge!r}")
     tta = len(scales) > 1 or flip or tuple(scales) != (1.0,)
     total = None
     views = 0
@@ -160,7 +171,7 @@ def segment(
             if flipped:
                 logits = logits.flip(-1)
             logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
-            score = logits.softmax(dim=1) if tta else logits
+            score = logits.softmax(dim=1) if tta and merge == "probs" else logits
             total = score if total is None else total + score
             views += 1
     return total / views if tta else total
@@ -211,6 +222,7 @@ def evaluate(
     progress: bool = True,
     desc: str = "val",
     workers: int | None = None,
+    merge: str = "probs",
 ):
     """mIoU etc. of `model` on a val dataset (items: normalised `(3, h, w)` image, `(H, W)` label at original size).
 
@@ -239,7 +251,7 @@ def evaluate(
         if channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         label = torch.as_tensor(label).to(device)
-        scores = segment(model, image, tuple(label.shape[-2:]), mode, crop, stride, scales, flip, amp)
+        scores = segment(model, image, tuple(label.shape[-2:]), mode, crop, stride, scales, flip, amp, merge)
         cm.update(scores.argmax(1)[0], label)
     cm.all_reduce()
     model.train(was_training)

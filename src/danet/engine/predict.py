@@ -41,6 +41,12 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the labels (default 0.5)")
     parser.add_argument("--mode", choices=("whole", "slide"), help="force whole-image or sliding-window inference")
     parser.add_argument("--tta", action="store_true", help="multi-scale + flip (the preset's tta_scales)")
+    parser.add_argument(
+        "--tta-merge",
+        choices=("probs", "logits"),
+        default="probs",
+        help="TTA: average the views' softmax probabilities (default) or their logits (as sssegmentation)",
+    )
     parser.add_argument("--no-resize", action="store_true", help="segment at the native resolution")
     parser.add_argument(
         "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="switch to sliding windows above this many pixels"
@@ -155,6 +161,18 @@ def preset_from_filename(name: str) -> str | None:
     return ALIASES[max(hits, key=len)] if hits else None
 
 
+def run_sizes(meta: dict) -> dict[str, tuple[int, int]]:
+    """The base and crop sizes of the `danet train` run that wrote a checkpoint (its config), where it set them."""
+    config = meta.get("config")
+    data = config.get("data") if isinstance(config, dict) else None
+    out = {}
+    for key in ("base_size", "crop_size"):
+        v = data.get(key) if isinstance(data, dict) else None
+        if isinstance(v, list | tuple) and len(v) == 2 and all(type(x) is int and x > 0 for x in v):
+            out[key] = (v[0], v[1])
+    return out
+
+
 class Predictor:
     """A loaded checkpoint ready to segment RGB uint8 images of any size."""
 
@@ -184,8 +202,9 @@ class Predictor:
         self.palette = palette or (list(p.palette) if p else None)
         self.mean = tuple(meta.get("mean") or (p.mean if p else (123.675, 116.28, 103.53)))
         self.std = tuple(meta.get("std") or (p.std if p else (58.395, 57.12, 57.375)))
-        self.base_size = tuple(p.base_size) if p else None
-        self.crop = tuple(p.crop_size) if p else (512, 512)
+        run = run_sizes(meta) if not preset_name else {}  # NOTE: a run may have trained at other sizes
+        self.base_size = run.get("base_size") or (tuple(p.base_size) if p else None)
+        self.crop = run.get("crop_size") or (tuple(p.crop_size) if p else (512, 512))
         self.tta_scales = tuple(p.tta_scales) if p else (0.75, 1.0, 1.25)
 
     def __call__(
@@ -197,6 +216,7 @@ class Predictor:
         tta: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         amp: str = "none",
+        merge: str = "probs",
     ) -> np.ndarray:
         """RGB uint8 `(H, W, 3)` -> class indices uint8 `(H, W)` at the original size."""
         from ..data.transforms import normalize, resize_keep_ratio
@@ -210,9 +230,9 @@ class Predictor:
         scales = self.tta_scales if tta else (1.0,)
         if self.model.num_classes * h * w <= FULL_SIZE_ELEMS:
             # as `danet test`: the logits resized once to the original size (with TTA, before each view's softmax)
-            labels = segment(self.model, x, (h, w), mode, self.crop, None, scales, tta, amp)[0].argmax(0)
+            labels = segment(self.model, x, (h, w), mode, self.crop, None, scales, tta, amp, merge)[0].argmax(0)
         else:  # at the resized size, then upsampled in strips: K x H x W floats never exist
-            scores = segment(self.model, x, tuple(x.shape[-2:]), mode, self.crop, None, scales, tta, amp)
+            scores = segment(self.model, x, tuple(x.shape[-2:]), mode, self.crop, None, scales, tta, amp, merge)
             labels = upsample_argmax(scores[0], (h, w))
         return labels.to(torch.uint8).cpu().numpy()
 
@@ -240,7 +260,13 @@ def run_cli(args) -> int:
     for path, name in tqdm(files, desc="predict", unit="img", dynamic_ncols=True):
         image = read_image(path)
         label = predictor(
-            image, resize=not args.no_resize, mode=args.mode, tta=args.tta, max_pixels=args.max_pixels, amp=args.amp
+            image,
+            resize=not args.no_resize,
+            mode=args.mode,
+            tta=args.tta,
+            max_pixels=args.max_pixels,
+            amp=args.amp,
+            merge=args.tta_merge,
         )
         write_output(out / f"{name}.png", label_image(label, predictor.palette))
         if args.overlay:

@@ -22,6 +22,12 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("preset", help="preset name (classes, sizes, TTA scales), e.g. danet_r50-d8_ade20k")
     parser.add_argument("--checkpoint", required=True, help="a danet, sssegmentation or mmsegmentation checkpoint")
     parser.add_argument("--data-root", help="dataset folder (default for danet_tiny_synthetic: the bundled data)")
+    parser.add_argument(
+        "--dataset",
+        choices=("preset", "folder"),
+        default="preset",
+        help="folder: the data root is a folder dataset with its own classes file (as data.dataset=folder in training)",
+    )
     parser.add_argument("--split", default="val", help="split to evaluate (default: the preset's val split)")
     parser.add_argument("--mode", choices=("whole", "slide"), help="inference mode (default: the preset's)")
     parser.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="slide window (default: the crop size)")
@@ -29,6 +35,13 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", action="store_true", help="multi-scale (the preset's tta_scales) + flip")
     parser.add_argument("--scales", type=float, nargs="+", help="TTA scales (implies --tta), e.g. 0.75 1 1.25")
     parser.add_argument("--no-flip", action="store_true", help="TTA without the horizontal flip")
+    parser.add_argument(
+        "--tta-merge",
+        choices=("probs", "logits"),
+        default="probs",
+        help="TTA: average the views' softmax probabilities (default, as mmsegmentation) or their logits (as "
+        "sssegmentation's test)",
+    )
     parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype")
     parser.add_argument(
         "--conv", choices=("direct", "winograd"), default="direct", help="3x3 convolutions (winograd: faster on CPU)"
@@ -51,8 +64,8 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
 
 def run_test(args) -> dict:
     """Evaluate as the arguments say; returns the metrics dict (with the settings under "settings")."""
-    from ..checkpoints import load_model
-    from ..data import build_dataset
+    from ..checkpoints import load_model, read_checkpoint
+    from ..data import build_dataset, with_own_classes
     from ..models.fused_norm import set_inference_norm
     from ..models.winograd import set_inference_conv
     from ..presets import get_preset
@@ -61,6 +74,8 @@ def run_test(args) -> dict:
     from .evaluate import check_slide, evaluate
 
     preset = get_preset(args.preset)
+    if args.dataset == "folder":
+        preset = with_own_classes(preset, args.data_root)
     check_file(args.checkpoint)  # not found, or a folder (naming a checkpoint inside)
     mode = args.mode or preset.eval_mode
     crop = tuple(args.crop) if args.crop else preset.crop_size
@@ -80,7 +95,14 @@ def run_test(args) -> dict:
     if info.device.type == "cpu":
         torch.set_num_threads(distributed.cpu_threads(None))
     try:
-        model = load_model(args.checkpoint, preset.model).to(info.device).eval()
+        ck = read_checkpoint(args.checkpoint)
+        run_data = (ck.meta.get("config") or {}).get("data") or {}
+        if args.dataset == "preset" and isinstance(run_data, dict) and run_data.get("dataset") == "folder":
+            raise DanetError(
+                f"{args.checkpoint} was trained on a folder dataset with its own classes (data.dataset=folder); "
+                "test it with --dataset folder --data-root DIR"
+            )
+        model = load_model(ck, preset.model).to(info.device).eval()
         set_inference_conv(model, args.conv)
         set_inference_norm(model, args.norm)
         if args.channels_last:
@@ -106,6 +128,7 @@ def run_test(args) -> dict:
             progress=not args.no_progress,
             desc="test",
             workers=args.workers,
+            merge=args.tta_merge,
         )
         metrics = cm.compute()
         n = len(dataset) if args.limit is None else min(args.limit, len(dataset))
@@ -118,6 +141,7 @@ def run_test(args) -> dict:
             "crop": list(crop) if mode == "slide" else None,
             "scales": list(scales),
             "flip": flip,
+            "tta_merge": args.tta_merge if len(scales) > 1 or flip or scales != (1.0,) else None,
             "amp": args.amp,
             "conv": args.conv,
             "norm": args.norm,

@@ -97,14 +97,27 @@ def backbone_source(cfg: RunConfig, preset, info: distributed.DistInfo | None = 
     return dest
 
 
-def build_model(cfg: RunConfig, preset, backbone: Path | None = None) -> DANet:
+def build_model(cfg: RunConfig, preset, backbone: Path | None = None, main: bool = True) -> DANet:
     """The run's DANet, its backbone from `backbone` (see `backbone_source`). From `init_checkpoint` the weights
     decide the structure: a field set explicitly in `cfg.model` that they contradict is an error; other
     differences from the preset go into `cfg.model`, so that config.yaml (written after this) tells the structure
     that trains."""
     if cfg.init_checkpoint:
-        model = checkpoints.load_model(cfg.init_checkpoint, preset.model)
+        ck = checkpoints.read_checkpoint(cfg.init_checkpoint)
+        n = checkpoints.infer_config(ck.state_dict, ck.path.name)["num_classes"]
+        # NOTE: with the data's own classes the classifiers (the 1x1 convs to the classes) cannot come from another
+        # class list: they start anew, everything else is the checkpoint's (fine-tuning)
+        new_classes = cfg.data.dataset == "folder" and n != preset.num_classes
+        if n != preset.num_classes and not new_classes:
+            raise DanetError(
+                f"init_checkpoint {cfg.init_checkpoint} has {n} classes, the data of preset {cfg.preset} "
+                f"{preset.num_classes}; to fine-tune it on a folder dataset with its own classes add --set "
+                "data.dataset=folder (its classifiers then start anew), or pick a preset with its classes"
+            )
+        model = checkpoints.load_model(ck, preset.model.replace(num_classes=n) if new_classes else preset.model)
         got = {k: getattr(model.cfg, k) for k in WEIGHT_FIELDS if getattr(model.cfg, k) != getattr(preset.model, k)}
+        if new_classes:
+            del got["num_classes"]
         if clash := [k for k in got if k in cfg.model]:
             have = ", ".join(f"model.{k}={got[k]}" for k in clash)
             asked = ", ".join(f"{cfg.model[k]}" for k in clash)
@@ -113,11 +126,24 @@ def build_model(cfg: RunConfig, preset, backbone: Path | None = None) -> DANet:
                 "those settings or start from another checkpoint"
             )
         cfg.model.update(got)
+        if new_classes:
+            model = new_classifiers(model, preset.num_classes)
+            if main:
+                print(f"note: init_checkpoint has {n} classes, the data {preset.num_classes}: new classifiers")
     else:
         model = DANet(preset.model)
     if backbone is not None:
         checkpoints.load_backbone(model, backbone)
     return model
+
+
+def new_classifiers(model: DANet, num_classes: int) -> DANet:
+    """`model` for `num_classes` classes: its weights, but new (freshly initialised) classifiers."""
+    new = DANet(model.cfg.replace(num_classes=num_classes))
+    own = new.state_dict()
+    same = {k: v for k, v in model.state_dict().items() if v.shape == own[k].shape}
+    new.load_state_dict(same, strict=False)
+    return new
 
 
 def check_compatible(saved: dict, cfg: RunConfig) -> list[str]:
@@ -187,7 +213,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
             raise DanetError(f"cannot create the work dir {work}: {e.strerror or e}; pick another --work-dir") from None
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
     backbone = backbone_source(cfg, preset, info) if ckpt is None else None  # NOTE: a resume has its weights
-    model = build_model(cfg, preset, backbone).to(dev)
+    model = build_model(cfg, preset, backbone, info.is_main).to(dev)
     use_winograd(model, cfg.conv == "winograd")  # same parameters and state-dict keys, another algorithm
     why = why_unused(dev, cfg.compile) if cfg.norm == "triton" else None
     use_fused_norm(model, cfg.norm == "triton" and why is None)  # the same again; under torchrun synchronised itself

@@ -1,0 +1,146 @@
+"""Training, testing, checking and predicting on a folder dataset with its own class list (`data.dataset=folder`,
+`danet test / data check --dataset folder`), and fine-tuning a checkpoint of another class count on it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from danet.checkpoints import read_checkpoint, save_checkpoint
+from danet.cli import main
+from danet.config import RunConfig, apply_overrides, load_run_config
+from danet.engine.logging import read_log
+from danet.engine.train import build_model
+from danet.errors import DanetError
+from test_faults_common import NARROW_MODEL_SETS, cli_error
+
+PRESET = "danet_tiny_synthetic"
+CLASSES = ("ground", "crack", "stain")
+COLOURS = ((0, 0, 0), (255, 0, 0), (0, 0, 255))
+RUN_SETS = [
+    "data.dataset=folder",
+    "schedule.epochs=2",
+    "schedule.batch_size=2",
+    "schedule.eval_interval=1",
+    "data.crop_size=[32,32]",
+    "data.num_workers=0",
+    "device=cpu",
+    "progress=false",
+    *NARROW_MODEL_SETS,
+]
+
+
+def own_dataset(root: Path, n: int = 4) -> Path:
+    """Three classes of its own: a dark ground, red cracks (rows), blue stains (squares), ignore 255 at the border."""
+    root.mkdir(parents=True, exist_ok=True)
+    entries = [f"  - {{name: {c}, color: {list(rgb)}}}\n" for c, rgb in zip(CLASSES, COLOURS, strict=True)]
+    (root / "classes.yaml").write_text("classes:\n" + "".join(entries))
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "masks" / split).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            mask = np.zeros((40, 56), np.uint8)
+            mask[rng.integers(0, 30) :][:4] = 1
+            y, x = rng.integers(0, 28), rng.integers(0, 44)
+            mask[y : y + 10, x : x + 10] = 2
+            mask[0] = 255
+            image = np.asarray(COLOURS, np.uint8)[np.minimum(mask, 2)] // 2 + rng.integers(0, 60, (40, 56, 3), np.uint8)
+            Image.fromarray(image).save(root / "images" / split / f"{i}.png")
+            Image.fromarray(mask).save(root / "masks" / split / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict[str, Path]:
+    data = own_dataset(tmp_path_factory.mktemp("own") / "data")
+    work = tmp_path_factory.mktemp("own_run") / "work"
+    rc = main(
+        ["train", PRESET, "--data-root", str(data), "--work-dir", str(work), *sum((["--set", s] for s in RUN_SETS), [])]
+    )
+    assert rc == 0
+    return {"data": data, "work": work}
+
+
+def test_training_takes_the_data_s_classes(run):
+    ck = read_checkpoint(run["work"] / "last.pth")
+    assert ck.meta["classes"] == list(CLASSES) and ck.meta["palette"] == [list(c) for c in COLOURS]
+    assert ck.meta["model_cfg"]["num_classes"] == 3
+    for key in ("head.cls.conv.weight", "head.cls_pam.conv.weight", "head.cls_cam.conv.weight", "aux.cls.conv.weight"):
+        assert ck.state_dict[key].shape[0] == 3
+    assert ck.train_state["iter"] == 4  # 4 train images // batch 2, 2 epochs
+    cfg = load_run_config(str(run["work"] / "config.yaml"))  # config.yaml loads back to the same run
+    assert cfg.data.dataset == "folder" and cfg.effective_preset().classes == CLASSES
+    metrics = json.loads((run["work"] / "metrics.json").read_text())
+    assert len(metrics["IoU"]) == 3
+
+
+def test_danet_test_on_the_data_s_classes_gives_the_run_s_validation(run, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    argv = ["test", PRESET, "--checkpoint", run["work"] / "last.pth", "--data-root", run["data"], "--dataset", "folder"]
+    assert main([*map(str, argv), "--no-progress", "--json", str(out)]) == 0
+    assert "crack" in capsys.readouterr().out
+    tested = json.loads(out.read_text())
+    val = [r for r in read_log(run["work"] / "log.jsonl") if r["type"] == "val"][-1]
+    assert tested["mIoU"] == pytest.approx(val["mIoU"], abs=1e-9) and len(tested["IoU"]) == 3
+    # without --dataset folder the preset's 5 classes do not match the file's 3: one line naming the option
+    line = cli_error(capsys, *argv[:-2])
+    assert "--dataset folder" in line and "data.dataset=folder" in line
+
+
+def test_predict_uses_the_checkpoint_s_classes_and_colours(run, tmp_path):
+    image = run["data"] / "images" / "val" / "0.png"
+    assert main(["predict", "--checkpoint", str(run["work"] / "last.pth"), str(image), "--out", str(tmp_path)]) == 0
+    label = Image.open(tmp_path / "0.png")
+    assert label.size == (56, 40) and np.asarray(label).max() < 3
+    assert label.getpalette()[:9] == [c for rgb in COLOURS for c in rgb]
+
+
+def test_data_check_on_the_data_s_classes(run, tmp_path, capsys):
+    assert main(["data", "check", PRESET, "--data-root", str(run["data"]), "--dataset", "folder", "--no-progress"]) == 0
+    bad = own_dataset(tmp_path / "bad", n=1)
+    Image.fromarray(np.full((40, 56), 3, np.uint8)).save(bad / "masks" / "val" / "0.png")  # class 3 of 0..2
+    assert main(["data", "check", PRESET, "--data-root", str(bad), "--dataset", "folder", "--no-progress"]) == 1
+    assert "0.png" in capsys.readouterr().out
+
+
+def test_fine_tuning_a_checkpoint_of_another_class_count(run, tmp_path, capsys):
+    """init_checkpoint with 5 classes on 3-class data: every weight but the four classifiers comes from it."""
+    cfg = apply_overrides(RunConfig(preset=PRESET, data_root=str(run["data"]), work_dir=str(tmp_path)), RUN_SETS)
+    own = cfg.effective_preset()
+    source = build_model(cfg, own.replace(model=own.model.replace(num_classes=5)))
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p))  # weights no fresh model has
+    save_checkpoint(tmp_path / "five.pth", source, PRESET)
+    cfg.init_checkpoint = str(tmp_path / "five.pth")
+    model = build_model(cfg, own)
+    assert "new classifiers" in capsys.readouterr().out
+    assert model.num_classes == 3 and "num_classes" not in cfg.model
+    old, new = source.state_dict(), model.state_dict()
+    reshaped = sorted(k for k in new if new[k].shape != old[k].shape)
+    assert len(reshaped) == 8 and all(".cls" in k for k in reshaped)  # the main, PAM, CAM and aux classifiers
+    assert all(torch.equal(new[k], old[k]) for k in new if k not in reshaped)
+    # without the data's own classes another class count stays an error: the 3-class run into the 5-class preset
+    cfg.data.dataset, cfg.data_root, cfg.init_checkpoint = "preset", None, str(run["work"] / "last.pth")
+    with pytest.raises(DanetError, match="has 3 classes, the data of preset danet_tiny_synthetic 5; .* folder"):
+        build_model(cfg, cfg.effective_preset())
+
+
+def test_bad_own_class_settings_are_one_line(run, tmp_path, capsys):
+    line = cli_error(capsys, "train", PRESET, "--work-dir", tmp_path / "w", "--set", "data.dataset=folder")
+    assert "--data-root" in line
+    line = cli_error(
+        capsys, "train", PRESET, "--data-root", run["data"], "--work-dir", tmp_path / "w",
+        "--set", "data.dataset=folder", "--set", "model.num_classes=4",
+    )  # fmt: skip
+    assert "3 classes" in line and "model.num_classes=4" in line
+    line = cli_error(capsys, "train", PRESET, "--set", "data.dataset=mine")
+    assert "'data.dataset' must be one of preset, folder" in line
+    line = cli_error(capsys, "test", PRESET, "--checkpoint", run["work"] / "last.pth", "--dataset", "folder")
+    assert "--data-root" in line

@@ -97,7 +97,8 @@ def ours_steps(a):
     sys.path.insert(0, str(ROOT / "src"))
     import torch
 
-    from danet.benchmark import BenchSpec, add_cli, build, make_infer_fn, make_train_fn
+    from danet.benchmark import BenchSpec, build, make_infer_fn, make_train_fn
+    from danet.benchmark.cli import add_cli
 
     p = argparse.ArgumentParser()
     add_cli(p)

@@ -398,11 +398,12 @@ def test_danet_train_with_norm_triton(tmp_path, monkeypatch, capsys):
 
 def test_benchmark_norm_option():
     import danet.benchmark as B
+    from danet.benchmark.cli import format_record
 
     base = dict(preset="danet_tiny_synthetic", mode="train", batch=2, size=(32, 32), warmup=0, iters=1, flops=False)
     native = B.run_case(B.BenchSpec(**base))
     fused = B.run_case(B.BenchSpec(**base, norm="triton"))
-    assert fused["norm"] == "triton" and "norm=triton" in B.format_record(fused)
+    assert fused["norm"] == "triton" and "norm=triton" in format_record(fused)
     assert fused["loss_value"] == pytest.approx(native["loss_value"], rel=1e-5)  # the first step: same weights, batch
     with pytest.raises(DanetError, match="--norm"):
         B.run_case(B.BenchSpec(**base, norm="fast"))

@@ -15,7 +15,7 @@ from danet.checkpoints import read_checkpoint, save_checkpoint
 from danet.cli import main
 from danet.config import RunConfig, apply_overrides, load_run_config
 from danet.engine.logging import read_log
-from danet.engine.train import build_model
+from danet.engine.start import build_model
 from danet.errors import DanetError
 from test_faults_common import NARROW_MODEL_SETS, cli_error
 

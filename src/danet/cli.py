@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("danet.data.cli", "prepare (convert) or check a dataset"),
     "convert": ("danet.convert", "convert an sssegmentation / mmsegmentation checkpoint to this project's"),
     "zoo": ("danet.zoo", "list the model zoo, or download a published checkpoint"),
-    "benchmark": ("danet.benchmark", "measure speed, memory and FLOPs of a preset"),
+    "benchmark": ("danet.benchmark.cli", "measure speed, memory and FLOPs of a preset"),
     "export": ("danet.export", "export a checkpoint to ONNX or torch.export"),
     "models": ("danet.models.registry", "list the preset names"),
 }

@@ -39,6 +39,7 @@ from .logging import RunLogger, read_log, write_json
 from .losses import danet_loss
 from .sampling import EpochBatchSampler, capture_rng_states, mix, restore_rng_states
 from .schedule import PolyLR, build_optimizer
+from .start import backbone_source, build_model
 from .transfer import labels_fit_uint8, loader_items, narrow_labels_collate, to_device
 
 MAX_SKIPS_IN_A_ROW = 10  # nonfinite=skip: more non-finite losses in a row than this stop the run
@@ -65,85 +66,6 @@ def build_datasets(cfg: RunConfig, preset, seed: int):
     train_ds = data.build_dataset(preset, cfg.data_root, "train", seed=seed)
     val_ds = data.build_dataset(preset, cfg.data_root, "val", seed=seed)
     return train_ds, val_ds
-
-
-# the ModelConfig fields a checkpoint's weights decide (checkpoints.load_model takes them from the weights)
-WEIGHT_FIELDS = ("num_classes", "depth", "stem", "base_channels", "stem_channels", "head_channels", "key_channels",
-                 "aux_channels", "pam_bias", "aux")  # fmt: skip
-
-
-def backbone_source(cfg: RunConfig, preset, info: distributed.DistInfo | None = None) -> Path | None:
-    """The local file of the run's ImageNet backbone, downloaded where it is a URL (once into the cache, by each
-    machine's first process). None: random backbone weights (`backbone_weights` none, a preset without one, or
-    "imagenet" with init_checkpoint, whose backbone comes with it)."""
-    from .. import zoo
-
-    src = cfg.backbone_weights
-    if src in (None, "none") or (src == "imagenet" and (cfg.init_checkpoint or not preset.backbone_url)):
-        return None
-    url = preset.backbone_url if src == "imagenet" else src
-    if not url.startswith(("http://", "https://", "file://")):
-        return Path(url)
-    dest = zoo.default_cache() / Path(url.split("?")[0]).name
-    if (info is None or info.local_rank == 0) and not dest.is_file():  # NOTE: each machine's first process
-        try:
-            zoo.fetch(url, dest, progress=cfg.progress)
-        except DanetError as e:  # NOTE: its own line names the URL, the reason and where the file would go
-            raise DanetError(
-                f"{e} (the run's ImageNet backbone; or pass a copy with --set backbone_weights=FILE, or --set "
-                "backbone_weights=none to start from random weights)"
-            ) from None
-    distributed.barrier()  # NOTE: the other processes of each machine read the file its first one wrote
-    return dest
-
-
-def build_model(cfg: RunConfig, preset, backbone: Path | None = None, main: bool = True) -> DANet:
-    """The run's DANet, its backbone from `backbone` (see `backbone_source`). From `init_checkpoint` the weights
-    decide the structure: a field set explicitly in `cfg.model` that they contradict is an error; other
-    differences from the preset go into `cfg.model`, so that config.yaml (written after this) tells the structure
-    that trains."""
-    if cfg.init_checkpoint:
-        ck = checkpoints.read_checkpoint(cfg.init_checkpoint)
-        n = checkpoints.infer_config(ck.state_dict, ck.path.name)["num_classes"]
-        # NOTE: with the data's own classes the classifiers (the 1x1 convs to the classes) cannot come from another
-        # class list: they start anew, everything else is the checkpoint's (fine-tuning)
-        new_classes = cfg.data.dataset == "folder" and n != preset.num_classes
-        if n != preset.num_classes and not new_classes:
-            raise DanetError(
-                f"init_checkpoint {cfg.init_checkpoint} has {n} classes, the data of preset {cfg.preset} "
-                f"{preset.num_classes}; to fine-tune it on a folder dataset with its own classes add --set "
-                "data.dataset=folder (its classifiers then start anew), or pick a preset with its classes"
-            )
-        model = checkpoints.load_model(ck, preset.model.replace(num_classes=n) if new_classes else preset.model)
-        got = {k: getattr(model.cfg, k) for k in WEIGHT_FIELDS if getattr(model.cfg, k) != getattr(preset.model, k)}
-        if new_classes:
-            del got["num_classes"]
-        if clash := [k for k in got if k in cfg.model]:
-            have = ", ".join(f"model.{k}={got[k]}" for k in clash)
-            asked = ", ".join(f"{cfg.model[k]}" for k in clash)
-            raise DanetError(
-                f"init_checkpoint {cfg.init_checkpoint} holds a model with {have}, not the {asked} asked for; drop "
-                "those settings or start from another checkpoint"
-            )
-        cfg.model.update(got)
-        if new_classes:
-            model = new_classifiers(model, preset.num_classes)
-            if main:
-                print(f"note: init_checkpoint has {n} classes, the data {preset.num_classes}: new classifiers")
-    else:
-        model = DANet(preset.model)
-    if backbone is not None:
-        checkpoints.load_backbone(model, backbone)
-    return model
-
-
-def new_classifiers(model: DANet, num_classes: int) -> DANet:
-    """`model` for `num_classes` classes: its weights, but new (freshly initialised) classifiers."""
-    new = DANet(model.cfg.replace(num_classes=num_classes))
-    own = new.state_dict()
-    same = {k: v for k, v in model.state_dict().items() if v.shape == own[k].shape}
-    new.load_state_dict(same, strict=False)
-    return new
 
 
 def check_compatible(saved: dict, cfg: RunConfig) -> list[str]:

@@ -108,7 +108,7 @@ def _stand_in(monkeypatch):
     EagerGraphs.made.clear()
     _MODULES.clear()
     real_build = train.build_model
-    monkeypatch.setattr(train, "build_model", lambda *a: _MODULES.append(real_build(*a)) or _MODULES[-1])
+    monkeypatch.setattr(train, "build_model", lambda *a, **k: _MODULES.append(real_build(*a, **k)) or _MODULES[-1])
     yield
 
 

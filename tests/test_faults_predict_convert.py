@@ -202,8 +202,10 @@ def test_predict_writes_a_legend_of_the_class_colours(photos, checkpoint, tmp_pa
 
 def test_predict_segments_at_the_sizes_the_run_trained_at(tmp_path):
     """A run's `--set data.base_size=... data.crop_size=...` (its config in the checkpoint) decide predict's resize
-    and windows; --preset NAME takes the preset's; a malformed config falls back to the preset's."""
-    from danet.engine.predict import Predictor
+    and windows, also with --preset naming the run's preset; another preset's sizes are its own; a malformed config
+    falls back to the preset's."""
+    from danet.checkpoints import read_checkpoint
+    from danet.engine.predict import Predictor, run_sizes
     from danet.presets import get_preset
 
     preset = get_preset("danet_tiny_synthetic")
@@ -214,6 +216,8 @@ def test_predict_segments_at_the_sizes_the_run_trained_at(tmp_path):
     run = Predictor(path, device="cpu")
     assert run.base_size == (96, 48) and run.crop == (40, 40)
     named = Predictor(path, "danet_tiny_synthetic", device="cpu")
-    assert named.base_size == preset.base_size and named.crop == preset.crop_size
+    assert named.base_size == (96, 48) and named.crop == (40, 40)
+    meta = read_checkpoint(path).meta
+    assert run_sizes(meta, "danet_r50-d8_ade20k") == {} and run_sizes(meta, preset.name)["base_size"] == (96, 48)
     save_checkpoint(path, tiny_model(), preset, extra_meta={"config": {"data": {"base_size": [96, "x"]}}})
     assert Predictor(path, device="cpu").base_size == preset.base_size

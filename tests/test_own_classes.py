@@ -15,7 +15,7 @@ from danet.checkpoints import read_checkpoint, save_checkpoint
 from danet.cli import main
 from danet.config import RunConfig, apply_overrides, load_run_config
 from danet.engine.logging import read_log
-from danet.engine.start import build_model
+from danet.engine.start import CLASSIFIERS, build_model
 from danet.errors import DanetError
 from test_faults_common import NARROW_MODEL_SETS, cli_error
 
@@ -28,6 +28,7 @@ RUN_SETS = [
     "schedule.batch_size=2",
     "schedule.eval_interval=1",
     "data.crop_size=[32,32]",
+    "data.base_size=[96,48]",  # not the preset's: danet test and predict must take the run's
     "data.num_workers=0",
     "device=cpu",
     "progress=false",
@@ -35,11 +36,11 @@ RUN_SETS = [
 ]
 
 
-def own_dataset(root: Path, n: int = 4) -> Path:
-    """Three classes of its own: a dark ground, red cracks (rows), blue stains (squares), ignore 255 at the border."""
+def own_dataset(root: Path, n: int = 4, names: list[str] | None = None) -> Path:
+    """Three classes of its own: a dark ground, red cracks (rows), blue stains (squares), ignore 255 at the border
+    (`names`: other class names, default colours)."""
     root.mkdir(parents=True, exist_ok=True)
-    entries = [f"  - {{name: {c}, color: {list(rgb)}}}\n" for c, rgb in zip(CLASSES, COLOURS, strict=True)]
-    (root / "classes.yaml").write_text("classes:\n" + "".join(entries))
+    write_classes(root, names)
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
@@ -56,14 +57,20 @@ def own_dataset(root: Path, n: int = 4) -> Path:
     return root
 
 
+def write_classes(root: Path, names: list[str] | None = None) -> None:
+    entries = [f"  - {{name: {c}, color: {list(rgb)}}}\n" for c, rgb in zip(CLASSES, COLOURS, strict=True)]
+    (root / "classes.yaml").write_text(f"{names}\n" if names else "classes:\n" + "".join(entries))
+
+
+def sets(*extra: str) -> list[str]:
+    return sum((["--set", s] for s in (*RUN_SETS, *extra)), [])
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict[str, Path]:
     data = own_dataset(tmp_path_factory.mktemp("own") / "data")
     work = tmp_path_factory.mktemp("own_run") / "work"
-    rc = main(
-        ["train", PRESET, "--data-root", str(data), "--work-dir", str(work), *sum((["--set", s] for s in RUN_SETS), [])]
-    )
-    assert rc == 0
+    assert main(["train", PRESET, "--data-root", str(data), "--work-dir", str(work), *sets()]) == 0
     return {"data": data, "work": work}
 
 
@@ -88,6 +95,7 @@ def test_danet_test_on_the_data_s_classes_gives_the_run_s_validation(run, tmp_pa
     tested = json.loads(out.read_text())
     val = [r for r in read_log(run["work"] / "log.jsonl") if r["type"] == "val"][-1]
     assert tested["mIoU"] == pytest.approx(val["mIoU"], abs=1e-9) and len(tested["IoU"]) == 3
+    assert tested["settings"]["base_size"] == [96, 48]  # the run's, as its validation
     # without --dataset folder the preset's 5 classes do not match the file's 3: one line naming the option
     line = cli_error(capsys, *argv[:-2])
     assert "--dataset folder" in line and "data.dataset=folder" in line
@@ -99,6 +107,21 @@ def test_predict_uses_the_checkpoint_s_classes_and_colours(run, tmp_path):
     label = Image.open(tmp_path / "0.png")
     assert label.size == (56, 40) and np.asarray(label).max() < 3
     assert label.getpalette()[:9] == [c for rgb in COLOURS for c in rgb]
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(run["work"] / "last.pth"),
+                str(image),
+                "--out",
+                str(tmp_path),
+                "--tta-merge",
+                "logits",
+            ]
+        )
+        == 2
+    )
 
 
 def test_data_check_on_the_data_s_classes(run, tmp_path, capsys):
@@ -109,15 +132,23 @@ def test_data_check_on_the_data_s_classes(run, tmp_path, capsys):
     assert "0.png" in capsys.readouterr().out
 
 
-def test_fine_tuning_a_checkpoint_of_another_class_count(run, tmp_path, capsys):
-    """init_checkpoint with 5 classes on 3-class data: every weight but the four classifiers comes from it."""
-    cfg = apply_overrides(RunConfig(preset=PRESET, data_root=str(run["data"]), work_dir=str(tmp_path)), RUN_SETS)
+def five_class_checkpoint(run, path: Path) -> torch.nn.Module:
+    """A 5-class model of the run's narrow structure (weights no fresh model has), saved at `path`."""
+    cfg = apply_overrides(RunConfig(preset=PRESET, data_root=str(run["data"]), work_dir=str(path.parent)), RUN_SETS)
     own = cfg.effective_preset()
     source = build_model(cfg, own.replace(model=own.model.replace(num_classes=5)))
     with torch.no_grad():
         for p in source.parameters():
-            p.add_(torch.randn_like(p))  # weights no fresh model has
-    save_checkpoint(tmp_path / "five.pth", source, PRESET)
+            p.add_(torch.randn_like(p))
+    save_checkpoint(path, source, PRESET)
+    return source
+
+
+def test_fine_tuning_a_checkpoint_of_another_class_count(run, tmp_path, capsys):
+    """init_checkpoint with 5 classes on 3-class data: every weight but the four classifiers comes from it."""
+    source = five_class_checkpoint(run, tmp_path / "five.pth")
+    cfg = apply_overrides(RunConfig(preset=PRESET, data_root=str(run["data"]), work_dir=str(tmp_path)), RUN_SETS)
+    own = cfg.effective_preset()
     cfg.init_checkpoint = str(tmp_path / "five.pth")
     model = build_model(cfg, own)
     assert "new classifiers" in capsys.readouterr().out
@@ -144,3 +175,49 @@ def test_bad_own_class_settings_are_one_line(run, tmp_path, capsys):
     assert "'data.dataset' must be one of preset, folder" in line
     line = cli_error(capsys, "test", PRESET, "--checkpoint", run["work"] / "last.pth", "--dataset", "folder")
     assert "--data-root" in line
+    line = cli_error(capsys, "train", PRESET, "--data-root", tmp_path / "nope", "--set", "data.dataset=folder")
+    assert f"data root {tmp_path / 'nope'} does not exist" in line
+    argv = ["test", PRESET, "--checkpoint", run["work"] / "last.pth", "--data-root", run["data"], "--dataset", "folder"]
+    assert "add --tta" in cli_error(capsys, *argv, "--tta-merge", "logits")
+
+
+def test_a_fine_tuning_run_resumes_without_its_init_checkpoint(run, tmp_path, capsys):
+    five_class_checkpoint(run, tmp_path / "five.pth")
+    work = tmp_path / "work"
+    argv = ["train", PRESET, "--data-root", str(run["data"]), "--work-dir", str(work)]
+    assert main([*argv, *sets(f"init_checkpoint={tmp_path / 'five.pth'}", "stop_iter=1")]) == 0
+    assert "new classifiers" in capsys.readouterr().out
+    (tmp_path / "five.pth").unlink()  # a resume reads its own weights, not the init checkpoint again
+    assert main(["train", str(work / "config.yaml"), "--resume"]) == 0
+    assert "new classifiers" not in capsys.readouterr().out
+    assert read_checkpoint(work / "last.pth").train_state["iter"] == 4
+
+
+def test_renamed_classes_are_refused_on_resume_and_test_and_start_new_classifiers(run, tmp_path, capsys):
+    data = own_dataset(tmp_path / "data")
+    work = tmp_path / "work"
+    assert main(["train", PRESET, "--data-root", str(data), "--work-dir", str(work), *sets("stop_iter=1")]) == 0
+    write_classes(data, ["soil", "fissure", "spot"])  # the same count, other classes
+    line = cli_error(capsys, "train", work / "config.yaml", "--resume")
+    assert "trained on 3 classes ['ground', 'crack', 'stain']" in line and "put the run's classes back" in line
+    line = cli_error(
+        capsys, "test", PRESET, "--checkpoint", work / "last.pth", "--data-root", data, "--dataset", "folder"
+    )
+    assert "was trained on the classes ['ground', 'crack', 'stain']" in line
+    # fine-tuning the run on the renamed classes: new classifiers, everything else the run's
+    cfg = apply_overrides(RunConfig(preset=PRESET, data_root=str(data), work_dir=str(tmp_path / "w2")), RUN_SETS)
+    cfg.init_checkpoint = str(work / "last.pth")
+    model = build_model(cfg, cfg.effective_preset())
+    assert "names other classes than the data's: new classifiers" in capsys.readouterr().out
+    old = read_checkpoint(work / "last.pth").state_dict
+    changed = sorted(k for k, v in model.state_dict().items() if not torch.equal(v, old[k]))
+    assert len(changed) == 8 and all(k.startswith(CLASSIFIERS) for k in changed)
+
+
+def test_danet_test_reads_mmsegmentation_files_with_a_text_config(tmp_path, capsys):
+    """mmseg 0.x checkpoints hold their config as text (the mmseg_d8 fixture too): danet test reads them."""
+    fixture = Path(__file__).parent / "fixtures" / "models" / "mmseg_d8.pth"
+    data = own_dataset(tmp_path / "data", n=1, names=[f"class{i}" for i in range(5)])  # the fixture's 5 classes
+    argv = ["test", "danet_r50-d8_ade20k", "--checkpoint", fixture, "--data-root", data, "--dataset", "folder"]
+    assert main([*map(str, argv), "--no-progress", "--device", "cpu"]) == 0
+    assert "class4" in capsys.readouterr().out

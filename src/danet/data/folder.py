@@ -154,7 +154,10 @@ def own_classes(root: str | Path | None, like: DatasetInfo) -> DatasetInfo:
     splits train / val, index masks 0..K-1, 255 ignored (`data.dataset=folder`, `danet test --dataset folder`)."""
     if root is None:
         raise DanetError("a folder dataset with its own classes needs its data root: add --data-root DIR")
-    return folder_info(Path(root).expanduser(), base_size=like.base_size, crop_size=like.crop_size)
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DanetError(f"data root {root} does not exist; pass the folder dataset's folder with --data-root DIR")
+    return folder_info(root, base_size=like.base_size, crop_size=like.crop_size)
 
 
 def list_files(root: Path, split: str) -> list[tuple[Path, Path]]:

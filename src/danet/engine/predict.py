@@ -44,7 +44,6 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tta-merge",
         choices=("probs", "logits"),
-        default="probs",
         help="TTA: average the views' softmax probabilities (default) or their logits (as sssegmentation)",
     )
     parser.add_argument("--no-resize", action="store_true", help="segment at the native resolution")
@@ -161,8 +160,11 @@ def preset_from_filename(name: str) -> str | None:
     return ALIASES[max(hits, key=len)] if hits else None
 
 
-def run_sizes(meta: dict) -> dict[str, tuple[int, int]]:
-    """The base and crop sizes of the `danet train` run that wrote a checkpoint (its config), where it set them."""
+def run_sizes(meta: dict, preset: str | None = None) -> dict[str, tuple[int, int]]:
+    """The base and crop sizes of the `danet train` run that wrote a checkpoint (its config), where it set them;
+    none if `preset` names another preset than the run's."""
+    if preset is not None and meta.get("preset") != preset:
+        return {}
     config = meta.get("config")
     data = config.get("data") if isinstance(config, dict) else None
     out = {}
@@ -202,7 +204,7 @@ class Predictor:
         self.palette = palette or (list(p.palette) if p else None)
         self.mean = tuple(meta.get("mean") or (p.mean if p else (123.675, 116.28, 103.53)))
         self.std = tuple(meta.get("std") or (p.std if p else (58.395, 57.12, 57.375)))
-        run = run_sizes(meta) if not preset_name else {}  # NOTE: a run may have trained at other sizes
+        run = run_sizes(meta, preset_name)  # NOTE: a run may have trained at other sizes than its preset's
         self.base_size = run.get("base_size") or (tuple(p.base_size) if p else None)
         self.crop = run.get("crop_size") or (tuple(p.crop_size) if p else (512, 512))
         self.tta_scales = tuple(p.tta_scales) if p else (0.75, 1.0, 1.25)
@@ -243,6 +245,8 @@ def run_cli(args) -> int:
     from ..models.winograd import set_inference_conv
     from ..viz import label_image, legend_image, overlay
 
+    if args.tta_merge and not args.tta:
+        raise DanetError(f"--tta-merge {args.tta_merge} merges the views of --tta; add --tta")
     if not 0 <= args.alpha <= 1:
         raise DanetError(f"--alpha {args.alpha} is outside 0..1 (0: the photo only, 1: the labels only)")
     out = Path(args.out)
@@ -266,7 +270,7 @@ def run_cli(args) -> int:
             tta=args.tta,
             max_pixels=args.max_pixels,
             amp=args.amp,
-            merge=args.tta_merge,
+            merge=args.tta_merge or "probs",
         )
         write_output(out / f"{name}.png", label_image(label, predictor.palette))
         if args.overlay:

@@ -41,17 +41,22 @@ def backbone_source(cfg: RunConfig, preset, info: distributed.DistInfo | None = 
     return dest
 
 
-def build_model(cfg: RunConfig, preset, backbone: Path | None = None, main: bool = True) -> DANet:
+def build_model(
+    cfg: RunConfig, preset, backbone: Path | None = None, main: bool = True, resuming: bool = False
+) -> DANet:
     """The run's DANet, its backbone from `backbone` (see `backbone_source`). From `init_checkpoint` the weights
     decide the structure: a field set explicitly in `cfg.model` that they contradict is an error; other
     differences from the preset go into `cfg.model`, so that config.yaml (written after this) tells the structure
-    that trains."""
-    if cfg.init_checkpoint:
+    that trains. `resuming`: the structure of `cfg` (a resumed run's, which recorded it) with random weights, to be
+    replaced by the run's own (init_checkpoint is not read again)."""
+    if cfg.init_checkpoint and not resuming:
         ck = checkpoints.read_checkpoint(cfg.init_checkpoint)
         n = checkpoints.infer_config(ck.state_dict, ck.path.name)["num_classes"]
         # NOTE: with the data's own classes the classifiers (the 1x1 convs to the classes) cannot come from another
         # class list: they start anew, everything else is the checkpoint's (fine-tuning)
-        new_classes = cfg.data.dataset == "folder" and n != preset.num_classes
+        names = ck.meta.get("classes")
+        renamed = isinstance(names, list) and len(names) == n and [str(c) for c in names] != list(preset.classes)
+        new_classes = cfg.data.dataset == "folder" and (n != preset.num_classes or renamed)
         if n != preset.num_classes and not new_classes:
             raise DanetError(
                 f"init_checkpoint {cfg.init_checkpoint} has {n} classes, the data of preset {cfg.preset} "
@@ -61,7 +66,7 @@ def build_model(cfg: RunConfig, preset, backbone: Path | None = None, main: bool
         model = checkpoints.load_model(ck, preset.model.replace(num_classes=n) if new_classes else preset.model)
         got = {k: getattr(model.cfg, k) for k in WEIGHT_FIELDS if getattr(model.cfg, k) != getattr(preset.model, k)}
         if new_classes:
-            del got["num_classes"]
+            got.pop("num_classes", None)
         if clash := [k for k in got if k in cfg.model]:
             have = ", ".join(f"model.{k}={got[k]}" for k in clash)
             asked = ", ".join(f"{cfg.model[k]}" for k in clash)
@@ -73,7 +78,9 @@ def build_model(cfg: RunConfig, preset, backbone: Path | None = None, main: bool
         if new_classes:
             model = new_classifiers(model, preset.num_classes)
             if main:
-                print(f"note: init_checkpoint has {n} classes, the data {preset.num_classes}: new classifiers")
+                k = preset.num_classes
+                why = f"has {n} classes, the data {k}" if n != k else "names other classes than the data's"
+                print(f"note: init_checkpoint {why}: new classifiers, the rest from the checkpoint")
     else:
         model = DANet(preset.model)
     if backbone is not None:
@@ -81,10 +88,14 @@ def build_model(cfg: RunConfig, preset, backbone: Path | None = None, main: bool
     return model
 
 
+# the 1x1 convolutions to the classes (main, PAM, CAM, auxiliary): the only class-dependent weights
+CLASSIFIERS = ("head.cls.", "head.cls_pam.", "head.cls_cam.", "aux.cls.")
+
+
 def new_classifiers(model: DANet, num_classes: int) -> DANet:
     """`model` for `num_classes` classes: its weights, but new (freshly initialised) classifiers."""
     new = DANet(model.cfg.replace(num_classes=num_classes))
-    own = new.state_dict()
-    same = {k: v for k, v in model.state_dict().items() if v.shape == own[k].shape}
-    new.load_state_dict(same, strict=False)
+    keep = {k: v for k, v in model.state_dict().items() if not k.startswith(CLASSIFIERS)}
+    missing, unexpected = new.load_state_dict(keep, strict=False)
+    assert not unexpected and all(k.startswith(CLASSIFIERS) for k in missing), (missing, unexpected)
     return new

@@ -9,6 +9,7 @@ too (images sharded over the ranks, confusion matrix all-reduced).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -38,7 +39,6 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tta-merge",
         choices=("probs", "logits"),
-        default="probs",
         help="TTA: average the views' softmax probabilities (default, as mmsegmentation) or their logits (as "
         "sssegmentation's test)",
     )
@@ -77,12 +77,13 @@ def run_test(args) -> dict:
     if args.dataset == "folder":
         preset = with_own_classes(preset, args.data_root)
     check_file(args.checkpoint)  # not found, or a folder (naming a checkpoint inside)
-    mode = args.mode or preset.eval_mode
-    crop = tuple(args.crop) if args.crop else preset.crop_size
-    if mode == "slide" or args.crop or args.stride:  # NOTE: a bad window fails here, before the model loads
-        check_slide(crop, tuple(args.stride) if args.stride else None)
+    if args.crop or args.stride:  # NOTE: a bad window fails here, before the checkpoint is read
+        check_slide(tuple(args.crop) if args.crop else preset.crop_size, tuple(args.stride) if args.stride else None)
     if args.scales and min(args.scales) <= 0:
         raise DanetError(f"--scales must be positive factors (e.g. 0.75 1 1.25), got {args.scales}")
+    tta = args.tta or bool(args.scales)
+    if args.tta_merge and not tta:
+        raise DanetError(f"--tta-merge {args.tta_merge} merges the views of --tta (or --scales); add --tta")
     if args.limit is not None and args.limit < 1:
         raise DanetError(f"--limit must be at least 1 (the first N images), got {args.limit}")
     if args.plot and Path(args.plot).suffix.lower() not in (".png", ".jpg", ".jpeg"):
@@ -90,18 +91,17 @@ def run_test(args) -> dict:
     for out in (args.json, args.plot):  # fail before the evaluation, not after it
         if out:
             check_writable_dir(Path(out).parent)
+    ck = read_checkpoint(args.checkpoint)
+    preset = run_preset(ck, preset, args.dataset)
+    mode = args.mode or preset.eval_mode
+    crop = tuple(args.crop) if args.crop else preset.crop_size
+    if mode == "slide":
+        check_slide(crop, tuple(args.stride) if args.stride else None)
     info = distributed.setup(args.device)
     threads = torch.get_num_threads()
     if info.device.type == "cpu":
         torch.set_num_threads(distributed.cpu_threads(None))
     try:
-        ck = read_checkpoint(args.checkpoint)
-        run_data = (ck.meta.get("config") or {}).get("data") or {}
-        if args.dataset == "preset" and isinstance(run_data, dict) and run_data.get("dataset") == "folder":
-            raise DanetError(
-                f"{args.checkpoint} was trained on a folder dataset with its own classes (data.dataset=folder); "
-                "test it with --dataset folder --data-root DIR"
-            )
         model = load_model(ck, preset.model).to(info.device).eval()
         set_inference_conv(model, args.conv)
         set_inference_norm(model, args.norm)
@@ -109,7 +109,7 @@ def run_test(args) -> dict:
             model = model.to(memory_format=torch.channels_last)
         dataset = build_dataset(preset, args.data_root, args.split, train=False)
         scales = tuple(args.scales) if args.scales else tuple(preset.tta_scales) if args.tta else (1.0,)
-        flip = (args.tta or bool(args.scales)) and not args.no_flip
+        flip = tta and not args.no_flip
         t0 = time.time()
         cm = evaluate(
             model,
@@ -128,7 +128,7 @@ def run_test(args) -> dict:
             progress=not args.no_progress,
             desc="test",
             workers=args.workers,
-            merge=args.tta_merge,
+            merge=args.tta_merge or "probs",
         )
         metrics = cm.compute()
         n = len(dataset) if args.limit is None else min(args.limit, len(dataset))
@@ -141,7 +141,8 @@ def run_test(args) -> dict:
             "crop": list(crop) if mode == "slide" else None,
             "scales": list(scales),
             "flip": flip,
-            "tta_merge": args.tta_merge if len(scales) > 1 or flip or scales != (1.0,) else None,
+            "tta_merge": (args.tta_merge or "probs") if tta else None,
+            "base_size": list(preset.base_size),
             "amp": args.amp,
             "conv": args.conv,
             "norm": args.norm,
@@ -163,6 +164,29 @@ def run_test(args) -> dict:
     finally:
         torch.set_num_threads(threads)
         distributed.cleanup()
+
+
+def run_preset(ck, preset, dataset: str):
+    """`preset` as the run that wrote checkpoint `ck` used it: a `danet train` run of this preset tested at the base
+    and crop sizes it trained and validated with; its classes checked against a folder dataset's own (`dataset`)."""
+    from .predict import run_sizes
+
+    config = ck.meta.get("config")
+    data = config.get("data") if isinstance(config, dict) else None  # NOTE: mmseg 0.x files hold the config as text
+    if dataset == "preset" and isinstance(data, dict) and data.get("dataset") == "folder":
+        raise DanetError(
+            f"{ck.path} was trained on a folder dataset with its own classes (data.dataset=folder); test it with "
+            "--dataset folder --data-root DIR"
+        )
+    saved = ck.meta.get("classes")
+    if dataset == "folder" and isinstance(saved, list) and len(saved) == preset.num_classes:
+        if [str(c) for c in saved] != list(preset.classes):
+            raise DanetError(
+                f"{ck.path.name} was trained on the classes {saved[:4]}..., but the data's classes file names "
+                f"{list(preset.classes[:4])}...; test it on data of its classes"
+            )
+    sizes = run_sizes(ck.meta, preset.name)
+    return preset.replace(dataset=dataclasses.replace(preset.dataset, **sizes)) if sizes else preset
 
 
 def check_writable_dir(folder: Path) -> None:

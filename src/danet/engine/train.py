@@ -119,6 +119,13 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     ckpt = checkpoints.read_checkpoint(resume) if resume else None
     if ckpt is not None and not ckpt.train_state:
         raise DanetError(f"{resume} holds no training state (best.pth is weights only); resume from last.pth")
+    saved = ckpt.meta.get("classes") if ckpt is not None else None
+    if cfg.data.dataset == "folder" and isinstance(saved, list) and [str(c) for c in saved] != list(preset.classes):
+        raise DanetError(
+            f"{resume} trained on {len(saved)} classes {saved[:4]}..., but the classes file of {cfg.data_root} now "
+            f"names {preset.num_classes} {list(preset.classes[:4])}...; put the run's classes back in that file, or "
+            f"start a new run from it (--set init_checkpoint={resume})"
+        )
     if ckpt is not None and info.is_main and (diff := check_compatible(ckpt.meta.get("config", {}), cfg)):
         print(f"warning: resuming with settings that differ from the checkpoint's run: {', '.join(diff)}")
 
@@ -135,7 +142,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
             raise DanetError(f"cannot create the work dir {work}: {e.strerror or e}; pick another --work-dir") from None
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
     backbone = backbone_source(cfg, preset, info) if ckpt is None else None  # NOTE: a resume has its weights
-    model = build_model(cfg, preset, backbone, info.is_main).to(dev)
+    model = build_model(cfg, preset, backbone, info.is_main, resuming=ckpt is not None).to(dev)
     use_winograd(model, cfg.conv == "winograd")  # same parameters and state-dict keys, another algorithm
     why = why_unused(dev, cfg.compile) if cfg.norm == "triton" else None
     use_fused_norm(model, cfg.norm == "triton" and why is None)  # the same again; under torchrun synchronised itself

@@ -155,6 +155,18 @@ def test_predict_writes_palette_pngs_and_overlays(runs, data_root, tmp_path, cap
     assert Image.open(out / "big.png").size == (300, 200)
 
 
+def test_python_predictor_gives_the_cli_s_labels(runs, data_root, tmp_path):
+    """danet.Predictor (the public API) segments as `danet predict` does, with the checkpoint's classes."""
+    import danet
+
+    image = sorted((data_root / "images" / "validation").glob("*.jpg"))[3]
+    assert main(["predict", "--checkpoint", str(runs["resumed"] / "best.pth"), str(image), "--out", str(tmp_path)]) == 0
+    predictor = danet.Predictor(runs["resumed"] / "best.pth", device="cpu")
+    labels = predictor(np.asarray(Image.open(image).convert("RGB")))
+    assert labels.dtype == np.uint8 and np.array_equal(labels, np.asarray(Image.open(tmp_path / f"{image.stem}.png")))
+    assert predictor.classes == list(get_preset(PRESET).classes) and "Predictor" in danet.__all__
+
+
 def test_predict_tta_gives_danet_test_labels(runs, data_root, monkeypatch):
     """--tta: each view's probabilities at the original size, as `danet test` (evaluate.segment) takes them; past the
     size limit at the resized size (a few pixels differ, never the shape). The model: coarse, smooth logits, so that

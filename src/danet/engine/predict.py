@@ -176,7 +176,15 @@ def run_sizes(meta: dict, preset: str | None = None) -> dict[str, tuple[int, int
 
 
 class Predictor:
-    """A loaded checkpoint ready to segment RGB uint8 images of any size."""
+    """A loaded checkpoint ready to segment RGB uint8 images of any size, as `danet predict` does.
+
+        predictor = danet.Predictor("runs/synthetic/best.pth")        # or a zoo file, with preset_name=
+        labels = predictor(rgb)                 # (H, W, 3) uint8 -> (H, W) uint8 class indices at the image's size
+        predictor.classes, predictor.palette    # names and RGB colours of the classes
+
+    The image is resized (keep ratio) to the base size, segmented (sliding windows above `max_pixels`), and the
+    logits resized back once; `tta=True` adds the preset's scales and flips (`merge`: "probs" or "logits").
+    """
 
     def __init__(self, checkpoint: str | Path, preset_name: str | None = None, device: str = "auto") -> None:
         from ..checkpoints import load_model, read_checkpoint

@@ -85,7 +85,8 @@ def test_work_dir_contents(runs):
     work = runs["resumed"]
     names = {p.name for p in work.iterdir()}
     assert {"config.yaml", "log.jsonl", "last.pth", "best.pth", "epoch_2.pth", "metrics.json"} <= names
-    assert {"curves.png", "per_class_iou.png"} <= names
+    assert {"curves.png", "per_class_iou.png", "confusion.png"} <= names
+    assert "confusion" not in json.loads((runs["reference"] / "metrics.json").read_text())  # a picture, not numbers
     assert not [n for n in names if n.startswith(".")]  # no temp files left
     log = read_log(work / "log.jsonl")
     train_iters = [r["iter"] for r in log if r["type"] == "train"]
@@ -118,7 +119,7 @@ def test_test_cli_tta_and_slide(runs, data_root, tmp_path, capsys):
     assert "mIoU" in out and "background" in out
     whole = json.loads((tmp_path / "whole.json").read_text())
     assert {"mIoU", "mAcc", "aAcc", "IoU", "Acc", "settings"} <= set(whole) and len(whole["IoU"]) == 5
-    assert (tmp_path / "whole_per_class_iou.png").exists()
+    assert (tmp_path / "whole_per_class_iou.png").exists() and (tmp_path / "whole_confusion.png").exists()
     val = [r for r in read_log(runs["resumed"] / "log.jsonl") if r["type"] == "val"][-1]
     assert whole["mIoU"] == pytest.approx(val["mIoU"])  # the same numbers as the run's validation
 

@@ -87,3 +87,18 @@ def test_a_picture_that_fails_to_write_leaves_the_previous_one(tmp_path, monkeyp
     with pytest.raises(OSError, match="No space left"):
         viz.plot_class_iou(["a", "b"], [10.0, 20.0], tmp_path / "iou.png")
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["iou.png"]
+
+
+def test_confusion_picture(tmp_path):
+    """Rows in percent of their labels: a 100 % cell in the darkest colour, 90 / 10 % in lighter ones, a row with no
+    labels grey; 150 classes fit; a matrix of another size is refused."""
+    m = [[90, 10, 0], [0, 50, 0], [0, 0, 0]]
+    img = np.asarray(Image.open(viz.plot_confusion(["a", "b", "c"], m, tmp_path / "c.png")).convert("RGB"))
+    count = lambda rgb: int((img == rgb).all(-1).sum())  # noqa: E731
+    assert count(viz._heat(1.0)) > 300 and count(viz._heat(0.9)) > 300 and count(viz._heat(0.1)) > 300
+    assert count((215, 215, 215)) > 3 * 30 * 30  # the absent class's row
+    assert viz._heat(1.0) != viz._heat(0.9) != viz._heat(0.1) != (255, 255, 255)
+    big = viz.plot_confusion([f"c{i}" for i in range(150)], np.eye(150) * 5, tmp_path / "big.png")
+    assert 900 <= Image.open(big).size[0] < 1400
+    with pytest.raises(ValueError, match="for 2 classes"):
+        viz.plot_confusion(["a", "b"], m, tmp_path / "x.png")

@@ -1,4 +1,5 @@
-"""Pictures with PIL only: palettes, colour label maps, overlays, training curves and per-class IoU bars.
+"""Pictures with PIL only: palettes, colour label maps, overlays, training curves, per-class IoU bars and the
+confusion matrix.
 
 Label maps are saved as palette ("P" mode) PNGs: the pixel values are the class indices (255 = ignore), so the
 files are both viewable and machine-readable.
@@ -284,6 +285,73 @@ def plot_class_iou(
     d.text((w / 2, 12), title, fill=(0, 0, 0), font=font(18), anchor="mt")
     d.text(((left + r) / 2, b + 30), "IoU (%)", fill=(30, 30, 30), font=font(15), anchor="mt")
     return save_picture(img, path)
+
+
+def plot_confusion(
+    classes: Sequence[str], matrix, path: str | Path, title: str = "confusion matrix", normalize: bool = True
+) -> Path:
+    """The `(K, K)` confusion matrix (rows: label, columns: prediction) as a heat map, each row in percent of its
+    labelled pixels (what each class is predicted as; the diagonal is its accuracy). Up to 25 classes the cells
+    carry their values; up to 60 the axes name the classes, beyond that every 10th index. Rows of classes absent from
+    the labels are grey."""
+    m = np.asarray(matrix, dtype=np.float64)
+    k = len(classes)
+    if m.shape != (k, k):
+        raise ValueError(f"confusion matrix {m.shape} for {k} classes")
+    rows = m.sum(1, keepdims=True)
+    share = np.where(rows > 0, m / np.maximum(rows, 1), np.nan) * 100 if normalize else m
+    cell = 36 if k <= 25 else 14 if k <= 60 else max(4, 900 // k)
+    named = k <= 60
+    f = font(13 if k <= 25 else 11)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = max(int(probe.textlength(str(c), font=f)) for c in classes) + 16 if named else 40
+    left, top = label_w + 40, label_w + 70
+    side = k * cell
+    w, h = left + side + 110, top + side + 30
+    img = Image.new("RGB", (w, h), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    top_v = float(np.nanmax(share)) if normalize is False and np.isfinite(share).any() else 100.0
+    for i in range(k):
+        for j in range(k):
+            v = share[i, j]
+            x, y = left + j * cell, top + i * cell
+            if not math.isfinite(v):
+                d.rectangle([x, y, x + cell, y + cell], fill=(215, 215, 215))
+                continue
+            d.rectangle([x, y, x + cell, y + cell], fill=_heat(v / (top_v or 1)))
+            if k <= 25 and v >= 0.5:
+                ink = (255, 255, 255) if v / (top_v or 1) > 0.55 else (30, 30, 30)
+                d.text((x + cell / 2, y + cell / 2), f"{v:.0f}", fill=ink, font=font(11), anchor="mm")
+    d.rectangle([left, top, left + side, top + side], outline=(60, 60, 60))
+    marks = range(k) if named else range(0, k, 10)
+    for i in marks:
+        text = str(classes[i]) if named else str(i)
+        d.text((left - 6, top + i * cell + cell / 2), text, fill=(30, 30, 30), font=f, anchor="rm")
+        tw = int(probe.textlength(text, font=f)) + 4
+        tag = Image.new("RGB", (tw, 16), (255, 255, 255))
+        ImageDraw.Draw(tag).text((2, 8), text, fill=(30, 30, 30), font=f, anchor="lm")
+        tag = tag.rotate(90, expand=True)
+        img.paste(tag, (int(left + i * cell + cell / 2 - 8), top - 6 - tag.height))
+    d.text((left + side / 2, 12), title, fill=(0, 0, 0), font=font(18), anchor="mt")
+    d.text((left + side / 2, 36), "predicted class", fill=(60, 60, 60), font=font(14), anchor="mt")
+    label = Image.new("RGB", (120, 18), (255, 255, 255))
+    ImageDraw.Draw(label).text((60, 9), "labelled class", fill=(60, 60, 60), font=font(14), anchor="mm")
+    label = label.rotate(90, expand=True)
+    img.paste(label, (6, int(top + side / 2 - label.height / 2)))
+    bar_x, bar_h = left + side + 25, min(side, 300)  # the colour scale
+    for yy in range(bar_h):
+        d.line([(bar_x, top + yy), (bar_x + 16, top + yy)], fill=_heat(1 - yy / max(bar_h - 1, 1)))
+    d.rectangle([bar_x, top, bar_x + 16, top + bar_h], outline=(60, 60, 60))
+    unit = "%" if normalize else ""
+    d.text((bar_x + 22, top), f"{top_v:.0f}{unit}", fill=(30, 30, 30), font=font(12), anchor="lt")
+    d.text((bar_x + 22, top + bar_h), f"0{unit}", fill=(30, 30, 30), font=font(12), anchor="lb")
+    return save_picture(img, path)
+
+
+def _heat(t: float) -> tuple[int, int, int]:
+    """White (0) -> dark blue (1)."""
+    t = min(max(t, 0.0), 1.0) ** 0.5  # NOTE: a square root, so that small confusions show
+    return (int(255 - 247 * t), int(255 - 207 * t), int(255 - 148 * t))
 
 
 def legend_image(classes: Sequence[str], palette: Sequence[Sequence[int]] | None) -> Image.Image:

@@ -155,11 +155,17 @@ def run_test(args) -> dict:
             if args.json:
                 write_json(args.json, metrics)
             plot = args.plot or (str(Path(args.json).with_suffix("")) + "_per_class_iou.png" if args.json else None)
+            what = f"{preset.name} ({'TTA ' if len(scales) > 1 or flip else ''}{mode})"
             if plot:
                 from ..viz import plot_class_iou
 
-                title = f"{preset.name} ({'TTA ' if len(scales) > 1 or flip else ''}{mode}): per-class IoU"
-                plot_class_iou(preset.classes, metrics["IoU"], plot, title, preset.palette, metrics["mIoU"])
+                plot_class_iou(preset.classes, metrics["IoU"], plot, f"{what}: per-class IoU", preset.palette,
+                               metrics["mIoU"])  # fmt: skip
+            if args.json:
+                from ..viz import plot_confusion
+
+                confusion = str(Path(args.json).with_suffix("")) + "_confusion.png"
+                plot_confusion(preset.classes, cm.mat.cpu().numpy(), confusion, f"{what}: confusion")
         return metrics
     finally:
         torch.set_num_threads(threads)

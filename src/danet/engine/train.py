@@ -5,7 +5,7 @@ Per iteration i (global, 0-based): lr = poly(i); forward under autocast; CE on m
 SGD step (through a GradScaler for fp16). Each epoch ends with last.pth (and epoch_N.pth every save interval),
 validation every eval interval (best.pth by mIoU). Everything lands in the work dir:
 
-    config.yaml  log.jsonl  last.pth  best.pth  epoch_N.pth  metrics.json  curves.png  per_class_iou.png
+    config.yaml  log.jsonl  last.pth  best.pth  epoch_N.pth  metrics.json  curves.png  per_class_iou.png  confusion.png
 
 Exact resume: data order and augmentation are functions of (seed, epoch, index) (`sampling.py`), the torch RNG is
 re-seeded from (seed, iteration, rank) before every step, and checkpoints hold the model, optimizer, scheduler,
@@ -398,7 +398,7 @@ def validate(model: DANet, val_ds, preset, cfg: RunConfig, info: distributed.Dis
         limit=cfg.data.val_limit,
         progress=cfg.progress,
     )
-    return cm.compute()
+    return {**cm.compute(), "confusion": cm.mat.cpu().tolist()}  # (K, K): rows label, columns prediction
 
 
 def _scalars(metrics: dict) -> dict:
@@ -406,14 +406,14 @@ def _scalars(metrics: dict) -> dict:
 
 
 def write_metrics(work: Path, metrics: dict, best: float, best_iter, it: int, epoch: int, seconds: float) -> None:
-    """metrics.json (atomic): the latest validation and the best mIoU so far."""
+    """metrics.json (atomic): the latest validation and the best mIoU so far (its confusion matrix: confusion.png)."""
     out = {"iter": it, "epoch": epoch, "seconds": round(seconds, 1), "best_mIoU": best, "best_iter": best_iter}
-    out.update(metrics)
+    out.update({k: v for k, v in metrics.items() if k != "confusion"})
     write_json(work / "metrics.json", out)
 
 
 def draw_pictures(work: Path, preset, metrics: dict) -> None:
-    """curves.png (loss, lr, val mIoU vs iteration) and per_class_iou.png (the final validation)."""
+    """curves.png (loss, lr, val mIoU vs iteration), per_class_iou.png and confusion.png (the final validation)."""
     try:
         _draw_pictures(work, preset, metrics)
     except OSError as e:
@@ -432,3 +432,6 @@ def _draw_pictures(work: Path, preset, metrics: dict) -> None:
             preset.classes, metrics["IoU"], work / "per_class_iou.png", title=f"{preset.name}: per-class IoU",
             palette=preset.palette, miou=metrics.get("mIoU"),
         )  # fmt: skip
+    if metrics.get("confusion") is not None:
+        title = f"{preset.name}: val confusion"
+        viz.plot_confusion(preset.classes, metrics["confusion"], work / "confusion.png", title)

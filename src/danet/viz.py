@@ -310,7 +310,7 @@ def plot_confusion(
     w, h = left + side + 110, top + side + 30
     img = Image.new("RGB", (w, h), (255, 255, 255))
     d = ImageDraw.Draw(img)
-    top_v = float(np.nanmax(share)) if normalize is False and np.isfinite(share).any() else 100.0
+    top_v = 100.0 if normalize else float(np.nanmax(share)) if np.isfinite(share).any() else 1.0  # the scale's top
     for i in range(k):
         for j in range(k):
             v = share[i, j]

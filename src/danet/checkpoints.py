@@ -45,6 +45,12 @@ class Checkpoint:
     meta: dict
     train_state: dict | None = None
 
+    @property
+    def classes(self) -> list[str] | None:
+        """The class names the weights were trained on, where the file records them."""
+        names = self.meta.get("classes")
+        return [str(c) for c in names] if isinstance(names, list | tuple) else None
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # writing

@@ -54,8 +54,7 @@ def build_model(
         n = checkpoints.infer_config(ck.state_dict, ck.path.name)["num_classes"]
         # NOTE: with the data's own classes the classifiers (the 1x1 convs to the classes) cannot come from another
         # class list: they start anew, everything else is the checkpoint's (fine-tuning)
-        names = ck.meta.get("classes")
-        renamed = isinstance(names, list) and len(names) == n and [str(c) for c in names] != list(preset.classes)
+        renamed = ck.classes is not None and len(ck.classes) == n and ck.classes != list(preset.classes)
         new_classes = cfg.data.dataset == "folder" and (n != preset.num_classes or renamed)
         if n != preset.num_classes and not new_classes:
             raise DanetError(

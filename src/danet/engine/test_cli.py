@@ -184,9 +184,9 @@ def run_preset(ck, preset, dataset: str):
             f"{ck.path} was trained on a folder dataset with its own classes (data.dataset=folder); test it with "
             "--dataset folder --data-root DIR"
         )
-    saved = ck.meta.get("classes")
-    if dataset == "folder" and isinstance(saved, list) and len(saved) == preset.num_classes:
-        if [str(c) for c in saved] != list(preset.classes):
+    saved = ck.classes
+    if dataset == "folder" and saved is not None and len(saved) == preset.num_classes:
+        if saved != list(preset.classes):
             raise DanetError(
                 f"{ck.path.name} was trained on the classes {saved[:4]}..., but the data's classes file names "
                 f"{list(preset.classes[:4])}...; test it on data of its classes"

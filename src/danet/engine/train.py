@@ -119,8 +119,8 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     ckpt = checkpoints.read_checkpoint(resume) if resume else None
     if ckpt is not None and not ckpt.train_state:
         raise DanetError(f"{resume} holds no training state (best.pth is weights only); resume from last.pth")
-    saved = ckpt.meta.get("classes") if ckpt is not None else None
-    if cfg.data.dataset == "folder" and isinstance(saved, list) and [str(c) for c in saved] != list(preset.classes):
+    saved = ckpt.classes if ckpt is not None else None
+    if cfg.data.dataset == "folder" and saved is not None and saved != list(preset.classes):
         raise DanetError(
             f"{resume} trained on {len(saved)} classes {saved[:4]}..., but the classes file of {cfg.data_root} now "
             f"names {preset.num_classes} {list(preset.classes[:4])}...; put the run's classes back in that file, or "

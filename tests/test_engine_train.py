@@ -166,6 +166,15 @@ def test_python_predictor_gives_the_cli_s_labels(runs, data_root, tmp_path):
     labels = predictor(np.asarray(Image.open(image).convert("RGB")))
     assert labels.dtype == np.uint8 and np.array_equal(labels, np.asarray(Image.open(tmp_path / f"{image.stem}.png")))
     assert predictor.classes == list(get_preset(PRESET).classes) and "Predictor" in danet.__all__
+    assert np.array_equal(predictor(Image.open(image)), labels)  # a PIL image too
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1))
+    danet.Predictor(runs["resumed"] / "best.pth", device="cpu")  # leaves the process's threads as they are
+    assert torch.get_num_threads() == max(1, threads - 1)
+    torch.set_num_threads(threads)
+    for bad in (np.zeros((8, 8), np.uint8), np.zeros((8, 8, 4), np.uint8), np.zeros((8, 8, 3), np.float32)):
+        with pytest.raises(danet.DanetError, match=r"RGB image as a \(H, W, 3\) uint8 array"):
+            predictor(bad)
 
 
 def test_predict_tta_gives_danet_test_labels(runs, data_root, monkeypatch):

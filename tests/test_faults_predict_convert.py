@@ -6,6 +6,7 @@ files already there (input images, earlier outputs, a run's checkpoint) with the
 from __future__ import annotations
 
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -221,3 +222,21 @@ def test_predict_segments_at_the_sizes_the_run_trained_at(tmp_path):
     assert run_sizes(meta, "danet_r50-d8_ade20k") == {} and run_sizes(meta, preset.name)["base_size"] == (96, 48)
     save_checkpoint(path, tiny_model(), preset, extra_meta={"config": {"data": {"base_size": [96, "x"]}}})
     assert Predictor(path, device="cpu").base_size == preset.base_size
+
+
+def test_danet_test_checks_a_stride_against_the_run_s_window(tmp_path, capsys):
+    """A run trained at a 128 px crop slides 128 px windows: --stride 100 is valid there (the preset's crop is 64)."""
+    from danet.presets import get_preset
+    from test_faults_common import tiny_folder_dataset
+
+    preset = get_preset("danet_tiny_synthetic")
+    assert preset.crop_size == (64, 64)
+    path = tmp_path / "run.pth"
+    save_checkpoint(path, tiny_model(), preset, extra_meta={"config": {"data": {"crop_size": [128, 128]}}})
+    (tmp_path / "data").mkdir()
+    data = tiny_folder_dataset(tmp_path / "data")
+    argv = ["test", "danet_tiny_synthetic", "--checkpoint", str(path), "--data-root", str(data), "--mode", "slide"]
+    assert main([*argv, "--stride", "100", "100", "--no-progress", "--json", str(tmp_path / "m.json")]) == 0
+    settings = json.loads((tmp_path / "m.json").read_text())["settings"]
+    assert settings["crop"] == [128, 128]
+    assert "at most the window [128, 128]" in cli_error(capsys, *argv, "--stride", "129", "129")

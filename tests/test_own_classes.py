@@ -200,11 +200,14 @@ def test_renamed_classes_are_refused_on_resume_and_test_and_start_new_classifier
     write_classes(data, ["soil", "fissure", "spot"])  # the same count, other classes
     line = cli_error(capsys, "train", work / "config.yaml", "--resume")
     assert "trained on 3 classes ['ground', 'crack', 'stain']" in line and "put the run's classes back" in line
-    line = cli_error(
-        capsys, "test", PRESET, "--checkpoint", work / "last.pth", "--data-root", data, "--dataset", "folder"
-    )
-    assert "was trained on the classes ['ground', 'crack', 'stain']" in line
+    test = ["test", PRESET, "--checkpoint", work / "last.pth", "--data-root", data, "--dataset", "folder"]
+    line = cli_error(capsys, *test)
+    assert "was trained on 3 classes ['ground', 'crack', 'stain']" in line
+    write_classes(data, ["ground", "crack", "stain", "rust"])  # another count: the same message, not num_classes
+    line = cli_error(capsys, *test)
+    assert "was trained on 3 classes ['ground', 'crack', 'stain'], but the data's classes file names 4" in line
     # fine-tuning the run on the renamed classes: new classifiers, everything else the run's
+    write_classes(data, ["soil", "fissure", "spot"])
     cfg = apply_overrides(RunConfig(preset=PRESET, data_root=str(data), work_dir=str(tmp_path / "w2")), RUN_SETS)
     cfg.init_checkpoint = str(work / "last.pth")
     model = build_model(cfg, cfg.effective_preset())

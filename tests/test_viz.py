@@ -100,5 +100,10 @@ def test_confusion_picture(tmp_path):
     assert viz._heat(1.0) != viz._heat(0.9) != viz._heat(0.1) != (255, 255, 255)
     big = viz.plot_confusion([f"c{i}" for i in range(150)], np.eye(150) * 5, tmp_path / "big.png")
     assert 900 <= Image.open(big).size[0] < 1400
+    title = "danet_r50-d8_ade20k (TTA whole): confusion"
+    small = Image.open(viz.plot_confusion(["background", "crack"], [[5, 0], [0, 5]], tmp_path / "s.png", title))
+    assert small.size[0] >= viz.ImageDraw.Draw(small).textlength(title, font=viz.font(18)) + 40  # the title fits
+    long = Image.open(viz.plot_confusion(["x" * 200, "y"], [[5, 0], [0, 5]], tmp_path / "l.png"))
+    assert long.size[0] < 600  # names are cut at 30 characters
     with pytest.raises(ValueError, match="for 2 classes"):
         viz.plot_confusion(["a", "b"], m, tmp_path / "x.png")

@@ -1,5 +1,5 @@
-"""The one exception type for problems a user can cause (paths, formats, names, shapes, class counts), and what to
-say about an OSError (a full disk, a permission)."""
+"""The one exception type for problems a user can cause (paths, formats, names, shapes, class counts), what to
+say about an OSError (a full disk, a permission), and how a message names a list of classes."""
 
 import errno
 
@@ -26,3 +26,9 @@ OS_HINTS = {
 def os_hint(e: OSError, default: str | None = None) -> str | None:
     """What to do about an OSError, by its errno (`default` for the others)."""
     return OS_HINTS.get(e.errno, default)
+
+
+def short(names) -> str:
+    """The first class names, for a one-line message: ['a', 'b', 'c', 'd', ...]."""
+    names = [str(n) for n in names]
+    return str(names) if len(names) <= 4 else str(names[:4])[:-1] + ", ...]"

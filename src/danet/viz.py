@@ -295,6 +295,7 @@ def plot_confusion(
     carry their values; up to 60 the axes name the classes, beyond that every 10th index. Rows of classes absent from
     the labels are grey."""
     m = np.asarray(matrix, dtype=np.float64)
+    classes = [str(c) if len(str(c)) <= 30 else str(c)[:29] + "…" for c in classes]
     k = len(classes)
     if m.shape != (k, k):
         raise ValueError(f"confusion matrix {m.shape} for {k} classes")
@@ -307,7 +308,8 @@ def plot_confusion(
     label_w = max(int(probe.textlength(str(c), font=f)) for c in classes) + 16 if named else 40
     left, top = label_w + 40, label_w + 70
     side = k * cell
-    w, h = left + side + 110, top + side + 30
+    title_w = int(probe.textlength(title, font=font(18)))
+    w, h = max(left + side + 110, title_w + 40), top + max(side, 130) + 30
     img = Image.new("RGB", (w, h), (255, 255, 255))
     d = ImageDraw.Draw(img)
     top_v = 100.0 if normalize else float(np.nanmax(share)) if np.isfinite(share).any() else 1.0  # the scale's top
@@ -332,12 +334,13 @@ def plot_confusion(
         ImageDraw.Draw(tag).text((2, 8), text, fill=(30, 30, 30), font=f, anchor="lm")
         tag = tag.rotate(90, expand=True)
         img.paste(tag, (int(left + i * cell + cell / 2 - 8), top - 6 - tag.height))
-    d.text((left + side / 2, 12), title, fill=(0, 0, 0), font=font(18), anchor="mt")
+    d.text((min(max(left + side / 2, title_w / 2 + 20), w - title_w / 2 - 20), 12), title, fill=(0, 0, 0),
+           font=font(18), anchor="mt")  # fmt: skip
     d.text((left + side / 2, 36), "predicted class", fill=(60, 60, 60), font=font(14), anchor="mt")
     label = Image.new("RGB", (120, 18), (255, 255, 255))
     ImageDraw.Draw(label).text((60, 9), "labelled class", fill=(60, 60, 60), font=font(14), anchor="mm")
     label = label.rotate(90, expand=True)
-    img.paste(label, (6, int(top + side / 2 - label.height / 2)))
+    img.paste(label, (6, int(top + max(side, 130) / 2 - label.height / 2)))
     bar_x, bar_h = left + side + 25, min(side, 300)  # the colour scale
     for yy in range(bar_h):
         d.line([(bar_x, top + yy), (bar_x + 16, top + yy)], fill=_heat(1 - yy / max(bar_h - 1, 1)))

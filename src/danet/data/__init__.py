@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from types import ModuleType
 
-from ..errors import DanetError
+from ..errors import DanetError, short
 from ..presets import DatasetInfo
 from . import ade20k, cityscapes, folder, voc
 from .base import SegmentationDataset, worker_init_fn
@@ -78,8 +78,8 @@ def find_files(info: DatasetInfo, root: Path, split: str) -> list[tuple[Path, Pa
         names, _ = load_classes(root)
         if names != tuple(info.classes):
             raise DanetError(
-                f"the classes file of {root} names {len(names)} classes {list(names[:4])}... but the preset has "
-                f"{info.num_classes} {list(info.classes[:4])}...; to use the file's classes, lay the data out in "
+                f"the classes file of {root} names {len(names)} classes {short(names)} but the preset has "
+                f"{info.num_classes} {short(info.classes)}; to use the file's classes, lay the data out in "
                 "images/{train,val} and masks/{train,val} and add --set data.dataset=folder (train) or --dataset "
                 f"folder (test, data check); or list the preset's {info.num_classes} classes in the file, in order"
             )

@@ -190,15 +190,13 @@ class Predictor:
         from ..checkpoints import load_model, read_checkpoint
         from ..presets import get_preset
         from ..safe_load import check_file
-        from .distributed import cpu_threads, pick_device
+        from .distributed import pick_device
 
         check_file(checkpoint)  # not found, or a folder (naming a checkpoint inside)
         ck = read_checkpoint(checkpoint)
         name = preset_name or ck.meta.get("preset") or preset_from_filename(Path(checkpoint).name)
         self.preset = get_preset(name) if name else None
         self.device = pick_device(device)
-        if self.device.type == "cpu":
-            torch.set_num_threads(cpu_threads(None))
         # NOTE: our files carry their exact model config (a run may have overridden the preset's); foreign files
         # do not, and then the preset decides what the weights cannot tell (the output stride)
         structure = self.preset.model if self.preset and (preset_name or not ck.meta.get("model_cfg")) else None
@@ -228,10 +226,18 @@ class Predictor:
         amp: str = "none",
         merge: str = "probs",
     ) -> np.ndarray:
-        """RGB uint8 `(H, W, 3)` -> class indices uint8 `(H, W)` at the original size."""
+        """RGB uint8 `(H, W, 3)` (or a PIL image) -> class indices uint8 `(H, W)` at the original size."""
         from ..data.transforms import normalize, resize_keep_ratio
         from .evaluate import segment, upsample_argmax
 
+        if isinstance(image, Image.Image):
+            image = np.asarray(image.convert("RGB"))
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or 0 in image.shape:
+            raise DanetError(
+                f"Predictor takes an RGB image as a (H, W, 3) uint8 array (0..255) or a PIL image, got a "
+                f"{image.dtype} array of shape {image.shape}; e.g. np.asarray(PIL.Image.open(f).convert('RGB'))"
+            )
         h, w = image.shape[:2]
         small = resize_keep_ratio(image, None, self.base_size)[0] if resize and self.base_size else image
         x = normalize(small, self.mean, self.std)[None].to(self.device)
@@ -252,6 +258,7 @@ def run_cli(args) -> int:
     from ..models.fused_norm import set_inference_norm
     from ..models.winograd import set_inference_conv
     from ..viz import label_image, legend_image, overlay
+    from .distributed import cpu_threads
 
     if args.tta_merge and not args.tta:
         raise DanetError(f"--tta-merge {args.tta_merge} merges the views of --tta; add --tta")
@@ -261,6 +268,8 @@ def run_cli(args) -> int:
     files = collect_inputs(args.inputs, out)
     check_outputs(files, out, args.overlay)
     predictor = Predictor(args.checkpoint, args.preset, args.device)
+    if predictor.device.type == "cpu":  # NOTE: the command's threads; the Python API leaves the process's as they are
+        torch.set_num_threads(cpu_threads(None))
     set_inference_conv(predictor.model, args.conv)
     set_inference_norm(predictor.model, args.norm)
     if args.channels_last:

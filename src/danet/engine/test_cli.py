@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DanetError
+from ..errors import DanetError, short
 from .logging import write_json
 
 
@@ -77,8 +77,9 @@ def run_test(args) -> dict:
     if args.dataset == "folder":
         preset = with_own_classes(preset, args.data_root)
     check_file(args.checkpoint)  # not found, or a folder (naming a checkpoint inside)
-    if args.crop or args.stride:  # NOTE: a bad window fails here, before the checkpoint is read
-        check_slide(tuple(args.crop) if args.crop else preset.crop_size, tuple(args.stride) if args.stride else None)
+    stride = tuple(args.stride) if args.stride else None
+    if args.crop:  # NOTE: a bad window fails here, before the checkpoint is read (the run's crop may be the default)
+        check_slide(tuple(args.crop), stride)
     if args.scales and min(args.scales) <= 0:
         raise DanetError(f"--scales must be positive factors (e.g. 0.75 1 1.25), got {args.scales}")
     tta = args.tta or bool(args.scales)
@@ -95,8 +96,8 @@ def run_test(args) -> dict:
     preset = run_preset(ck, preset, args.dataset)
     mode = args.mode or preset.eval_mode
     crop = tuple(args.crop) if args.crop else preset.crop_size
-    if mode == "slide":
-        check_slide(crop, tuple(args.stride) if args.stride else None)
+    if mode == "slide" or stride:
+        check_slide(crop, stride)
     info = distributed.setup(args.device)
     threads = torch.get_num_threads()
     if info.device.type == "cpu":
@@ -118,7 +119,7 @@ def run_test(args) -> dict:
             device=info.device,
             mode=mode,
             crop=crop,
-            stride=tuple(args.stride) if args.stride else None,
+            stride=stride,
             scales=scales,
             flip=flip,
             amp=args.amp,
@@ -185,12 +186,11 @@ def run_preset(ck, preset, dataset: str):
             "--dataset folder --data-root DIR"
         )
     saved = ck.classes
-    if dataset == "folder" and saved is not None and len(saved) == preset.num_classes:
-        if saved != list(preset.classes):
-            raise DanetError(
-                f"{ck.path.name} was trained on the classes {saved[:4]}..., but the data's classes file names "
-                f"{list(preset.classes[:4])}...; test it on data of its classes"
-            )
+    if dataset == "folder" and saved is not None and saved != list(preset.classes):
+        raise DanetError(
+            f"{ck.path.name} was trained on {len(saved)} classes {short(saved)}, but the data's classes file names "
+            f"{preset.num_classes} {short(preset.classes)}; test it on data of its classes"
+        )
     sizes = run_sizes(ck.meta, preset.name)
     return preset.replace(dataset=dataclasses.replace(preset.dataset, **sizes)) if sizes else preset
 

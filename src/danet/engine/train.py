@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .. import checkpoints
 from ..config import RunConfig, from_dict, to_dict
-from ..errors import DanetError
+from ..errors import DanetError, short
 from ..models.danet import DANet
 from ..models.fused_norm import use_fused_norm, why_unused
 from ..models.winograd import use_winograd
@@ -122,9 +122,9 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     saved = ckpt.classes if ckpt is not None else None
     if cfg.data.dataset == "folder" and saved is not None and saved != list(preset.classes):
         raise DanetError(
-            f"{resume} trained on {len(saved)} classes {saved[:4]}..., but the classes file of {cfg.data_root} now "
-            f"names {preset.num_classes} {list(preset.classes[:4])}...; put the run's classes back in that file, or "
-            f"start a new run from it (--set init_checkpoint={resume})"
+            f"{resume} trained on {len(saved)} classes {short(saved)}, but the classes file of {cfg.data_root} now "
+            f"names {preset.num_classes} {short(preset.classes)}; put the run's classes back in that file, or start "
+            f"a new run from it (--set init_checkpoint={resume})"
         )
     if ckpt is not None and info.is_main and (diff := check_compatible(ckpt.meta.get("config", {}), cfg)):
         print(f"warning: resuming with settings that differ from the checkpoint's run: {', '.join(diff)}")

@@ -218,8 +218,8 @@ def test_predict_segments_at_the_sizes_the_run_trained_at(tmp_path):
     assert run.base_size == (96, 48) and run.crop == (40, 40)
     named = Predictor(path, "danet_tiny_synthetic", device="cpu")
     assert named.base_size == (96, 48) and named.crop == (40, 40)
-    meta = read_checkpoint(path).meta
-    assert run_sizes(meta, "danet_r50-d8_ade20k") == {} and run_sizes(meta, preset.name)["base_size"] == (96, 48)
+    ck = read_checkpoint(path)
+    assert run_sizes(ck, "danet_r50-d8_ade20k") == {} and run_sizes(ck, preset.name)["base_size"] == (96, 48)
     save_checkpoint(path, tiny_model(), preset, extra_meta={"config": {"data": {"base_size": [96, "x"]}}})
     assert Predictor(path, device="cpu").base_size == preset.base_size
 

@@ -51,6 +51,14 @@ class Checkpoint:
         names = self.meta.get("classes")
         return [str(c) for c in names] if isinstance(names, list | tuple) else None
 
+    @property
+    def run_data(self) -> dict:
+        """The data settings of the `danet train` run that wrote this file (its config's `data`), else {} (foreign
+        files: mmseg 0.x ones hold their config as text)."""
+        config = self.meta.get("config")
+        data = config.get("data") if isinstance(config, dict) else None
+        return data if isinstance(data, dict) else {}
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # writing

@@ -160,16 +160,14 @@ def preset_from_filename(name: str) -> str | None:
     return ALIASES[max(hits, key=len)] if hits else None
 
 
-def run_sizes(meta: dict, preset: str | None = None) -> dict[str, tuple[int, int]]:
-    """The base and crop sizes of the `danet train` run that wrote a checkpoint (its config), where it set them;
-    none if `preset` names another preset than the run's."""
-    if preset is not None and meta.get("preset") != preset:
+def run_sizes(ck, preset: str | None = None) -> dict[str, tuple[int, int]]:
+    """The base and crop sizes of the `danet train` run that wrote checkpoint `ck`, where it set them; none if
+    `preset` names another preset than the run's."""
+    if preset is not None and ck.meta.get("preset") != preset:
         return {}
-    config = meta.get("config")
-    data = config.get("data") if isinstance(config, dict) else None
     out = {}
     for key in ("base_size", "crop_size"):
-        v = data.get(key) if isinstance(data, dict) else None
+        v = ck.run_data.get(key)
         if isinstance(v, list | tuple) and len(v) == 2 and all(type(x) is int and x > 0 for x in v):
             out[key] = (v[0], v[1])
     return out
@@ -210,7 +208,7 @@ class Predictor:
         self.palette = palette or (list(p.palette) if p else None)
         self.mean = tuple(meta.get("mean") or (p.mean if p else (123.675, 116.28, 103.53)))
         self.std = tuple(meta.get("std") or (p.std if p else (58.395, 57.12, 57.375)))
-        run = run_sizes(meta, preset_name)  # NOTE: a run may have trained at other sizes than its preset's
+        run = run_sizes(ck, preset_name)  # NOTE: a run may have trained at other sizes than its preset's
         self.base_size = run.get("base_size") or (tuple(p.base_size) if p else None)
         self.crop = run.get("crop_size") or (tuple(p.crop_size) if p else (512, 512))
         self.tta_scales = tuple(p.tta_scales) if p else (0.75, 1.0, 1.25)

@@ -178,9 +178,7 @@ def run_preset(ck, preset, dataset: str):
     and crop sizes it trained and validated with; its classes checked against a folder dataset's own (`dataset`)."""
     from .predict import run_sizes
 
-    config = ck.meta.get("config")
-    data = config.get("data") if isinstance(config, dict) else None  # NOTE: mmseg 0.x files hold the config as text
-    if dataset == "preset" and isinstance(data, dict) and data.get("dataset") == "folder":
+    if dataset == "preset" and ck.run_data.get("dataset") == "folder":
         raise DanetError(
             f"{ck.path} was trained on a folder dataset with its own classes (data.dataset=folder); test it with "
             "--dataset folder --data-root DIR"
@@ -191,7 +189,7 @@ def run_preset(ck, preset, dataset: str):
             f"{ck.path.name} was trained on {len(saved)} classes {short(saved)}, but the data's classes file names "
             f"{preset.num_classes} {short(preset.classes)}; test it on data of its classes"
         )
-    sizes = run_sizes(ck.meta, preset.name)
+    sizes = run_sizes(ck, preset.name)
     return preset.replace(dataset=dataclasses.replace(preset.dataset, **sizes)) if sizes else preset
 
 

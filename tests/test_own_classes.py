@@ -83,6 +83,8 @@ def test_training_takes_the_data_s_classes(run):
     assert ck.train_state["iter"] == 4  # 4 train images // batch 2, 2 epochs
     cfg = load_run_config(str(run["work"] / "config.yaml"))  # config.yaml loads back to the same run
     assert cfg.data.dataset == "folder" and cfg.effective_preset().classes == CLASSES
+    assert cfg.effective_preset().title == f"{PRESET} on 3 own classes"  # the pictures' titles say so
+    assert RunConfig(preset=PRESET).effective_preset().title == PRESET
     metrics = json.loads((run["work"] / "metrics.json").read_text())
     assert len(metrics["IoU"]) == 3
 

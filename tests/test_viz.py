@@ -107,3 +107,15 @@ def test_confusion_picture(tmp_path):
     assert long.size[0] < 600  # names are cut at 30 characters
     with pytest.raises(ValueError, match="for 2 classes"):
         viz.plot_confusion(["a", "b"], m, tmp_path / "x.png")
+
+
+def test_class_names_beyond_ascii_are_drawn_where_the_machine_has_a_font(tmp_path):
+    f = viz.font(14)
+    missing = bytes(f.getmask("\uffff"))  # the font's "no such glyph" box
+    if getattr(f, "path", None):  # a system font (DejaVu Sans, Noto Sans, ...): Latin, Greek and Cyrillic letters
+        for name in ("café", "Straße", "дорога", "α"):
+            assert all(bytes(f.getmask(ch)) != missing for ch in name), name
+    else:  # no system font: Pillow's own, ASCII only; the pictures are still drawn
+        assert bytes(f.getmask("a")) != missing
+    out = viz.plot_class_iou(["café", "дорога"], [50.0, 70.0], tmp_path / "iou.png")
+    assert Image.open(out).size[0] > 100

@@ -108,6 +108,13 @@ class Preset:
         return self.dataset.palette
 
     @property
+    def title(self) -> str:
+        """The name pictures carry: the preset's, and for a folder dataset with its own classes, that it is one."""
+        if self.dataset.name == "folder":
+            return f"{self.name} on {self.num_classes} own classes"
+        return self.name
+
+    @property
     def crop_size(self) -> tuple[int, int]:
         return self.dataset.crop_size
 

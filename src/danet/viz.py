@@ -7,6 +7,7 @@ files are both viewable and machine-readable.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -69,7 +70,18 @@ def overlay(image: np.ndarray, label: np.ndarray, palette, alpha: float = 0.5, i
 
 
 # ---- a small plotting kit ------------------------------------------------------------------------------------------
+# Pillow's bundled font draws ASCII only ("café" gets a box for the é): a system font that covers Latin, Greek and
+# Cyrillic names comes first where the machine has one (PIL finds these by file name in the system's font folders).
+SYSTEM_FONTS = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "LiberationSans-Regular.ttf", "Arial.ttf")
+
+
+@functools.cache
 def font(size: int) -> ImageFont.ImageFont:
+    for name in SYSTEM_FONTS:
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has one bitmap size
@@ -308,7 +320,7 @@ def plot_confusion(
     label_w = max(int(probe.textlength(str(c), font=f)) for c in classes) + 16 if named else 40
     left, top = label_w + 40, label_w + 70
     side = k * cell
-    title_w = int(probe.textlength(title, font=font(18)))
+    title_w = math.ceil(probe.textlength(title, font=font(18)))
     w, h = max(left + side + 110, title_w + 40), top + max(side, 130) + 30
     img = Image.new("RGB", (w, h), (255, 255, 255))
     d = ImageDraw.Draw(img)

@@ -156,7 +156,7 @@ def run_test(args) -> dict:
             if args.json:
                 write_json(args.json, metrics)
             plot = args.plot or (str(Path(args.json).with_suffix("")) + "_per_class_iou.png" if args.json else None)
-            what = f"{preset.name} ({'TTA ' if len(scales) > 1 or flip else ''}{mode})"
+            what = f"{preset.title} ({'TTA ' if len(scales) > 1 or flip else ''}{mode})"
             if plot:
                 from ..viz import plot_class_iou
 

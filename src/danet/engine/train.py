@@ -426,12 +426,12 @@ def draw_pictures(work: Path, preset, metrics: dict) -> None:
 def _draw_pictures(work: Path, preset, metrics: dict) -> None:
     from .. import viz
 
-    viz.plot_training_curves(read_log(work / "log.jsonl"), work / "curves.png", title=f"{preset.name} training")
+    viz.plot_training_curves(read_log(work / "log.jsonl"), work / "curves.png", title=f"{preset.title} training")
     if metrics.get("IoU") is not None:
         viz.plot_class_iou(
-            preset.classes, metrics["IoU"], work / "per_class_iou.png", title=f"{preset.name}: per-class IoU",
+            preset.classes, metrics["IoU"], work / "per_class_iou.png", title=f"{preset.title}: per-class IoU",
             palette=preset.palette, miou=metrics.get("mIoU"),
         )  # fmt: skip
     if metrics.get("confusion") is not None:
-        title = f"{preset.name}: val confusion"
+        title = f"{preset.title}: val confusion"
         viz.plot_confusion(preset.classes, metrics["confusion"], work / "confusion.png", title)

@@ -65,7 +65,10 @@ def resolve_split(info: DatasetInfo, split: str) -> str:
 def data_root(info: DatasetInfo, root: str | os.PathLike | None) -> Path:
     """The data root to read: `root`, or the synthetic cache (generated on first use) for the synthetic preset."""
     if root is not None:
-        return Path(root).expanduser()
+        path = Path(root).expanduser()
+        if path.exists() and not path.is_dir():
+            raise DanetError(f"data root {path} is a file, not a folder; pass the dataset's folder (--data-root DIR)")
+        return path
     if info.name == "synthetic":
         return ensure_synthetic()
     raise DanetError(f"the {info.name} dataset needs a data root (--data-root DIR)")
@@ -73,7 +76,16 @@ def data_root(info: DatasetInfo, root: str | os.PathLike | None) -> Path:
 
 def find_files(info: DatasetInfo, root: Path, split: str) -> list[tuple[Path, Path]]:
     """(image, label) paths of a split (labels where they are expected, which may not exist); split as is."""
-    pairs = family(info).list_files(root, split)
+    try:
+        pairs = family(info).list_files(root, split)
+    except DanetError as e:
+        own = next((root / n for n in folder.CLASS_FILES if (root / n).is_file()), None) if root.is_dir() else None
+        if own is None or info.name in ("synthetic", "folder"):
+            raise
+        raise DanetError(  # the user's own data given to a preset that reads its toolbox dataset's layout
+            f"{e}; {root} has a {own.name}: to train or test on a folder dataset with its own classes, add --set "
+            "data.dataset=folder (train) or --dataset folder (test, data check)"
+        ) from None
     if info.name in ("synthetic", "folder"):
         names, _ = load_classes(root)
         if names != tuple(info.classes):

@@ -50,6 +50,8 @@ def check_dataset(
     info: DatasetInfo, root: Path, splits: list[str] | None = None, *, jobs: int = 1, progress: bool = True
 ) -> CheckReport:
     """Check the listed splits (default: the dataset's train and val splits) of the data at `root`."""
+    if not root.is_dir():  # the family's one line, as every other command says it (not once per split)
+        family(info).list_files(root, info.train_split)
     report = CheckReport(root)
     lut = label_lut(info.num_classes, info.reduce_zero_label, info.ignore_index)
     palette = None
@@ -117,12 +119,16 @@ def format_report(report: CheckReport, info: DatasetInfo) -> str:
 def _kind(fault: str) -> str:
     for key, kind in (
         ("does not exist", "missing"),
+        ("no images", "missing"),
         ("corrupt", "unreadable"),
+        ("truncated", "unreadable"),
         ("empty file", "unreadable"),
         ("same size", "size mismatch"),
         ("outside", "bad label values"),
+        ("colours", "bad label format"),  # colours of an RGB mask that the classes file does not name
+        ("one class index per pixel", "bad label format"),
+        ("lossy compression", "bad label format"),
         ("classes file", "bad classes file"),
-        ("colour", "bad label format"),
     ):
         if key in fault:
             return kind

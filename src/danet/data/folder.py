@@ -18,18 +18,18 @@ classes.txt: one class per line, `name` optionally followed by a colour `R G B` 
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from ..errors import DanetError
+from ..errors import DanetError, short
 from ..presets import DatasetInfo
 from .io import IMAGE_EXTENSIONS, read_text
 
 CLASS_FILES = ("classes.yaml", "classes.yml", "classes.txt")
-_RGB_TAIL = re.compile(r"^(.*?)\s+(?:(\d{1,3})[\s,]+(\d{1,3})[\s,]+(\d{1,3})|#([0-9a-fA-F]{6}))\s*$")
 
 
 def default_palette(n: int) -> list[tuple[int, int, int]]:
@@ -67,24 +67,29 @@ def load_classes(root: Path) -> tuple[tuple[str, ...], tuple[tuple[int, int, int
     if len(entries) > 255:
         raise DanetError(f"classes file {path} names {len(entries)} classes; at most 255 fit 8-bit masks")
     for k, (name, _) in enumerate(entries):
-        if name is None or isinstance(name, list | dict):
+        if name is None or isinstance(name, list | dict) or not str(name).strip():
             raise DanetError(f"classes file {path}: class {k} has no usable name (got {name!r}); give it a plain name")
+        if isinstance(name, bool):  # YAML reads yes / no / true / false / on / off unquoted as booleans
+            raise DanetError(f"classes file {path}: class {k} is the boolean {name}; write its name in quotes")
     names = tuple(str(n) for n, _ in entries)
-    if len(set(names)) != len(names):
-        raise DanetError(f"classes file {path} names a class twice")
-    fallback = default_palette(len(entries))
-    palette = []
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise DanetError(f"classes file {path} names {short(twice)} more than once; give each class its own name")
     for k, (_, colour) in enumerate(entries):
-        if colour is None:
-            palette.append(fallback[k])
-        elif _is_rgb(colour):
-            palette.append(tuple(int(v) for v in colour))
-        else:
+        if colour is not None and not _is_rgb(colour):
             raise DanetError(
                 f"classes file {path}: colour of {names[k]!r} must be three integers 0..255 like [128, 64, 128], "
                 f"got {colour!r}"
             )
-    return names, tuple(palette)
+    given = [tuple(int(v) for v in c) if c is not None else None for _, c in entries]
+    for k, c in enumerate(given):
+        if c is not None and given.index(c) != k:  # RGB masks and pictures could not tell the two apart
+            raise DanetError(
+                f"classes file {path}: {names[given.index(c)]!r} and {names[k]!r} have the same colour {list(c)}; "
+                "give each class its own colour"
+            )
+    fallback = iter(c for c in default_palette(len(entries) + 256) if c not in given)  # no given colour twice
+    return names, tuple(c if c is not None else next(fallback) for c in given)
 
 
 def _is_rgb(colour) -> bool:
@@ -96,8 +101,33 @@ def _is_rgb(colour) -> bool:
     )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that names a key twice (plain YAML keeps the last one silently)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    lines: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, str | int | float):
+            continue  # a list or mapping as a key: construct_mapping reports it
+        line = key_node.start_mark.line + 1
+        if key in lines:
+            raise ValueError(f"{key!r} is named twice, on lines {lines[key]} and {line}")
+        lines[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def _parse_yaml(path: Path) -> list[tuple[str, list | None]]:
-    data = yaml.safe_load(read_text(path, "classes file"))
+    try:
+        data = yaml.load(read_text(path, "classes file"), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:  # the parser's message is several lines with a caret drawing: its first line and where
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"not valid YAML{where}: {getattr(e, 'problem', None) or 'cannot parse'}") from None
     if isinstance(data, dict) and "classes" in data:
         data = data["classes"]
     if isinstance(data, dict):
@@ -114,17 +144,23 @@ def _parse_yaml(path: Path) -> list[tuple[str, list | None]]:
 
 
 def _parse_text(path: Path) -> list[tuple[str, list | None]]:
+    """`name`, `name R G B` (or `R,G,B`) or `name #rrggbb` per line; `#` starts a comment line."""
     out = []
-    for line in read_text(path, "classes file").splitlines():
+    for n, line in enumerate(read_text(path, "classes file").splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        m = _RGB_TAIL.match(line)
-        if m and m.group(5):
-            h = m.group(5)
-            out.append((m.group(1), [int(h[i : i + 2], 16) for i in (0, 2, 4)]))
-        elif m:
-            out.append((m.group(1), [int(m.group(i)) for i in (2, 3, 4)]))
+        hex_tail = re.fullmatch(r"(.*?)\s+#(\w*)", line)
+        rgb_tail = re.fullmatch(r"(.*?)[\s,]+(\d+)[\s,]+(\d+)[\s,]+(\d+)", line)
+        if hex_tail:
+            name, h = hex_tail.groups()
+            if not re.fullmatch(r"[0-9a-fA-F]{6}", h):
+                raise ValueError(f"line {n} ({line!r}): the colour #{h} is not #rrggbb")
+            out.append((name, [int(h[i : i + 2], 16) for i in (0, 2, 4)]))
+        elif rgb_tail and rgb_tail.group(1).strip():
+            out.append((rgb_tail.group(1), [int(rgb_tail.group(i)) for i in (2, 3, 4)]))
+        elif re.search(r"[\s,]\d+[\s,]+\d+$", line):  # two numbers at the end: a colour missing a value
+            raise ValueError(f"line {n} ({line!r}): a colour is three integers R G B after the class name")
         else:
             out.append((line, None))
     return out
@@ -156,30 +192,36 @@ def own_classes(root: str | Path | None, like: DatasetInfo) -> DatasetInfo:
         raise DanetError("a folder dataset with its own classes needs its data root: add --data-root DIR")
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DanetError(f"data root {root} does not exist; pass the folder dataset's folder with --data-root DIR")
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise DanetError(f"data root {root} {what}; pass the folder dataset's folder with --data-root DIR")
     return folder_info(root, base_size=like.base_size, crop_size=like.crop_size)
 
 
 def list_files(root: Path, split: str) -> list[tuple[Path, Path]]:
     """(image, expected mask) pairs of a split, sorted by relative path."""
     if not root.is_dir():
-        raise DanetError(f"data root {root} does not exist")
+        raise DanetError(f"data root {root} " + ("is not a folder" if root.exists() else "does not exist"))
     image_root, mask_root = root / "images", root / "masks"
     if not image_root.is_dir():
         raise DanetError(f"folder dataset {root} has no images/ folder (expected images/<split>/ and masks/<split>/)")
     if (image_root / split).is_dir():
         if not (mask_root / split).is_dir():
             raise DanetError(f"mask folder {mask_root / split} does not exist")
-        images = sorted(p for p in (image_root / split).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        return [(p, (mask_root / split / p.relative_to(image_root / split)).with_suffix(".png")) for p in images]
+        images = sorted(p for p in walk_files(image_root / split) if p.suffix.lower() in IMAGE_EXTENSIONS)
+        pairs = [(p, (mask_root / split / p.relative_to(image_root / split)).with_suffix(".png")) for p in images]
+        return _one_mask_each(pairs)
     list_file = root / f"{split}.txt"
     if not list_file.is_file():
         raise DanetError(f"folder dataset {root} has neither images/{split}/ nor a {split}.txt list")
     pairs = []
-    for line in read_text(list_file, "split list").splitlines():
+    for n, line in enumerate(read_text(list_file, "split list").splitlines(), 1):
         rel = line.strip()
         if not rel:
             continue
+        if Path(rel).is_absolute():
+            raise DanetError(
+                f"split list {list_file} line {n} is an absolute path ({rel}); list paths relative to {image_root}"
+            )
         image = image_root / rel
         if image.suffix.lower() not in IMAGE_EXTENSIONS:
             image = next(
@@ -190,11 +232,42 @@ def list_files(root: Path, split: str) -> list[tuple[Path, Path]]:
         else:
             mask = mask_root / f"{rel}.png"
         pairs.append((image, mask))
+    return _one_mask_each(pairs)
+
+
+def walk_files(folder: Path) -> list[Path]:
+    """The files under `folder`, following linked folders (each real folder once), without hidden files (`.name`,
+    macOS `._name`)."""
+    out, seen = [], set()
+    for here, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(here)
+        if real in seen:  # a link back up the tree, or two links to one folder
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        out += [Path(here) / f for f in files if not f.startswith(".")]
+    return out
+
+
+def _one_mask_each(pairs: list[tuple[Path, Path]]) -> list[tuple[Path, Path]]:
+    """The pairs, refusing two images that would share one mask (`a.jpg` and `a.png`)."""
+    owner: dict[Path, Path] = {}
+    for image, mask in pairs:
+        if mask in owner and owner[mask] != image:
+            raise DanetError(
+                f"images {owner[mask]} and {image.name} would share the mask {mask}; rename or remove one of them"
+            )
+        owner[mask] = image
     return pairs
 
 
 def missing_hint(label: Path) -> str:
-    return ""
+    lossy = (".jpg", ".jpeg", ".JPG", ".JPEG", ".webp")
+    other = next((label.with_suffix(e) for e in lossy if label.with_suffix(e).is_file()), None)
+    if other is None:
+        return ""
+    return f" (there is {other.name}: masks must be PNG files: lossy compression changes class indices)"
 
 
 def label_palette(root: Path) -> np.ndarray:

@@ -9,6 +9,7 @@ indices of a palette ("P" mode) PNG rather than its colours.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import cv2
@@ -21,6 +22,7 @@ from ..errors import DanetError, os_hint
 # once, as the DanetError below, so that a CLI error stays one line.
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -35,6 +37,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise DanetError(f"cannot read image {path}: {e.strerror or e}") from None
     if buf.size == 0:
         raise DanetError(f"image {path} is an empty file; re-download or remove it from the split")
+    if buf[:8].tobytes() == PNG_SIGNATURE and b"IEND" not in buf[-4096:].tobytes() and b"IEND" not in buf.tobytes():
+        # NOTE: checked here because libpng prints its own line to stderr for a truncated file as OpenCV decodes it
+        raise DanetError(f"image {path} is truncated (its PNG data stop before the end); re-download or remove it")
     try:
         bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     except cv2.error:
@@ -56,6 +61,11 @@ def read_label(path: str | os.PathLike, palette: np.ndarray | None = None) -> np
         raise DanetError(f"label {path} does not exist")
     try:
         with Image.open(path) as im:
+            if im.format in ("JPEG", "MPO", "WEBP"):
+                raise DanetError(
+                    f"label {path} holds {im.format} data, whose lossy compression changes the class indices; "
+                    "save the masks as PNG"
+                )
             im.load()
             mode = im.mode
             arr = np.asarray(im)
@@ -141,9 +151,24 @@ def read_pair(
     if image.shape[:2] != label.shape:
         raise DanetError(
             f"label {label_path} is {label.shape[1]}x{label.shape[0]} but image {image_path} is "
-            f"{image.shape[1]}x{image.shape[0]} (WxH); they must be the same size"
+            f"{image.shape[1]}x{image.shape[0]} (WxH); they must be the same size{_turned_hint(image_path)}"
         )
     return image, label
+
+
+def _turned_hint(image_path: str | os.PathLike) -> str:
+    """Why an image may not be its file's stored size: its EXIF orientation tag, which is applied on reading."""
+    try:
+        with Image.open(image_path) as im:
+            turn = im.getexif().get(0x0112, 1)  # Orientation
+    except (OSError, ValueError):
+        return ""
+    if turn in (None, 1):
+        return ""
+    return (
+        f" (the image's EXIF orientation tag ({turn}) turns it when read, as the toolboxes read it: turn the mask "
+        "the same way, or store the image upright without the tag)"
+    )
 
 
 def fork_safe_opencv() -> None:
@@ -175,6 +200,33 @@ def write_error(path: Path, e: OSError) -> DanetError:
     """A one-line DanetError for an OSError met writing `path`: the file, the reason, what to do."""
     hint = os_hint(e, "check the folder")
     return DanetError(f"cannot write {path}: {e.strerror or e}; {hint} and run again (files already written are kept)")
+
+
+def remove_stale_temporaries(folders) -> int:
+    """Delete the temporary files `write_atomic` left in `folders` when a process writing them was killed (their
+    writer's process id is no longer running). Returns how many were removed."""
+    removed = 0
+    for folder in folders:
+        for tmp in Path(folder).glob(".*.tmp*"):
+            m = re.fullmatch(r"\..*\.tmp(\d+)(\.\w+)?", tmp.name)
+            if m is None or _running(int(m.group(1))):
+                continue
+            try:
+                tmp.unlink()
+                removed += 1
+            except OSError:
+                pass  # NOTE: a leftover that cannot be removed harms nothing: it is hidden and never read
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but is another user's
+        return True
+    return True
 
 
 def write_atomic(path: Path, write) -> None:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ..classes import VOC_PALETTE
 from ..errors import DanetError
 from . import cityscapes, voc
-from .io import read_label, write_atomic, write_error
+from .io import read_label, remove_stale_temporaries, write_atomic, write_error
 
 
 @dataclass
@@ -53,6 +53,9 @@ def sbd_dir(sbd: Path) -> Path:
     raise DanetError(f"no SBD dataset/cls folder under {sbd}; pass the benchmark_RELEASE folder of SBD")
 
 
+SBD_VALUES = np.array([*range(21), 255])
+
+
 def read_sbd_mat(path: Path) -> np.ndarray:
     """The class mask `(H, W)` uint8 of an SBD `cls/*.mat` file (struct GTcls, field Segmentation)."""
     try:
@@ -64,9 +67,18 @@ def read_sbd_mat(path: Path) -> np.ndarray:
         mat = loadmat(str(path))
         mask = np.asarray(mat["GTcls"][0, 0]["Segmentation"])
     except Exception as e:  # scipy raises many types for a bad file
-        raise DanetError(f"SBD mask {path} is unreadable or not an SBD cls file ({e})") from None
-    if mask.ndim != 2 or mask.size == 0 or mask.max() > 255:
+        raise DanetError(
+            f"SBD mask {path} is unreadable or not an SBD cls file ({e}); extract it again from SBD's benchmark.tgz"
+        ) from None
+    if mask.ndim != 2 or mask.size == 0:
         raise DanetError(f"SBD mask {path} does not hold a 2-D class mask (shape {mask.shape})")
+    values = np.unique(mask)
+    bad = values[~np.isin(values, SBD_VALUES)]
+    if bad.size:  # not wrapped or rounded into some class: SBD's masks hold the 21 class indices 0..20 only
+        raise DanetError(
+            f"SBD mask {path} holds values {[v.item() for v in bad[:5]]} that are not VOC class indices "
+            "(0..20, 255 ignore); extract it again from SBD's benchmark.tgz"
+        )
     return mask.astype(np.uint8)
 
 
@@ -90,6 +102,7 @@ def prepare_voc_aug(voc_root: str | Path, sbd_root: str | Path, *, overwrite: bo
     except OSError as e:
         raise write_error(out_dir, e) from None
     report = PrepareReport()
+    remove_stale_temporaries([out_dir])
     mats = sorted((sbd / "cls").glob("*.mat"))
     if not mats:
         raise DanetError(f"no .mat masks in {sbd / 'cls'}")
@@ -132,6 +145,7 @@ def prepare_cityscapes(root: str | Path, *, overwrite: bool = False, progress: b
         raise DanetError(f"no *{cityscapes.LABELID_SUFFIX} files under {gt}/<split>/<city>/")
     lut = cityscapes.trainid_lut()
     report = PrepareReport()
+    remove_stale_temporaries(sorted({f.parent for f in files}))
     for src in tqdm(files, desc="labelIds -> trainIds", unit="label", disable=not progress):
         out = src.with_name(src.name[: -len(cityscapes.LABELID_SUFFIX)] + cityscapes.LABEL_SUFFIX)
         if out.exists() and not overwrite:
@@ -139,7 +153,10 @@ def prepare_cityscapes(root: str | Path, *, overwrite: bool = False, progress: b
             continue
         ids = read_label(src)
         if ids.dtype != np.uint8:
-            raise DanetError(f"{src} is not an 8-bit labelIds image")
+            raise DanetError(
+                f"{src} is not an 8-bit labelIds image ({ids.dtype.itemsize * 8}-bit); take gtFine's *_labelIds.png "
+                "from the official gtFine_trainvaltest.zip"
+            )
         _save_png(out, lut[ids])
         report.written += 1
     return report

@@ -28,7 +28,8 @@ def base_dir(root: Path) -> Path:
 
 
 def read_ids(list_file: Path) -> list[str]:
-    return [line.split()[0] for line in read_text(list_file, "split list").splitlines() if line.strip()]
+    # the whole line is the id, as both toolboxes read it (an id may hold a space)
+    return [line.strip() for line in read_text(list_file, "split list").splitlines() if line.strip()]
 
 
 def list_files(root: Path, split: str) -> list[tuple[Path, Path]]:

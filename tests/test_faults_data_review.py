@@ -82,15 +82,13 @@ def test_a_jpeg_beside_a_missing_png_mask_is_named(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ("classes:\n  - {name: bg}\n  - {name: cat, color: [9, 9, 9]}\n  - {name: dog, color: [9, 9, 9]}\n",
-         r"'cat' and 'dog' have the same colour \[9, 9, 9\]; give each class its own colour"),
         ("bg: [0, 0, 0]\nbg: [255, 0, 0]\ndog: [0, 255, 0]\n", r"'bg' is named twice, on lines 1 and 2"),
         ("- bg\n- cat\n- cat\n- dog\n- dog\n", r"names \['cat', 'dog'\] more than once"),
         ("- bg\n- ''\n", r"class 1 has no usable name"),
         ("- bg\n- no\n", r"class 1 is the boolean False; write its name in quotes"),
         ("classes:\n  - {name: bg, color: [0,0,0]\n  - {name: cat}\n", r"malformed \(not valid YAML at line 3, column"),
     ],
-    ids=["colour twice", "mapping key twice", "name twice", "empty name", "boolean", "unclosed brace"],
+    ids=["mapping key twice", "name twice", "empty name", "boolean", "unclosed brace"],
 )  # fmt: skip
 def test_ambiguous_yaml_classes_files_are_one_line(tmp_path, text, match):
     (tmp_path / "classes.yaml").write_text(text)
@@ -117,6 +115,18 @@ def test_classes_txt_names_with_numbers_and_generated_colours_apart_from_given_o
     # lane 2 and sky take generated colours: the first ones of the VOC map that no class was given
     assert palette == ((128, 0, 0), (255, 0, 0), (0, 0, 0), (0, 128, 0))
     assert len(set(palette)) == 4
+
+
+def test_one_colour_for_two_classes_is_refused_in_rgb_masks_only(tmp_path):
+    root = make_folder(tmp_path / "rgb", rgb_masks=True)
+    (root / "classes.yaml").write_text("bg: [0, 0, 0]\ncat: [255, 0, 0]\ndog: [255, 0, 0]\n")
+    preset = danet.get_preset("danet_r50-d8_ade20k").replace(dataset=folder_info(root))
+    with pytest.raises(DanetError, match=r"RGB mask, but classes 1 and 2 .* same colour \[255, 0, 0\]"):
+        build_dataset(preset, root, "val", train=False)[0]
+    index = make_folder(tmp_path / "index")  # masks of class indices: the colours only draw the pictures
+    (index / "classes.yaml").write_text("bg: [0, 0, 0]\ncat: [255, 0, 0]\ndog: [255, 0, 0]\n")
+    preset = preset.replace(dataset=folder_info(index))
+    assert build_dataset(preset, index, "val", train=False)[0][1].max() <= 2
 
 
 # ------------------------------------------------------------------------------------------------ masks, images

@@ -81,13 +81,9 @@ def load_classes(root: Path) -> tuple[tuple[str, ...], tuple[tuple[int, int, int
                 f"classes file {path}: colour of {names[k]!r} must be three integers 0..255 like [128, 64, 128], "
                 f"got {colour!r}"
             )
+    # NOTE: two classes may share a colour (ADE20K's published palette has one pair) as long as the masks hold
+    # indices; an RGB mask cannot tell them apart, and is refused then (io.colours_to_indices)
     given = [tuple(int(v) for v in c) if c is not None else None for _, c in entries]
-    for k, c in enumerate(given):
-        if c is not None and given.index(c) != k:  # RGB masks and pictures could not tell the two apart
-            raise DanetError(
-                f"classes file {path}: {names[given.index(c)]!r} and {names[k]!r} have the same colour {list(c)}; "
-                "give each class its own colour"
-            )
     fallback = iter(c for c in default_palette(len(entries) + 256) if c not in given)  # no given colour twice
     return names, tuple(c if c is not None else next(fallback) for c in given)
 

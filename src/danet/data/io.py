@@ -91,6 +91,12 @@ def colours_to_indices(rgb: np.ndarray, palette: np.ndarray, path: Path) -> np.n
     pal_key = (palette[:, 0].astype(np.int32) << 16) | (palette[:, 1].astype(np.int32) << 8) | palette[:, 2]
     lut = np.full(len(colours), -1, dtype=np.int32)
     for k, c in enumerate(pal_key.tolist()):
+        if (lut[colours == c] >= 0).any():
+            first = pal_key.tolist().index(c)
+            raise DanetError(
+                f"label {path} is an RGB mask, but classes {first} and {k} of the classes file have the same colour "
+                f"{palette[k].tolist()}; give each class its own colour, or save the masks as class indices"
+            )
         lut[colours == c] = k
     lut[(lut < 0) & (colours == 0xFFFFFF)] = 255
     if (lut < 0).any():

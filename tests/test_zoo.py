@@ -61,6 +61,22 @@ def test_a_file_already_in_the_cache_that_does_not_fit_is_kept(tmp_path):
     assert (cache / "src.pth").read_bytes() == before
 
 
+def test_a_forced_download_that_does_not_fit_leaves_the_cache_as_it_was(tmp_path):
+    """--force with a bad file, from another place or from the cached file itself (--url file:// pointing at the
+    destination): the download is dropped before it replaces anything, so the user's file is never deleted."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    mine = cache / "src.pth"
+    _tiny_checkpoint(mine)
+    before = mine.read_bytes()
+    for source in (mine, tmp_path / "src.pth"):
+        if source != mine:
+            _tiny_checkpoint(source)
+        with pytest.raises(DanetError, match=rf"does not load as danet_r50-d8_ade20k \(not kept; {mine} is unchanged"):
+            zoo.download("danet_r50-d8_ade20k", cache, url=source.as_uri(), force=True, progress=False)
+        assert mine.read_bytes() == before and [p.name for p in cache.iterdir()] == ["src.pth"]
+
+
 def test_offline_download_fails_in_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(zoo, "checkpoint_url", lambda preset: "http://127.0.0.1:9/danet.pth")
     rc = main(["zoo", "download", "danet_r50-d8_ade20k", "--cache", str(tmp_path), "--no-progress"])

@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"danet {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of the output went away (`danet zoo | head -1`): as a Unix tool, quietly
+        # NOTE: stdout still holds unflushed bytes; pointing it at /dev/null keeps the interpreter's exit from failing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a command killed by the broken pipe
     except OSError as e:  # NOTE: a safety net: a file the commands did not expect to fail (disk full, permissions)
         if args.debug:
             raise

@@ -12,20 +12,22 @@ class DanetError(Exception):
 
 
 OS_HINTS = {
-    errno.ENOSPC: "free some space or write elsewhere",
-    errno.EDQUOT: "free some space or write elsewhere",
-    errno.EACCES: "check the permissions or write elsewhere",
-    errno.EPERM: "check the permissions or write elsewhere",
-    errno.EROFS: "the file system is read-only: write elsewhere",
+    errno.ENOSPC: "free some space or {elsewhere}",
+    errno.EDQUOT: "free some space or {elsewhere}",
+    errno.EACCES: "check the permissions or {elsewhere}",
+    errno.EPERM: "check the permissions or {elsewhere}",
+    errno.EROFS: "the file system is read-only: {elsewhere}",
     errno.ENOENT: "check the path",
     errno.ENOTDIR: "check the path",
     errno.EISDIR: "give a file, not a folder",
 }
 
 
-def os_hint(e: OSError, default: str | None = None) -> str | None:
-    """What to do about an OSError, by its errno (`default` for the others)."""
-    return OS_HINTS.get(e.errno, default)
+def os_hint(e: OSError, default: str | None = None, elsewhere: str = "write elsewhere") -> str | None:
+    """What to do about an OSError, by its errno (`default` for the others); `elsewhere`: how to write elsewhere
+    (e.g. "pick another --out")."""
+    hint = OS_HINTS.get(e.errno)
+    return hint.format(elsewhere=elsewhere) if hint else default
 
 
 def short(names) -> str:

@@ -72,8 +72,11 @@ def rows_json() -> list[dict]:
     ]
 
 
-def fetch(url: str, dest: Path, progress: bool = True) -> Path:
-    """Download `url` to `dest` atomically (temp file + rename); DanetError in one line when it cannot."""
+def fetch(url: str, dest: Path, progress: bool = True, check=None) -> Path:
+    """Download `url` to `dest` atomically (temp file + rename); DanetError in one line when it cannot.
+
+    check: called with the complete temporary file before it replaces `dest` (a DanetError from it leaves `dest` as
+    it was and the download removed)."""
     try:
         request = urllib.request.Request(url)
     except ValueError as e:  # "unknown url type": not a URL at all
@@ -100,6 +103,8 @@ def fetch(url: str, dest: Path, progress: bool = True) -> Path:
                     bar.update(len(chunk))
             if size is not None and f.tell() != size:
                 raise DanetError(f"download of {url} stopped at {f.tell()} of {size} bytes; run the command again")
+        if check is not None:
+            check(tmp)
         os.replace(tmp, dest)
     except (TimeoutError, urllib.error.URLError, ConnectionError) as e:
         reason = getattr(e, "reason", None) or e
@@ -126,16 +131,21 @@ def download(
         raise DanetError(f"preset {preset.name} has no published checkpoint; zoo rows: {rows}")
     dest = Path(cache).expanduser() if cache else default_cache()
     dest = dest / (Path(urlparse(url).path).name or f"{preset.name}.pth")
-    fetched = force or not dest.is_file()
-    if fetched:
-        fetch(url, dest, progress)
-    try:
-        load_model(dest, preset.model)
-    except DanetError as e:
-        if not fetched:  # NOTE: a file already in the cache (perhaps put there by hand) is the user's: kept
+    if dest.is_file() and not force:  # NOTE: a file already in the cache (perhaps put there by hand) is the user's
+        try:
+            load_model(dest, preset.model)
+        except DanetError as e:
             raise DanetError(f"{dest} does not load as {preset.name}: {e}; replace it, or add --force") from None
-        dest.unlink(missing_ok=True)
-        raise DanetError(f"{dest.name} does not load as {preset.name} (removed it): {e}") from None
+        return dest
+
+    def check(tmp: Path) -> None:  # before the download replaces anything: a bad one is removed, the cache kept
+        try:
+            load_model(tmp, preset.model)
+        except DanetError as e:
+            kept = f"; {dest} is unchanged" if dest.is_file() else ""
+            raise DanetError(f"the file from {url} does not load as {preset.name} (not kept{kept}): {e}") from None
+
+    fetch(url, dest, progress, check)
     return dest
 
 

@@ -15,6 +15,7 @@ Facts kept from the reference toolboxes (REFERENCE.md, Data / Metrics; mmseg's E
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -164,7 +165,7 @@ def segment(
     total = None
     views = 0
     for s in scales:
-        scaled = image if s == 1.0 else F.interpolate(image, scale_factor=s, mode="bilinear", align_corners=False)
+        scaled = image if s == 1.0 else rescale(image, s)
         for flipped in (False, True) if flip else (False,):
             x = scaled.flip(-1) if flipped else scaled
             logits = infer(model, x, mode, crop, stride, amp, resize=False)  # whole: at the output stride
@@ -175,6 +176,16 @@ def segment(
             total = score if total is None else total + score
             views += 1
     return total / views if tta else total
+
+
+def rescale(image: torch.Tensor, s: float) -> torch.Tensor:
+    """A TTA view: `image` `(B, C, h, w)` resized bilinearly by the factor `s`, as both toolboxes do (its sides
+    floor(h * s), floor(w * s)); a side that would be 0 pixels (a sliver of an image) is 1."""
+    h, w = image.shape[-2:]
+    if math.floor(h * s) >= 1 and math.floor(w * s) >= 1:
+        return F.interpolate(image, scale_factor=s, mode="bilinear", align_corners=False)
+    size = (max(1, math.floor(h * s)), max(1, math.floor(w * s)))
+    return F.interpolate(image, size=size, mode="bilinear", align_corners=False)
 
 
 def upsample_argmax(logits: torch.Tensor, out_size: tuple[int, int], max_elems: int = 1 << 26) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..errors import DanetError
+from ..errors import DanetError, os_hint
 
 DEFAULT_MAX_PIXELS = 2048 * 1024
 # labels as `danet test` computes them (logits resized once to the original size; --tta: the views' softmax averaged
@@ -61,13 +61,17 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
         "--channels-last", action="store_true", help="NHWC memory format (with --amp bf16 the fast layout on a GPU)"
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def collect_inputs(inputs: list[str], out: str | Path | None = None) -> list[tuple[Path, str]]:
+def collect_inputs(
+    inputs: list[str], out: str | Path | None = None, renamed: list[str] | None = None
+) -> list[tuple[Path, str]]:
     """(file, output stem) for every image named by files, folders (recursive) or glob patterns; sorted, unique.
 
     out: the output folder; a folder walked here skips what lies under it when it is inside that folder (the outputs
     of an earlier run are not inputs).
+    renamed: a list to receive `input -> output` for the inputs whose names collided (a.png, a.jpg: a_jpg.png).
     """
     from ..data.io import IMAGE_EXTENSIONS
 
@@ -91,20 +95,26 @@ def collect_inputs(inputs: list[str], out: str | Path | None = None) -> list[tup
             if not files:
                 raise DanetError(f"pattern {item!r} matches no files")
             found += [(f, f.stem) for f in files]
+        elif p.exists():
+            raise DanetError(f"input {item} is not a regular file (a pipe or a device?); give image files or folders")
         else:
             raise DanetError(f"input {item} does not exist (give image files, folders or glob patterns)")
-    result: list[tuple[Path, str]] = []
-    seen: set[Path] = set()
-    names: set[str] = set()
+    unique: dict[Path, tuple[Path, str]] = {}
     for f, stem in found:
-        if f.resolve() in seen:
-            continue
-        seen.add(f.resolve())
+        unique.setdefault(f.resolve(), (f, stem))
+    taken = {stem for _, stem in unique.values()}
+    result: list[tuple[Path, str]] = []
+    names: set[str] = set()
+    for f, stem in unique.values():
         name, n = stem, 1
-        while name in names:  # the same name from two places: keep both
-            name, n = f"{stem}_{n}", n + 1
+        if name in names:  # the same name from two inputs (a.png, a.jpg): keep both, the second as a_jpg
+            name = f"{stem}_{f.suffix.lstrip('.').lower()}"
+            while name in names or name in taken:
+                name, n = f"{stem}_{f.suffix.lstrip('.').lower()}_{n}", n + 1
         names.add(name)
         result.append((f, name))
+        if name != stem and renamed is not None:
+            renamed.append(f"{f} -> {name}.png")
     return result
 
 
@@ -114,8 +124,13 @@ def output_paths(out: Path, name: str, overlay: bool) -> list[Path]:
 
 
 def legend_path(files: list[tuple[Path, str]], out: Path) -> Path:
-    """Where the class legend goes: OUT/legend.png, or OUT/classes_legend.png when an image is named legend."""
-    return out / ("classes_legend.png" if any(name == "legend" for _, name in files) else "legend.png")
+    """Where the class legend goes: OUT/legend.png, or OUT/classes_legend.png (then _1, _2, ...) when an image's
+    label map takes that name."""
+    names = {name for _, name in files}
+    legend, n = "legend", 1
+    while legend in names:
+        legend, n = ("classes_legend" if n == 1 else f"classes_legend_{n - 1}"), n + 1
+    return out / f"{legend}.png"
 
 
 def check_outputs(files: list[tuple[Path, str]], out: Path, overlay: bool) -> None:
@@ -149,7 +164,12 @@ def write_output(path: Path, image: Image.Image, **save_args) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_picture(image, path, **save_args)
     except OSError as e:
-        raise DanetError(f"cannot write {path}: {e.strerror or e}; free space or pick another --out") from None
+        hint = (
+            "a folder has that name: move it or pick another --out"
+            if path.is_dir()
+            else os_hint(e, "pick another --out", elsewhere="pick another --out")
+        )
+        raise DanetError(f"cannot write {path}: {e.strerror or e}; {hint}") from None
 
 
 def preset_from_filename(name: str) -> str | None:
@@ -212,6 +232,11 @@ class Predictor:
         self.base_size = run.get("base_size") or (tuple(p.base_size) if p else None)
         self.crop = run.get("crop_size") or (tuple(p.crop_size) if p else (512, 512))
         self.tta_scales = tuple(p.tta_scales) if p else (0.75, 1.0, 1.25)
+        if self.model.num_classes > 255:
+            raise DanetError(
+                f"{Path(checkpoint).name} has {self.model.num_classes} classes; label maps are 8-bit (255 = ignore), "
+                "so prediction takes at most 255"
+            )
 
     def __call__(
         self,
@@ -226,7 +251,12 @@ class Predictor:
     ) -> np.ndarray:
         """RGB uint8 `(H, W, 3)` (or a PIL image) -> class indices uint8 `(H, W)` at the original size."""
         from ..data.transforms import normalize, resize_keep_ratio
-        from .evaluate import segment, upsample_argmax
+        from .evaluate import TTA_MERGES, segment, upsample_argmax
+
+        for what, value, allowed in (("mode", mode, (None, "whole", "slide")), ("amp", amp, ("none", "bf16", "fp16")),
+                                     ("merge", merge, TTA_MERGES)):  # fmt: skip
+            if value not in allowed:
+                raise DanetError(f"Predictor {what}={value!r}: give one of {', '.join(map(repr, allowed))}")
 
         if isinstance(image, Image.Image):
             image = np.asarray(image.convert("RGB"))
@@ -263,8 +293,12 @@ def run_cli(args) -> int:
     if not 0 <= args.alpha <= 1:
         raise DanetError(f"--alpha {args.alpha} is outside 0..1 (0: the photo only, 1: the labels only)")
     out = Path(args.out)
-    files = collect_inputs(args.inputs, out)
+    renames: list[str] = []
+    files = collect_inputs(args.inputs, out, renames)
     check_outputs(files, out, args.overlay)
+    if renames:  # NOTE: before the work, so that the user knows which file is which
+        more = f" (and {len(renames) - 5} more)" if len(renames) > 5 else ""
+        print(f"inputs of one name, written apart: {'; '.join(renames[:5])}{more}")
     predictor = Predictor(args.checkpoint, args.preset, args.device)
     if predictor.device.type == "cpu":  # NOTE: the command's threads; the Python API leaves the process's as they are
         torch.set_num_threads(cpu_threads(None))
@@ -276,7 +310,7 @@ def run_cli(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DanetError(f"cannot create output folder {out}: {e.strerror or e}") from None
-    for path, name in tqdm(files, desc="predict", unit="img", dynamic_ncols=True):
+    for path, name in tqdm(files, desc="predict", unit="img", dynamic_ncols=True, disable=args.no_progress):
         image = read_image(path)
         label = predictor(
             image,

@@ -1,0 +1,116 @@
+"""Faults found by an exploratory review of `danet predict` and `danet.Predictor`: TTA on slivers of images,
+inputs of one name, a legend that took an input's label map, models of more than 255 classes, unchecked
+Predictor options, and the hints that followed an unwritable output.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import danet
+from danet.checkpoints import save_checkpoint
+from danet.cli import main
+from danet.engine.evaluate import rescale
+from danet.errors import DanetError
+from test_faults_common import cli_error, digest, tiny_model
+
+PRESET = "danet_tiny_synthetic"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ck") / "model.pth"
+    save_checkpoint(path, tiny_model(), PRESET)
+    return path
+
+
+def photo(path: Path, h: int = 40, w: int = 56, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize(("h", "w"), [(1, 1), (4, 900), (900, 3)])
+def test_tta_on_slivers_of_images(checkpoint, tmp_path, h, w):
+    src = photo(tmp_path / "in" / "thin.png", h, w)
+    argv = ["predict", "--checkpoint", str(checkpoint), str(src), "--out", str(tmp_path / "o"), "--tta"]
+    assert main([*argv, "--no-resize"]) == 0
+    assert Image.open(tmp_path / "o" / "thin.png").size == (w, h)
+    assert main(argv) == 0
+
+
+def test_tta_views_keep_the_toolboxes_scale_factor():
+    """Where no side becomes 0 the view is F.interpolate(scale_factor=s) exactly (the toolboxes' sampling grid)."""
+    x = torch.rand(1, 3, 37, 53, dtype=torch.float64)
+    for s in (0.5, 0.75, 1.25, 1.75):
+        want = torch.nn.functional.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+        assert torch.equal(rescale(x, s), want)
+    assert rescale(torch.rand(1, 3, 1, 9), 0.75).shape[-2:] == (1, 6)
+
+
+def test_inputs_of_one_name_are_written_apart_and_said_so(checkpoint, tmp_path, capsys):
+    src = tmp_path / "in"
+    for name in ("a.png", "a.jpg", "a_1.png", "legend.png", "classes_legend.jpg"):
+        photo(src / name)
+    out = tmp_path / "o"
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(checkpoint), str(src), "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"{src / 'a.png'} -> a_png.png" in said and "classes' colours in classes_legend_1.png" in said
+    # a.jpg (first in order) -> a.png, a.png -> a_png.png; legend.png and classes_legend.jpg keep their names
+    written = {p.name for p in out.iterdir()}
+    assert written == {"a.png", "a_png.png", "a_1.png", "legend.png", "classes_legend.png", "classes_legend_1.png"}
+    assert Image.open(out / "classes_legend.png").mode == "P"  # a label map, not the legend
+
+
+def test_more_than_255_classes_is_refused_in_one_line(tmp_path, capsys):
+    ck = tmp_path / "c300.pth"
+    save_checkpoint(ck, danet.create_model(PRESET, num_classes=300), PRESET)
+    line = cli_error(capsys, "predict", "--checkpoint", ck, photo(tmp_path / "a.png"), "--out", tmp_path / "o")
+    assert "has 300 classes; label maps are 8-bit (255 = ignore), so prediction takes at most 255" in line
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(("option", "value"), [("mode", "bogus"), ("amp", "fp8"), ("merge", "mean")])
+def test_predictor_options_are_checked(checkpoint, option, value):
+    predictor = danet.Predictor(checkpoint)
+    with pytest.raises(DanetError, match=rf"Predictor {option}='{value}': give one of"):
+        predictor(np.zeros((16, 16, 3), np.uint8), **{option: value})
+
+
+def test_an_output_that_is_a_folder_gets_the_right_hint(checkpoint, tmp_path, capsys):
+    src = photo(tmp_path / "in" / "a.png")
+    out = tmp_path / "o"
+    (out / "a.png").mkdir(parents=True)  # where the label map goes
+    legend = photo(out / "legend.png")
+    before = digest(legend)
+    line = cli_error(capsys, "predict", "--checkpoint", checkpoint, src, "--out", out, "--no-progress")
+    assert "Is a directory; a folder has that name: move it or pick another --out" in line and "free" not in line
+    assert digest(legend) == before
+
+
+def test_a_pipe_closed_by_its_reader_ends_quietly(tmp_path):
+    """`danet zoo | head -1`: the reader goes away; no error line, the exit status a shell gives SIGPIPE."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first write
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "danet.cli", "zoo", "--json"], stdout=write, stderr=subprocess.PIPE, timeout=120
+        )
+    finally:
+        os.close(write)
+    assert done.returncode == 141 and done.stderr == b"", done.stderr.decode()
+
+
+def test_a_pipe_or_device_as_input_is_named_so(checkpoint, tmp_path, capsys):
+    line = cli_error(capsys, "predict", "--checkpoint", checkpoint, "/dev/null", "--out", tmp_path / "o")
+    assert "/dev/null is not a regular file" in line

@@ -38,6 +38,20 @@ def test_missing_data_root_for_a_real_dataset(capsys, tmp_path):
     assert "data root" in line or "data-root" in line
 
 
+def run_checkpoint(path, **schedule):
+    """A `danet train` checkpoint at `path` whose recorded run has these schedule settings."""
+    from danet.checkpoints import save_checkpoint
+    from danet.config import RunConfig, to_dict
+    from test_faults_common import tiny_model
+
+    cfg = RunConfig(preset="danet_tiny_synthetic", work_dir="somewhere/else")
+    for k, v in schedule.items():
+        setattr(cfg.schedule, k, v)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, tiny_model(), "danet_tiny_synthetic", extra_meta={"config": to_dict(cfg.resolve())})
+    return path
+
+
 def test_defaults_and_resume_sources(tmp_path, monkeypatch):
     cfg, resume = resolve_args(parse("danet_tiny_synthetic"))
     assert cfg.work_dir == "runs/danet_tiny_synthetic" and resume is None
@@ -45,7 +59,7 @@ def test_defaults_and_resume_sources(tmp_path, monkeypatch):
     assert cfg.work_dir == str(tmp_path) and cfg.amp == "bf16"
     with pytest.raises(DanetError, match="last.pth"):
         resolve_args(parse("danet_tiny_synthetic", "--work-dir", str(tmp_path), "--resume"))
-    (tmp_path / "last.pth").write_bytes(b"x")
+    run_checkpoint(tmp_path / "last.pth")
     _, resume = resolve_args(parse("danet_tiny_synthetic", "--work-dir", str(tmp_path), "--resume"))
     assert resume == tmp_path / "last.pth"
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # a torchrun restart continues by itself
@@ -53,3 +67,48 @@ def test_defaults_and_resume_sources(tmp_path, monkeypatch):
     assert resume == tmp_path / "last.pth"
     with pytest.raises(DanetError, match="name a preset"):
         resolve_args(parse())
+
+
+def test_a_resume_continues_the_checkpoint_s_own_run_beside_it(tmp_path):
+    """--resume CKPT writes beside CKPT (not to the work dir recorded in it, which may be another run's or relative to
+    another folder); with a preset name the run's own settings come from the checkpoint, --set on top."""
+    ck = run_checkpoint(tmp_path / "copy" / "epoch_1.pth", epochs=2, iters_per_epoch=5)
+    cfg, resume = resolve_args(parse("--resume", str(ck)))
+    assert cfg.work_dir == str(tmp_path / "copy") and resume == ck
+    cfg, _ = resolve_args(parse("--resume", str(ck), "--work-dir", str(tmp_path / "there")))
+    assert cfg.work_dir == str(tmp_path / "there")
+    run_checkpoint(tmp_path / "w" / "last.pth", epochs=2, iters_per_epoch=5)
+    argv = ["danet_tiny_synthetic", "--work-dir", str(tmp_path / "w"), "--resume"]
+    cfg, _ = resolve_args(parse(*argv))
+    assert (cfg.schedule.epochs, cfg.schedule.iters_per_epoch) == (2, 5)  # not the preset's 120 epochs
+    cfg, _ = resolve_args(parse(*argv, "--set", "schedule.epochs=3"))
+    assert (cfg.schedule.epochs, cfg.schedule.iters_per_epoch) == (3, 5)
+    with pytest.raises(DanetError, match="is a run of preset danet_tiny_synthetic, not danet_r50-d8_ade20k"):
+        resolve_args(parse("danet_r50-d8_ade20k", "--resume", str(ck)))
+
+
+def test_an_option_s_own_flag_wins_over_set(tmp_path):
+    cfg, _ = resolve_args(parse("danet_tiny_synthetic", "--set", "work_dir=a", "--work-dir", str(tmp_path / "b")))
+    assert cfg.work_dir == str(tmp_path / "b")
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [("schedule.min_lr=1", "'schedule.min_lr' (1) is above schedule.lr"),
+     ("schedule.momentum=5", "'schedule.momentum' must be below 1"),
+     ("schedule.lr=.nan", "'schedule.lr' must not be negative (a finite number), got nan"),
+     ("schedule.lr=.inf", "got inf"), ("schedule.lr=0", "'schedule.lr' must be above 0"),
+     ("seed=99999999999999999999", "'seed' must be in 0 .. 2**63 - 1"), ("seed=-1", "'seed' must be in"),
+     ("work_dir=''", "'work_dir' is empty")],
+)  # fmt: skip
+def test_settings_out_of_range_are_one_line(capsys, setting, message):
+    assert message in one_error_line(capsys, "train", "danet_tiny_synthetic", "--set", setting)
+
+
+def test_a_config_file_without_a_preset_is_refused(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("schedule:\n  epochs: 1\n")
+    assert "names no preset; add a line 'preset: NAME'" in one_error_line(capsys, "train", str(tmp_path / "c.yaml"))
+
+
+def test_a_preset_name_in_another_case_is_suggested(capsys):
+    assert "Did you mean 'danet_tiny_synthetic'" in one_error_line(capsys, "train", "DANET_TINY_SYNTHETIC")

@@ -17,6 +17,7 @@ applied (model structure, crop, schedule), which is what the data, model and che
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 import typing
@@ -218,8 +219,21 @@ class RunConfig:
         for key, v in (("schedule.lr", s.lr), ("schedule.min_lr", s.min_lr), ("schedule.momentum", s.momentum),
                        ("schedule.power", s.power), ("schedule.weight_decay", s.weight_decay),
                        ("aux_weight", self.aux_weight)):  # fmt: skip
-            if v is not None and v < 0:
-                raise DanetError(f"setting {key!r} must not be negative, got {v}")
+            if v is not None and not (v >= 0 and math.isfinite(v)):  # NOTE: NaN fails every comparison
+                raise DanetError(f"setting {key!r} must not be negative (a finite number), got {v}")
+        if s.lr is not None and s.lr == 0:
+            raise DanetError("setting 'schedule.lr' must be above 0 (the learning rate the poly schedule starts at)")
+        if s.lr is not None and s.min_lr is not None and s.min_lr > s.lr:
+            raise DanetError(
+                f"setting 'schedule.min_lr' ({s.min_lr:g}) is above schedule.lr ({s.lr:g}): the poly schedule decays "
+                "from lr down to min_lr; lower min_lr"
+            )
+        if s.momentum is not None and s.momentum >= 1:
+            raise DanetError(f"setting 'schedule.momentum' must be below 1 (SGD's is 0.9), got {s.momentum:g}")
+        if not 0 <= self.seed < 2**63:
+            raise DanetError(f"setting 'seed' must be in 0 .. 2**63 - 1, got {self.seed}")
+        if not str(self.work_dir).strip():
+            raise DanetError("setting 'work_dir' is empty; give the run's folder (--work-dir DIR)")
         if d.num_workers is not None and d.num_workers < 0:
             raise DanetError(f"setting 'data.num_workers' must be 0 or more, got {d.num_workers}")
         for key, size in (("data.crop_size", d.crop_size), ("data.base_size", d.base_size)):
@@ -276,6 +290,8 @@ class RunConfig:
             raise DanetError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
         if not isinstance(data, dict):
             raise DanetError(f"{path} must hold a mapping of run settings (e.g. 'preset: danet_tiny_synthetic')")
+        if "preset" not in data:  # NOTE: not the field's default: a config for ADE20K would train the synthetic data
+            raise DanetError(f"{path} names no preset; add a line 'preset: NAME' (see danet models)")
         return from_dict(data)
 
 
@@ -441,9 +457,9 @@ def load_run_config(preset_or_yaml: str, overrides: list[str] | None = None, **f
     else:
         get_preset(preset_or_yaml)  # DanetError with the valid names
         cfg = RunConfig(preset=preset_or_yaml)
-    for k, v in fields.items():
+    cfg = apply_overrides(cfg, overrides or [])
+    for k, v in fields.items():  # NOTE: after --set: an option given by its own flag (--work-dir) wins
         if v is not None:
             setattr(cfg, k, v)
-    cfg = apply_overrides(cfg, overrides or [])
     cfg.base_preset()  # validates the preset name of a YAML file
     return cfg.validate()

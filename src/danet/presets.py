@@ -220,6 +220,7 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name]
     if name in ALIASES:
         return PRESETS[ALIASES[name]]
-    close = difflib.get_close_matches(name, list(PRESETS) + list(ALIASES), n=1)
+    names = list(PRESETS) + list(ALIASES)
+    close = [n for n in names if n.lower() == str(name).lower()] or difflib.get_close_matches(str(name), names, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise DanetError(f"unknown preset {name!r}.{hint} Valid names: {', '.join(PRESETS)} (or their ssseg aliases).")

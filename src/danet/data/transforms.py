@@ -178,7 +178,8 @@ class TrainPipeline:
         image, label = resize_keep_ratio(image, label, random_scale(self.base_size, self.ratio_range, rng))
         image, label = random_crop(image, label, self.crop_size, rng, self.cat_max_ratio, self.ignore_index)
         if rng.random() < self.flip_prob:
-            image, label = image[:, ::-1], label[:, ::-1]
+            # NOTE: copies: numpy calls a 1-pixel-wide reversed view contiguous, which torch.from_numpy then refuses
+            image, label = image[:, ::-1].copy(), label[:, ::-1].copy()
         image = photometric_distortion(np.ascontiguousarray(image), rng)
         img_t = normalize(image, self.mean, self.std)
         lbl_t = torch.from_numpy(np.ascontiguousarray(label)).long()

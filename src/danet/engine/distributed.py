@@ -35,6 +35,7 @@ class DistInfo:
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """ "auto" -> this process's CUDA device when there is one, else the CPU."""
+    asked = name
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda:") and name[5:].isdigit():  # one GPU of several, outside torchrun
@@ -44,8 +45,8 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     if name == "cuda":
         if not torch.cuda.is_available():
             raise DanetError(
-                "device 'cuda' requested but no CUDA GPU is visible; run on the CPU (danet train: --set device=cpu; "
-                "test, predict, benchmark: --device cpu)"
+                f"device {asked!r} requested but no CUDA GPU is visible; run on the CPU (danet train: --set "
+                "device=cpu; test, predict, benchmark: --device cpu)"
             )
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)

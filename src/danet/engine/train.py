@@ -15,6 +15,7 @@ weights as an uninterrupted run (bit for bit in deterministic mode).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -114,7 +115,10 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     if dev.type == "cpu":
         torch.set_num_threads(distributed.cpu_threads(cfg.threads))
     if sch.batch_size % info.world:
-        raise DanetError(f"global batch {sch.batch_size} does not split over {info.world} processes; change the batch")
+        raise DanetError(
+            f"global batch {sch.batch_size} does not split over {info.world} processes; set schedule.batch_size to a "
+            f"multiple of {info.world}"
+        )
 
     ckpt = checkpoints.read_checkpoint(resume) if resume else None
     if ckpt is not None and not ckpt.train_state:
@@ -129,10 +133,11 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     if ckpt is not None and info.is_main and (diff := check_compatible(ckpt.meta.get("config", {}), cfg)):
         print(f"warning: resuming with settings that differ from the checkpoint's run: {', '.join(diff)}")
 
-    if ckpt is None and not cfg.overwrite and (work / "last.pth").is_file():  # never replace a run by accident
+    earlier = run_outputs(work) if ckpt is None else []
+    if earlier and not cfg.overwrite:  # never replace a run by accident (a kept best.pth without last.pth too)
         raise DanetError(
-            f"{work} already holds a run (last.pth); continue it with --resume, start over there with "
-            "--set overwrite=true, or pick another --work-dir"
+            f"{work} already holds a run ({short([p.name for p in earlier])}); continue it with --resume, start over "
+            "there with --set overwrite=true, or pick another --work-dir"
         )
     train_ds, val_ds = build_datasets(cfg, preset, cfg.seed)  # first: a wrong data root fails at once
     if info.is_main:
@@ -148,6 +153,11 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     use_fused_norm(model, cfg.norm == "triton" and why is None)  # the same again; under torchrun synchronised itself
     if why and info.is_main:  # NOTE: then plain BatchNorm2d, so torchrun on GPUs converts it to SyncBatchNorm
         print(f"note: norm=triton {why}; PyTorch's batch norm runs")
+    loss_impl = cfg.fused_loss_impl
+    if cfg.fused_loss and loss_impl == "triton" and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        loss_impl = "chunked"  # the same values (to rounding) without Triton
+        if info.is_main:
+            print("note: fused_loss_impl=triton runs on CUDA only; the chunked fused loss runs")
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt.state_dict)
@@ -190,7 +200,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     scaler = torch.amp.GradScaler(dev.type, enabled=cfg.amp == "fp16")
     step_net = torch.compile(net) if cfg.compile else net
 
-    it, best, best_iter = 0, -math.inf, None
+    it, best, best_iter, pending = 0, -math.inf, None, False
     if ckpt is not None:
         ts = ckpt.train_state
         if int(ts["iter"]) > total:  # NOTE: before config.yaml is rewritten (a finished run, == total, resumes to
@@ -204,21 +214,34 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
         scaler.load_state_dict(ts["grad_scaler"]) if ts.get("grad_scaler") else None
         restore_rng_states(ts["rng"])
         it, best, best_iter = int(ts["iter"]), float(ts["best_miou"]), ts.get("best_iter")
+        pending = bool(ts.get("validation_pending"))  # stopped while validating: that epoch's validation first
+        if it == total and not pending:
+            if info.is_main:
+                print(f"{resume} has finished its {total} iterations: nothing left to train (raise schedule.epochs)")
+            return {"metrics": {}, "best_miou": best, "best_iter": best_iter, "iter": it, "seconds": 0.0,
+                    "stopped": False, "skipped": 0, "finished": True}  # fmt: skip
 
     logger = RunLogger(work, enabled=info.is_main, resume_iter=it if ckpt is not None else None)
+    recorded = dataclasses.replace(cfg, overwrite=False)  # NOTE: rerunning config.yaml must not wipe this run
     if info.is_main:
-        cfg.save(work / "config.yaml")
+        recorded.save(work / "config.yaml")
         logger.log("start", iter=it, total_iters=total, iters_per_epoch=ipe, world=info.world, device=str(dev))
 
-    def save(name: str, epoch: int, with_state: bool = True) -> None:
+    def save(name: str, epoch: int, with_state: bool = True, validation_pending: bool = False) -> None:
         if not info.is_main:
             return
         bad = [k for k, v in raw.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:  # never overwrite a good checkpoint with a diverged model
             raise DanetError(
-                f"weights became non-finite by iteration {it} (e.g. {bad[0]}); {work / 'last.pth'} is the last good "
-                f"checkpoint; lower schedule.lr (now {sch.lr:g})"
+                f"weights became non-finite by iteration {it} (e.g. {bad[0]}); lower schedule.lr (now {sch.lr:g}) and "
+                + after_divergence(work)
             )
+        if earlier:  # overwrite=true: the earlier run's files go when this run has its first checkpoint (so that a
+            # run failing before it leaves them), and none of them can pass for this run's (a better best.pth)
+            for old in earlier:
+                old.unlink(missing_ok=True)
+            print(f"overwrite=true: removed the earlier run's {short([p.name for p in earlier])} from {work}")
+            earlier.clear()
         state = None
         if with_state:
             state = {
@@ -230,8 +253,9 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
                 "epoch": epoch,
                 "best_miou": best,
                 "best_iter": best_iter,
+                "validation_pending": validation_pending,
             }
-        meta = {"config": to_dict(cfg), "epoch": epoch, "iter": it, "best_miou": best}
+        meta = {"config": to_dict(recorded), "epoch": epoch, "iter": it, "best_miou": best}
         checkpoints.save_checkpoint(work / name, raw, preset, train_state=state, extra_meta=meta)
 
     metrics: dict = {}
@@ -247,7 +271,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     window: dict[str, float] = {}
     t_window, n_window = time.time(), 0
     stopped = False
-    loss_fn = partial(fused_danet_loss, impl=cfg.fused_loss_impl) if cfg.fused_loss else danet_loss
+    loss_fn = partial(fused_danet_loss, impl=loss_impl) if cfg.fused_loss else danet_loss
     skipped = in_a_row = 0  # steps skipped for a non-finite loss (nonfinite=skip): in all, and in a row now
     # nonfinite=skip: the batch norms' statistics before each step, put back when it is skipped (a NaN input poisons
     # them in the forward, before the loss shows it)
@@ -267,6 +291,29 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
             return {k: v.detach() for k, v in losses.items()}
 
         graphed = GraphedStep(forward_backward, raw.parameters(), GRAPH_BACKEND(dev))
+
+    def validate_epoch(done: int) -> None:
+        """Validate after epoch `done`: log it, keep best.pth."""
+        nonlocal metrics, best, best_iter
+        try:
+            metrics = validate(raw, val_ds, preset, cfg, info)
+        except DanetError as e:
+            raise DanetError(f"{e} (validating epoch {done}; its training is in last.pth: --resume)") from None
+        logger.log("val", iter=it, epoch=done, **_scalars(metrics), IoU=metrics["IoU"])
+        if info.is_main:
+            bar.write(f"epoch {done}/{sch.epochs} iter {it}: mIoU {metrics['mIoU']:.2f} mAcc {metrics['mAcc']:.2f}")
+        if metrics["mIoU"] > best:
+            best, best_iter = metrics["mIoU"], it
+            save("best.pth", done, with_state=False)
+
+    if pending:  # the run stopped while validating epoch it // ipe: that validation, before the next epoch
+        done = it // ipe
+        validate_epoch(done)
+        save("last.pth", done)
+        if info.is_main:
+            write_metrics(work, metrics, best, best_iter, it, done, time.time() - t_start)
+        if done % sch.save_interval == 0:
+            save(f"epoch_{done}.pth", done)
     net.train()
     for epoch in range(it // ipe, sch.epochs):
         sampler.set_epoch(epoch, start=it % ipe)
@@ -289,11 +336,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
                     hint = " or try amp=bf16" if cfg.amp == "fp16" else ""
                     loss = values["loss"] if not math.isfinite(values["loss"]) else "non-finite on another rank"
                     when = f"at iteration {it + 1}" + (f", {in_a_row} times in a row" if in_a_row > 1 else "")
-                    then = (
-                        f"--resume from {work / 'last.pth'} (the last good checkpoint)"
-                        if (work / "last.pth").is_file()
-                        else "start again (no epoch has finished: there is no checkpoint yet)"
-                    )
+                    then = after_divergence(work)
                     raise DanetError(f"loss became {loss} {when}; lower schedule.lr (now {sch.lr:g}){hint} and {then}")
                 _copy_all(buffers, saved)  # the skipped step's forward changed no statistics either
                 skipped += 1
@@ -334,19 +377,10 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
         done = epoch + 1
         validated = done % sch.eval_interval == 0 or done == sch.epochs
         if validated:
-            # NOTE: saved first, so that a failure while validating (a corrupt val image, met by any process) keeps
-            # the epoch's training; saved again below with the validation's best mIoU
-            save("last.pth", done)
-            try:
-                metrics = validate(raw, val_ds, preset, cfg, info)
-            except DanetError as e:
-                raise DanetError(f"{e} (validating epoch {done}; its training is in last.pth: --resume)") from None
-            logger.log("val", iter=it, epoch=done, **_scalars(metrics), IoU=metrics["IoU"])
-            if info.is_main:
-                bar.write(f"epoch {done}/{sch.epochs} iter {it}: mIoU {metrics['mIoU']:.2f} mAcc {metrics['mAcc']:.2f}")
-            if metrics["mIoU"] > best:
-                best, best_iter = metrics["mIoU"], it
-                save("best.pth", done, with_state=False)
+            # NOTE: saved first, so that a failure or a stop while validating (a corrupt val image, met by any
+            # process; Ctrl-C) keeps the epoch's training, and a resume validates it; saved again below
+            save("last.pth", done, validation_pending=True)
+            validate_epoch(done)
         save("last.pth", done)  # NOTE: before metrics.json, which must never run ahead of the checkpoints
         if validated and info.is_main:
             write_metrics(work, metrics, best, best_iter, it, done, time.time() - t_start)
@@ -371,6 +405,26 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
         "stopped": stopped,
         "skipped": skipped,
     }
+
+
+def after_divergence(work: Path) -> str:
+    """What to do after a run diverged: resume from its last checkpoint, or start again when it has none."""
+    if (work / "last.pth").is_file():
+        return f"--resume from {work / 'last.pth'} (the last checkpoint with finite weights)"
+    return "start again (no epoch has finished: there is no checkpoint yet)"
+
+
+# NOTE: not config.yaml or log.jsonl, which a run writes as it starts: a run that failed before its first epoch ended
+# leaves only those, and the same command may run again
+RUN_FILES = ("last.pth", "best.pth", "metrics.json", "curves.png", "per_class_iou.png", "confusion.png")
+
+
+def run_outputs(work: Path) -> list[Path]:
+    """The files of a training run in `work` (not config.yaml alone, nor the user's other files)."""
+    if not work.is_dir():
+        return []
+    found = [work / n for n in RUN_FILES if (work / n).is_file()]
+    return found + sorted(p for p in work.glob("epoch_*.pth") if p.is_file())
 
 
 def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:

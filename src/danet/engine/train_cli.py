@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..config import RunConfig, apply_overrides, from_dict, load_run_config, valid_keys
 from ..errors import DanetError
+from ..presets import get_preset
 
 EPILOG = """examples:
   danet train danet_tiny_synthetic --work-dir runs/synthetic
@@ -53,23 +54,36 @@ def _wrap(keys: list[str], width: int = 100) -> list[str]:
 
 
 def resolve_args(args) -> tuple[RunConfig, Path | None]:
-    """The run config and the checkpoint to resume from (None: a fresh run)."""
+    """The run config and the checkpoint to resume from (None: a fresh run).
+
+    A resume continues the checkpoint's own run: its settings come from the checkpoint (a preset name on the command
+    line must be that run's), with `--set` on top, and its outputs go beside it (or to --work-dir). A config .yaml
+    is taken as written."""
     resume = None
-    if args.config is None:
-        if not args.resume or args.resume == "auto":
-            raise DanetError(
-                "name a preset or a config .yaml (e.g. danet train danet_tiny_synthetic), or --resume CKPT"
-            )
-        resume = Path(args.resume)
+    is_yaml = args.config is not None and (args.config.endswith((".yaml", ".yml")) or Path(args.config).is_file())
+    if args.config is None and (not args.resume or args.resume == "auto"):
+        raise DanetError("name a preset or a config .yaml (e.g. danet train danet_tiny_synthetic), or --resume CKPT")
+    if args.resume and not is_yaml:
+        if args.resume != "auto":
+            resume = Path(args.resume)
+            work = args.work_dir or _set_work_dir(args) or str(resume.parent)
+        else:
+            work = args.work_dir or _set_work_dir(args) or str(Path("runs") / get_preset(args.config).name)
+            resume = Path(work) / "last.pth"
         cfg = _config_of_checkpoint(resume)
+        if args.config is not None and get_preset(args.config).name != cfg.preset:
+            raise DanetError(
+                f"{resume} is a run of preset {cfg.preset}, not {get_preset(args.config).name}; resume it with "
+                f"danet train --resume {resume}"
+            )
+        cfg = apply_overrides(cfg, args.overrides)
+        cfg.work_dir = work
         if args.data_root:
             cfg.data_root = args.data_root
-        if args.work_dir:
-            cfg.work_dir = args.work_dir
-        cfg = apply_overrides(cfg, args.overrides).validate()
+        cfg.validate()
     else:
         cfg = load_run_config(args.config, args.overrides, data_root=args.data_root, work_dir=args.work_dir)
-        if args.work_dir is None and not args.config.endswith((".yaml", ".yml")) and _is_default_work_dir(args):
+        if args.work_dir is None and not is_yaml and _set_work_dir(args) is None:
             cfg.work_dir = str(Path("runs") / cfg.preset)
         if args.resume:
             resume = Path(cfg.work_dir) / "last.pth" if args.resume == "auto" else Path(args.resume)
@@ -84,20 +98,21 @@ def resolve_args(args) -> tuple[RunConfig, Path | None]:
     return cfg, resume
 
 
-def _is_default_work_dir(args) -> bool:
-    return not any(o.startswith("work_dir=") for o in args.overrides)
+def _set_work_dir(args) -> str | None:
+    """The work dir given as `--set work_dir=DIR`, if any."""
+    return next((o.split("=", 1)[1] for o in args.overrides if o.startswith("work_dir=")), None)
 
 
 def _config_of_checkpoint(path: Path) -> RunConfig:
     from ..checkpoints import read_checkpoint
 
     if path.is_dir():
-        raise DanetError(f"cannot resume: {path} is a directory; pass its last.pth")
+        raise DanetError(f"cannot resume: {path} is a directory; pass its last.pth (or --resume with no path)")
     if not path.is_file():
-        raise DanetError(f"cannot resume: {path} does not exist")
+        raise DanetError(f"cannot resume: {path} does not exist (a run writes last.pth at every epoch end)")
     saved = read_checkpoint(path).meta.get("config")
     if not isinstance(saved, dict):
-        raise DanetError(f"{path} holds no run config; pass the preset or config .yaml as well")
+        raise DanetError(f"{path} holds no run config (not a danet train checkpoint); resume a run's last.pth")
     return from_dict(saved)
 
 

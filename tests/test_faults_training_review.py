@@ -1,0 +1,127 @@
+"""Faults found by an exploratory review of `danet train`: --set overwrite=true leaving the earlier run's best.pth
+and metrics.json (and config.yaml recording it), a work dir with best.pth but no last.pth trained over, a stop while
+validating losing that validation, resuming a finished run, the Triton loss on the CPU, 1-pixel crops, and the
+non-finite-weights line naming a checkpoint that did not exist.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from danet.checkpoints import read_checkpoint
+from danet.cli import main
+from danet.data import ensure_synthetic
+from test_faults_common import cli_error, digest
+
+PRESET = "danet_tiny_synthetic"
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return ensure_synthetic(tmp_path_factory.mktemp("data"))
+
+
+def argv(work: Path, data: Path, *extra: str, epochs: int = 2) -> list[str]:
+    settings = {
+        "schedule.epochs": epochs, "schedule.iters_per_epoch": 2, "schedule.batch_size": 2,
+        "data.crop_size": "[32,32]", "data.num_workers": 0, "data.val_limit": 2, "progress": "false",
+        "device": "cpu", "log_interval": 1, "model.base_channels": 8, "model.stem_channels": 8,
+        "model.head_channels": 16,
+    }  # fmt: skip
+    sets = [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
+    return ["train", PRESET, "--data-root", str(data), "--work-dir", str(work), *sets, *extra]
+
+
+def records(work: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (work / "log.jsonl").read_text().splitlines()) if r["type"] == kind]
+
+
+def test_overwrite_replaces_every_file_of_the_earlier_run(data_root, tmp_path, capsys):
+    work = tmp_path / "w"
+    assert main(argv(work, data_root, "--set", "schedule.save_interval=1")) == 0
+    assert (work / "epoch_2.pth").is_file()
+    (work / "metrics.json").write_text('{"iter": 100, "best_mIoU": 99.0}')  # an earlier run's figures
+    capsys.readouterr()
+    assert main(argv(work, data_root, "--set", "overwrite=true", "--set", "stop_iter=1")) == 0
+    assert "overwrite=true: removed the earlier run's" in capsys.readouterr().out
+    assert not (work / "best.pth").exists() and not (work / "metrics.json").exists()  # nothing passes for this run's
+    assert not (work / "epoch_2.pth").exists() and read_checkpoint(work / "last.pth").train_state["iter"] == 1
+    recorded = yaml.safe_load((work / "config.yaml").read_text())
+    assert recorded["overwrite"] is False  # running config.yaml again is refused, not a wipe
+    line = cli_error(capsys, "train", work / "config.yaml", "--data-root", data_root)
+    assert "already holds a run" in line
+
+
+def test_a_work_dir_with_a_kept_best_pth_is_not_trained_over(data_root, tmp_path, capsys):
+    work = tmp_path / "w"
+    assert main(argv(work, data_root)) == 0
+    (work / "last.pth").unlink()  # kept only the best model, as people do
+    before = digest(work / "best.pth")
+    line = cli_error(capsys, *argv(work, data_root))
+    assert "already holds a run (['best.pth', 'metrics.json', " in line
+    assert digest(work / "best.pth") == before
+
+
+def test_a_run_failing_before_its_first_epoch_can_run_again(data_root, tmp_path, capsys):
+    work = tmp_path / "w"
+    assert main(argv(work, data_root, "--set", "stop_iter=1")) == 0  # mid-epoch stop: config, log and last.pth
+    (work / "last.pth").unlink()  # as if it died before writing one
+    assert main(argv(work, data_root)) == 0
+
+
+def test_a_stop_while_validating_is_validated_on_resume(data_root, tmp_path, monkeypatch, capsys):
+    from danet.engine import train as train_mod
+
+    work = tmp_path / "w"
+    real = train_mod.validate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "validate", interrupted)
+    assert main(argv(work, data_root, "--set", "schedule.eval_interval=1")) == 130
+    assert read_checkpoint(work / "last.pth").train_state["validation_pending"] is True
+    assert not records(work, "val") and not (work / "best.pth").exists()
+    monkeypatch.setattr(train_mod, "validate", real)
+    assert main(argv(work, data_root, "--set", "schedule.eval_interval=1", "--resume")) == 0
+    assert [r["iter"] for r in records(work, "val")] == [2, 4]  # epoch 1's validation, then epoch 2's
+    assert (work / "best.pth").is_file() and json.loads((work / "metrics.json").read_text())["iter"] == 4
+
+
+def test_resuming_a_finished_run_says_so_and_writes_nothing(data_root, tmp_path, capsys):
+    work = tmp_path / "w"
+    assert main(argv(work, data_root)) == 0
+    before = {p.name: digest(p) for p in work.iterdir()}
+    capsys.readouterr()
+    assert main(argv(work, data_root, "--resume")) == 0
+    assert "has finished its 4 iterations: nothing left to train" in capsys.readouterr().out
+    assert {p.name: digest(p) for p in work.iterdir()} == before
+
+
+def test_the_triton_loss_on_the_cpu_runs_the_chunked_one(data_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the test suite's own setting: Triton on the CPU
+    work = tmp_path / "w"
+    extra = ("--set", "fused_loss=true", "--set", "fused_loss_impl=triton", "--set", "stop_iter=1")
+    assert main(argv(work, data_root, *extra)) == 0
+    assert "note: fused_loss_impl=triton runs on CUDA only; the chunked fused loss runs" in capsys.readouterr().out
+    assert math.isfinite(records(work, "train")[0]["loss"])
+
+
+def test_one_pixel_crops_train(data_root, tmp_path):
+    work = tmp_path / "w"
+    assert main(argv(work, data_root, "--set", "data.crop_size=[1,1]", "--set", "seed=3", "--set", "stop_iter=1")) == 0
+
+
+def test_after_a_divergence_the_line_names_a_checkpoint_only_where_there_is_one(tmp_path):
+    """Both lines (the loss, the weights became non-finite) end with this advice; the weights' line named
+    WORK/last.pth as 'the last good checkpoint' before any epoch had written one."""
+    from danet.engine.train import after_divergence
+
+    assert after_divergence(tmp_path) == "start again (no epoch has finished: there is no checkpoint yet)"
+    (tmp_path / "last.pth").write_bytes(b"x")
+    assert after_divergence(tmp_path).startswith(f"--resume from {tmp_path / 'last.pth'}")

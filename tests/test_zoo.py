@@ -77,6 +77,22 @@ def test_a_forced_download_that_does_not_fit_leaves_the_cache_as_it_was(tmp_path
         assert mine.read_bytes() == before and [p.name for p in cache.iterdir()] == ["src.pth"]
 
 
+def test_a_download_with_a_flipped_bit_is_not_kept(tmp_path):
+    """torch.load reads a bit flipped in the weights silently; the download's CRCs tell."""
+    import zipfile
+
+    from test_faults_checkpoint_review import _flip_a_bit_in
+
+    src = tmp_path / "src.pth"
+    _tiny_checkpoint(src)
+    with zipfile.ZipFile(src) as archive:
+        biggest = max(archive.infolist(), key=lambda i: i.file_size).filename
+    _flip_a_bit_in(src, biggest)
+    with pytest.raises(DanetError, match=rf"does not load as danet_tiny_synthetic .*Bad CRC-32 for file '{biggest}'"):
+        zoo.download("danet_tiny_synthetic", tmp_path / "cache", url=src.as_uri(), progress=False)
+    assert not list((tmp_path / "cache").iterdir())
+
+
 def test_offline_download_fails_in_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(zoo, "checkpoint_url", lambda preset: "http://127.0.0.1:9/danet.pth")
     rc = main(["zoo", "download", "danet_r50-d8_ade20k", "--cache", str(tmp_path), "--no-progress"])

@@ -11,9 +11,12 @@ weights_only=True, else a restricted unpickler that turns foreign classes into i
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
+import reprlib
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ import torch
 from torch import nn
 
 from . import safe_load
-from .errors import DanetError
+from .errors import DanetError, os_hint
 from .models.danet import DANet, ModelConfig
 from .models.resnet import DEPTH_LAYERS
 
@@ -84,11 +87,13 @@ def save_checkpoint(
     if isinstance(preset, str):
         preset = get_preset(preset)
     cfg: ModelConfig = net.cfg
+    # NOTE: the preset's class names only for a model of its class count (a file's names are one per class)
+    named = preset is not None and len(preset.classes) == cfg.num_classes
     meta: dict[str, Any] = {
         "preset": preset.name if preset is not None else None,
         "model_cfg": cfg.to_dict(),
-        "classes": list(preset.classes) if preset is not None else None,
-        "palette": [list(c) for c in preset.palette] if preset is not None else None,
+        "classes": list(preset.classes) if named else None,
+        "palette": [list(c) for c in preset.palette] if named else None,
         "mean": list(preset.mean if preset is not None else MEAN),
         "std": list(preset.std if preset is not None else STD),
         "layout": cfg.layout,
@@ -194,6 +199,16 @@ def _rename(sd: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[s
     return out
 
 
+def file_key(key: str, source: str) -> str:
+    """Our weight name `key` as a file of `source` ("mmseg", "ssseg") spells it (without a DDP `module.`)."""
+    rules = {"mmseg": MMSEG_RULES, "ssseg": SSSEG_RULES}.get(source, [])
+    hits = [(old, new) for old, new in rules if key.startswith(new)]
+    if not hits:
+        return key
+    old, new = max(hits, key=lambda rule: len(rule[1]))  # e.g. head.pam.gamma before head.pam.*
+    return old + key[len(new) :]
+
+
 def _strip(sd: dict, prefix: str) -> dict:
     return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in sd.items()}
 
@@ -204,7 +219,7 @@ def _state_dict_of(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict,
         raise DanetError(f"{path} holds a {type(obj).__name__}, not a state dict; pass a model checkpoint")
     if obj.get("format") == "danet":
         return (*_our_entries(obj, path), True)
-    meta = safe_load.plain(obj.get("meta") or {})
+    meta = obj.get("meta")
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -212,10 +227,12 @@ def _state_dict_of(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict,
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not sd:
         raise DanetError(
-            f"{path} holds no tensors (keys: {', '.join(map(str, list(obj)[:6]))}); pass a model checkpoint"
+            f"{path} holds no tensors (keys: {', '.join(map(_short, list(obj)[:6]))}); pass a model checkpoint"
         )
+    _check_weights(sd, path)
     sd = _strip(sd, "module.")  # DDP
-    return sd, meta if isinstance(meta, dict) else {}, None, False
+    meta = safe_load.plain(meta, f"checkpoint {path}: its meta") if isinstance(meta, dict) else {}
+    return sd, meta, None, False
 
 
 def _our_entries(obj: dict, path: Path) -> tuple[dict[str, torch.Tensor], dict, dict | None]:
@@ -232,7 +249,31 @@ def _our_entries(obj: dict, path: Path) -> tuple[dict[str, torch.Tensor], dict, 
     for key in ("meta", "train_state"):
         if obj.get(key) is not None and not isinstance(obj[key], dict):
             raise DanetError(f'{path}: its "{key}" entry is a {type(obj[key]).__name__}, not a dict; {redo}')
-    return dict(model), dict(obj.get("meta") or {}), obj.get("train_state")
+    _check_weights(model, path)
+    meta = safe_load.plain(obj.get("meta") or {}, f"checkpoint {path}: its meta")
+    return dict(model), meta, obj.get("train_state")
+
+
+_brief = reprlib.Repr()
+_brief.maxlevel, _brief.maxlist, _brief.maxtuple, _brief.maxdict, _brief.maxstring, _brief.maxother = 2, 4, 4, 4, 40, 40
+
+
+def _short(value: Any) -> str:
+    """`value` for a one-line message, cut short (a crafted value may be huge; a tensor's repr spans lines)."""
+    return " ".join(_brief.repr(value).split())
+
+
+def _check_weights(sd: dict, path: Path) -> None:
+    """Weight names that are strings, weights that are dense tensors on the CPU (as torch.save(module.state_dict())
+    of a model on any device and torch.load(map_location="cpu") give them); else DanetError."""
+    redo = "the file is damaged or not a model checkpoint: download or save it again"
+    for k, v in sd.items():
+        if not isinstance(k, str):
+            raise DanetError(f"{path}: its state dict has a key {_short(k)} ({type(k).__name__}), not a name; {redo}")
+        if v.layout != torch.strided:
+            raise DanetError(f"{path}: weight {k} is a {v.layout} tensor, not a dense one; {redo}")
+        if v.device.type != "cpu":
+            raise DanetError(f"{path}: weight {k} is on the {v.device.type} device, not the CPU; {redo}")
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -259,13 +300,68 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             f"{path}: unrecognised checkpoint layout (first keys: {', '.join(keys[:3])}); "
             "expected a danet, sssegmentation or mmsegmentation DANet checkpoint or an ImageNet ResNet"
         )
+    names = {}  # our meta key -> how the file spells it, where it differs
     if not ours:
         meta = dict(meta)
         dm = meta.get("dataset_meta") if isinstance(meta.get("dataset_meta"), dict) else {}
         for ours_key, keys_ in (("classes", ("classes", "CLASSES")), ("palette", ("palette", "PALETTE"))):
-            found = next((src[k] for src in (dm, meta) for k in keys_ if isinstance(src.get(k), (list, tuple))), None)
-            meta[ours_key] = list(found) if found is not None else None
+            found = next(
+                ((f"{at}{k}", src[k]) for at, src in (("dataset_meta.", dm), ("", meta)) for k in keys_
+                 if isinstance(src.get(k), (list, tuple))),
+                (ours_key, None),
+            )  # fmt: skip
+            names[ours_key] = found[0]
+            meta[ours_key] = list(found[1]) if found[1] is not None else None
+    _check_meta(meta, sd, path, ours, names)
     return Checkpoint(path, source, sd, meta, train_state)
+
+
+MAX_SIZE = 16384  # the largest base / crop size a checkpoint's run settings may give (a 16k x 16k image)
+
+
+def _check_meta(meta: dict, sd: dict, path: Path, ours: bool, names: dict[str, str]) -> None:
+    """DanetError (one line, naming the field) for a meta value that the commands could not use: of another type,
+    another class count than the weights, colours or sizes out of range (a damaged, crafted or foreign file)."""
+    weight = sd.get("head.cls.conv.weight")
+    n = weight.shape[0] if weight is not None and weight.dim() else None  # None: no classifier (infer_config says)
+
+    def per_class(v) -> bool:
+        return isinstance(v, list | tuple) and (n is None or len(v) == n)
+
+    def rgb(c) -> bool:
+        return isinstance(c, list | tuple) and len(c) == 3 and all(type(x) is int and 0 <= x <= 255 for x in c)
+
+    def three(v, positive: bool = False) -> bool:  # mean / std
+        ok = lambda x: type(x) in (int, float) and math.isfinite(x) and (x > 0 or not positive)  # noqa: E731
+        return isinstance(v, list | tuple) and len(v) == 3 and all(map(ok, v))
+
+    def require(key: str, ok, expected: str) -> None:
+        if meta.get(key) is not None and not ok(meta[key]):
+            raise DanetError(
+                f"checkpoint {path}: its meta {names.get(key, key)} is {_short(meta[key])}, not {expected}; the file "
+                "is damaged or not written by danet or a toolbox it reads: download or save it again"
+            )
+
+    each = f"one per class ({n})" if n else "one per class"
+    require("preset", lambda v: isinstance(v, str), "a preset name")
+    require("model_cfg", lambda v: isinstance(v, dict), "a mapping of model settings")
+    require("classes", lambda v: per_class(v) and all(isinstance(c, str) for c in v), f"a list of names, {each}")
+    require("palette", lambda v: per_class(v) and all(map(rgb, v)), f"a list of [R, G, B] ints 0..255, {each}")
+    require("mean", three, "3 finite numbers")
+    require("std", lambda v: three(v, positive=True), "3 finite positive numbers")
+    # NOTE: mmseg 0.x files hold their config as text (1.x as `cfg`): only ours must hold a run's settings there
+    require("config", lambda v: isinstance(v, dict) or not ours, "a mapping of run settings")
+    data = meta["config"].get("data") if isinstance(meta.get("config"), dict) else None
+    for key in ("base_size", "crop_size") if isinstance(data, dict) else ():
+        # NOTE: sizes that are not ints fall back to the preset's (engine.predict.run_sizes); ints are used as they
+        # are, and a huge one would allocate gigabytes (100000 x 100000) before anything else fails
+        size = data.get(key)
+        ints = [x for x in (size if isinstance(size, list | tuple) else [size]) if type(x) is int]
+        if any(not 1 <= x <= MAX_SIZE for x in ints):
+            raise DanetError(
+                f"checkpoint {path}: its meta config.data.{key} is {_short(size)}, not sizes of 1..{MAX_SIZE} pixels; "
+                "the file is damaged or not written by danet: download or save it again"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -286,8 +382,9 @@ REQUIRED_KEYS = (
 )
 
 
-def infer_config(sd: dict[str, torch.Tensor], path: str | Path = "checkpoint") -> dict:
-    """The ModelConfig fields the weights decide (our key names): classes, depth, stem, widths, layout, aux."""
+def infer_config(sd: dict[str, torch.Tensor], path: str | Path = "checkpoint", source: str = "danet") -> dict:
+    """The ModelConfig fields the weights decide (our key names): classes, depth, stem, widths, layout, aux.
+    `source`: the file's format (`Checkpoint.source`), for messages that name a weight as the file spells it."""
     attention = any(k.startswith(("head.pam", "head.cam")) for k in sd)
     if "head.cls.conv.weight" not in sd and not attention:
         hint = "pass it as backbone_weights=" if any(k.startswith("backbone.layer1.") for k in sd) else "pass a DANet"
@@ -301,7 +398,8 @@ def infer_config(sd: dict[str, torch.Tensor], path: str | Path = "checkpoint") -
     if missing := [k for k in REQUIRED_KEYS if k not in sd]:
         raise DanetError(
             f"{path} is an incomplete DANet checkpoint: required weight{'s' * (len(missing) > 1)} "
-            f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} missing; download, convert or save it again"
+            f"{', '.join(file_key(k, source) for k in missing[:3])}{' ...' if len(missing) > 3 else ''} missing; "
+            "download, convert or save it again"
         )
     blocks = tuple(_blocks(sd, i) for i in range(1, 5))
     depth = next((d for d, b in DEPTH_LAYERS.items() if b == blocks), None)
@@ -310,11 +408,12 @@ def infer_config(sd: dict[str, torch.Tensor], path: str | Path = "checkpoint") -
     deep = "backbone.stem.0.weight" in sd
     stem_key = "backbone.stem.6.weight" if deep else "backbone.conv1.weight"
     if stem_key not in sd:
-        raise DanetError(f"{path}: no ResNet stem weights ({stem_key}); the file is incomplete")
+        raise DanetError(f"{path}: no ResNet stem weights ({file_key(stem_key, source)}); the file is incomplete")
     convs = (*REQUIRED_KEYS, stem_key, *(["aux.conv.conv.weight"] if "aux.conv.conv.weight" in sd else []))
     if flat := next((k for k in convs if sd[k].dim() != 4), None):
         raise DanetError(
-            f"{path}: {flat} has shape {tuple(sd[flat].shape)}, not a convolution's 4-d weight; the file is damaged"
+            f"{path}: {file_key(flat, source)} has shape {tuple(sd[flat].shape)}, not a convolution's 4-d weight; "
+            "the file is damaged"
         )
     fields = {
         "num_classes": sd["head.cls.conv.weight"].shape[0],
@@ -381,7 +480,7 @@ def load_model(
     """
     ck = path if isinstance(path, Checkpoint) else read_checkpoint(path)
     name = ck.path.name
-    found = infer_config(ck.state_dict, name)
+    found = infer_config(ck.state_dict, name, ck.source)
     n = found["num_classes"]
     if explicit_num_classes is not None and explicit_num_classes != n:
         raise DanetError(
@@ -424,16 +523,31 @@ def load_model(
     else:
         base = ModelConfig(num_classes=n)
     model = DANet(base.replace(**found), norm_layer)
-    _load_strict(model, ck.state_dict, name)
+    _load_strict(model, ck.state_dict, name, source=ck.source)
     return model.eval()
 
 
-def _load_strict(module: nn.Module, sd: dict[str, torch.Tensor], name: str, what: str = "model") -> None:
+_INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _kind(t: torch.Tensor) -> str:
+    return "floating" if t.is_floating_point() else "integer" if t.dtype in _INTEGERS else str(t.dtype)
+
+
+def _load_strict(
+    module: nn.Module, sd: dict[str, torch.Tensor], name: str, what: str = "model", source: str = "danet"
+) -> None:
     own = module.state_dict()
-    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in sd if k not in own]
+
+    def key(k: str) -> str:  # as the file spells it
+        return file_key(k, source)
+
+    missing = [key(k) for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [key(k) for k in sd if k not in own]
     shapes = [
-        f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape
+        f"{key(k)} {tuple(sd[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in sd and sd[k].shape != v.shape
     ]
     problems = []
     if missing:
@@ -444,12 +558,18 @@ def _load_strict(module: nn.Module, sd: dict[str, torch.Tensor], name: str, what
         problems.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:2])})")
     if problems:
         raise DanetError(f"{name} does not fit the {what}: {'; '.join(problems)}")
+    # NOTE: load_state_dict would cast a bool / complex / int weight silently (the weights of a damaged file)
+    if k := next((k for k, v in own.items() if k in sd and _kind(sd[k]) != _kind(v)), None):
+        raise DanetError(
+            f"{name}: {key(k)} is a {sd[k].dtype} tensor where the {what} has {own[k].dtype}; the file is damaged: "
+            "download or save it again"
+        )
     # NOTE: NaN/inf weights (a diverged run, a damaged file) would evaluate silently; training never saves them
     if bad := [k for k in own if k in sd and sd[k].is_floating_point() and not torch.isfinite(sd[k]).all()]:
         more = f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
         raise DanetError(
-            f"{name} holds non-finite weights (NaN or inf) in {bad[0]}{more}; use a checkpoint saved before training "
-            "diverged, or download / save it again"
+            f"{name} holds non-finite weights (NaN or inf) in {key(bad[0])}{more}; use a checkpoint saved before "
+            "training diverged, or download / save it again"
         )
     module.load_state_dict(sd, strict=False)  # strict by the checks above (num_batches_tracked may be absent)
 
@@ -470,3 +590,31 @@ def load_backbone(model: DANet, path: str | Path) -> DANet:
                          f'build the model with stem="{file_stem or "deep"}"')  # fmt: skip
     _load_strict(model.backbone, sd, name, "backbone")
     return model
+
+
+def verify_archive(path: str | Path) -> Path:
+    """Check the CRC-32 of every entry of a zip checkpoint (torch >= 1.6), which torch.load does not: a flipped bit
+    in the weights would load without an error. DanetError (one line) naming a damaged entry; legacy (non-zip) files
+    hold no checksums. Returns the path.
+
+    NOTE: read_checkpoint does not call it (it reads the whole file once more: 0.06 s per 200 MB cached, 0.13 s for
+    the load itself); `danet zoo` checks its downloads with it."""
+    path = safe_load.check_file(path)
+    try:
+        with open(path, "rb") as f:
+            if f.read(2) != b"PK":  # not a zip: a legacy torch file (or none: read_checkpoint says so)
+                return path
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.CRC == 0:  # NOTE: torch.serialization.set_crc32_options(False) writes 0 for every entry
+                    continue
+                with archive.open(info) as member:
+                    while member.read(1 << 24):  # zipfile compares the CRC at the end: BadZipFile "Bad CRC-32 ..."
+                        pass
+    except OSError as e:
+        raise DanetError(f"cannot read checkpoint {path}: {e.strerror or e}; {os_hint(e, 'check the file')}") from None
+    except (zipfile.BadZipFile, EOFError, ValueError) as e:
+        raise DanetError(
+            f"checkpoint {path} is truncated or corrupt ({safe_load.first_line(e)}); download or save it again"
+        ) from None
+    return path

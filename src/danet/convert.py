@@ -1,5 +1,6 @@
 """`danet convert SRC DST [--preset NAME]`: an sssegmentation / mmsegmentation / danet checkpoint to this project's
-format, with the structure read from the weights and the preset (classes, palette, output stride) attached."""
+format, with the structure read from the weights and the preset (classes, palette, output stride) attached; a file of
+ours keeps the preset, classes and run settings it records unless --preset names another."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 
 from .checkpoints import dataset_for, infer_config, load_model, read_checkpoint, save_checkpoint
 from .errors import DanetError
+
+KEPT = ("preset", "classes", "palette", "mean", "std", "config")  # the meta a file of ours keeps when converted
 
 
 def add_cli(parser) -> None:
@@ -48,13 +51,17 @@ def run_cli(args) -> int:
             "beyond the weights (a run's training state); give another destination"
         )
     ck = read_checkpoint(args.src)
-    found = infer_config(ck.state_dict, ck.path.name)
-    preset = get_preset(args.preset) if args.preset else _guess_preset(ck.path, found)
+    found = infer_config(ck.state_dict, ck.path.name, ck.source)
+    # NOTE: a file of ours keeps what its meta records (its preset, classes, a run's settings such as its sizes)
+    # unless --preset names one; its model_cfg (a run may have changed the preset's) decides the structure
+    from_file = ck.source == "danet" and not args.preset
+    kept = {k: ck.meta[k] for k in KEPT if ck.meta.get(k) is not None} if from_file else {}
+    preset = get_preset(args.preset) if args.preset else None if "preset" in kept else _guess_preset(ck.path, found)
     how = "given" if args.preset else "from the file name" if preset else None
     model = load_model(ck, preset.model if preset else None)
     meta_cfg = ck.meta.get("model_cfg") or {}
-    extra = {"source": {"format": ck.source, "file": ck.path.name}}
-    if preset is None:
+    extra = {"source": {"format": ck.source, "file": ck.path.name}, **kept}
+    if preset is None and "classes" not in extra:
         if ck.meta.get("classes"):
             extra.update(classes=list(ck.meta["classes"]), palette=ck.meta.get("palette"))
         elif ds := dataset_for(found["num_classes"]):
@@ -68,7 +75,8 @@ def run_cli(args) -> int:
     print(f"source format : {ck.source} ({len(ck.state_dict)} tensors)")
     print(f"layout        : {cfg.layout} (PAM bias {cfg.pam_bias}, aux width {cfg.aux_channels if cfg.aux else '-'})")
     print(f"structure     : ResNet-{cfg.depth} {cfg.stem} stem, {cfg.num_classes} classes, output stride {os_note}")
-    print(f"preset        : {preset.name + ' (' + how + ')' if preset else 'none (pass --preset to attach one)'}")
+    named = f"{preset.name} ({how})" if preset else f"{kept['preset']} (from the file)" if "preset" in kept else None
+    print(f"preset        : {named or 'none (pass --preset to attach one)'}")
     classes = (list(preset.classes) if preset else extra.get("classes")) or []
     print(f"classes       : {', '.join(map(str, classes[:5])) + (', ...' if len(classes) > 5 else '') or 'unknown'}")
     print(f"wrote {args.dst}")

@@ -135,14 +135,39 @@ def _unreadable(path: Path, is_zip: bool, e: Exception) -> DanetError:
     return DanetError(f"{path} is not a PyTorch checkpoint ({reason}); pass a .pth file written by torch.save")
 
 
-def plain(obj: Any) -> Any:
-    """Meta made plain: placeholders become strings, so it can be stored again and loaded with weights_only."""
-    if isinstance(obj, _Inert):
+# NOTE: bounds for `plain`: a meta is a few hundred values a few levels deep; a crafted file can nest lists thousands
+# deep (a RecursionError) or share one list at every level (`[a, a]`, 40 deep: 2**40 values from a 1 MB file)
+MAX_DEPTH = 100
+MAX_VALUES = 100_000
+_DAMAGED = "the file is damaged or crafted: download or save it again"
+
+
+def plain(obj: Any, where: str = "the checkpoint's meta") -> Any:
+    """Meta made plain: placeholders become strings, so it can be stored again and loaded with weights_only.
+
+    A value shared by several containers is copied into each (what storing it again writes); DanetError (one line,
+    naming `where`) for more than MAX_VALUES values in all or containers nested more than MAX_DEPTH deep."""
+    left = [MAX_VALUES]
+
+    def walk(obj: Any, depth: int) -> Any:
+        left[0] -= 1
+        if depth > MAX_DEPTH:
+            raise DanetError(f"{where} nests containers more than {MAX_DEPTH} deep; {_DAMAGED}")
+        if left[0] < 0:
+            raise DanetError(f"{where} holds more than {MAX_VALUES:,} values; {_DAMAGED}")
+        if isinstance(obj, _Inert):
+            return repr(obj)
+        if isinstance(obj, dict):
+            return {
+                k if isinstance(k, (str, int)) else str(walk(k, depth + 1)): walk(v, depth + 1) for k, v in obj.items()
+            }
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(walk(v, depth + 1) for v in obj)
+        if obj is None or isinstance(obj, (str, int, float, bool, torch.Tensor)):
+            return obj
+        if isinstance(obj, (set, frozenset, slice)):  # walked only to bound what repr() below goes through
+            for v in (obj.start, obj.stop, obj.step) if isinstance(obj, slice) else obj:
+                walk(v, depth + 1)
         return repr(obj)
-    if isinstance(obj, dict):
-        return {k if isinstance(k, (str, int)) else str(k): plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(plain(v) for v in obj)
-    if obj is None or isinstance(obj, (str, int, float, bool, torch.Tensor)):
-        return obj
-    return repr(obj)
+
+    return walk(obj, 0)

@@ -122,7 +122,7 @@ def download(
     name: str, cache: str | Path | None = None, url: str | None = None, force: bool = False, progress: bool = True
 ) -> Path:
     """Fetch a preset's published checkpoint into the cache (once) and check it loads as that preset's model."""
-    from .checkpoints import load_model
+    from .checkpoints import load_model, verify_archive
 
     preset = get_preset(name)
     url = url or checkpoint_url(preset)
@@ -140,6 +140,7 @@ def download(
 
     def check(tmp: Path) -> None:  # before the download replaces anything: a bad one is removed, the cache kept
         try:
+            verify_archive(tmp)  # NOTE: torch.load reads a flipped bit in the weights without a word; the CRCs do not
             load_model(tmp, preset.model)
         except DanetError as e:
             kept = f"; {dest} is unchanged" if dest.is_file() else ""

@@ -51,7 +51,7 @@ def build_model(
     replaced by the run's own (init_checkpoint is not read again)."""
     if cfg.init_checkpoint and not resuming:
         ck = checkpoints.read_checkpoint(cfg.init_checkpoint)
-        n = checkpoints.infer_config(ck.state_dict, ck.path.name)["num_classes"]
+        n = checkpoints.infer_config(ck.state_dict, ck.path.name, ck.source)["num_classes"]
         # NOTE: with the data's own classes the classifiers (the 1x1 convs to the classes) cannot come from another
         # class list: they start anew, everything else is the checkpoint's (fine-tuning)
         renamed = ck.classes is not None and len(ck.classes) == n and ck.classes != list(preset.classes)

@@ -112,3 +112,22 @@ def test_a_config_file_without_a_preset_is_refused(tmp_path, capsys):
 
 def test_a_preset_name_in_another_case_is_suggested(capsys):
     assert "Did you mean 'danet_tiny_synthetic'" in one_error_line(capsys, "train", "DANET_TINY_SYNTHETIC")
+
+
+def test_an_error_line_is_one_write(monkeypatch):
+    """Under torchrun the processes share stderr: a line written in two pieces (text, newline) ran into another's."""
+    import sys
+
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    assert main(["train", "danet_r51-d8_ade20k"]) == 2
+    assert len(writes) == 1 and writes[0].startswith("danet train: error: unknown preset") and writes[0].endswith("\n")

@@ -88,7 +88,9 @@ def test_a_stop_while_validating_is_validated_on_resume(data_root, tmp_path, mon
     assert read_checkpoint(work / "last.pth").train_state["validation_pending"] is True
     assert not records(work, "val") and not (work / "best.pth").exists()
     monkeypatch.setattr(train_mod, "validate", real)
+    capsys.readouterr()
     assert main(argv(work, data_root, "--set", "schedule.eval_interval=1", "--resume")) == 0
+    assert "done: 4 iterations (2 of them in " in capsys.readouterr().out  # this call's share, not the run's
     assert [r["iter"] for r in records(work, "val")] == [2, 4]  # epoch 1's validation, then epoch 2's
     assert (work / "best.pth").is_file() and json.loads((work / "metrics.json").read_text())["iter"] == 4
 

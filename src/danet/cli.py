@@ -67,10 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     except DanetError as e:
         if args.debug:
             raise
-        print(f"danet {args.command}: error: {one_line(e)}", file=sys.stderr)
+        say(f"danet {args.command}: error: {one_line(e)}")
         return 2
     except KeyboardInterrupt:
-        print(f"danet {args.command}: interrupted", file=sys.stderr)
+        say(f"danet {args.command}: interrupted")
         return 130
     except BrokenPipeError:  # the reader of the output went away (`danet zoo | head -1`): as a Unix tool, quietly
         # NOTE: stdout still holds unflushed bytes; pointing it at /dev/null keeps the interpreter's exit from failing
@@ -79,17 +79,21 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # NOTE: a safety net: a file the commands did not expect to fail (disk full, permissions)
         if args.debug:
             raise
-        print(f"danet {args.command}: error: {os_error_line(e)}", file=sys.stderr)
+        say(f"danet {args.command}: error: {os_error_line(e)}")
         return 2
     except RuntimeError as e:  # NOTE: under torchrun, the processes left waiting when another one stopped
         if args.debug or not peer_stopped(e):
             raise
         first = str(e).strip().splitlines()[0][:200]
-        print(
-            f"danet {args.command}: error: another process of this run stopped ({first}); its own error line says why",
-            file=sys.stderr,
-        )
+        say(f"danet {args.command}: error: another process of this run stopped ({first}); its own error line says why")
         return 2
+
+
+def say(line: str) -> None:
+    """One line on stderr in one write: under torchrun every process's line lands whole (print writes the text and
+    its newline separately, and two processes' lines ran together)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")

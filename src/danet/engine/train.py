@@ -259,6 +259,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
         checkpoints.save_checkpoint(work / name, raw, preset, train_state=state, extra_meta=meta)
 
     metrics: dict = {}
+    start_iter = it
     t_start = time.time()
     bar = tqdm(
         total=total,
@@ -401,7 +402,8 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
         "best_miou": best,
         "best_iter": best_iter,
         "iter": it,
-        "seconds": seconds,
+        "start_iter": start_iter,  # where this call began (a resume: the checkpoint's iteration)
+        "seconds": seconds,  # of this call
         "stopped": stopped,
         "skipped": skipped,
     }

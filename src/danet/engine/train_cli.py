@@ -128,8 +128,10 @@ def run_cli(args) -> int:
         last = Path(cfg.work_dir) / "last.pth"
         print(f"stopped at iteration {summary['iter']} (stop_iter); continue with --resume {last}")
     elif m:
+        took, start = f"{summary['seconds'] / 60:.1f} min", summary.get("start_iter")
+        took = f"({summary['iter'] - start} of them in {took}, after iteration {start})" if start else f"in {took}"
         print(
-            f"done: {summary['iter']} iterations in {summary['seconds'] / 60:.1f} min; final mIoU {m['mIoU']:.2f} "
+            f"done: {summary['iter']} iterations {took}; final mIoU {m['mIoU']:.2f} "
             f"mAcc {m['mAcc']:.2f} aAcc {m['aAcc']:.2f}; best mIoU {summary['best_miou']:.2f}; "
             f"outputs in {cfg.work_dir}"
         )

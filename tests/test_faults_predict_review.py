@@ -114,3 +114,13 @@ def test_a_pipe_closed_by_its_reader_ends_quietly(tmp_path):
 def test_a_pipe_or_device_as_input_is_named_so(checkpoint, tmp_path, capsys):
     line = cli_error(capsys, "predict", "--checkpoint", checkpoint, "/dev/null", "--out", tmp_path / "o")
     assert "/dev/null is not a regular file" in line
+
+
+def test_a_checkpoint_written_onto_a_folder_or_under_a_file_says_which(tmp_path, capsys):
+    src = Path(__file__).parent / "fixtures" / "models" / "ssseg_d8.pth"
+    line = cli_error(capsys, "convert", src, tmp_path)
+    assert f"could not write checkpoint {tmp_path}: it is a folder; give a file name" in line
+    assert [p.name for p in tmp_path.iterdir()] == []  # nothing written beside it
+    (tmp_path / "a-file").write_text("x")
+    line = cli_error(capsys, "convert", src, tmp_path / "a-file" / "out.pth")
+    assert "a-file is a file, not a folder: give another path" in line and "free disk space" not in line

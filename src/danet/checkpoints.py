@@ -114,6 +114,8 @@ def save_checkpoint(
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """torch.save to `<path>.tmp-<pid>` in the same folder, fsync, then os.replace; DanetError on failure."""
     path = Path(path)
+    if path.is_dir():  # NOTE: before anything is written beside it
+        raise DanetError(f"could not write checkpoint {path}: it is a folder; give a file name")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +131,12 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
         reason = (os_error.strerror or str(os_error)) if os_error else safe_load.first_line(e)
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise DanetError(f"could not write checkpoint {path}: {reason}; check free disk space and permissions") from e
+        if path.parent.exists() and not path.parent.is_dir():
+            hint = f"{path.parent} is a file, not a folder: give another path"
+        else:
+            hint = os_hint(os_error, "check free disk space and permissions") if os_error else None
+            hint = hint or "check free disk space and permissions"
+        raise DanetError(f"could not write checkpoint {path}: {reason}; {hint}") from e
     return path
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -38,13 +39,13 @@ def test_missing_data_root_for_a_real_dataset(capsys, tmp_path):
     assert "data root" in line or "data-root" in line
 
 
-def run_checkpoint(path, **schedule):
-    """A `danet train` checkpoint at `path` whose recorded run has these schedule settings."""
+def run_checkpoint(path, preset="danet_tiny_synthetic", **schedule):
+    """A `danet train` checkpoint at `path` whose recorded run (of `preset`, as typed) has these schedule settings."""
     from danet.checkpoints import save_checkpoint
     from danet.config import RunConfig, to_dict
     from test_faults_common import tiny_model
 
-    cfg = RunConfig(preset="danet_tiny_synthetic", work_dir="somewhere/else")
+    cfg = RunConfig(preset=preset, work_dir="somewhere/else")
     for k, v in schedule.items():
         setattr(cfg.schedule, k, v)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,6 +86,18 @@ def test_a_resume_continues_the_checkpoint_s_own_run_beside_it(tmp_path):
     assert (cfg.schedule.epochs, cfg.schedule.iters_per_epoch) == (3, 5)
     with pytest.raises(DanetError, match="is a run of preset danet_tiny_synthetic, not danet_r50-d8_ade20k"):
         resolve_args(parse("danet_r50-d8_ade20k", "--resume", str(ck)))
+
+
+def test_a_run_started_under_a_sssegmentation_alias_resumes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs/<name as typed>, as a fresh run writes it
+    ck = run_checkpoint(tmp_path / "runs" / "danet_resnet50os8_voc" / "last.pth", preset="danet_resnet50os8_voc")
+    for name in ("danet_resnet50os8_voc", "danet_r50-d8_voc12aug"):  # the alias, or the preset it stands for
+        cfg, resume = resolve_args(parse(name, "--resume", str(ck)))
+        assert resume == ck and cfg.work_dir == str(ck.parent)
+    cfg, resume = resolve_args(parse("danet_resnet50os8_voc", "--resume"))
+    assert resume == Path("runs/danet_resnet50os8_voc/last.pth")
+    cfg, _ = resolve_args(parse("--resume", str(ck), "--set", "work_dir='my runs/x'"))
+    assert cfg.work_dir == "my runs/x"  # parsed as --set parses values, quotes and all
 
 
 def test_an_option_s_own_flag_wins_over_set(tmp_path):

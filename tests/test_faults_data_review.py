@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,7 @@ def test_linked_folders_are_read_once_and_hidden_files_skipped(tmp_path):
     os.symlink(elsewhere / "img", root / "images/train/linked")
     os.symlink(elsewhere / "msk", root / "masks/train/linked")
     os.symlink(root / "images/train", root / "images/train/sub/loop")  # a link back up the tree
+    os.symlink(root / "images/train/sub", root / "images/train/a_link")  # listed before sub: read as sub all the same
     write_image(root / "images/train/sub/._im0.png", 24, 32)  # what macOS leaves on other disks
     pairs = list_files(root, "train")
     assert names(pairs) == ["l0.png", "im0.png", "im1.png", "im2.png"]
@@ -82,7 +84,7 @@ def test_a_jpeg_beside_a_missing_png_mask_is_named(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ("bg: [0, 0, 0]\nbg: [255, 0, 0]\ndog: [0, 255, 0]\n", r"'bg' is named twice, on lines 1 and 2"),
+        ("bg: [0, 0, 0]\nbg: [255, 0, 0]\ndog: [0, 255, 0]\n", r"'bg' is named twice, at line 1, column 1 and line 2"),
         ("- bg\n- cat\n- cat\n- dog\n- dog\n", r"names \['cat', 'dog'\] more than once"),
         ("- bg\n- ''\n", r"class 1 has no usable name"),
         ("- bg\n- no\n", r"class 1 is the boolean False; write its name in quotes"),
@@ -112,9 +114,18 @@ def test_classes_txt_names_with_numbers_and_generated_colours_apart_from_given_o
     (tmp_path / "classes.txt").write_text("lane 2\nclass 1 255 0 0\nbg #000000\nsky\n")
     names_, palette = load_classes(tmp_path)
     assert names_ == ("lane 2", "class 1", "bg", "sky")
-    # lane 2 and sky take generated colours: the first ones of the VOC map that no class was given
-    assert palette == ((128, 0, 0), (255, 0, 0), (0, 0, 0), (0, 128, 0))
-    assert len(set(palette)) == 4
+    # lane 2 (class 0) would take VOC colour 0, which bg was given: the next VOC colour nobody has; sky its own, 3
+    assert palette == ((0, 0, 128), (255, 0, 0), (0, 0, 0), (128, 128, 0))
+    (tmp_path / "classes.txt").write_text("bg 0 0 0\ncrack 255 0 0\nhole\nrust\nlane #2\nroute 66\n")
+    names_, palette = load_classes(tmp_path)  # without a clash: VOC colour k for class k, as before
+    assert names_[4:] == ("lane #2", "route 66") and palette[2:4] == ((0, 128, 0), (128, 128, 0))
+
+
+def test_yaml_merge_keys_are_no_names_twice(tmp_path):
+    (tmp_path / "classes.yaml").write_text(
+        "base: &b {color: [1, 2, 3]}\nclasses:\n  - {<<: *b, name: crack}\n  - {name: bg, color: [0, 0, 0]}\n"
+    )
+    assert load_classes(tmp_path) == (("crack", "bg"), ((1, 2, 3), (0, 0, 0)))
 
 
 def test_one_colour_for_two_classes_is_refused_in_rgb_masks_only(tmp_path):
@@ -138,7 +149,7 @@ def test_a_mask_holding_jpeg_data_is_refused_and_listed_as_a_format_fault(tmp_pa
     rc = main(["data", "check", "danet_r50-d8_ade20k", "--data-root", str(root), "--no-progress"])
     out = capsys.readouterr().out
     assert rc == 1 and "1 faults (1 bad label format)" in out
-    assert "holds JPEG data, whose lossy compression changes the class indices; save the masks as PNG" in out
+    assert "holds JPEG data, not PNG; save the masks as PNG files (JPEG's lossy compression" in out
 
 
 def test_a_truncated_png_image_is_one_line_and_libpng_stays_quiet(tmp_path, capfd):
@@ -238,10 +249,14 @@ def test_prepare_removes_what_a_killed_run_left(tmp_path):
     out.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale, live = out / f".s1.tmp{int(dead.stdout)}.png", out / f".s2.tmp{os.getppid()}.png"
-    stale.write_bytes(b"\x89PNG half")
-    live.write_bytes(b"\x89PNG being written")
+    recent = out / f".s3.tmp{int(dead.stdout)}.png"  # no local writer, but fresh: another machine's, on a shared disk
+    for f in (stale, live, recent):
+        f.write_bytes(b"\x89PNG half")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    os.utime(live, (old, old))
     prepare_voc_aug(voc, sbd, progress=False)
-    assert not stale.exists() and live.exists()  # a running writer's file stays
+    assert not stale.exists() and live.exists() and recent.exists()  # a running or recent writer's file stays
     assert remove_stale_temporaries([out]) == 0
 
 

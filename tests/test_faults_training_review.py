@@ -51,6 +51,13 @@ def test_overwrite_replaces_every_file_of_the_earlier_run(data_root, tmp_path, c
     assert "overwrite=true: removed the earlier run's" in capsys.readouterr().out
     assert not (work / "best.pth").exists() and not (work / "metrics.json").exists()  # nothing passes for this run's
     assert not (work / "epoch_2.pth").exists() and read_checkpoint(work / "last.pth").train_state["iter"] == 1
+    # a new run from one of the earlier run's checkpoints: that file is the new run's input, not removed
+    assert main(argv(work, data_root, "--set", "overwrite=true", "--set", "stop_iter=1")) == 0
+    (work / "epoch_7.pth").write_bytes((work / "last.pth").read_bytes())
+    capsys.readouterr()
+    init = ("--set", f"init_checkpoint={work / 'epoch_7.pth'}")
+    assert main(argv(work, data_root, "--set", "overwrite=true", "--set", "stop_iter=1", *init)) == 0
+    assert (work / "epoch_7.pth").is_file() and "epoch_7" not in capsys.readouterr().out
     recorded = yaml.safe_load((work / "config.yaml").read_text())
     assert recorded["overwrite"] is False  # running config.yaml again is refused, not a wipe
     line = cli_error(capsys, "train", work / "config.yaml", "--data-root", data_root)
@@ -95,6 +102,26 @@ def test_a_stop_while_validating_is_validated_on_resume(data_root, tmp_path, mon
     assert (work / "best.pth").is_file() and json.loads((work / "metrics.json").read_text())["iter"] == 4
 
 
+def test_a_stop_after_the_validation_was_logged_does_not_log_it_twice(data_root, tmp_path, monkeypatch):
+    """Stopped while writing best.pth: the validation is in the log, last.pth still says it is pending."""
+    from danet.engine import train as train_mod
+
+    work = tmp_path / "w"
+    real = train_mod.checkpoints.save_checkpoint
+
+    def stop_at_best(path, *args, **kwargs):
+        if Path(path).name == "best.pth":
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod.checkpoints, "save_checkpoint", stop_at_best)
+    assert main(argv(work, data_root, "--set", "schedule.eval_interval=1")) == 130
+    assert [r["iter"] for r in records(work, "val")] == [2]
+    monkeypatch.setattr(train_mod.checkpoints, "save_checkpoint", real)
+    assert main(argv(work, data_root, "--set", "schedule.eval_interval=1", "--resume")) == 0
+    assert [r["iter"] for r in records(work, "val")] == [2, 4]
+
+
 def test_resuming_a_finished_run_says_so_and_writes_nothing(data_root, tmp_path, capsys):
     work = tmp_path / "w"
     assert main(argv(work, data_root)) == 0
@@ -103,6 +130,10 @@ def test_resuming_a_finished_run_says_so_and_writes_nothing(data_root, tmp_path,
     assert main(argv(work, data_root, "--resume")) == 0
     assert "has finished its 4 iterations: nothing left to train" in capsys.readouterr().out
     assert {p.name: digest(p) for p in work.iterdir()} == before
+    for picture in ("curves.png", "per_class_iou.png"):  # stopped after its last checkpoint, before its pictures
+        (work / picture).unlink()
+    assert main(argv(work, data_root, "--resume")) == 0
+    assert (work / "curves.png").is_file() and (work / "per_class_iou.png").is_file()
 
 
 def test_the_triton_loss_on_the_cpu_runs_the_chunked_one(data_root, tmp_path, capsys, monkeypatch):

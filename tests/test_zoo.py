@@ -44,9 +44,10 @@ def test_download_from_file_url_loads_as_the_preset(tmp_path, capsys):
 
 def test_download_of_a_file_that_does_not_fit_is_removed(tmp_path):
     _tiny_checkpoint(tmp_path / "src.pth")
-    with pytest.raises(DanetError, match="does not load as danet_r50-d8_ade20k"):
+    with pytest.raises(DanetError, match="does not load as danet_r50-d8_ade20k") as e:
         zoo.download("danet_r50-d8_ade20k", tmp_path / "cache", url=(tmp_path / "src.pth").as_uri(), progress=False)
     assert not list((tmp_path / "cache").iterdir())
+    assert ".part-" not in str(e.value) and "src.pth has 5 classes" in str(e.value)  # not the temporary name
 
 
 def test_a_file_already_in_the_cache_that_does_not_fit_is_kept(tmp_path):

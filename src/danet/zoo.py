@@ -144,7 +144,8 @@ def download(
             load_model(tmp, preset.model)
         except DanetError as e:
             kept = f"; {dest} is unchanged" if dest.is_file() else ""
-            raise DanetError(f"the file from {url} does not load as {preset.name} (not kept{kept}): {e}") from None
+            why = str(e).replace(str(tmp), dest.name).replace(tmp.name, dest.name)  # not the temporary name
+            raise DanetError(f"the file from {url} does not load as {preset.name} (not kept{kept}): {why}") from None
 
     fetch(url, dest, progress, check)
     return dest

@@ -84,8 +84,12 @@ def load_classes(root: Path) -> tuple[tuple[str, ...], tuple[tuple[int, int, int
     # NOTE: two classes may share a colour (ADE20K's published palette has one pair) as long as the masks hold
     # indices; an RGB mask cannot tell them apart, and is refused then (io.colours_to_indices)
     given = [tuple(int(v) for v in c) if c is not None else None for _, c in entries]
-    fallback = iter(c for c in default_palette(len(entries) + 256) if c not in given)  # no given colour twice
-    return names, tuple(c if c is not None else next(fallback) for c in given)
+    # class k without a colour: the VOC colour k, as always; only where that is another class's given colour, the
+    # next VOC colour no class has (so that RGB masks drawn with the earlier colours keep their meaning)
+    table = default_palette(len(entries) + 256)
+    spare = iter(c for c in table[len(entries) :] if c not in given)
+    given = [c if c is not None else table[k] if table[k] not in given else next(spare) for k, c in enumerate(given)]
+    return names, tuple(given)
 
 
 def _is_rgb(colour) -> bool:
@@ -102,15 +106,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    lines: dict = {}
+    places: dict = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`, a merge key: not a name
+            continue
         key = loader.construct_object(key_node, deep=True)
         if not isinstance(key, str | int | float):
             continue  # a list or mapping as a key: construct_mapping reports it
-        line = key_node.start_mark.line + 1
-        if key in lines:
-            raise ValueError(f"{key!r} is named twice, on lines {lines[key]} and {line}")
-        lines[key] = line
+        mark = key_node.start_mark
+        place = f"line {mark.line + 1}, column {mark.column + 1}"
+        if key in places:
+            raise ValueError(f"{key!r} is named twice, at {places[key]} and {place}")
+        places[key] = place
     return loader.construct_mapping(node, deep=deep)
 
 
@@ -146,7 +153,7 @@ def _parse_text(path: Path) -> list[tuple[str, list | None]]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        hex_tail = re.fullmatch(r"(.*?)\s+#(\w*)", line)
+        hex_tail = re.fullmatch(r"(.*?)\s+#(\w{6})", line)  # a colour #rrggbb (or six characters meant as one)
         rgb_tail = re.fullmatch(r"(.*?)[\s,]+(\d+)[\s,]+(\d+)[\s,]+(\d+)", line)
         if hex_tail:
             name, h = hex_tail.groups()
@@ -155,7 +162,8 @@ def _parse_text(path: Path) -> list[tuple[str, list | None]]:
             out.append((name, [int(h[i : i + 2], 16) for i in (0, 2, 4)]))
         elif rgb_tail and rgb_tail.group(1).strip():
             out.append((rgb_tail.group(1), [int(rgb_tail.group(i)) for i in (2, 3, 4)]))
-        elif re.search(r"[\s,]\d+[\s,]+\d+$", line):  # two numbers at the end: a colour missing a value
+        elif (two := re.search(r"[\s,](\d+)[\s,]+(\d+)$", line)) and max(map(int, two.groups())) <= 255:
+            # two numbers of 0..255 at the end: taken for a colour missing a value (the README says so)
             raise ValueError(f"line {n} ({line!r}): a colour is three integers R G B after the class name")
         else:
             out.append((line, None))
@@ -241,7 +249,9 @@ def walk_files(folder: Path) -> list[Path]:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        # NOTE: real folders before links, so that a folder linked beside itself is read under its own name
+        visible = [d for d in dirs if not d.startswith(".")]
+        dirs[:] = sorted(visible, key=lambda d: (os.path.islink(os.path.join(here, d)), d))
         out += [Path(here) / f for f in files if not f.startswith(".")]
     return out
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import cv2
@@ -63,8 +64,8 @@ def read_label(path: str | os.PathLike, palette: np.ndarray | None = None) -> np
         with Image.open(path) as im:
             if im.format in ("JPEG", "MPO", "WEBP"):
                 raise DanetError(
-                    f"label {path} holds {im.format} data, whose lossy compression changes the class indices; "
-                    "save the masks as PNG"
+                    f"label {path} holds {im.format} data, not PNG; save the masks as PNG files (JPEG's lossy "
+                    "compression changes the class indices)"
                 )
             im.load()
             mode = im.mode
@@ -208,14 +209,23 @@ def write_error(path: Path, e: OSError) -> DanetError:
     return DanetError(f"cannot write {path}: {e.strerror or e}; {hint} and run again (files already written are kept)")
 
 
+STALE_S = 600  # a temporary file untouched this long is no live writer's
+
+
 def remove_stale_temporaries(folders) -> int:
-    """Delete the temporary files `write_atomic` left in `folders` when a process writing them was killed (their
-    writer's process id is no longer running). Returns how many were removed."""
+    """Delete the temporary files `write_atomic` left in `folders` when a process writing them was killed: their
+    writer's process id is not running here, and they have not changed for STALE_S (a writer on another machine of
+    a shared disk has another process id space). Returns how many were removed."""
     removed = 0
     for folder in folders:
         for tmp in Path(folder).glob(".*.tmp*"):
             m = re.fullmatch(r"\..*\.tmp(\d+)(\.\w+)?", tmp.name)
             if m is None or _running(int(m.group(1))):
+                continue
+            try:
+                if time.time() - tmp.stat().st_mtime < STALE_S:
+                    continue
+            except OSError:
                 continue
             try:
                 tmp.unlink()

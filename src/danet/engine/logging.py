@@ -18,7 +18,11 @@ from ..errors import DanetError
 class RunLogger:
     """Append records to `work_dir/log.jsonl` (and TensorBoard scalars under `work_dir/tensorboard`)."""
 
-    def __init__(self, work_dir: str | Path, enabled: bool = True, resume_iter: int | None = None) -> None:
+    def __init__(
+        self, work_dir: str | Path, enabled: bool = True, resume_iter: int | None = None, revalidate: bool = False
+    ) -> None:
+        """resume_iter: drop the records after this iteration (a resume); revalidate: also its validation, which
+        the resumed run does again (it stopped before the checkpoint said it was done)."""
         self.path = Path(work_dir) / "log.jsonl"
         self.enabled = enabled
         self.tb = None
@@ -26,7 +30,7 @@ class RunLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_iter is not None:
-            truncate_log(self.path, resume_iter)
+            truncate_log(self.path, resume_iter, drop_val=revalidate)
         elif self.path.exists():
             self.path.unlink()  # a fresh run starts a fresh log
         try:  # optional dependency
@@ -67,11 +71,17 @@ def read_log(path: str | Path) -> list[dict]:
     return records
 
 
-def truncate_log(path: Path, max_iter: int) -> None:
-    """Keep only the records up to global iteration `max_iter` (records without "iter" are kept)."""
+def truncate_log(path: Path, max_iter: int, drop_val: bool = False) -> None:
+    """Keep only the records up to global iteration `max_iter` (records without "iter" are kept); `drop_val`: not
+    a validation at `max_iter` either."""
     if not path.exists():
         return
-    keep = [r for r in read_log(path) if r.get("iter", 0) <= max_iter]
+
+    def kept(r: dict) -> bool:
+        it = r.get("iter", 0)
+        return it < max_iter or (it == max_iter and not (drop_val and r.get("type") == "val"))
+
+    keep = [r for r in read_log(path) if kept(r)]
     path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 

@@ -16,6 +16,7 @@ weights as an uninterrupted run (bit for bit in deterministic mode).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -133,7 +134,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     if ckpt is not None and info.is_main and (diff := check_compatible(ckpt.meta.get("config", {}), cfg)):
         print(f"warning: resuming with settings that differ from the checkpoint's run: {', '.join(diff)}")
 
-    earlier = run_outputs(work) if ckpt is None else []
+    earlier = run_outputs(work, keep=(cfg.init_checkpoint, cfg.backbone_weights)) if ckpt is None else []
     if earlier and not cfg.overwrite:  # never replace a run by accident (a kept best.pth without last.pth too)
         raise DanetError(
             f"{work} already holds a run ({short([p.name for p in earlier])}); continue it with --resume, start over "
@@ -218,10 +219,16 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
         if it == total and not pending:
             if info.is_main:
                 print(f"{resume} has finished its {total} iterations: nothing left to train (raise schedule.epochs)")
+                if not (work / "curves.png").is_file():  # stopped after its last checkpoint, before its pictures
+                    try:
+                        last = json.loads((work / "metrics.json").read_text())
+                    except (OSError, ValueError):
+                        last = {}
+                    draw_pictures(work, preset, last if isinstance(last, dict) and last.get("iter") == it else {})
             return {"metrics": {}, "best_miou": best, "best_iter": best_iter, "iter": it, "seconds": 0.0,
                     "stopped": False, "skipped": 0, "finished": True}  # fmt: skip
 
-    logger = RunLogger(work, enabled=info.is_main, resume_iter=it if ckpt is not None else None)
+    logger = RunLogger(work, enabled=info.is_main, resume_iter=it if ckpt is not None else None, revalidate=pending)
     recorded = dataclasses.replace(cfg, overwrite=False)  # NOTE: rerunning config.yaml must not wipe this run
     if info.is_main:
         recorded.save(work / "config.yaml")
@@ -240,7 +247,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
             # run failing before it leaves them), and none of them can pass for this run's (a better best.pth)
             for old in earlier:
                 old.unlink(missing_ok=True)
-            print(f"overwrite=true: removed the earlier run's {short([p.name for p in earlier])} from {work}")
+            print(f"overwrite=true: removed the earlier run's {', '.join(p.name for p in earlier)} from {work}")
             earlier.clear()
         state = None
         if with_state:
@@ -310,9 +317,9 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     if pending:  # the run stopped while validating epoch it // ipe: that validation, before the next epoch
         done = it // ipe
         validate_epoch(done)
-        save("last.pth", done)
         if info.is_main:
             write_metrics(work, metrics, best, best_iter, it, done, time.time() - t_start)
+        save("last.pth", done)
         if done % sch.save_interval == 0:
             save(f"epoch_{done}.pth", done)
     net.train()
@@ -382,9 +389,10 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
             # process; Ctrl-C) keeps the epoch's training, and a resume validates it; saved again below
             save("last.pth", done, validation_pending=True)
             validate_epoch(done)
-        save("last.pth", done)  # NOTE: before metrics.json, which must never run ahead of the checkpoints
-        if validated and info.is_main:
-            write_metrics(work, metrics, best, best_iter, it, done, time.time() - t_start)
+            if info.is_main:  # NOTE: after last.pth (metrics.json never runs ahead of the checkpoints); before it
+                # says the validation is done (a stop in between validates again)
+                write_metrics(work, metrics, best, best_iter, it, done, time.time() - t_start)
+        save("last.pth", done)
         if done % sch.save_interval == 0:
             save(f"epoch_{done}.pth", done)
         if cfg.stop_iter is not None and it >= cfg.stop_iter:
@@ -421,12 +429,15 @@ def after_divergence(work: Path) -> str:
 RUN_FILES = ("last.pth", "best.pth", "metrics.json", "curves.png", "per_class_iou.png", "confusion.png")
 
 
-def run_outputs(work: Path) -> list[Path]:
-    """The files of a training run in `work` (not config.yaml alone, nor the user's other files)."""
+def run_outputs(work: Path, keep=()) -> list[Path]:
+    """The files of a training run in `work` (not config.yaml alone, nor the user's other files); `keep`: paths (or
+    None) of files the new run reads (its init_checkpoint), which are not counted."""
     if not work.is_dir():
         return []
+    kept = {Path(p).resolve() for p in keep if p and Path(p).exists()}
     found = [work / n for n in RUN_FILES if (work / n).is_file()]
-    return found + sorted(p for p in work.glob("epoch_*.pth") if p.is_file())
+    found += sorted(p for p in work.glob("epoch_*.pth") if p.is_file())
+    return [p for p in found if p.resolve() not in kept]
 
 
 def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:

@@ -63,18 +63,19 @@ def resolve_args(args) -> tuple[RunConfig, Path | None]:
     is_yaml = args.config is not None and (args.config.endswith((".yaml", ".yml")) or Path(args.config).is_file())
     if args.config is None and (not args.resume or args.resume == "auto"):
         raise DanetError("name a preset or a config .yaml (e.g. danet train danet_tiny_synthetic), or --resume CKPT")
+    set_dir = _set_work_dir(args)
     if args.resume and not is_yaml:
         if args.resume != "auto":
             resume = Path(args.resume)
-            work = args.work_dir or _set_work_dir(args) or str(resume.parent)
-        else:
-            work = args.work_dir or _set_work_dir(args) or str(Path("runs") / get_preset(args.config).name)
+            work = args.work_dir or set_dir or str(resume.parent)
+        else:  # the work dir a fresh run of this name writes to
+            work = args.work_dir or set_dir or str(Path("runs") / args.config)
             resume = Path(work) / "last.pth"
         cfg = _config_of_checkpoint(resume)
-        if args.config is not None and get_preset(args.config).name != cfg.preset:
+        if args.config is not None and get_preset(args.config).name != get_preset(cfg.preset).name:
             raise DanetError(
-                f"{resume} is a run of preset {cfg.preset}, not {get_preset(args.config).name}; resume it with "
-                f"danet train --resume {resume}"
+                f"{resume} is a run of preset {cfg.preset}, not {args.config}; resume it with danet train --resume "
+                f"{resume}"
             )
         cfg = apply_overrides(cfg, args.overrides)
         cfg.work_dir = work
@@ -83,34 +84,35 @@ def resolve_args(args) -> tuple[RunConfig, Path | None]:
         cfg.validate()
     else:
         cfg = load_run_config(args.config, args.overrides, data_root=args.data_root, work_dir=args.work_dir)
-        if args.work_dir is None and not is_yaml and _set_work_dir(args) is None:
+        if args.work_dir is None and not is_yaml and set_dir is None:
             cfg.work_dir = str(Path("runs") / cfg.preset)
         if args.resume:
-            resume = Path(cfg.work_dir) / "last.pth" if args.resume == "auto" else Path(args.resume)
+            resume = _resume_file(Path(cfg.work_dir) / "last.pth" if args.resume == "auto" else Path(args.resume))
         elif int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and (Path(cfg.work_dir) / "last.pth").is_file():
             resume = Path(cfg.work_dir) / "last.pth"  # torchrun --max-restarts restarted the group: continue
-    if resume is not None and resume.is_dir():
-        raise DanetError(f"cannot resume: {resume} is a directory; pass its last.pth (or --resume with no path)")
-    if resume is not None and not resume.is_file():
-        raise DanetError(f"cannot resume: {resume} does not exist (a run writes last.pth at every epoch end)")
     if resume is not None and not any(o.startswith("stop_iter=") for o in args.overrides):
         cfg.stop_iter = None  # an interrupted run's stop point does not carry over
     return cfg, resume
 
 
 def _set_work_dir(args) -> str | None:
-    """The work dir given as `--set work_dir=DIR`, if any."""
-    return next((o.split("=", 1)[1] for o in args.overrides if o.startswith("work_dir=")), None)
+    """The work dir given as `--set work_dir=DIR` (parsed as --set parses it), if any."""
+    sets = [o for o in args.overrides if o.startswith("work_dir=")]
+    return apply_overrides(RunConfig(), sets).work_dir if sets else None
+
+
+def _resume_file(path: Path) -> Path:
+    if path.is_dir():
+        raise DanetError(f"cannot resume: {path} is a directory; pass its last.pth (or --resume with no path)")
+    if not path.is_file():
+        raise DanetError(f"cannot resume: {path} does not exist (a run writes last.pth at every epoch end)")
+    return path
 
 
 def _config_of_checkpoint(path: Path) -> RunConfig:
     from ..checkpoints import read_checkpoint
 
-    if path.is_dir():
-        raise DanetError(f"cannot resume: {path} is a directory; pass its last.pth (or --resume with no path)")
-    if not path.is_file():
-        raise DanetError(f"cannot resume: {path} does not exist (a run writes last.pth at every epoch end)")
-    saved = read_checkpoint(path).meta.get("config")
+    saved = read_checkpoint(_resume_file(path)).meta.get("config")
     if not isinstance(saved, dict):
         raise DanetError(f"{path} holds no run config (not a danet train checkpoint); resume a run's last.pth")
     return from_dict(saved)

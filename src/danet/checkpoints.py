@@ -11,12 +11,9 @@ weights_only=True, else a restricted unpickler that turns foreign classes into i
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import re
-import reprlib
 import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +22,8 @@ import torch
 from torch import nn
 
 from . import safe_load
+from .checkpoint_checks import brief, check_meta, check_weights, dtype_kind
+from .checkpoint_checks import verify_archive as verify_archive  # public here too: danet.checkpoints.verify_archive
 from .errors import DanetError, os_hint
 from .models.danet import DANet, ModelConfig
 from .models.resnet import DEPTH_LAYERS
@@ -234,9 +233,9 @@ def _state_dict_of(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict,
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not sd:
         raise DanetError(
-            f"{path} holds no tensors (keys: {', '.join(map(_short, list(obj)[:6]))}); pass a model checkpoint"
+            f"{path} holds no tensors (keys: {', '.join(map(brief, list(obj)[:6]))}); pass a model checkpoint"
         )
-    _check_weights(sd, path)
+    check_weights(sd, path)
     sd = _strip(sd, "module.")  # DDP
     meta = safe_load.plain(meta, f"checkpoint {path}: its meta") if isinstance(meta, dict) else {}
     return sd, meta, None, False
@@ -256,31 +255,9 @@ def _our_entries(obj: dict, path: Path) -> tuple[dict[str, torch.Tensor], dict, 
     for key in ("meta", "train_state"):
         if obj.get(key) is not None and not isinstance(obj[key], dict):
             raise DanetError(f'{path}: its "{key}" entry is a {type(obj[key]).__name__}, not a dict; {redo}')
-    _check_weights(model, path)
+    check_weights(model, path)
     meta = safe_load.plain(obj.get("meta") or {}, f"checkpoint {path}: its meta")
     return dict(model), meta, obj.get("train_state")
-
-
-_brief = reprlib.Repr()
-_brief.maxlevel, _brief.maxlist, _brief.maxtuple, _brief.maxdict, _brief.maxstring, _brief.maxother = 2, 4, 4, 4, 40, 40
-
-
-def _short(value: Any) -> str:
-    """`value` for a one-line message, cut short (a crafted value may be huge; a tensor's repr spans lines)."""
-    return " ".join(_brief.repr(value).split())
-
-
-def _check_weights(sd: dict, path: Path) -> None:
-    """Weight names that are strings, weights that are dense tensors on the CPU (as torch.save(module.state_dict())
-    of a model on any device and torch.load(map_location="cpu") give them); else DanetError."""
-    redo = "the file is damaged or not a model checkpoint: download or save it again"
-    for k, v in sd.items():
-        if not isinstance(k, str):
-            raise DanetError(f"{path}: its state dict has a key {_short(k)} ({type(k).__name__}), not a name; {redo}")
-        if v.layout != torch.strided:
-            raise DanetError(f"{path}: weight {k} is a {v.layout} tensor, not a dense one; {redo}")
-        if v.device.type != "cpu":
-            raise DanetError(f"{path}: weight {k} is on the {v.device.type} device, not the CPU; {redo}")
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -319,56 +296,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             )  # fmt: skip
             names[ours_key] = found[0]
             meta[ours_key] = list(found[1]) if found[1] is not None else None
-    _check_meta(meta, sd, path, ours, names)
+    check_meta(meta, sd, path, ours, names)
     return Checkpoint(path, source, sd, meta, train_state)
-
-
-MAX_SIZE = 16384  # the largest base / crop size a checkpoint's run settings may give (a 16k x 16k image)
-
-
-def _check_meta(meta: dict, sd: dict, path: Path, ours: bool, names: dict[str, str]) -> None:
-    """DanetError (one line, naming the field) for a meta value that the commands could not use: of another type,
-    another class count than the weights, colours or sizes out of range (a damaged, crafted or foreign file)."""
-    weight = sd.get("head.cls.conv.weight")
-    n = weight.shape[0] if weight is not None and weight.dim() else None  # None: no classifier (infer_config says)
-
-    def per_class(v) -> bool:
-        return isinstance(v, list | tuple) and (n is None or len(v) == n)
-
-    def rgb(c) -> bool:
-        return isinstance(c, list | tuple) and len(c) == 3 and all(type(x) is int and 0 <= x <= 255 for x in c)
-
-    def three(v, positive: bool = False) -> bool:  # mean / std
-        ok = lambda x: type(x) in (int, float) and math.isfinite(x) and (x > 0 or not positive)  # noqa: E731
-        return isinstance(v, list | tuple) and len(v) == 3 and all(map(ok, v))
-
-    def require(key: str, ok, expected: str) -> None:
-        if meta.get(key) is not None and not ok(meta[key]):
-            raise DanetError(
-                f"checkpoint {path}: its meta {names.get(key, key)} is {_short(meta[key])}, not {expected}; the file "
-                "is damaged or not written by danet or a toolbox it reads: download or save it again"
-            )
-
-    each = f"one per class ({n})" if n else "one per class"
-    require("preset", lambda v: isinstance(v, str), "a preset name")
-    require("model_cfg", lambda v: isinstance(v, dict), "a mapping of model settings")
-    require("classes", lambda v: per_class(v) and all(isinstance(c, str) for c in v), f"a list of names, {each}")
-    require("palette", lambda v: per_class(v) and all(map(rgb, v)), f"a list of [R, G, B] ints 0..255, {each}")
-    require("mean", three, "3 finite numbers")
-    require("std", lambda v: three(v, positive=True), "3 finite positive numbers")
-    # NOTE: mmseg 0.x files hold their config as text (1.x as `cfg`): only ours must hold a run's settings there
-    require("config", lambda v: isinstance(v, dict) or not ours, "a mapping of run settings")
-    data = meta["config"].get("data") if isinstance(meta.get("config"), dict) else None
-    for key in ("base_size", "crop_size") if isinstance(data, dict) else ():
-        # NOTE: sizes that are not ints fall back to the preset's (engine.predict.run_sizes); ints are used as they
-        # are, and a huge one would allocate gigabytes (100000 x 100000) before anything else fails
-        size = data.get(key)
-        ints = [x for x in (size if isinstance(size, list | tuple) else [size]) if type(x) is int]
-        if any(not 1 <= x <= MAX_SIZE for x in ints):
-            raise DanetError(
-                f"checkpoint {path}: its meta config.data.{key} is {_short(size)}, not sizes of 1..{MAX_SIZE} pixels; "
-                "the file is damaged or not written by danet: download or save it again"
-            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -534,13 +463,6 @@ def load_model(
     return model.eval()
 
 
-_INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-
-
-def _kind(t: torch.Tensor) -> str:
-    return "floating" if t.is_floating_point() else "integer" if t.dtype in _INTEGERS else str(t.dtype)
-
-
 def _load_strict(
     module: nn.Module, sd: dict[str, torch.Tensor], name: str, what: str = "model", source: str = "danet"
 ) -> None:
@@ -566,7 +488,7 @@ def _load_strict(
     if problems:
         raise DanetError(f"{name} does not fit the {what}: {'; '.join(problems)}")
     # NOTE: load_state_dict would cast a bool / complex / int weight silently (the weights of a damaged file)
-    if k := next((k for k, v in own.items() if k in sd and _kind(sd[k]) != _kind(v)), None):
+    if k := next((k for k, v in own.items() if k in sd and dtype_kind(sd[k]) != dtype_kind(v)), None):
         raise DanetError(
             f"{name}: {key(k)} is a {sd[k].dtype} tensor where the {what} has {own[k].dtype}; the file is damaged: "
             "download or save it again"
@@ -597,31 +519,3 @@ def load_backbone(model: DANet, path: str | Path) -> DANet:
                          f'build the model with stem="{file_stem or "deep"}"')  # fmt: skip
     _load_strict(model.backbone, sd, name, "backbone")
     return model
-
-
-def verify_archive(path: str | Path) -> Path:
-    """Check the CRC-32 of every entry of a zip checkpoint (torch >= 1.6), which torch.load does not: a flipped bit
-    in the weights would load without an error. DanetError (one line) naming a damaged entry; legacy (non-zip) files
-    hold no checksums. Returns the path.
-
-    NOTE: read_checkpoint does not call it (it reads the whole file once more: 0.06 s per 200 MB cached, 0.13 s for
-    the load itself); `danet zoo` checks its downloads with it."""
-    path = safe_load.check_file(path)
-    try:
-        with open(path, "rb") as f:
-            if f.read(2) != b"PK":  # not a zip: a legacy torch file (or none: read_checkpoint says so)
-                return path
-        with zipfile.ZipFile(path) as archive:
-            for info in archive.infolist():
-                if info.CRC == 0:  # NOTE: torch.serialization.set_crc32_options(False) writes 0 for every entry
-                    continue
-                with archive.open(info) as member:
-                    while member.read(1 << 24):  # zipfile compares the CRC at the end: BadZipFile "Bad CRC-32 ..."
-                        pass
-    except OSError as e:
-        raise DanetError(f"cannot read checkpoint {path}: {e.strerror or e}; {os_hint(e, 'check the file')}") from None
-    except (zipfile.BadZipFile, EOFError, ValueError) as e:
-        raise DanetError(
-            f"checkpoint {path} is truncated or corrupt ({safe_load.first_line(e)}); download or save it again"
-        ) from None
-    return path

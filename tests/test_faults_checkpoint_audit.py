@@ -22,15 +22,9 @@ from PIL import Image
 import danet
 from danet.checkpoints import load_model, read_checkpoint, save_checkpoint
 from danet.errors import DanetError
-from test_faults_common import cli_error, tiny_folder_dataset, tiny_model
+from test_faults_common import cli_error, one_line, tiny_folder_dataset, tiny_model
 
 PRESET = "danet_tiny_synthetic"
-
-
-def _one_line(e: pytest.ExceptionInfo) -> str:
-    msg = str(e.value)
-    assert "\n" not in msg and msg
-    return msg
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +73,7 @@ def test_other_architecture_in_mmseg_layout(tmp_path, tiny_data, capsys):
     assert read_checkpoint(path).source == "mmseg"  # read as what it is; refused as a DANet
     with pytest.raises(DanetError, match="is not a DANet checkpoint") as e:
         load_model(path)
-    assert "head.pam" in _one_line(e) and "mmsegmentation" in str(e.value)
+    assert "head.pam" in one_line(e) and "mmsegmentation" in str(e.value)
     with pytest.raises(DanetError, match="is not a DANet checkpoint"):
         danet.create_model(PRESET, checkpoint=path)
     for line in _cli_errors(capsys, path, tmp_path, tiny_data):
@@ -99,7 +93,7 @@ def test_danet_file_without_a_weight_the_structure_is_read_from(key, good, tmp_p
     torch.save(obj, path)
     with pytest.raises(DanetError, match="incomplete DANet checkpoint") as e:
         load_model(path)
-    assert key in _one_line(e)
+    assert key in one_line(e)
     for line in _cli_errors(capsys, path, tmp_path, tiny_data):
         assert key in line
 
@@ -111,7 +105,7 @@ def test_flattened_conv_weight(good, tmp_path):
     torch.save(obj, path)
     with pytest.raises(DanetError, match="head.pam_in.conv.weight has shape \\(\\), not a convolution") as e:
         load_model(path)
-    _one_line(e)
+    one_line(e)
 
 
 @pytest.mark.parametrize(
@@ -133,7 +127,7 @@ def test_our_format_with_damaged_entries(change, match, good, tmp_path, tiny_dat
     torch.save(obj, path)
     with pytest.raises(DanetError, match=match) as e:
         read_checkpoint(path)
-    assert "damaged.pth" in _one_line(e)
+    assert "damaged.pth" in one_line(e)
     for line in _cli_errors(capsys, path, tmp_path, tiny_data):
         assert "damaged.pth" in line
 
@@ -145,7 +139,7 @@ def test_damaged_model_cfg_in_meta(good, tmp_path, capsys):
     torch.save(obj, path)
     with pytest.raises(DanetError, match="invalid model_cfg .*output_stride must be one of .*got 7") as e:
         load_model(path)
-    _one_line(e)
+    one_line(e)
     image = tmp_path / "a.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
     assert "--preset" in cli_error(capsys, "predict", "--checkpoint", path, image, "--out", tmp_path / "pred")
@@ -172,7 +166,7 @@ def test_non_finite_weights_are_refused(key, value, good, tmp_path, tiny_data, c
     torch.save(obj, path)
     with pytest.raises(DanetError, match="non-finite") as e:
         load_model(path)
-    assert key in _one_line(e)
+    assert key in one_line(e)
     with pytest.raises(DanetError, match="non-finite"):
         danet.create_model(PRESET, checkpoint=path)
     for line in _cli_errors(capsys, path, tmp_path, tiny_data):
@@ -187,7 +181,7 @@ def test_folder_given_as_checkpoint(good, tmp_path, capsys):
     (run / "epoch_1.pth").write_bytes(good.read_bytes())
     with pytest.raises(DanetError, match="is a directory") as e:
         read_checkpoint(run)
-    assert str(run / "best.pth") in _one_line(e)  # the file to pass instead
+    assert str(run / "best.pth") in one_line(e)  # the file to pass instead
     with pytest.raises(DanetError, match="is a directory; pass a checkpoint file \\(a .pth file"):
         read_checkpoint(tmp_path / "run" / "..")  # a folder without checkpoints directly in it
     for argv in (["convert", run, tmp_path / "out.pth"], ["export", run, "--onnx", tmp_path / "m.onnx"]):
@@ -203,7 +197,7 @@ def test_class_count_mismatch_helps_cli_users(tmp_path, capsys):
         DanetError, match="has 9 classes but preset danet_tiny_synthetic has 5; pass num_classes=9"
     ) as e:
         danet.create_model(PRESET, checkpoint=path)
-    msg = _one_line(e)
+    msg = one_line(e)
     assert "command line" in msg and "--preset" in msg and "leave --preset out" in msg
     line = cli_error(capsys, "convert", path, tmp_path / "out.pth", "--preset", PRESET)
     assert "9 classes" in line and "--preset" in line

@@ -30,16 +30,10 @@ from PIL import Image
 from danet import safe_load
 from danet.checkpoints import load_model, read_checkpoint, save_checkpoint, verify_archive
 from danet.errors import DanetError
-from test_faults_common import cli_error, run_cli, tiny_model
+from test_faults_common import cli_error, one_line, run_cli, tiny_model
 
 PRESET = "danet_tiny_synthetic"
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
-
-
-def _one_line(e: pytest.ExceptionInfo) -> str:
-    msg = str(e.value)
-    assert "\n" not in msg and msg
-    return msg
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +90,7 @@ def test_meta_of_the_wrong_type_or_size(field, value, synth, image, tmp_path, ca
     torch.save(obj, path)
     with pytest.raises(DanetError, match=f"its meta {field} is .*download or save it again") as e:
         read_checkpoint(path)
-    assert str(path) in _one_line(e)
+    assert str(path) in one_line(e)
     out = tmp_path / "out.pth"
     for argv in (
         ["convert", path, out],
@@ -117,7 +111,7 @@ def test_run_sizes_out_of_range(size, synth, image, tmp_path, capsys):
     torch.save(obj, path)
     with pytest.raises(DanetError, match="config.data.base_size is .*not sizes of 1..16384") as e:
         read_checkpoint(path)
-    _one_line(e)
+    one_line(e)
     line = cli_error(capsys, "predict", "--checkpoint", path, image, "--out", tmp_path / "pred")
     assert "config.data.base_size" in line
 
@@ -137,7 +131,7 @@ def test_mmseg_dataset_meta_of_the_wrong_form(where, value, tmp_path, capsys):
     torch.save({"meta": meta, "state_dict": _mmseg_state_dict()}, path)
     with pytest.raises(DanetError, match=f"its meta dataset_meta.{where} is ") as e:
         read_checkpoint(path)
-    assert "mm.pth" in _one_line(e)
+    assert "mm.pth" in one_line(e)
     assert f"dataset_meta.{where}" in cli_error(capsys, "convert", path, tmp_path / "out.pth")
 
 
@@ -159,7 +153,7 @@ def test_payload_as_the_classes_runs_nothing(synth, image, tmp_path, capsys):
     torch.save(obj, path)
     with pytest.raises(DanetError, match="its meta classes is '<not loaded: .*system>', not a list of names") as e:
         read_checkpoint(path)
-    _one_line(e)
+    one_line(e)
     for argv in (["convert", path, tmp_path / "o.pth"], ["predict", "--checkpoint", path, image, "--out", tmp_path]):
         assert "meta classes" in cli_error(capsys, *argv)
     assert not marker.exists()
@@ -179,7 +173,7 @@ def test_meta_sharing_one_list_at_every_level_is_refused_quickly(tmp_path):
     assert time.monotonic() - start < 60
     with pytest.raises(DanetError, match="laughs_meta.pth: its meta holds more than") as e:
         read_checkpoint(path)
-    _one_line(e)
+    one_line(e)
 
 
 def test_meta_nested_thousands_deep(tmp_path, capsys):
@@ -195,7 +189,7 @@ def test_meta_nested_thousands_deep(tmp_path, capsys):
         sys.setrecursionlimit(limit)
     with pytest.raises(DanetError, match="nests containers more than 100 deep") as e:
         read_checkpoint(path)
-    _one_line(e)
+    one_line(e)
     assert "deep.pth" in cli_error(capsys, "convert", path, tmp_path / "o.pth")
 
 
@@ -215,7 +209,7 @@ def test_state_dict_keys_that_are_not_strings(make, tmp_path, capsys):
     torch.save(make(_ssseg_state_dict()), path)
     with pytest.raises(DanetError, match="its state dict has a key .* not a name") as e:
         read_checkpoint(path)
-    assert "keys.pth" in _one_line(e)
+    assert "keys.pth" in one_line(e)
     assert "not a name" in cli_error(capsys, "convert", path, tmp_path / "o.pth")
 
 
@@ -236,7 +230,7 @@ def test_weights_that_are_not_dense_float_tensors(change, match, synth, tmp_path
     torch.save(obj, path)
     with pytest.raises(DanetError, match=match) as e:
         load_model(path)
-    assert "head.cls.conv.weight" in _one_line(e)
+    assert "head.cls.conv.weight" in one_line(e)
     assert "head.cls.conv.weight" in cli_error(capsys, "convert", path, tmp_path / "o.pth")
 
 
@@ -287,7 +281,7 @@ def test_incomplete_toolbox_file_names_its_own_key(load, key, ours, tmp_path, ca
     torch.save({"state_dict": sd}, path)
     with pytest.raises(DanetError, match="incomplete DANet checkpoint") as e:
         load_model(path)
-    assert key in _one_line(e) and ours not in str(e.value)
+    assert key in one_line(e) and ours not in str(e.value)
     assert key in cli_error(capsys, "convert", path, tmp_path / "o.pth")
 
 
@@ -298,7 +292,7 @@ def test_weights_that_do_not_fit_are_named_as_the_file_spells_them(tmp_path):
     torch.save({"state_dict": sd}, path)
     with pytest.raises(DanetError, match="shape mismatches .*decode_head.cam_out_conv.conv.weight") as e:
         load_model(path)
-    _one_line(e)
+    one_line(e)
 
 
 # ------------------------------------------------------------------------------------------ verify_archive
@@ -321,7 +315,7 @@ def test_verify_archive_finds_a_flipped_bit(synth, tmp_path):
     read_checkpoint(path)  # torch.load does not check the CRCs: the damage loads silently
     with pytest.raises(DanetError, match=f"Bad CRC-32 for file '{biggest}'") as e:
         verify_archive(path)
-    assert "flipped.pth" in _one_line(e) and "download or save it again" in str(e.value)
+    assert "flipped.pth" in one_line(e) and "download or save it again" in str(e.value)
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(synth.read_bytes()[:5000])
     with pytest.raises(DanetError, match="truncated or corrupt"):

@@ -93,3 +93,19 @@ def tiny_folder_dataset(root: Path) -> Path:
         Image.fromarray(np.full((48, 64, 3), 90, np.uint8)).save(root / "images" / split / "a.png")
         Image.fromarray(np.zeros((48, 64), np.uint8)).save(root / "masks" / split / "a.png")
     return root
+
+
+def one_line(e) -> str:
+    """The message of a raised DanetError (`pytest.raises(...) as e`), asserted to be one non-empty line."""
+    msg = str(e.value)
+    assert "\n" not in msg and msg
+    return msg
+
+
+def saved_tiny_checkpoint(folder: Path, name: str = "model.pth") -> Path:
+    """`tiny_model()` saved in our format for the synthetic preset, as `folder / name`."""
+    from danet.checkpoints import save_checkpoint
+
+    path = folder / name
+    save_checkpoint(path, tiny_model(), "danet_tiny_synthetic")
+    return path

@@ -17,16 +17,14 @@ from danet.checkpoints import save_checkpoint
 from danet.cli import main
 from danet.engine.evaluate import rescale
 from danet.errors import DanetError
-from test_faults_common import cli_error, digest, tiny_model
+from test_faults_common import cli_error, digest, saved_tiny_checkpoint
 
 PRESET = "danet_tiny_synthetic"
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ck") / "model.pth"
-    save_checkpoint(path, tiny_model(), PRESET)
-    return path
+    return saved_tiny_checkpoint(tmp_path_factory.mktemp("ck"))
 
 
 def photo(path: Path, h: int = 40, w: int = 56, seed: int = 0) -> Path:

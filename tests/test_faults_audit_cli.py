@@ -154,7 +154,7 @@ def test_a_checkpoint_as_the_config_is_one_line(run, capsys):
     "argv, words",
     [
         (["--device", "foo"], "unknown device 'foo'; use auto, cpu, cuda or cuda:N"),
-        (["--scales", "0"], "--scales must be positive"),
+        (["--scales", "0"], "--scales must be factors in (0, 8]"),
         (["--limit", "0"], "--limit must be at least 1"),
         (["--plot", "x.json"], "give a .png (or .jpg) file name"),
     ],

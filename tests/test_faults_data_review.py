@@ -114,8 +114,8 @@ def test_classes_txt_names_with_numbers_and_generated_colours_apart_from_given_o
     (tmp_path / "classes.txt").write_text("lane 2\nclass 1 255 0 0\nbg #000000\nsky\n")
     names_, palette = load_classes(tmp_path)
     assert names_ == ("lane 2", "class 1", "bg", "sky")
-    # lane 2 (class 0) would take VOC colour 0, which bg was given: the next VOC colour nobody has; sky its own, 3
-    assert palette == ((0, 0, 128), (255, 0, 0), (0, 0, 0), (128, 128, 0))
+    # lane 2 (class 0) would take VOC colour 0, which bg was given: the first VOC colour no class has (1); sky its 3
+    assert palette == ((128, 0, 0), (255, 0, 0), (0, 0, 0), (128, 128, 0))
     (tmp_path / "classes.txt").write_text("bg 0 0 0\ncrack 255 0 0\nhole\nrust\nlane #2\nroute 66\n")
     names_, palette = load_classes(tmp_path)  # without a clash: VOC colour k for class k, as before
     assert names_[4:] == ("lane #2", "route 66") and palette[2:4] == ((0, 128, 0), (128, 128, 0))

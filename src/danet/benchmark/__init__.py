@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import os
 import platform
 import resource
 import statistics
@@ -258,6 +259,9 @@ def environment(dev: torch.device) -> dict:
     return env
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def run_case(spec: BenchSpec) -> dict:
     """Run one case; returns the figures (ms per batch median, images/s, peak GiB, GFLOP/image, TFLOP/s)."""
     if spec.mode not in ("infer", "train"):
@@ -286,14 +290,24 @@ def run_case(spec: BenchSpec) -> dict:
             raise DanetError(f"{name} needs two positive sizes H W, got {list(v)}")
     if spec.window_batch is not None and spec.window_batch < 1:
         raise DanetError(f"--window-batch must be at least 1, got {spec.window_batch}")
+    for name, v in (("--stride", spec.stride), ("--window-batch", spec.window_batch)):
+        if v is not None and not spec.slide:
+            raise DanetError(f"{name} sets the sliding windows of --slide H W; add --slide, or leave it out")
+    if spec.threads is not None and spec.threads < 1:
+        raise DanetError(f"--threads must be at least 1, got {spec.threads}")
+    if spec.compile is not None and spec.compile not in COMPILE_MODES:
+        raise DanetError(f"--compile {spec.compile!r}: give one of {', '.join(COMPILE_MODES)} (or no mode)")
     if spec.cuda_graphs and spec.mode == "train" and (spec.amp == "fp16" or spec.compile):
         raise DanetError(
             "--cuda-graphs --train captures an eager bf16 or float32 step (fp16's GradScaler checks the gradients on "
             "the host); for a compiled step use --compile reduce-overhead"
         )
     dev = resolve_device(spec.device)
+    train_mode = spec.mode == "train"
     if spec.norm == "triton" and (why := why_unused(dev, bool(spec.compile))):
         raise DanetError(f"--norm triton {why}; drop --norm triton")
+    if spec.loss == "triton" and train_mode and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise DanetError("--loss triton runs on CUDA only; on the CPU time --loss fused (the same values)")
     if spec.threads:
         torch.set_num_threads(spec.threads)
     old_bench = torch.backends.cudnn.benchmark

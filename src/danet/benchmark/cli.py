@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
+from pathlib import Path
 
+from ..engine.logging import write_json
+from ..engine.test_cli import check_writable_dir
 from ..errors import DanetError
 from . import BenchSpec, release, run_case
 
@@ -107,6 +109,10 @@ def format_record(r: dict) -> str:
 
 def run_cli(args) -> int:
     overrides = dict(_parse_override(o) for o in args.overrides)
+    if args.modes == ["infer"] and args.loss != "reference":
+        raise DanetError(f"--loss {args.loss} times the training loss; add --train (or leave out --infer)")
+    if args.json:  # before the timing, not after it
+        check_writable_dir(Path(args.json).parent)
     results = []
     for mode in args.modes or (["infer"] if args.slide else ["infer", "train"]):
         spec = BenchSpec(
@@ -139,8 +145,5 @@ def run_cli(args) -> int:
         results.append(rec)
         release(compiled=bool(spec.compile))
     if args.json:
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, args.json)
+        write_json(args.json, results)  # atomic; a missing figure (--no-flops) as null, not NaN
     return 0

@@ -87,9 +87,9 @@ def load_classes(root: Path) -> tuple[tuple[str, ...], tuple[tuple[int, int, int
     # class k without a colour: the VOC colour k, as always; only where that is another class's given colour, the
     # next VOC colour no class has (so that RGB masks drawn with the earlier colours keep their meaning)
     table = default_palette(len(entries) + 256)
-    spare = iter(c for c in table[len(entries) :] if c not in given)
-    given = [c if c is not None else table[k] if table[k] not in given else next(spare) for k, c in enumerate(given)]
-    return names, tuple(given)
+    own = [c if c is not None else table[k] if table[k] not in given else None for k, c in enumerate(given)]
+    spare = iter(c for c in table if c not in own)  # the first VOC colours no class has
+    return names, tuple(c if c is not None else next(spare) for c in own)
 
 
 def _is_rgb(colour) -> bool:

@@ -36,6 +36,8 @@ class DistInfo:
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """ "auto" -> this process's CUDA device when there is one, else the CPU."""
     asked = name
+    if not isinstance(name, str):
+        raise DanetError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda:") and name[5:].isdigit():  # one GPU of several, outside torchrun

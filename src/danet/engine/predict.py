@@ -257,6 +257,8 @@ class Predictor:
                                      ("merge", merge, TTA_MERGES)):  # fmt: skip
             if value not in allowed:
                 raise DanetError(f"Predictor {what}={value!r}: give one of {', '.join(map(repr, allowed))}")
+        if merge != "probs" and not tta:
+            raise DanetError(f"Predictor merge={merge!r} merges the views of tta=True; add tta=True, or leave it out")
 
         if isinstance(image, Image.Image):
             image = np.asarray(image.convert("RGB"))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 import time
 from pathlib import Path
 
@@ -66,12 +68,12 @@ def run_test(args) -> dict:
     """Evaluate as the arguments say; returns the metrics dict (with the settings under "settings")."""
     from ..checkpoints import load_model, read_checkpoint
     from ..data import build_dataset, with_own_classes
-    from ..models.fused_norm import set_inference_norm
+    from ..models.fused_norm import set_inference_norm, why_unused
     from ..models.winograd import set_inference_conv
     from ..presets import get_preset
     from ..safe_load import check_file
     from . import distributed
-    from .evaluate import check_slide, evaluate
+    from .evaluate import check_slide, default_stride, evaluate
 
     preset = get_preset(args.preset)
     if args.dataset == "folder":
@@ -80,21 +82,28 @@ def run_test(args) -> dict:
     stride = tuple(args.stride) if args.stride else None
     if args.crop:  # NOTE: a bad window fails here, before the checkpoint is read (the run's crop may be the default)
         check_slide(tuple(args.crop), stride)
-    if args.scales and min(args.scales) <= 0:
-        raise DanetError(f"--scales must be positive factors (e.g. 0.75 1 1.25), got {args.scales}")
+    if args.scales and not all(math.isfinite(s) and 0 < s <= MAX_SCALE for s in args.scales):
+        raise DanetError(f"--scales must be factors in (0, {MAX_SCALE:g}] (e.g. 0.75 1 1.25), got {args.scales}")
     tta = args.tta or bool(args.scales)
     if args.tta_merge and not tta:
         raise DanetError(f"--tta-merge {args.tta_merge} merges the views of --tta (or --scales); add --tta")
+    if args.no_flip and not tta:
+        raise DanetError("--no-flip drops the flipped views of --tta (or --scales); add --tta, or leave it out")
     if args.limit is not None and args.limit < 1:
         raise DanetError(f"--limit must be at least 1 (the first N images), got {args.limit}")
     if args.plot and Path(args.plot).suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise DanetError(f"--plot {args.plot}: give a .png (or .jpg) file name")
-    for out in (args.json, args.plot):  # fail before the evaluation, not after it
-        if out:
-            check_writable_dir(Path(out).parent)
+    outputs = output_paths(args)
+    for out in outputs.values():  # fail before the evaluation, not after it
+        check_writable_dir(out.parent)
     ck = read_checkpoint(args.checkpoint)
     preset = run_preset(ck, preset, args.dataset)
     mode = args.mode or preset.eval_mode
+    if mode != "slide" and (args.crop or args.stride):
+        raise DanetError(
+            f"--crop and --stride set the sliding window, but this test runs {mode} (the preset's mode unless "
+            "--mode); add --mode slide, or leave them out"
+        )
     crop = tuple(args.crop) if args.crop else preset.crop_size
     if mode == "slide" or stride:
         check_slide(crop, stride)
@@ -109,6 +118,7 @@ def run_test(args) -> dict:
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
         dataset = build_dataset(preset, args.data_root, args.split, train=False)
+        check_outputs_apart(outputs, Path(args.checkpoint), dataset.files)
         scales = tuple(args.scales) if args.scales else tuple(preset.tta_scales) if args.tta else (1.0,)
         flip = tta and not args.no_flip
         t0 = time.time()
@@ -146,13 +156,14 @@ def run_test(args) -> dict:
             "images": n,
             "mode": mode,
             "crop": list(crop) if mode == "slide" else None,
+            "stride": list(stride or default_stride(crop)) if mode == "slide" else None,
             "scales": list(scales),
             "flip": flip,
             "tta_merge": (args.tta_merge or "probs") if tta else None,
             "base_size": list(preset.base_size),
             "amp": args.amp,
             "conv": args.conv,
-            "norm": args.norm,
+            "norm": args.norm if args.norm == "native" or why_unused(info.device) is None else "native",
             "channels_last": args.channels_last,
             "seconds": round(time.time() - t0, 2),
         }
@@ -161,7 +172,7 @@ def run_test(args) -> dict:
             print(f"mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}  aAcc {metrics['aAcc']:.2f}  ({n} images)")
             if args.json:
                 write_json(args.json, metrics)
-            plot = args.plot or (str(Path(args.json).with_suffix("")) + "_per_class_iou.png" if args.json else None)
+            plot = outputs.get("plot")
             what = f"{preset.title} ({'TTA ' if len(scales) > 1 or flip else ''}{mode})"
             if plot:
                 from ..viz import plot_class_iou
@@ -171,7 +182,7 @@ def run_test(args) -> dict:
             if args.json:
                 from ..viz import plot_confusion
 
-                confusion = str(Path(args.json).with_suffix("")) + "_confusion.png"
+                confusion = outputs["confusion"]
                 plot_confusion(preset.classes, cm.mat.cpu().numpy(), confusion, f"{what}: confusion")
         return metrics
     finally:
@@ -197,6 +208,38 @@ def run_preset(ck, preset, dataset: str):
         )
     sizes = run_sizes(ck, preset.name)
     return preset.replace(dataset=dataclasses.replace(preset.dataset, **sizes)) if sizes else preset
+
+
+MAX_SCALE = 8.0  # a TTA view 8x the base size is already 64x the pixels
+
+
+def output_paths(args) -> dict[str, Path]:
+    """The files `danet test` writes: the metrics JSON, the per-class IoU chart, the confusion picture."""
+    out = {}
+    if args.json:
+        out["json"] = Path(args.json)
+        out["confusion"] = Path(str(Path(args.json).with_suffix("")) + "_confusion.png")
+    if args.plot or args.json:
+        out["plot"] = Path(args.plot or str(Path(args.json).with_suffix("")) + "_per_class_iou.png")
+    return out
+
+
+def check_outputs_apart(outputs: dict[str, Path], checkpoint: Path, inputs) -> None:
+    """DanetError, before anything is written, where an output would replace the checkpoint, a file of the dataset
+    or another output (`--json x.json --plot x_confusion.png`)."""
+    names = {"json": "--json", "plot": "--plot", "confusion": "the confusion picture beside --json"}
+    seen: dict[Path, str] = {}
+    for what, path in outputs.items():
+        if (real := path.resolve()) in seen:
+            raise DanetError(f"{seen[real]} and {names[what]} would both write {path}; give them different names")
+        seen[real] = names[what]
+    taken = {checkpoint.resolve(): "the checkpoint being tested"}
+    taken.update({Path(f).resolve(): "a file of the dataset" for pair in inputs for f in pair})
+    for what, path in outputs.items():
+        hard_link = path.exists() and checkpoint.exists() and os.path.samefile(path, checkpoint)
+        if (why := taken.get(path.resolve())) or hard_link:
+            why = why or "the checkpoint being tested"
+            raise DanetError(f"{names[what]} would write {path}, {why}; write it elsewhere (nothing was written)")
 
 
 def check_writable_dir(folder: Path) -> None:

@@ -52,6 +52,9 @@ class ModelConfig:
                 raise DanetError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if not (isinstance(self.dropout, int | float) and 0 <= self.dropout < 1):
             raise DanetError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        switches = ("pam_bias", "aux", "fused_attention")
+        if bad := next((k for k in switches if not isinstance(getattr(self, k), bool)), None):
+            raise DanetError(f"{bad} must be True or False, got {getattr(self, bad)!r}")  # "false" is a true string
 
     @property
     def layout(self) -> str:

@@ -48,6 +48,8 @@ def create_model(
             cfg = cfg.replace(**overrides)
         except TypeError as e:
             raise DanetError(f"unknown model option: {e}; valid: {', '.join(ModelConfig.__dataclass_fields__)}") from e
+    if isinstance(backbone_weights, str) and backbone_weights.lower() in ("none", ""):  # as --set backbone_weights=none
+        backbone_weights = None
     if checkpoint is None and backbone_weights is None:
         return DANet(cfg, norm_layer)
 

@@ -82,3 +82,12 @@ def test_scenes_of_another_generator_are_not_taken_for_this_one_s(synthetic_root
     assert synthetic.ensure_synthetic(synthetic_root.parent).name == "synthetic-v1-0123abcd"
     names = sorted(p.name for p in synthetic_root.parent.iterdir())
     assert names == sorted([synthetic_root.name, "synthetic-v1-0123abcd"])
+
+
+def test_the_generator_id_follows_the_code_and_the_libraries_that_draw(monkeypatch):
+    from danet.data import synthetic
+
+    before = synthetic.generator_id.__wrapped__()
+    assert before == synthetic.generator_id()
+    monkeypatch.setattr(np, "__version__", np.__version__ + ".other")  # another numpy draws other bytes
+    assert synthetic.generator_id.__wrapped__() != before

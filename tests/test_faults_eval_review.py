@@ -50,10 +50,18 @@ def test_outputs_that_would_replace_an_input_or_each_other_are_refused(checkpoin
         (["--plot", image], "--plot would write", "a file of the dataset"),
         (["--json", tmp_path / "x.json", "--plot", tmp_path / "x_confusion.png"], "would both write", "x_confusion"),
     ]
+    cases += [
+        (["--json", data / "classes.yaml"], "--json would write", "inside the dataset folder"),  # not a split's file
+        (["--plot", data / "images" / "training" / "a.png"], "--plot would write", "inside the dataset folder"),
+    ]
     for extra, says, what in cases:
         line = cli_error(capsys, *test(mine, data, *extra))
         assert says in line and what in line, line
     assert {p: digest(p) for p in before} == before and not (tmp_path / "x.json").exists()
+    (tmp_path / "folder.json").mkdir()
+    line = cli_error(capsys, *test(mine, data, "--json", tmp_path / "folder.json"))
+    assert "--json" in line and "is a folder; give a file name" in line
+    assert main([*map(str, test(mine, data, "--json", tmp_path / "m.json"))]) == 0  # beside the checkpoint: fine
 
 
 @pytest.mark.parametrize(
@@ -85,12 +93,24 @@ def test_the_metrics_file_records_the_stride_and_the_batch_norm_that_ran(checkpo
 )  # fmt: skip
 def test_benchmark_options_that_would_fail_or_do_nothing(capsys, extra, says):
     assert says in cli_error(capsys, "benchmark", PRESET, "--infer", "--size", "32", "32", "--no-flops", *extra)
+    slide = ["benchmark", PRESET, "--slide", "16", "16", "--size", "32", "32", "--no-flops", "--loss", "fused"]
+    assert "--loss fused times the training loss" in cli_error(capsys, *slide)  # --slide times inference only
 
 
-def test_benchmark_triton_loss_on_the_cpu_is_one_line(capsys, monkeypatch):
+def test_benchmark_checks_every_case_before_timing_any(capsys, monkeypatch):
+    """Without --train/--infer both cases run: a setting the train case cannot take is refused before the inference
+    case is timed (it used to fail after it, and its figures were lost)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    argv = ["benchmark", PRESET, "--train", "--size", "32", "32", "--no-flops", "--loss", "triton", "--device", "cpu"]
-    assert "--loss triton runs on CUDA only" in cli_error(capsys, *argv)
+    argv = ["benchmark", PRESET, "--size", "32", "32", "--no-flops", "--loss", "triton", "--device", "cpu"]
+    assert refused_before_timing(capsys, argv, "--loss triton runs on CUDA only")
+
+
+def refused_before_timing(capsys, argv: list, says: str) -> bool:
+    """`danet ARGV` exits 2 with `says` on stderr and printed no timing (no case ran)."""
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc == 2 and says in err and "img/s" not in out
 
 
 def test_benchmark_json_holds_null_not_nan_and_a_folder_is_refused_first(tmp_path, capsys):
@@ -100,8 +120,7 @@ def test_benchmark_json_holds_null_not_nan_and_a_folder_is_refused_first(tmp_pat
     text = out.read_text()
     assert "NaN" not in text and json.loads(text)[0]["gflop_per_img"] is None
     (tmp_path / "d").mkdir()
-    line = cli_error(capsys, *argv, "--json", tmp_path / "d")
-    assert "cannot write" in line and str(tmp_path / "d") in line
+    assert refused_before_timing(capsys, [*argv, "--json", tmp_path / "d"], f"--json {tmp_path / 'd'} is a folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "r.json"]  # no stray temporary file
 
 

@@ -262,8 +262,8 @@ def environment(dev: torch.device) -> dict:
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def run_case(spec: BenchSpec) -> dict:
-    """Run one case; returns the figures (ms per batch median, images/s, peak GiB, GFLOP/image, TFLOP/s)."""
+def check_spec(spec: BenchSpec) -> torch.device:
+    """One-line DanetError for settings the case cannot run with (before anything is timed); the device."""
     if spec.mode not in ("infer", "train"):
         raise DanetError(f"unknown mode {spec.mode!r}; use 'infer' or 'train'")
     if spec.amp not in ("none", "bf16", "fp16"):
@@ -308,6 +308,12 @@ def run_case(spec: BenchSpec) -> dict:
         raise DanetError(f"--norm triton {why}; drop --norm triton")
     if spec.loss == "triton" and train_mode and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise DanetError("--loss triton runs on CUDA only; on the CPU time --loss fused (the same values)")
+    return dev
+
+
+def run_case(spec: BenchSpec) -> dict:
+    """Run one case; returns the figures (ms per batch median, images/s, peak GiB, GFLOP/image, TFLOP/s)."""
+    dev = check_spec(spec)
     if spec.threads:
         torch.set_num_threads(spec.threads)
     old_bench = torch.backends.cudnn.benchmark

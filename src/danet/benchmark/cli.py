@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 from ..engine.logging import write_json
-from ..engine.test_cli import check_writable_dir
+from ..engine.test_cli import check_output_file
 from ..errors import DanetError
-from . import BenchSpec, release, run_case
+from . import BenchSpec, check_spec, release, run_case
 
 
 def _parse_override(text: str) -> tuple[str, object]:
@@ -109,13 +109,14 @@ def format_record(r: dict) -> str:
 
 def run_cli(args) -> int:
     overrides = dict(_parse_override(o) for o in args.overrides)
-    if args.modes == ["infer"] and args.loss != "reference":
-        raise DanetError(f"--loss {args.loss} times the training loss; add --train (or leave out --infer)")
+    modes = args.modes or (["infer"] if args.slide else ["infer", "train"])
+    if "train" not in modes and args.loss != "reference":
+        raise DanetError(f"--loss {args.loss} times the training loss; add --train (and no --infer or --slide)")
     if args.json:  # before the timing, not after it
-        check_writable_dir(Path(args.json).parent)
-    results = []
-    for mode in args.modes or (["infer"] if args.slide else ["infer", "train"]):
-        spec = BenchSpec(
+        check_output_file(Path(args.json), "--json")
+    specs = []
+    for mode in modes:
+        specs.append(BenchSpec(
             preset=args.preset,
             mode=mode,
             batch=args.batch,
@@ -139,7 +140,11 @@ def run_cli(args) -> int:
             flops=args.flops,
             seed=args.seed,
             overrides=overrides,
-        )
+        ))  # fmt: skip
+    for spec in specs:  # NOTE: every case's settings before the first is timed (a bad one would lose the others)
+        check_spec(spec)
+    results = []
+    for spec in specs:
         rec = run_case(spec)
         print(format_record(rec), flush=True)
         results.append(rec)

@@ -35,6 +35,8 @@ class DistInfo:
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """ "auto" -> this process's CUDA device when there is one, else the CPU."""
+    if isinstance(name, torch.device):  # the Python API may pass one
+        name = str(name)
     asked = name
     if not isinstance(name, str):
         raise DanetError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")

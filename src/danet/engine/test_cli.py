@@ -67,7 +67,7 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
 def run_test(args) -> dict:
     """Evaluate as the arguments say; returns the metrics dict (with the settings under "settings")."""
     from ..checkpoints import load_model, read_checkpoint
-    from ..data import build_dataset, with_own_classes
+    from ..data import build_dataset, data_root, with_own_classes
     from ..models.fused_norm import set_inference_norm, why_unused
     from ..models.winograd import set_inference_conv
     from ..presets import get_preset
@@ -95,7 +95,7 @@ def run_test(args) -> dict:
         raise DanetError(f"--plot {args.plot}: give a .png (or .jpg) file name")
     outputs = output_paths(args)
     for out in outputs.values():  # fail before the evaluation, not after it
-        check_writable_dir(out.parent)
+        check_output_file(out, "--plot" if out == outputs.get("plot") and args.plot else "--json")
     ck = read_checkpoint(args.checkpoint)
     preset = run_preset(ck, preset, args.dataset)
     mode = args.mode or preset.eval_mode
@@ -118,7 +118,7 @@ def run_test(args) -> dict:
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
         dataset = build_dataset(preset, args.data_root, args.split, train=False)
-        check_outputs_apart(outputs, Path(args.checkpoint), dataset.files)
+        check_outputs_apart(outputs, Path(args.checkpoint), dataset.files, data_root(preset.dataset, args.data_root))
         scales = tuple(args.scales) if args.scales else tuple(preset.tta_scales) if args.tta else (1.0,)
         flip = tta and not args.no_flip
         t0 = time.time()
@@ -224,9 +224,10 @@ def output_paths(args) -> dict[str, Path]:
     return out
 
 
-def check_outputs_apart(outputs: dict[str, Path], checkpoint: Path, inputs) -> None:
+def check_outputs_apart(outputs: dict[str, Path], checkpoint: Path, inputs, data_root: Path | None = None) -> None:
     """DanetError, before anything is written, where an output would replace the checkpoint, a file of the dataset
-    or another output (`--json x.json --plot x_confusion.png`)."""
+    (anything under its root: images and masks of any split, the classes file, split lists) or another output
+    (`--json x.json --plot x_confusion.png`)."""
     names = {"json": "--json", "plot": "--plot", "confusion": "the confusion picture beside --json"}
     seen: dict[Path, str] = {}
     for what, path in outputs.items():
@@ -235,11 +236,20 @@ def check_outputs_apart(outputs: dict[str, Path], checkpoint: Path, inputs) -> N
         seen[real] = names[what]
     taken = {checkpoint.resolve(): "the checkpoint being tested"}
     taken.update({Path(f).resolve(): "a file of the dataset" for pair in inputs for f in pair})
+    root = Path(data_root).resolve() if data_root is not None else None
     for what, path in outputs.items():
         hard_link = path.exists() and checkpoint.exists() and os.path.samefile(path, checkpoint)
-        if (why := taken.get(path.resolve())) or hard_link:
-            why = why or "the checkpoint being tested"
+        inside = root is not None and root in path.resolve().parents
+        if (why := taken.get(path.resolve())) or hard_link or inside:
+            why = why or ("the checkpoint being tested" if hard_link else f"inside the dataset folder {root}")
             raise DanetError(f"{names[what]} would write {path}, {why}; write it elsewhere (nothing was written)")
+
+
+def check_output_file(path: Path, flag: str) -> None:
+    """Before the work: a file name (not a folder) whose folder can be made; else a one-line DanetError."""
+    if path.is_dir():
+        raise DanetError(f"{flag} {path} is a folder; give a file name")
+    check_writable_dir(path.parent)
 
 
 def check_writable_dir(folder: Path) -> None:

@@ -450,9 +450,14 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def is_config_file(preset_or_yaml: str) -> bool:
+    """Whether `danet train NAME` names a run config file (a .yaml, or any existing file) rather than a preset."""
+    return preset_or_yaml.endswith((".yaml", ".yml")) or Path(preset_or_yaml).is_file()
+
+
 def load_run_config(preset_or_yaml: str, overrides: list[str] | None = None, **fields: Any) -> RunConfig:
-    """A preset name or a YAML file, then explicit fields (None skipped), then `key=value` overrides."""
-    if preset_or_yaml.endswith((".yaml", ".yml")) or Path(preset_or_yaml).is_file():
+    """A preset name or a YAML file, then `key=value` overrides, then explicit fields (None skipped)."""
+    if is_config_file(preset_or_yaml):
         cfg = RunConfig.load(preset_or_yaml)
     else:
         get_preset(preset_or_yaml)  # DanetError with the valid names

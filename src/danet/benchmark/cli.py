@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..engine.logging import write_json
-from ..engine.test_cli import check_output_file
+from ..engine.logging import check_output_file, write_json
 from ..errors import DanetError
 from . import BenchSpec, check_spec, release, run_case
 
@@ -114,9 +113,8 @@ def run_cli(args) -> int:
         raise DanetError(f"--loss {args.loss} times the training loss; add --train (and no --infer or --slide)")
     if args.json:  # before the timing, not after it
         check_output_file(Path(args.json), "--json")
-    specs = []
-    for mode in modes:
-        specs.append(BenchSpec(
+    specs = [
+        BenchSpec(
             preset=args.preset,
             mode=mode,
             batch=args.batch,
@@ -140,7 +138,9 @@ def run_cli(args) -> int:
             flops=args.flops,
             seed=args.seed,
             overrides=overrides,
-        ))  # fmt: skip
+        )
+        for mode in modes
+    ]
     for spec in specs:  # NOTE: every case's settings before the first is timed (a bad one would lose the others)
         check_spec(spec)
     results = []

@@ -85,7 +85,7 @@ def load_classes(root: Path) -> tuple[tuple[str, ...], tuple[tuple[int, int, int
     # indices; an RGB mask cannot tell them apart, and is refused then (io.colours_to_indices)
     given = [tuple(int(v) for v in c) if c is not None else None for _, c in entries]
     # class k without a colour: the VOC colour k, as always; only where that is another class's given colour, the
-    # next VOC colour no class has (so that RGB masks drawn with the earlier colours keep their meaning)
+    # first VOC colour no class has (so that RGB masks drawn with the earlier colours keep their meaning)
     table = default_palette(len(entries) + 256)
     own = [c if c is not None else table[k] if table[k] not in given else None for k, c in enumerate(given)]
     spare = iter(c for c in table if c not in own)  # the first VOC colours no class has

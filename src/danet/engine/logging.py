@@ -98,6 +98,17 @@ def jsonable(v: Any) -> Any:
     return v
 
 
+def check_output_file(path: Path, flag: str) -> None:
+    """Before the work that fills it: `path` (given as `flag`) is a file name, not a folder, and its folder exists
+    or can be made; else a one-line DanetError."""
+    if path.is_dir():
+        raise DanetError(f"{flag} {path} is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DanetError(f"cannot create the output folder {path.parent}: {e.strerror or e}") from None
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically (temp file in the same folder, then rename)."""
     from ..config import atomic_write_text

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DanetError, short
-from .logging import write_json
+from .logging import check_output_file, write_json
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
@@ -94,8 +94,8 @@ def run_test(args) -> dict:
     if args.plot and Path(args.plot).suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise DanetError(f"--plot {args.plot}: give a .png (or .jpg) file name")
     outputs = output_paths(args)
-    for out in outputs.values():  # fail before the evaluation, not after it
-        check_output_file(out, "--plot" if out == outputs.get("plot") and args.plot else "--json")
+    for what, out in outputs.items():  # fail before the evaluation, not after it
+        check_output_file(out, "--plot" if what == "plot" and args.plot else "--json")
     ck = read_checkpoint(args.checkpoint)
     preset = run_preset(ck, preset, args.dataset)
     mode = args.mode or preset.eval_mode
@@ -243,21 +243,6 @@ def check_outputs_apart(outputs: dict[str, Path], checkpoint: Path, inputs, data
         if (why := taken.get(path.resolve())) or hard_link or inside:
             why = why or ("the checkpoint being tested" if hard_link else f"inside the dataset folder {root}")
             raise DanetError(f"{names[what]} would write {path}, {why}; write it elsewhere (nothing was written)")
-
-
-def check_output_file(path: Path, flag: str) -> None:
-    """Before the work: a file name (not a folder) whose folder can be made; else a one-line DanetError."""
-    if path.is_dir():
-        raise DanetError(f"{flag} {path} is a folder; give a file name")
-    check_writable_dir(path.parent)
-
-
-def check_writable_dir(folder: Path) -> None:
-    """Create `folder` (and parents) or raise a one-line DanetError."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DanetError(f"cannot create the output folder {folder}: {e.strerror or e}") from None
 
 
 def run_cli(args) -> int:

@@ -9,7 +9,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ..config import RunConfig, apply_overrides, from_dict, load_run_config, valid_keys
+from ..config import RunConfig, apply_overrides, from_dict, is_config_file, load_run_config, valid_keys
 from ..errors import DanetError
 from ..presets import get_preset
 
@@ -60,7 +60,7 @@ def resolve_args(args) -> tuple[RunConfig, Path | None]:
     line must be that run's), with `--set` on top, and its outputs go beside it (or to --work-dir). A config .yaml
     is taken as written."""
     resume = None
-    is_yaml = args.config is not None and (args.config.endswith((".yaml", ".yml")) or Path(args.config).is_file())
+    is_yaml = args.config is not None and is_config_file(args.config)
     if args.config is None and (not args.resume or args.resume == "auto"):
         raise DanetError("name a preset or a config .yaml (e.g. danet train danet_tiny_synthetic), or --resume CKPT")
     set_dir = _set_work_dir(args)

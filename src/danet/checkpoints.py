@@ -376,19 +376,25 @@ def _preset_name(cfg: ModelConfig) -> str | None:
     return None
 
 
-def _class_count_hint(n: int, depth: int, cli: bool) -> str:
-    """What follows "pass num_classes=N" (the Python API's way) for command-line users: the presets that fit."""
+def _class_count_remedy(n: int, depth: int, remedy: str) -> str:
+    """What to do about a checkpoint of `n` classes that a preset of another count was asked to load, in the words
+    of the caller (`remedy`): "api" (create_model), "test" (danet test's PRESET), "data" (a dataset's own classes),
+    "" (nothing to say), else the option that named the preset (--preset, preset_name=)."""
     from .presets import PRESETS
 
     fits = [p.name for p in PRESETS.values() if p.num_classes == n and p.model.depth == depth]
-    if fits:
-        return f" (Python API) or, on the command line, a {n}-class preset such as {fits[0]} (--preset / PRESET)"
-    if not cli:  # a model asked for from Python, not a preset
+    such = f"a {n}-class preset such as {fits[0]}" if fits else None
+    if remedy == "api":
+        return f"; pass num_classes={n}" + (f", or name {such}" if such else "")
+    if remedy == "test":
+        if such:
+            return f"; test it with {such}"
+        return f"; no ResNet-{depth} preset has {n} classes: test it on data of its classes (--dataset folder)"
+    if remedy == "data":
+        return f"; test it on data of its {n} classes"
+    if not remedy:
         return ""
-    return (
-        f" (Python API); on the command line no ResNet-{depth} preset has {n} classes: leave --preset out (danet "
-        f"predict / export / convert read the structure from the file)"
-    )
+    return f"; leave out {remedy} (the file decides the structure)" + (f", or name {such}" if such else "")
 
 
 def dataset_for(num_classes: int, depth: int | None = None) -> str | None:
@@ -407,12 +413,14 @@ def load_model(
     *,
     norm_layer=nn.BatchNorm2d,
     explicit_num_classes: int | None = None,
+    remedy: str = "api",
 ) -> DANet:
     """Build a DANet whose structure the weights decide, load them strictly, return it in eval mode.
 
     Taken from the weights: class count, depth, stem, channel widths, layout (PAM bias, aux width), aux head.
     Taken from `cfg` (else from our file's meta, else defaults): output stride, dropout, fused attention.
-    A class count or depth that contradicts `cfg` (a preset) or `explicit_num_classes` raises one DanetError.
+    A class count or depth that contradicts `cfg` (a preset) or `explicit_num_classes` raises one DanetError; its
+    advice is in the caller's words (`remedy`, see `_class_count_remedy`).
     """
     ck = path if isinstance(path, Checkpoint) else read_checkpoint(path)
     name = ck.path.name
@@ -428,8 +436,8 @@ def load_model(
         what = f"preset {p}" if (p := _preset_name(cfg)) else "the requested model"
         if cfg.num_classes != n:
             raise DanetError(
-                f"checkpoint {name} has {n} classes but {what} has {cfg.num_classes}; pass num_classes={n}"
-                + _class_count_hint(n, found["depth"], cli=p is not None)
+                f"checkpoint {name} has {n} classes but {what} has {cfg.num_classes}"
+                + _class_count_remedy(n, found["depth"], remedy)
             )
         if cfg.depth != found["depth"]:
             raise DanetError(

@@ -58,7 +58,7 @@ def run_cli(args) -> int:
     kept = {k: ck.meta[k] for k in KEPT if ck.meta.get(k) is not None} if from_file else {}
     preset = get_preset(args.preset) if args.preset else None if "preset" in kept else _guess_preset(ck.path, found)
     how = "given" if args.preset else "from the file name" if preset else None
-    model = load_model(ck, preset.model if preset else None)
+    model = load_model(ck, preset.model if preset else None, remedy="--preset")
     meta_cfg = ck.meta.get("model_cfg") or {}
     extra = {"source": {"format": ck.source, "file": ck.path.name}, **kept}
     if preset is None and "classes" not in extra:

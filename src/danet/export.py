@@ -255,6 +255,7 @@ def load_for_export(checkpoint: str | os.PathLike, preset: str | None = None) ->
     from .presets import get_preset
 
     ck = read_checkpoint(checkpoint)
+    named = bool(preset)
     if ck.source == "imagenet":
         raise DanetError(f"{checkpoint} holds a backbone only; export a whole-model checkpoint")
     preset = preset or (None if ck.meta.get("model_cfg") else preset_from_filename(Path(checkpoint).name))
@@ -264,7 +265,7 @@ def load_for_export(checkpoint: str | os.PathLike, preset: str | None = None) ->
             f"note: {Path(checkpoint).name} records no preset: exported at output stride 8 and without the "
             "normalisation metadata; pass --preset NAME if it is another"
         )
-    model = load_model(ck, p.model if p else None).eval().cpu()
+    model = load_model(ck, p.model if p else None, remedy="--preset" if named else "").eval().cpu()
     meta = ck.meta
     name = p.name if p else meta.get("preset")
     classes = list(p.classes) if p else meta.get("classes")

@@ -133,7 +133,7 @@ def download(
     dest = dest / (Path(urlparse(url).path).name or f"{preset.name}.pth")
     if dest.is_file() and not force:  # NOTE: a file already in the cache (perhaps put there by hand) is the user's
         try:
-            load_model(dest, preset.model)
+            load_model(dest, preset.model, remedy="")
         except DanetError as e:
             raise DanetError(f"{dest} does not load as {preset.name}: {e}; replace it, or add --force") from None
         return dest
@@ -141,7 +141,7 @@ def download(
     def check(tmp: Path) -> None:  # before the download replaces anything: a bad one is removed, the cache kept
         try:
             verify_archive(tmp)  # NOTE: torch.load reads a flipped bit in the weights without a word; the CRCs do not
-            load_model(tmp, preset.model)
+            load_model(tmp, preset.model, remedy="")
         except DanetError as e:
             kept = f"; {dest} is unchanged" if dest.is_file() else ""
             why = str(e).replace(str(tmp), dest.name).replace(tmp.name, dest.name)  # not the temporary name

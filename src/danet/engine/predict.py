@@ -218,7 +218,10 @@ class Predictor:
         # NOTE: our files carry their exact model config (a run may have overridden the preset's); foreign files
         # do not, and then the preset decides what the weights cannot tell (the output stride)
         structure = self.preset.model if self.preset and (preset_name or not ck.meta.get("model_cfg")) else None
-        self.model = load_model(ck, structure).to(self.device).eval()
+        remedy = (
+            "--preset / preset_name=" if preset_name else ""
+        )  # a preset guessed from the file name: nothing to omit
+        self.model = load_model(ck, structure, remedy=remedy).to(self.device).eval()
         meta = ck.meta
         p = self.preset
         self.classes = list(p.classes) if preset_name and p else meta.get("classes") or (list(p.classes) if p else None)

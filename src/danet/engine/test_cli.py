@@ -112,7 +112,8 @@ def run_test(args) -> dict:
     if info.device.type == "cpu":
         torch.set_num_threads(distributed.cpu_threads(None))
     try:
-        model = load_model(ck, preset.model).to(info.device).eval()
+        remedy = "data" if args.dataset == "folder" else "test"
+        model = load_model(ck, preset.model, remedy=remedy).to(info.device).eval()
         set_inference_conv(model, args.conv)
         set_inference_norm(model, args.norm)
         if args.channels_last:

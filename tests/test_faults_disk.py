@@ -147,3 +147,41 @@ def test_real_short_write_with_file_size_limit(tmp_path):
     assert ck.train_state == {"iter": 10}
     assert ck.state_dict["head.cls.conv.weight"].shape[0] == 5
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
+
+
+def test_interrupt_midway_through_torch_save(saved, monkeypatch):
+    """Ctrl-C or SIGTERM (raised as an interrupt by the CLI) while a checkpoint is written: the old one stands, and
+    no temporary file is left."""
+    path, before, newer = saved
+
+    def write_some_then_stop(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", write_some_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, newer, PRESET, train_state={"iter": 20})
+    _assert_intact(path, before)
+
+
+def test_sigterm_stops_a_command_with_one_line(monkeypatch, capsys):
+    import signal
+    import time
+
+    from danet import cli, zoo
+
+    def run_until_terminated(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the signal arrives here
+        return 0
+
+    monkeypatch.setattr(zoo, "run_cli", run_until_terminated)
+    started = time.monotonic()
+    sigchld = signal.getsignal(signal.SIGCHLD)
+    try:
+        assert cli.main(["zoo"]) == 143
+    finally:
+        signal.signal(signal.SIGCHLD, sigchld)  # torch's, if set: the loaders of later tests in this process use it
+    assert time.monotonic() - started < 20
+    assert capsys.readouterr().err == "danet zoo: stopped (SIGTERM)\n"
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler does not outlive the command

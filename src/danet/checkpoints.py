@@ -136,6 +136,10 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
             hint = os_hint(os_error, "check free disk space and permissions") if os_error else None
             hint = hint or "check free disk space and permissions"
         raise DanetError(f"could not write checkpoint {path}: {reason}; {hint}") from e
+    except BaseException:  # an interrupt midway (Ctrl-C, SIGTERM): the old file stands, no temporary is left
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     return path
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 
 from .errors import DanetError, os_hint
 
@@ -56,12 +58,33 @@ def one_line(e: DanetError) -> str:
     return text
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a batch scheduler's time limit, torchrun stopping the other processes of a failed run),
+    raised where the command is, so that it ends as an interrupt does: files being written removed, one line."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    # NOTE: only the main thread may set a handler, and one set by a program that embeds danet is left to it
+    ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if ours:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _run(args)
+    finally:
+        if ours:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _run(args) -> int:
     try:
         return int(args._run(args) or 0)
     except DanetError as e:
@@ -69,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         say(f"danet {args.command}: error: {one_line(e)}")
         return 2
+    except Terminated:
+        return terminated(args.command)
     except KeyboardInterrupt:
         say(f"danet {args.command}: interrupted")
         return 130
@@ -82,11 +107,22 @@ def main(argv: list[str] | None = None) -> int:
         say(f"danet {args.command}: error: {os_error_line(e)}")
         return 2
     except RuntimeError as e:  # NOTE: under torchrun, the processes left waiting when another one stopped
+        if "killed by signal: Terminated" in str(e) and not args.debug:  # SIGTERM to the loader's processes too
+            return terminated(args.command)  # (a scheduler stopping a job signals all of them)
         if args.debug or not peer_stopped(e):
             raise
         first = str(e).strip().splitlines()[0][:200]
         say(f"danet {args.command}: error: another process of this run stopped ({first}); its own error line says why")
         return 2
+
+
+def terminated(command: str) -> int:
+    """The end of a command stopped by SIGTERM: one line, exit status 143 (128 + SIGTERM, as a shell reports it)."""
+    # NOTE: torch's SIGCHLD handler would raise again, as "Exception ignored in ... __del__", when the data loader's
+    # iterator shuts down its workers that the same SIGTERM ended; the process is ending, so it is dropped
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    say(f"danet {command}: stopped (SIGTERM)")
+    return 143
 
 
 def say(line: str) -> None:

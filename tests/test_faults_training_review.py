@@ -158,3 +158,16 @@ def test_after_a_divergence_the_line_names_a_checkpoint_only_where_there_is_one(
     assert after_divergence(tmp_path) == "start again (no epoch has finished: there is no checkpoint yet)"
     (tmp_path / "last.pth").write_bytes(b"x")
     assert after_divergence(tmp_path).startswith(f"--resume from {tmp_path / 'last.pth'}")
+
+
+def test_loss_groups_are_recorded_and_checked_before_training(data_root, tmp_path, capsys):
+    work = tmp_path / "w"
+    assert main(argv(work, data_root, "--set", "schedule.loss_images=1", "--set", "stop_iter=1")) == 0
+    assert yaml.safe_load((work / "config.yaml").read_text())["schedule"]["loss_images"] == 1
+    assert math.isfinite(records(work, "train")[0]["loss"])
+    bad = argv(tmp_path / "b", data_root, "--set", "schedule.batch_size=3", "--set", "schedule.loss_images=2")
+    line = cli_error(capsys, *bad)
+    assert "a batch of 3 images per process does not split into loss groups of schedule.loss_images=2" in line
+    assert not (tmp_path / "b" / "last.pth").exists()
+    line = cli_error(capsys, *argv(tmp_path / "c", data_root, "--set", "schedule.loss_images=-1"))
+    assert "'schedule.loss_images' must be 0 (one group) or more, got -1" in line

@@ -44,6 +44,13 @@ def test_schedules_match_reference_iterations():
     assert not get_preset("danet_r50-d8_voc12aug").dataset.reduce_zero_label
 
 
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_loss_is_reduced_per_reference_gpu(name):
+    """sssegmentation's zoo trains on 8 GPUs, each reducing the loss over its own images (2; Cityscapes 1)."""
+    s = get_preset(name).schedule
+    assert s.loss_images * 8 == s.batch_size and s.loss_images == (1 if "cityscapes" in name else 2)
+
+
 def test_unknown_name_lists_valid_ones():
     with pytest.raises(danet.DanetError) as e:
         get_preset("danet_r50-d8_ade")

@@ -74,6 +74,7 @@ class ScheduleConfig:
     min_lr: float | None = None
     eval_interval: int | None = None  # epochs between validations (the last epoch is always validated)
     save_interval: int | None = None  # epochs between epoch_N.pth checkpoints (last.pth is written every epoch)
+    loss_images: int | None = None  # images per reduction of the loss (engine/losses.py); 0: each process's batch
 
 
 @dataclass
@@ -234,6 +235,8 @@ class RunConfig:
             raise DanetError(f"setting 'seed' must be in 0 .. 2**63 - 1, got {self.seed}")
         if not str(self.work_dir).strip():
             raise DanetError("setting 'work_dir' is empty; give the run's folder (--work-dir DIR)")
+        if s.loss_images is not None and s.loss_images < 0:
+            raise DanetError(f"setting 'schedule.loss_images' must be 0 (one group) or more, got {s.loss_images}")
         if d.num_workers is not None and d.num_workers < 0:
             raise DanetError(f"setting 'data.num_workers' must be 0 or more, got {d.num_workers}")
         for key, size in (("data.crop_size", d.crop_size), ("data.base_size", d.base_size)):

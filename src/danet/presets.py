@@ -76,6 +76,8 @@ class Schedule:
     min_lr: float = 1e-4
     eval_interval: int = 10  # epochs between validations
     save_interval: int = 1  # epochs between checkpoints
+    # images per reduction of the loss (engine/losses.py): the reference's batch per GPU; 0: each process's batch
+    loss_images: int = 0
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,12 @@ _SEED_TABLE = {  # (dataset, depth, output stride) -> published sssegmentation m
     ("cityscapes", 101, 8): 80.55,
     ("cityscapes", 101, 16): 78.23,
 }
-_SCHEDULES = {"voc12aug": Schedule(60, 16), "ade20k": Schedule(130, 16), "cityscapes": Schedule(220, 8)}
+# NOTE: sssegmentation trains these on 8 GPUs (2 images each, Cityscapes 1), each reducing its own loss
+_SCHEDULES = {
+    "voc12aug": Schedule(60, 16, loss_images=2),
+    "ade20k": Schedule(130, 16, loss_images=2),
+    "cityscapes": Schedule(220, 8, loss_images=1),
+}
 _SSSEG_DATA = {"voc12aug": "voc", "ade20k": "ade20k", "cityscapes": "cityscapes"}
 
 

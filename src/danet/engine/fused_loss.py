@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DanetError
-from .losses import WEIGHTS, denominator
+from .losses import WEIGHTS, grouped_mean
 
 BAND_BYTES = 16 << 20  # CPU: upsampled logits per band of the chunked loss (kept in cache)
 COMPILE_BACKEND = "inductor"  # of the "compiled" implementation (tests use a faster one)
@@ -305,6 +305,7 @@ def fused_danet_loss(
     variant: str = "ssseg",
     aux_weight: float = 0.4,
     ignore_index: int = 255,
+    images: int = 0,
     impl: str = "chunked",
 ) -> dict[str, torch.Tensor]:
     """`engine.losses.danet_loss` computed from the 1/8-size logits of `model(x, resize=False)`.
@@ -313,8 +314,11 @@ def fused_danet_loss(
     danet_loss on the bilinearly resized outputs (to rounding); peak memory of one image's `(K, H, W)` (chunked;
     CPU: one band of rows) instead of the batch's four `(B, K, H, W)` logits, their log-softmax and gradients.
     """
-    denom = denominator(target, variant, ignore_index)
     weights = dict(WEIGHTS, aux=aux_weight)
-    parts = {f"loss_{k}": _summed_ce(v, target, ignore_index, impl) / denom for k, v in outputs.items()}
+    parts = {
+        f"loss_{k}": grouped_mean(lambda g, v=v: _summed_ce(v[g], target[g], ignore_index, impl), target, variant,
+                                  ignore_index, images)
+        for k, v in outputs.items()
+    }  # fmt: skip
     total = sum(weights[k] * parts[f"loss_{k}"] for k in outputs)
     return {"loss": total, **parts}

@@ -38,7 +38,7 @@ from .evaluate import autocast, evaluate
 from .fused_loss import fused_danet_loss
 from .graphed import CudaGraphs, GraphedStep
 from .logging import RunLogger, read_log, write_json
-from .losses import danet_loss
+from .losses import danet_loss, groups
 from .sampling import EpochBatchSampler, capture_rng_states, mix, restore_rng_states
 from .schedule import PolyLR, build_optimizer
 from .start import backbone_source, build_model
@@ -120,7 +120,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
             f"global batch {sch.batch_size} does not split over {info.world} processes; set schedule.batch_size to a "
             f"multiple of {info.world}"
         )
-
+    groups(sch.batch_size // info.world, sch.loss_images)  # NOTE: refused here, not at the first step
     ckpt = checkpoints.read_checkpoint(resume) if resume else None
     if ckpt is not None and not ckpt.train_state:
         raise DanetError(f"{resume} holds no training state (best.pth is weights only); resume from last.pth")
@@ -294,7 +294,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
         def forward_backward(images: torch.Tensor, labels: torch.Tensor) -> dict:
             with autocast(dev, cfg.amp):
                 outputs = step_net(images, resize=not cfg.fused_loss)
-            losses = loss_fn(outputs, labels, cfg.loss, cfg.aux_weight, preset.dataset.ignore_index)
+            losses = loss_fn(outputs, labels, cfg.loss, cfg.aux_weight, preset.dataset.ignore_index, sch.loss_images)
             losses["loss"].backward()  # NOTE: no GradScaler here: the config check refuses fp16 with cuda_graphs
             return {k: v.detach() for k, v in losses.items()}
 
@@ -334,7 +334,9 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
             else:
                 with autocast(dev, cfg.amp):
                     outputs = step_net(images, resize=not cfg.fused_loss)
-                losses = loss_fn(outputs, labels, cfg.loss, cfg.aux_weight, preset.dataset.ignore_index)
+                losses = loss_fn(
+                    outputs, labels, cfg.loss, cfg.aux_weight, preset.dataset.ignore_index, sch.loss_images
+                )
             values = {k: v.item() for k, v in losses.items()}
             # NOTE: checked before the step, so the weights stay good; on every rank at once (DDP: no rank may step
             # alone, or the others wait in its all-reduce)

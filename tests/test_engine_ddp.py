@@ -62,6 +62,22 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out: str, poisoned_rank
     Path(out, f"rank{rank}.json").write_text(json.dumps(jsonable(summary)))
 
 
+def _recording_worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
+    """`_worker`, writing the loss each training step of this rank computed to `out/losses{rank}.json`."""
+    import danet.engine.train as T
+
+    real, seen = T.danet_loss, []
+
+    def recording(*args, **kwargs):
+        losses = real(*args, **kwargs)
+        seen.append(losses["loss"].item())
+        return losses
+
+    T.danet_loss = recording
+    _worker(rank, world, port, cfg, out)
+    Path(out, f"losses{rank}.json").write_text(json.dumps(seen))
+
+
 def spawn_two(*args, timeout: float = 180, worker=None) -> None:
     """Run `worker(rank, 2, port, *args)` (default `_worker`) on 2 ranks; a deadlock (one rank waiting in an
     all-reduce the other never joins) fails the test after `timeout` seconds instead of hanging the suite."""
@@ -105,3 +121,51 @@ def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     assert r0["skipped"] == r1["skipped"] == 1 and r0["iter"] == r1["iter"] == 2
     assert r0["metrics"] == r1["metrics"]
     assert [r["iter"] for r in read_log(work / "log.jsonl") if r["type"] == "skip"] == [1]
+
+
+# ------------------------------------------------------------------------------ torchrun's variables, set by hand
+def test_variables_no_torchrun_made_are_ignored_or_refused(monkeypatch):
+    from danet.engine.distributed import env_ranks
+    from danet.errors import DanetError
+
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("RANK", "1")  # left in the shell: one process, which must do the writing
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert env_ranks() == (0, 1, 0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(DanetError, match="WORLD_SIZE=2 asks for 2 processes, but RANK or MASTER_ADDR is not set"):
+        env_ranks()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(DanetError, match="RANK=2 is outside 0 .. WORLD_SIZE - 1 = 1"):
+        env_ranks()
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(DanetError, match="WORLD_SIZE='two' is not a number"):
+        env_ranks()
+
+
+def test_a_stray_rank_still_writes_the_run(tmp_path, monkeypatch):
+    """RANK=1 without torchrun: the run trains and writes its files (it wrote nothing and exited 0)."""
+    from danet.cli import main
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    data = ensure_synthetic(tmp_path / "data")
+    sets = [a for s in [*SETS, "stop_iter=1"] for a in ("--set", s)]
+    assert (
+        main(["train", "danet_tiny_synthetic", "--data-root", str(data), "--work-dir", str(tmp_path / "w"), *sets]) == 0
+    )
+    assert (tmp_path / "w" / "last.pth").is_file()
+
+
+def test_the_logged_loss_is_the_whole_batchs(tmp_path):
+    """log.jsonl's loss is the mean of the ranks' losses (rank 0's half batch alone was logged)."""
+    data = ensure_synthetic(tmp_path / "data")
+    work = tmp_path / "work"
+    cfg = apply_overrides(RunConfig(preset="danet_tiny_synthetic", data_root=str(data), work_dir=str(work)), SETS)
+    spawn_two(to_dict(cfg), str(tmp_path), worker=_recording_worker)
+    l0, l1 = (json.loads((tmp_path / f"losses{r}.json").read_text()) for r in (0, 1))
+    logged = [r["loss"] for r in read_log(work / "log.jsonl") if r["type"] == "train"]
+    assert len(logged) == len(l0) == len(l1) == 2 and l0 != l1
+    assert logged == pytest.approx([(a + b) / 2 for a, b in zip(l0, l1, strict=True)], abs=1e-5)

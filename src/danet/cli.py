@@ -137,7 +137,7 @@ PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pi
 
 def peer_stopped(e: RuntimeError) -> bool:
     """Whether `e` is a collective (gloo / NCCL) failing because another process of a torchrun run went away."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(w in str(e) for w in PEER_GONE)
+    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1") and any(w in str(e) for w in PEER_GONE)
 
 
 def os_error_line(e: OSError) -> str:

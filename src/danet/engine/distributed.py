@@ -59,11 +59,39 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def env_ranks() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun's variables give them; DanetError for a set that no torchrun made.
+
+    NOTE: a RANK or LOCAL_RANK left in the shell without a WORLD_SIZE above 1 is ignored (one process, rank 0): taken
+    at its word, the lone process skipped every write as if another rank made them, and exited 0 having done nothing.
+    """
+    values = {}
+    for key, default in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        raw = os.environ.get(key, default).strip() or default
+        try:
+            values[key] = int(raw)
+        except ValueError:
+            raise DanetError(
+                f"environment variable {key}={raw!r} is not a number; unset it, or run under torchrun"
+            ) from None
+    world, rank, local = values["WORLD_SIZE"], values["RANK"], values["LOCAL_RANK"]
+    if world <= 1:
+        if world < 1:
+            raise DanetError(f"environment variable WORLD_SIZE={world} must be at least 1; unset it")
+        return 0, 1, 0
+    if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
+        raise DanetError(
+            f"environment variable WORLD_SIZE={world} asks for {world} processes, but RANK or MASTER_ADDR is not set: "
+            "start them with torchrun (torchrun --nproc_per_node N -m danet.cli ...), or unset WORLD_SIZE"
+        )
+    if not 0 <= rank < world:
+        raise DanetError(f"environment variable RANK={rank} is outside 0 .. WORLD_SIZE - 1 = {world - 1}")
+    return rank, world, local
+
+
 def setup(device: str = "auto") -> DistInfo:
     """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU), or run alone."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world, local_rank = env_ranks()
     if world > 1 and device.startswith("cuda:"):
         raise DanetError(f"device {device} under torchrun: each process takes its own GPU; use device cuda or auto")
     dev = pick_device(device, local_rank)
@@ -115,6 +143,16 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([float(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """The mean of each value over the ranks (one all-reduce; `values` itself without a process group). Every rank
+    must pass the same keys."""
+    if not (dist.is_available() and dist.is_initialized()) or not values:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / dist.get_world_size()).tolist(), strict=True))
 
 
 def broadcast_buffers(model: nn.Module) -> None:

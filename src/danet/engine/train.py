@@ -226,7 +226,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
                         last = {}
                     draw_pictures(work, preset, last if isinstance(last, dict) and last.get("iter") == it else {})
             return {"metrics": {}, "best_miou": best, "best_iter": best_iter, "iter": it, "seconds": 0.0,
-                    "stopped": False, "skipped": 0, "finished": True}  # fmt: skip
+                    "stopped": False, "skipped": 0, "finished": True, "rank": info.rank}  # fmt: skip
 
     logger = RunLogger(work, enabled=info.is_main, resume_iter=it if ckpt is not None else None, revalidate=pending)
     recorded = dataclasses.replace(cfg, overwrite=False)  # NOTE: rerunning config.yaml must not wipe this run
@@ -369,7 +369,9 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
             if n_window and (it % cfg.log_interval == 0 or it == total):
                 dt = time.time() - t_window
                 img_s = n_window * sch.batch_size / max(dt, 1e-9)
-                rec = {k: round(v / n_window, 5) for k, v in window.items()}
+                # NOTE: each rank's loss is that of its share of the batch; the log is the whole batch's (their mean,
+                # as DDP's gradient)
+                rec = {k: round(v / n_window, 5) for k, v in distributed.mean_over_ranks(window, dev).items()}
                 rate = bar.format_dict.get("rate") or (n_window / max(dt, 1e-9))
                 elapsed = round(time.time() - t_start, 2)
                 eta = round((total - it) / max(rate, 1e-9), 1)
@@ -416,6 +418,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
         "seconds": seconds,  # of this call
         "stopped": stopped,
         "skipped": skipped,
+        "rank": info.rank,
     }
 
 

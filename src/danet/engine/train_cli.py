@@ -124,7 +124,7 @@ def run_cli(args) -> int:
     cfg, resume = resolve_args(args)
     summary = train(cfg, resume)
     m = summary["metrics"]
-    if os.environ.get("RANK", "0") != "0":
+    if summary["rank"]:  # the first process reports
         return 0
     if summary["stopped"]:
         last = Path(cfg.work_dir) / "last.pth"

@@ -63,11 +63,43 @@ def test_defaults_and_resume_sources(tmp_path, monkeypatch):
     run_checkpoint(tmp_path / "last.pth")
     _, resume = resolve_args(parse("danet_tiny_synthetic", "--work-dir", str(tmp_path), "--resume"))
     assert resume == tmp_path / "last.pth"
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # a torchrun restart continues by itself
-    _, resume = resolve_args(parse("danet_tiny_synthetic", "--work-dir", str(tmp_path)))
-    assert resume == tmp_path / "last.pth"
     with pytest.raises(DanetError, match="name a preset"):
         resolve_args(parse())
+
+
+def test_a_torchrun_restart_continues_only_its_own_last_pth(tmp_path, monkeypatch):
+    """A restart (--max-restarts) continues the work dir's last.pth where this torchrun invocation wrote it: not an
+    earlier run's (an overwrite=true run restarted before its first checkpoint), and not --resume's file again once
+    the run has written its own."""
+    import torch
+
+    from danet.checkpoints import save_checkpoint
+    from danet.config import RunConfig
+    from danet.engine.distributed import DistInfo
+    from danet.engine.train import restart_source
+    from test_faults_common import tiny_model
+
+    cfg = RunConfig(work_dir=str(tmp_path))
+    asked = tmp_path / "old" / "epoch_1.pth"
+
+    def last_written_by(run):
+        save_checkpoint(
+            tmp_path / "last.pth", tiny_model(), "danet_tiny_synthetic", train_state={"iter": 4, "run": run}
+        )
+
+    def source(run, resume):
+        return restart_source(cfg, resume, DistInfo(0, 2, 0, torch.device("cpu"), run))
+
+    last_written_by("this")
+    assert source("this", None) is None and source("this", asked) == asked  # the first attempt: as asked
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert source("this", None) == source("this", asked) == tmp_path / "last.pth"
+    last_written_by("an earlier invocation")
+    assert source("this", None) is None and source("this", asked) == asked
+    # torchrun gives nothing to tell invocations apart: a last.pth is taken for this run's, --resume's file first
+    assert source(None, None) == tmp_path / "last.pth" and source(None, asked) == asked
+    (tmp_path / "last.pth").unlink()
+    assert source("this", None) is None
 
 
 def test_a_resume_continues_the_checkpoint_s_own_run_beside_it(tmp_path):

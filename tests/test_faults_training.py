@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -277,7 +278,7 @@ calls = {"n": 0}
 
 def loss_or_die(*args, **kwargs):
     calls["n"] += 1
-    if os.environ.get("RANK") == "1" and calls["n"] == 3 and not marker.exists():
+    if os.environ.get("RANK") == "1" and calls["n"] == int(os.environ.get("DIE_AT", "3")) and not marker.exists():
         marker.write_text(os.environ.get("TORCHELASTIC_RESTART_COUNT", "?"))
         os._exit(17)  # rank 1 dies at iteration 3, once
     return real_loss(*args, **kwargs)
@@ -288,30 +289,47 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def test_torchrun_restarts_dead_rank_and_resumes(data_root, tmp_path):
-    work = tmp_path / "work"
+def torchrun_dying_once(tmp_path: Path, argv: list[str], die_at: int = 3) -> subprocess.CompletedProcess:
+    """`danet ARGV` under torchrun (2 CPU processes, one restart allowed) whose rank 1 dies at its loss call
+    `die_at` of the first attempt; asserts that it did and that the run then finished."""
     script = tmp_path / "die_once.py"
     script.write_text(DIE_ONCE)
     marker = tmp_path / "rank1-died"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-        "--max-restarts=1", "--monitor-interval=0.2", str(script), str(marker),
-        *train_argv(work, data_root),
+        "--max-restarts=1", "--monitor-interval=0.2", str(script), str(marker), *argv,
     ]  # fmt: skip
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=ENV)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**ENV, "DIE_AT": str(die_at)})
     except subprocess.TimeoutExpired:
         _kill_workers_of(marker)  # torchrun's workers run in sessions of their own: they outlive it
         raise
-    assert marker.exists(), "rank 1 never reached iteration 3: " + proc.stderr[-2000:]
+    assert marker.exists(), f"rank 1 never reached iteration {die_at}: " + proc.stderr[-2000:]
     assert marker.read_text() == "0"  # it died in the first attempt
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_torchrun_restarts_dead_rank_and_resumes(data_root, tmp_path):
+    work = tmp_path / "work"
+    torchrun_dying_once(tmp_path, train_argv(work, data_root))
     final = read_checkpoint(work / "last.pth")
     assert final.train_state["iter"] == TOTAL
     starts = [r["iter"] for r in records(work, "start")]
     # the restarted group continued from last.pth (iteration 2) instead of starting again from 0
     assert starts[-1] == IPE, f"restart began at iteration {starts[-1]}, not from WORK_DIR/last.pth ({IPE})"
     assert all(math.isfinite(r["loss"]) for r in records(work, "train"))
+
+
+def test_torchrun_restart_of_an_overwrite_run_does_not_continue_the_earlier_run(data_root, reference, tmp_path):
+    """overwrite=true, a rank dying before the new run's first checkpoint: the restart starts the new run again
+    (it continued the earlier run's last.pth, still there, under the new run's settings)."""
+    work = tmp_path / "work"
+    shutil.copytree(reference.parent, work)  # an earlier, finished run of seed 0
+    torchrun_dying_once(tmp_path, train_argv(work, data_root, "--set", "overwrite=true", "--set", "seed=5"), die_at=1)
+    final = read_checkpoint(work / "last.pth")
+    assert final.train_state["iter"] == TOTAL and final.meta["config"]["seed"] == 5
+    assert [r["iter"] for r in records(work, "start")] == [0]  # the restart began anew (its log too)
 
 
 def _kill_workers_of(marker: Path) -> None:

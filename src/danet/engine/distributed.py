@@ -7,6 +7,8 @@ single process (world 1) and nothing here touches torch.distributed.
 from __future__ import annotations
 
 import os
+import socket
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +25,7 @@ class DistInfo:
     world: int
     local_rank: int
     device: torch.device
+    run: str | None = None  # this torchrun invocation's id (`run_token`); None outside torchrun
 
     @property
     def is_main(self) -> bool:
@@ -100,9 +103,37 @@ def setup(device: str = "auto") -> DistInfo:
         # names a restarted rank can read the address of a rank that died ("Gloo connectFullMesh failed ...
         # Connection refused", or a hang). One key prefix per attempt keeps the attempts apart.
         store, rank, world = next(dist.rendezvous("env://"))
-        store = dist.PrefixStore(f"danet/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+        run = run_token(store)
+        store = dist.PrefixStore(f"danet/attempt_{restart_count()}/", store)
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=store, rank=rank, world_size=world)
-    return DistInfo(rank, world, local_rank, dev)
+        return DistInfo(rank, world, local_rank, dev, run)
+    return DistInfo(rank, world, local_rank, dev, run_token(None))
+
+
+def restart_count() -> int:
+    """How often torchrun (--max-restarts) has restarted this run's processes (0: the first attempt, or no torchrun)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
+
+
+def run_token(store) -> str | None:
+    """An id of this torchrun invocation: the same in all its processes and in every restart of them, another in the
+    next invocation (so that a restart can tell this run's last.pth from one an earlier run left). None outside
+    torchrun, and where torchrun gives nothing to tell invocations apart.
+
+    NOTE: with the agent's store (torchrun's default) the first process to ask names the run there; the store lives
+    as long as torchrun, across restarts. Else torchrun's run id (a fresh uuid unless --rdzv-id fixes it), and for
+    one process the agent's process too (its parent)."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id is None:
+        return None
+    if store is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return store.compare_set("danet/run_token", "", uuid.uuid4().hex).decode()
+    if store is None:
+        return f"{run_id}/{socket.gethostname()}/{os.getppid()}"
+    return None if run_id == "none" else run_id
 
 
 def cpu_threads(requested: int | None) -> int:

@@ -100,11 +100,29 @@ def train(cfg: RunConfig, resume: str | Path | None = None) -> dict:
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = cfg.tf32  # NOTE: cuDNN's default is on
     try:
-        return _train(cfg.resolve().validate(), resume, info)
+        return _train(cfg.resolve().validate(), restart_source(cfg, resume, info), info)
     finally:
         torch.set_num_threads(threads)
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
         distributed.cleanup()
+
+
+def restart_source(cfg: RunConfig, resume: str | Path | None, info: distributed.DistInfo) -> str | Path | None:
+    """What a torchrun restart (--max-restarts) continues from: the work dir's last.pth where this invocation wrote
+    it (its `run` token), else what the command asked for (a fresh run, or --resume's file).
+
+    NOTE: a last.pth that an earlier run left (an overwrite=true run restarted before its first checkpoint) is not
+    this run's, and a --resume run restarted after its first checkpoint continues from that one, not the file again.
+    """
+    if not distributed.restart_count():
+        return resume
+    last = Path(cfg.work_dir) / "last.pth"
+    if not last.is_file():
+        return resume
+    if info.run is None:  # nothing tells invocations apart: a last.pth is taken to be this run's
+        return resume or last
+    state = checkpoints.read_checkpoint(last).train_state or {}
+    return last if state.get("run") == info.run else resume
 
 
 def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa: C901 - the loop, in one place
@@ -261,6 +279,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
                 "best_miou": best,
                 "best_iter": best_iter,
                 "validation_pending": validation_pending,
+                "run": info.run,  # which torchrun invocation wrote it (restart_source)
             }
         meta = {"config": to_dict(recorded), "epoch": epoch, "iter": it, "best_miou": best}
         checkpoints.save_checkpoint(work / name, raw, preset, train_state=state, extra_meta=meta)

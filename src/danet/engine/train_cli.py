@@ -6,7 +6,6 @@ Many GPUs: `torchrun --nproc_per_node N -m danet.cli train ...` (the preset batc
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from ..config import RunConfig, apply_overrides, from_dict, is_config_file, load_run_config, valid_keys
@@ -88,8 +87,7 @@ def resolve_args(args) -> tuple[RunConfig, Path | None]:
             cfg.work_dir = str(Path("runs") / cfg.preset)
         if args.resume:
             resume = _resume_file(Path(cfg.work_dir) / "last.pth" if args.resume == "auto" else Path(args.resume))
-        elif int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and (Path(cfg.work_dir) / "last.pth").is_file():
-            resume = Path(cfg.work_dir) / "last.pth"  # torchrun --max-restarts restarted the group: continue
+        # NOTE: a torchrun restart (--max-restarts) continues this run's own last.pth: train.restart_source
     if resume is not None and not any(o.startswith("stop_iter=") for o in args.overrides):
         cfg.stop_iter = None  # an interrupted run's stop point does not carry over
     return cfg, resume

@@ -275,10 +275,11 @@ def test_convert_cli(tmp_path, capsys):
     assert cli_main(["convert", str(FIXTURES / "mmseg_d16.pth"), str(dst)]) == 0
     out = capsys.readouterr().out
     assert "source format : mmseg" in out and "5 classes" in out and "ResNet-50" in out
+    assert "output stride 16 (from the file's mmseg config)" in out
     raw = torch.load(dst, weights_only=True)
     assert raw["meta"]["source"] == {"format": "mmseg", "file": "mmseg_d16.pth"}
-    assert raw["meta"]["model_cfg"]["pam_bias"] is True
-    original = C.load_model(FIXTURES / "mmseg_d16.pth", ModelConfig(num_classes=5))
+    assert raw["meta"]["model_cfg"]["pam_bias"] is True and raw["meta"]["model_cfg"]["output_stride"] == 16
+    original = C.load_model(FIXTURES / "mmseg_d16.pth", ModelConfig(num_classes=5, output_stride=16))
     assert same_output(original, C.load_model(dst))
 
     assert cli_main(["convert", str(FIXTURES / "ssseg_d8.pth"), str(dst), "--preset", "danet_r50-d8_ade20k"]) == 2

@@ -85,7 +85,7 @@ def test_tta_averages_softmax_over_scales_and_flips():
     torch.manual_seed(0)
     model = danet.create_model("danet_tiny_synthetic", base_channels=8, stem_channels=8, head_channels=16).eval()
     x = torch.randn(1, 3, 48, 40)
-    probs = segment(model, x, (60, 50), scales=(0.75, 1.0, 1.25), flip=True)
+    probs = segment(model, x, (60, 50), scales=(0.75, 1.0, 1.25), flip=True, merge="probs")
     assert probs.shape == (1, 5, 60, 50)
     assert torch.allclose(probs.sum(1), torch.ones(1, 60, 50), atol=1e-5)
     with torch.no_grad():

@@ -122,13 +122,16 @@ def test_test_cli_tta_and_slide(runs, data_root, tmp_path, capsys):
     assert (tmp_path / "whole_per_class_iou.png").exists() and (tmp_path / "whole_confusion.png").exists()
     val = [r for r in read_log(runs["resumed"] / "log.jsonl") if r["type"] == "val"][-1]
     assert whole["mIoU"] == pytest.approx(val["mIoU"])  # the same numbers as the run's validation
+    assert whole["settings"]["resize_logits"] == "once"  # a run of ours: sssegmentation's one resize
+    assert main([*base, "--resize-logits", "twice", "--json", str(tmp_path / "twice.json")]) == 0
+    assert json.loads((tmp_path / "twice.json").read_text())["settings"]["resize_logits"] == "twice"
 
     assert main([*base, "--tta", "--json", str(tmp_path / "tta.json")]) == 0
     tta = json.loads((tmp_path / "tta.json").read_text())
     assert tta["settings"]["scales"] == list(get_preset(PRESET).tta_scales) and tta["settings"]["flip"] is True
-    assert tta["settings"]["tta_merge"] == "probs" and whole["settings"]["tta_merge"] is None
-    assert main([*base, "--tta", "--tta-merge", "logits", "--json", str(tmp_path / "logits.json")]) == 0
-    assert json.loads((tmp_path / "logits.json").read_text())["settings"]["tta_merge"] == "logits"
+    assert tta["settings"]["tta_merge"] == "logits" and whole["settings"]["tta_merge"] is None  # sssegmentation's
+    assert main([*base, "--tta", "--tta-merge", "probs", "--json", str(tmp_path / "probs.json")]) == 0
+    assert json.loads((tmp_path / "probs.json").read_text())["settings"]["tta_merge"] == "probs"
     assert main([*base, "--mode", "slide", "--crop", "64", "64", "--json", str(tmp_path / "slide.json")]) == 0
     slide = json.loads((tmp_path / "slide.json").read_text())
     assert slide["settings"]["mode"] == "slide" and slide["settings"]["crop"] == [64, 64]
@@ -206,10 +209,10 @@ def test_predict_tta_gives_danet_test_labels(runs, data_root, monkeypatch):
     x = normalize(resize_keep_ratio(image, None, pred.base_size)[0], pred.mean, pred.std)[None]
     want = segment(pred.model, x, image.shape[:2], "whole", None, None, pred.tta_scales, True)[0].argmax(0).numpy()
     assert len(np.unique(want)) >= 3 and np.array_equal(pred(image, tta=True), want)
-    # --tta-merge logits: the views' logits averaged (sssegmentation), other labels here
-    by_logits = segment(pred.model, x, image.shape[:2], scales=pred.tta_scales, flip=True, merge="logits")
-    by_logits = by_logits[0].argmax(0).numpy()
-    assert (by_logits != want).any() and np.array_equal(pred(image, tta=True, merge="logits"), by_logits)
+    # --tta-merge probs: the views' softmax probabilities averaged (mmseg's rule), other labels here
+    by_probs = segment(pred.model, x, image.shape[:2], scales=pred.tta_scales, flip=True, merge="probs")
+    by_probs = by_probs[0].argmax(0).numpy()
+    assert (by_probs != want).any() and np.array_equal(pred(image, tta=True, merge="probs"), by_probs)
     monkeypatch.setattr(P, "FULL_SIZE_ELEMS", 0)
     small = pred(image, tta=True)
     assert small.shape == image.shape[:2] and 0 < (small != want).mean() < 0.05

@@ -85,7 +85,7 @@ def test_float32_fused_within_tolerance(case):
 def test_tta_logits_merge_matches_sssegmentation_test():
     """`segment(..., merge="logits")` = sssegmentation's multi-scale + flip test (auginference on the image rescaled
     by each factor and flipped, every view's logits resized to the original size, their mean), float64, on the
-    ssseg_d8 fixture's model and input; the default merge (mean softmax, mmseg's) gives other scores."""
+    ssseg_d8 fixture's model and input: the default merge; merge="probs" (mean softmax, mmseg's) gives others."""
     from danet.engine.evaluate import segment
 
     data, tta = np.load(FIXTURES / "ssseg_d8.npz"), np.load(FIXTURES / "ssseg_d8_tta.npz")
@@ -94,9 +94,84 @@ def test_tta_logits_merge_matches_sssegmentation_test():
     x = torch.from_numpy(data["input"]).double()
     assert rel(segment(model, x, tuple(meta["size"])), data["logits_64"]) < 1e-9  # one view: the test path itself
     scales = tuple(meta["scales"])
-    ours = segment(model, x, tuple(meta["size"]), scales=scales, flip=True, merge="logits")
+    ours = segment(model, x, tuple(meta["size"]), scales=scales, flip=True)
     assert ours.shape == tta["logits_64"].shape and rel(ours, tta["logits_64"]) < 1e-9
-    probs = segment(model, x, tuple(meta["size"]), scales=scales, flip=True)
+    probs = segment(model, x, tuple(meta["size"]), scales=scales, flip=True, merge="probs")
     assert rel(probs, tta["logits_64"]) > 0.1
-    with pytest.raises(Exception, match="TTA merge must be one of probs, logits"):
+    with pytest.raises(Exception, match="TTA merge must be one of logits, probs"):
         segment(model, x, tuple(meta["size"]), scales=scales, merge="mean")
+
+
+# ------------------------------------------------------------- what an mmseg file's config says beyond its weights
+def test_mmseg_files_give_their_output_stride():
+    """The output stride is read from an mmseg file's config text (its weights are the same at 8 and 16); a preset
+    of the other stride runs as asked, with a warning."""
+    for name, stride in (("mmseg_d8", 8), ("mmseg_d16", 16)):
+        assert load_model(FIXTURES / f"{name}.pth").cfg.output_stride == stride
+    assert "toolbox_model" not in read_checkpoint(FIXTURES / "ssseg_d16.pth").meta  # ssseg files hold no config
+    with pytest.warns(UserWarning, match="saved with output_stride=16; running it at output_stride=8"):
+        assert load_model(FIXTURES / "mmseg_d16.pth", ModelConfig(num_classes=5)).cfg.output_stride == 8
+
+
+def test_mmseg_769x769_model_resizes_with_align_corners():
+    """mmseg's Cityscapes 769x769 configs resize the logits with align_corners=True: read from the file, the model
+    and the evaluation's resize match mmseg's logits in float64 (with align_corners=False they were 28 % off)."""
+    from danet.engine.evaluate import segment, upsample_argmax
+
+    data = np.load(FIXTURES / "mmseg_769.npz")
+    meta = json.loads(str(data["meta_json"]))
+    assert meta["harness_meta"]["test_cfg"]["crop_size"] == [769, 769]
+    x = torch.from_numpy(data["input_64"]).double()
+    ref = data["logits_64"]
+    for cfg in (None, ModelConfig(num_classes=5)):  # the file's structure, or a caller's config
+        model = load_model(FIXTURES / "mmseg_769.pth", cfg).double()
+        assert model.cfg.align_corners
+        with torch.no_grad():
+            assert rel(model(x)["out"], ref) < 1e-9
+        assert rel(segment(model, x, tuple(meta["size"])), ref) < 1e-9  # the test path: 1/8 logits resized once
+        low = segment(model, x, (9, 12))  # and a huge output resized in strips gives the same labels
+        assert torch.equal(
+            upsample_argmax(low[0], (71, 93), max_elems=1, corners=True),
+            upsample_argmax(low[0], (71, 93), corners=True),
+        )
+        plain = load_model(FIXTURES / "mmseg_769.pth", cfg).double()
+        plain.cfg = plain.cfg.replace(align_corners=False)
+        with torch.no_grad():
+            assert rel(plain(x)["out"], ref) > 1e-2
+
+
+def test_mmseg_config_text_of_either_version():
+    from danet.toolbox_config import mmseg_model_settings
+
+    old = {"config": "model = dict(\n    type='EncoderDecoder',\n    backbone=dict(type='ResNetV1c', depth=50, "
+                     "dilations=(1, 1, 1, 2), strides=(1, 2, 2, 1)),\n    decode_head=dict(type='DAHead', "
+                     "align_corners=True),\n    auxiliary_head=dict(align_corners=True))"}  # fmt: skip
+    assert mmseg_model_settings(old) == {"align_corners": True, "output_stride": 16}
+    assert mmseg_model_settings({"config": "danet/danet.py"}, "danet_r50-d8_769x769_40k_cityscapes_x.pth") == {
+        "align_corners": True
+    }
+    assert mmseg_model_settings({}, "danet_r50-d8_512x1024_40k_cityscapes.pth") == {}
+
+
+def test_mmseg_checkpoints_resize_their_logits_as_mmseg_does(tmp_path):
+    """mmseg's test resizes the logits to the input size (its `inference`, the fixture's logits) and then to the
+    original image size (EncoderDecoder.postprocess_result); `resize_logits="twice"` does, and is the default for its
+    files (also once converted); sssegmentation resizes once, from the output stride."""
+    from danet.cli import main
+    from danet.engine.evaluate import default_resize, segment
+    from danet.engine.predict import Predictor
+
+    data = np.load(FIXTURES / "mmseg_d8.npz")
+    model = load_model(FIXTURES / "mmseg_d8.pth").double()
+    x = torch.from_numpy(data["input"]).double()
+    original = (101, 131)  # the image before the test pipeline's resize
+    want = torch.nn.functional.interpolate(torch.from_numpy(data["logits_64"]), original, mode="bilinear")
+    assert rel(segment(model, x, original, resize_logits="twice"), want) < 1e-9
+    assert rel(segment(model, x, original), want) > 1e-4  # one step from 1/8: sssegmentation's
+    assert default_resize(read_checkpoint(FIXTURES / "mmseg_d8.pth")) == "twice"
+    assert default_resize(read_checkpoint(FIXTURES / "ssseg_d8.pth")) == "once"
+    assert main(["convert", str(FIXTURES / "mmseg_d8.pth"), str(tmp_path / "ours.pth")]) == 0
+    assert default_resize(read_checkpoint(tmp_path / "ours.pth")) == "twice"
+    assert Predictor(FIXTURES / "mmseg_d16.pth", device="cpu").resize_logits == "twice"
+    with pytest.raises(Exception, match="logits resize must be one of once, twice"):
+        segment(model, x, original, resize_logits="thrice")

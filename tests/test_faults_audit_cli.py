@@ -215,7 +215,9 @@ def test_cuda_n_is_a_device_of_train_too(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     line = cli_error(capsys, "train", PRESET, "--work-dir", tmp_path / "w", "--set", "device=cuda:1")
     assert "no CUDA GPU is visible" in line and "--set device=cpu" in line
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets them
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     from danet.engine.distributed import setup
 
     with pytest.raises(DanetError, match="under torchrun: each process takes its own GPU"):

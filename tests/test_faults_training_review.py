@@ -171,3 +171,10 @@ def test_loss_groups_are_recorded_and_checked_before_training(data_root, tmp_pat
     assert not (tmp_path / "b" / "last.pth").exists()
     line = cli_error(capsys, *argv(tmp_path / "c", data_root, "--set", "schedule.loss_images=-1"))
     assert "'schedule.loss_images' must be 0 (one group) or more, got -1" in line
+
+
+def test_an_align_corners_model_refuses_the_fused_loss(data_root, tmp_path, capsys):
+    line = cli_error(capsys, *argv(tmp_path / "w", data_root, "--set", "model.align_corners=true",
+                                   "--set", "fused_loss=true"))  # fmt: skip
+    assert "align_corners=True" in line and "without fused_loss" in line
+    assert main(argv(tmp_path / "ok", data_root, "--set", "model.align_corners=true", "--set", "stop_iter=1")) == 0

@@ -45,6 +45,8 @@ NARROW = {"base": 4, "stem": 8, "head": 32, "key": 16, "aux_ssseg": 32, "aux_mms
 CASES = [("ssseg", 8, (75, 97), 0), ("ssseg", 16, (67, 101), 1), ("mmseg", 8, (75, 97), 2), ("mmseg", 16, (67, 101), 3)]
 SAVED = ("logits", "head_pam_cam", "head_pam", "head_cam", "aux_logits")
 TTA_SCALES = [0.5, 1.0, 1.5]  # the TTA fixture (ssseg_d8_tta.npz): scales not a multiple of 8 apart, and flips
+# the align_corners fixture (mmseg_769.*): one of mmseg's Cityscapes 769x769 configs (align_corners=True)
+CORNERS_CONFIG, CORNERS_SIZE, CORNERS_SEED = "danet_r50-d8_4xb2-40k_cityscapes-769x769", (71, 93), 4
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -112,7 +114,9 @@ def run(cmd: list[str], env: dict | None = None) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
-def harness_cmd(toolbox: str, peers: Path, os_: int, size, seed: int, out: Path, double: bool) -> list[str]:
+def harness_cmd(
+    toolbox: str, peers: Path, os_: int, size, seed: int, out: Path, double: bool, config: str | None = None
+) -> list[str]:
     py = str(VENVS[toolbox] / "bin/python")
     common = ["--seed", str(seed), "--size", str(size[0]), str(size[1]), "--perturb", "--no-feats", "--out", str(out)]
     common += ["--double"] if double else []
@@ -125,7 +129,8 @@ def harness_cmd(toolbox: str, peers: Path, os_: int, size, seed: int, out: Path,
             f"decode_head.pam_channels={NARROW['key']}", f"decode_head.num_classes={n}",
             f"auxiliary_head.in_channels={b * 16}", f"auxiliary_head.channels={NARROW['aux_mmseg']}",
             f"auxiliary_head.num_classes={n}"]  # fmt: skip
-    cmd = [py, str(peers / "mmseg_danet.py"), "dump", "--config", "danet_r50-d8_4xb4-160k_ade20k-512x512", *common]
+    config = config or "danet_r50-d8_4xb4-160k_ade20k-512x512"
+    cmd = [py, str(peers / "mmseg_danet.py"), "dump", "--config", config, *common]
     return cmd + (["--d16"] if os_ == 16 else []) + ["--cfg-options", *opts]
 
 
@@ -159,6 +164,8 @@ def make(peers: Path, out_dir: Path) -> None:
                 run([py, __file__, "peer-mmengine", str(f32.with_suffix(".pth")), str(pth)])
             else:
                 shutil.copyfile(f32.with_suffix(".pth"), pth)
+            if (toolbox, os_) == ("mmseg", 16):
+                describe_d16(pth)
             n = sum(t.numel() for t in _tensors(pth))
             print(f"{name}: {pth.stat().st_size / 1e3:.0f} kB checkpoint ({n:,} numbers), "
                   f"{(out_dir / f'{name}.npz').stat().st_size / 1e3:.0f} kB arrays")  # fmt: skip
@@ -191,6 +198,44 @@ def make_tta(peers: Path, out_dir: Path) -> None:
         print(f"ssseg_d8_tta: {(out_dir / 'ssseg_d8_tta.npz').stat().st_size / 1e3:.0f} kB")
 
 
+def describe_d16(pth: Path) -> None:
+    """Make the config text of the harness's `--d16` file say output stride 16, as mmseg's own d16 configs do.
+
+    NOTE: the harness applies --d16 to the built model, not to the config text it saves, which still reads the d8
+    config's strides (1, 2, 1, 1) and dilations (1, 1, 2, 4); a real mmseg file's text is the config it trained."""
+    import re
+
+    import torch
+
+    ck = torch.load(pth, weights_only=True)
+    text = ck["meta"]["config_text"]
+    text, n1 = re.subn(r"strides=\(\s*1,\s*2,\s*1,\s*1,?\s*\)", "strides=(1, 2, 2, 1)", text)
+    text, n2 = re.subn(r"dilations=\(\s*1,\s*1,\s*2,\s*4,?\s*\)", "dilations=(1, 1, 1, 2)", text)
+    assert (n1, n2) == (1, 1), f"{pth}: expected the d8 backbone's strides and dilations once each, got {n1}, {n2}"
+    ck["meta"]["config_text"] = text
+    torch.save(ck, pth)
+
+
+def make_corners(peers: Path, out_dir: Path) -> None:
+    """mmseg_769.{pth,npz}: a narrow model of mmseg's Cityscapes 769x769 config (align_corners=True), its float64
+    logits at an input smaller than the 769 window (its slide test is then one window: the whole image)."""
+    import numpy as np
+
+    with tempfile.TemporaryDirectory(prefix="danet-fixtures-") as tmp:
+        f64 = Path(tmp) / "corners_64.npz"
+        run(harness_cmd("mmseg", peers, 8, CORNERS_SIZE, CORNERS_SEED, f64, double=True, config=CORNERS_CONFIG))
+        a = np.load(f64)
+        peer = json.loads(str(a["meta_json"]))
+        assert peer["align_corners"] is True, f"{CORNERS_CONFIG} does not use align_corners=True"
+        harness = {k: peer.get(k) for k in ("config", "versions", "test_cfg")}
+        meta = {"toolbox": "mmseg", "output_stride": 8, "size": list(CORNERS_SIZE), "seed": CORNERS_SEED,
+                "narrow": NARROW, "harness_meta": harness}  # fmt: skip
+        arrays = {"input_64": a["input"], "logits_64": a["logits"], "meta_json": np.array(json.dumps(meta))}
+        np.savez_compressed(out_dir / "mmseg_769.npz", **arrays)
+        shutil.copyfile(f64.with_suffix(".pth"), out_dir / "mmseg_769.pth")
+        print(f"mmseg_769: {(out_dir / 'mmseg_769.pth').stat().st_size / 1e3:.0f} kB checkpoint")
+
+
 def _tensors(path: Path):
     sys.path.insert(0, str(ROOT / "src"))
     from danet.checkpoints import read_checkpoint
@@ -210,12 +255,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peers", type=Path, default=Path(os.environ.get("DANET_PEERS_DIR", "/work/shared/peers")))
     p.add_argument("--out", type=Path, default=ROOT / "tests/fixtures/models")
     p.add_argument("--tta-only", action="store_true", help="only ssseg_d8_tta.npz (beside an existing ssseg_d8)")
+    p.add_argument("--corners-only", action="store_true", help="only mmseg_769.{pth,npz} (align_corners=True)")
     args = p.parse_args(argv)
     for tb, venv in VENVS.items():
         if not (venv / "bin/python").exists():
             raise SystemExit(f"{tb} venv not found at {venv}: run {args.peers}/setup_{tb}_env.sh")
+    if args.corners_only:
+        make_corners(args.peers, args.out)
+        return 0
     if not args.tta_only:
         make(args.peers, args.out)
+        make_corners(args.peers, args.out)
     make_tta(args.peers, args.out)
     return 0
 

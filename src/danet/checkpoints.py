@@ -27,6 +27,7 @@ from .checkpoint_checks import verify_archive as verify_archive  # public here t
 from .errors import DanetError, os_hint
 from .models.danet import DANet, ModelConfig
 from .models.resnet import DEPTH_LAYERS
+from .toolbox_config import mmseg_model_settings
 
 FORMAT_VERSION = 1
 
@@ -301,6 +302,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             names[ours_key] = found[0]
             meta[ours_key] = list(found[1]) if found[1] is not None else None
     check_meta(meta, sd, path, ours, names)
+    if source == "mmseg":  # NOTE: what its config says beyond the weights (output stride, align_corners)
+        meta["toolbox_model"] = mmseg_model_settings(meta, path.name)
     return Checkpoint(path, source, sd, meta, train_state)
 
 
@@ -436,6 +439,8 @@ def load_model(
             f"num_classes={n}, or backbone_weights= to start a {explicit_num_classes}-class model from its backbone"
         )
     meta_cfg = ck.meta.get("model_cfg") if isinstance(ck.meta.get("model_cfg"), dict) else None
+    told = ck.meta.get("toolbox_model", {}) if ck.source == "mmseg" else {}  # an mmseg file's config
+    saved_os = (meta_cfg or told).get("output_stride")
     if cfg is not None:
         what = f"preset {p}" if (p := _preset_name(cfg)) else "the requested model"
         if cfg.num_classes != n:
@@ -448,13 +453,13 @@ def load_model(
                 f"checkpoint {name} is a ResNet-{found['depth']} DANet but {what} is ResNet-{cfg.depth}; "
                 f"pick a r{found['depth']} preset"
             )
-        if meta_cfg and meta_cfg.get("output_stride") not in (None, cfg.output_stride):
+        if saved_os not in (None, cfg.output_stride):
             warnings.warn(
-                f"{name} was saved with output_stride={meta_cfg['output_stride']}; running it at "
-                f"output_stride={cfg.output_stride} as requested",
+                f"{name} was saved with output_stride={saved_os}; running it at output_stride={cfg.output_stride} "
+                "as requested",
                 stacklevel=2,
             )
-        base = cfg
+        base = cfg.replace(align_corners=told["align_corners"]) if "align_corners" in told else cfg
     elif meta_cfg:  # what the weights decide (`found`) replaces the meta's values below; the rest is checked here
         known = set(ModelConfig.__dataclass_fields__)
         try:
@@ -469,7 +474,7 @@ def load_model(
                 "preset (--preset) to run it"
             )
     else:
-        base = ModelConfig(num_classes=n)
+        base = ModelConfig(num_classes=n, **told)
     model = DANet(base.replace(**found), norm_layer)
     _load_strict(model, ck.state_dict, name, source=ck.source)
     return model.eval()

@@ -68,13 +68,18 @@ def run_cli(args) -> int:
             extra.update(classes=list(DATASETS[ds].classes), palette=[list(c) for c in DATASETS[ds].palette])
     save_checkpoint(args.dst, model, preset, extra_meta=extra)
     cfg = model.cfg
+    told = ck.meta.get("toolbox_model") or {}
     if preset or meta_cfg:
         os_note = f"{cfg.output_stride} (from the {'preset' if preset else 'file meta'})"
+    elif "output_stride" in told:
+        os_note = f"{cfg.output_stride} (from the file's {ck.source} config)"
     else:
         os_note = f"{cfg.output_stride} (default: {ck.source} files do not store it; pass --preset for a -d16 model)"
     print(f"source format : {ck.source} ({len(ck.state_dict)} tensors)")
     print(f"layout        : {cfg.layout} (PAM bias {cfg.pam_bias}, aux width {cfg.aux_channels if cfg.aux else '-'})")
     print(f"structure     : ResNet-{cfg.depth} {cfg.stem} stem, {cfg.num_classes} classes, output stride {os_note}")
+    if cfg.align_corners:
+        print("final resize  : align_corners=True (from the file's config; mmseg's 769x769 Cityscapes models)")
     named = f"{preset.name} ({how})" if preset else f"{kept['preset']} (from the file)" if "preset" in kept else None
     print(f"preset        : {named or 'none (pass --preset to attach one)'}")
     classes = (list(preset.classes) if preset else extra.get("classes")) or []

@@ -2,14 +2,14 @@
 
 Facts kept from the reference toolboxes (REFERENCE.md, Data / Metrics; mmseg's EncoderDecoder and SegTTAModel):
 - whole: one forward of the keep-ratio-resized image; its output-stride logits resized bilinearly
-  (align_corners=False) in one step to the ORIGINAL label size, as sssegmentation tests (mmseg resizes twice: to the
-  input, then to the label); the metric is taken there.
+  (align_corners=False) in one step to the ORIGINAL label size, as sssegmentation tests (resize_logits="once"); mmseg
+  resizes them twice, to the input, then to the label ("twice", for mmseg's checkpoints); the metric is taken there.
 - slide: windows of the crop size every `stride` pixels, the last window of a row/column pulled back inside the
   image; overlapping logits are averaged; a window larger than the image is cut to the image (no padding).
-- TTA: the image rescaled by each factor (bilinear on the normalised tensor, as sssegmentation) and flipped; each
-  view's logits are resized to the original size and turned into softmax probabilities, which are averaged (as
-  mmseg's SegTTAModel); merge="logits" averages the resized logits instead, as sssegmentation's test does (its
-  default, use_probs_before_resize=False).
+- TTA: sssegmentation's multi-scale + flip test: the image rescaled by each factor (bilinear on the normalised
+  tensor) and flipped; each view's logits resized to the original size and averaged (its default,
+  use_probs_before_resize=False). merge="probs" averages their softmax probabilities instead: mmseg's SegTTAModel's
+  rule, on these views (mmseg makes its views otherwise: it resizes the original image per scale, rounding the sizes).
 """
 
 from __future__ import annotations
@@ -137,8 +137,21 @@ def infer(
     return forward_logits(model, image, amp, resize)
 
 
-# how TTA combines its views: the mean softmax probability (mmseg) or the mean logits (sssegmentation)
-TTA_MERGES = ("probs", "logits")
+RESIZES = (
+    "once",
+    "twice",
+)  # the whole-image logits to the label size: directly (sssegmentation) or via the input (mmseg)
+
+
+def default_resize(ck) -> str:
+    """How a checkpoint's toolbox resizes whole-image logits: "twice" (via the input size) for an mmsegmentation file
+    (or one converted from it), else "once" (sssegmentation, and this project's runs)."""
+    source = ck.meta.get("source") if isinstance(ck.meta.get("source"), dict) else {}
+    return "twice" if "mmseg" in (ck.source, source.get("format")) else "once"
+
+
+# how TTA combines its views: the mean logits (sssegmentation's test, the default) or probabilities (mmseg's rule)
+TTA_MERGES = ("logits", "probs")
 
 
 @torch.inference_mode()
@@ -152,16 +165,22 @@ def segment(
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     amp: str = "none",
-    merge: str = "probs",
+    merge: str = "logits",
+    resize_logits: str = "once",
 ) -> torch.Tensor:
     """Scores `(B, K, H, W)` at `out_size` (H, W) of a normalised `(B, 3, h, w)` image: argmax them for labels.
+    `resize_logits`: a view's output-stride logits go to `out_size` "once" (sssegmentation) or "twice", through the
+    view's own size (mmseg's EncoderDecoder); slide windows' logits are at the view's size either way.
 
-    Without TTA (one scale, no flip) these are the logits; with TTA, the mean over the views of the softmax
-    probabilities (merge="probs", mmseg) or of the logits (merge="logits", sssegmentation).
+    Without TTA (one scale, no flip) these are the logits; with TTA, the mean over the views of the logits
+    (merge="logits", sssegmentation's test) or of the softmax probabilities (merge="probs", mmseg's rule).
     """
     if merge not in TTA_MERGES:
         raise DanetError(f"TTA merge must be one of {', '.join(TTA_MERGES)}, got {merge!r}")
+    if resize_logits not in RESIZES:
+        raise DanetError(f"logits resize must be one of {', '.join(RESIZES)}, got {resize_logits!r}")
     tta = len(scales) > 1 or flip or tuple(scales) != (1.0,)
+    corners = align_corners(model)
     total = None
     views = 0
     for s in scales:
@@ -171,11 +190,22 @@ def segment(
             logits = infer(model, x, mode, crop, stride, amp, resize=False)  # whole: at the output stride
             if flipped:
                 logits = logits.flip(-1)
-            logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+            if resize_logits == "twice" and logits.shape[-2:] != x.shape[-2:]:
+                logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=corners)
+            logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=corners)
             score = logits.softmax(dim=1) if tta and merge == "probs" else logits
             total = score if total is None else total + score
             views += 1
     return total / views if tta else total
+
+
+def align_corners(model: nn.Module) -> bool:
+    """The model's final resize setting (`ModelConfig.align_corners`), through DDP / compile wrappers."""
+    while not hasattr(model, "cfg") and isinstance(
+        getattr(model, "module", getattr(model, "_orig_mod", None)), nn.Module
+    ):
+        model = getattr(model, "module", None) or model._orig_mod
+    return bool(getattr(getattr(model, "cfg", None), "align_corners", False))
 
 
 def rescale(image: torch.Tensor, s: float) -> torch.Tensor:
@@ -188,8 +218,11 @@ def rescale(image: torch.Tensor, s: float) -> torch.Tensor:
     return F.interpolate(image, size=size, mode="bilinear", align_corners=False)
 
 
-def upsample_argmax(logits: torch.Tensor, out_size: tuple[int, int], max_elems: int = 1 << 26) -> torch.Tensor:
-    """argmax over K of `(K, h, w)` logits resized bilinearly (align_corners=False) to `out_size` -> `(H, W)` int64.
+def upsample_argmax(
+    logits: torch.Tensor, out_size: tuple[int, int], max_elems: int = 1 << 26, corners: bool = False
+) -> torch.Tensor:
+    """argmax over K of `(K, h, w)` logits resized bilinearly (align_corners=`corners`) to `out_size` -> `(H, W)`
+    int64.
 
     Computed in horizontal strips so a huge output never holds K x H x W floats at once (identical to
     F.interpolate + argmax: each output row only reads its two source rows).
@@ -197,9 +230,14 @@ def upsample_argmax(logits: torch.Tensor, out_size: tuple[int, int], max_elems: 
     k, h, w = logits.shape
     out_h, out_w = out_size
     if k * out_h * out_w <= max_elems:
-        return F.interpolate(logits[None], size=out_size, mode="bilinear", align_corners=False)[0].argmax(0)
-    # NOTE: PyTorch's align_corners=False source coordinate: (dst + 0.5) * in / out - 0.5, clamped at 0.
-    ys = ((torch.arange(out_h, dtype=torch.float64) + 0.5) * (h / out_h) - 0.5).clamp_min(0)
+        return F.interpolate(logits[None], size=out_size, mode="bilinear", align_corners=corners)[0].argmax(0)
+    # NOTE: PyTorch's source coordinate: align_corners=False (dst + 0.5) * in / out - 0.5, clamped at 0;
+    # align_corners=True dst * (in - 1) / (out - 1) (0 for one output row)
+    dst = torch.arange(out_h, dtype=torch.float64)
+    if corners:
+        ys = dst * ((h - 1) / (out_h - 1)) if out_h > 1 else dst * 0
+    else:
+        ys = ((dst + 0.5) * (h / out_h) - 0.5).clamp_min(0)
     y0 = ys.floor().long().clamp_max(h - 1)
     y1 = (y0 + 1).clamp_max(h - 1)
     wy = (ys - y0).to(logits.dtype)
@@ -209,7 +247,7 @@ def upsample_argmax(logits: torch.Tensor, out_size: tuple[int, int], max_elems: 
         sl = slice(start, min(start + rows_per_strip, out_h))
         a, b, t = logits[:, y0[sl]], logits[:, y1[sl]], wy[sl].to(logits.device)[None, :, None]
         strip = a + (b - a) * t  # (K, rows, w): rows interpolated
-        strip = F.interpolate(strip[None], size=(strip.shape[1], out_w), mode="bilinear", align_corners=False)[0]
+        strip = F.interpolate(strip[None], size=(strip.shape[1], out_w), mode="bilinear", align_corners=corners)[0]
         result[sl] = strip.argmax(0)
     return result
 
@@ -233,7 +271,8 @@ def evaluate(
     progress: bool = True,
     desc: str = "val",
     workers: int | None = None,
-    merge: str = "probs",
+    merge: str = "logits",
+    resize_logits: str = "once",
 ):
     """mIoU etc. of `model` on a val dataset (items: normalised `(3, h, w)` image, `(H, W)` label at original size).
 
@@ -262,7 +301,9 @@ def evaluate(
         if channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         label = torch.as_tensor(label).to(device)
-        scores = segment(model, image, tuple(label.shape[-2:]), mode, crop, stride, scales, flip, amp, merge)
+        scores = segment(
+            model, image, tuple(label.shape[-2:]), mode, crop, stride, scales, flip, amp, merge, resize_logits
+        )
         cm.update(scores.argmax(1)[0], label)
     cm.all_reduce()
     model.train(was_training)

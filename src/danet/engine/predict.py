@@ -43,8 +43,8 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", action="store_true", help="multi-scale + flip (the preset's tta_scales)")
     parser.add_argument(
         "--tta-merge",
-        choices=("probs", "logits"),
-        help="TTA: average the views' softmax probabilities (default) or their logits (as sssegmentation)",
+        choices=("logits", "probs"),
+        help="TTA: average the views' logits (default, as sssegmentation's test) or their softmax probabilities",
     )
     parser.add_argument("--no-resize", action="store_true", help="segment at the native resolution")
     parser.add_argument(
@@ -201,7 +201,8 @@ class Predictor:
         predictor.classes, predictor.palette    # names and RGB colours of the classes
 
     The image is resized (keep ratio) to the base size, segmented (sliding windows above `max_pixels`), and the
-    logits resized back once; `tta=True` adds the preset's scales and flips (`merge`: "probs" or "logits").
+    logits resized back once; `tta=True` adds the preset's scales and flips (`merge`: "logits", sssegmentation's
+    test, the default, or "probs").
     """
 
     def __init__(self, checkpoint: str | Path, preset_name: str | None = None, device: str = "auto") -> None:
@@ -209,6 +210,7 @@ class Predictor:
         from ..presets import get_preset
         from ..safe_load import check_file
         from .distributed import pick_device
+        from .evaluate import default_resize
 
         check_file(checkpoint)  # not found, or a folder (naming a checkpoint inside)
         ck = read_checkpoint(checkpoint)
@@ -222,6 +224,7 @@ class Predictor:
             "--preset / preset_name=" if preset_name else ""
         )  # a preset guessed from the file name: nothing to omit
         self.model = load_model(ck, structure, remedy=remedy).to(self.device).eval()
+        self.resize_logits = default_resize(ck)  # as the checkpoint's toolbox resizes its logits
         meta = ck.meta
         p = self.preset
         self.classes = list(p.classes) if preset_name and p else meta.get("classes") or (list(p.classes) if p else None)
@@ -250,18 +253,19 @@ class Predictor:
         tta: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         amp: str = "none",
-        merge: str = "probs",
+        merge: str | None = None,
     ) -> np.ndarray:
         """RGB uint8 `(H, W, 3)` (or a PIL image) -> class indices uint8 `(H, W)` at the original size."""
         from ..data.transforms import normalize, resize_keep_ratio
-        from .evaluate import TTA_MERGES, segment, upsample_argmax
+        from .evaluate import TTA_MERGES, align_corners, segment, upsample_argmax
 
         for what, value, allowed in (("mode", mode, (None, "whole", "slide")), ("amp", amp, ("none", "bf16", "fp16")),
-                                     ("merge", merge, TTA_MERGES)):  # fmt: skip
+                                     ("merge", merge, (None, *TTA_MERGES))):  # fmt: skip
             if value not in allowed:
                 raise DanetError(f"Predictor {what}={value!r}: give one of {', '.join(map(repr, allowed))}")
-        if merge != "probs" and not tta:
+        if merge is not None and not tta:
             raise DanetError(f"Predictor merge={merge!r} merges the views of tta=True; add tta=True, or leave it out")
+        merge = merge or "logits"
 
         if isinstance(image, Image.Image):
             image = np.asarray(image.convert("RGB"))
@@ -279,10 +283,11 @@ class Predictor:
         scales = self.tta_scales if tta else (1.0,)
         if self.model.num_classes * h * w <= FULL_SIZE_ELEMS:
             # as `danet test`: the logits resized once to the original size (with TTA, before each view's softmax)
-            labels = segment(self.model, x, (h, w), mode, self.crop, None, scales, tta, amp, merge)[0].argmax(0)
+            scores = segment(self.model, x, (h, w), mode, self.crop, None, scales, tta, amp, merge, self.resize_logits)
+            labels = scores[0].argmax(0)
         else:  # at the resized size, then upsampled in strips: K x H x W floats never exist
             scores = segment(self.model, x, tuple(x.shape[-2:]), mode, self.crop, None, scales, tta, amp, merge)
-            labels = upsample_argmax(scores[0], (h, w))
+            labels = upsample_argmax(scores[0], (h, w), corners=align_corners(self.model))
         return labels.to(torch.uint8).cpu().numpy()
 
 
@@ -324,7 +329,7 @@ def run_cli(args) -> int:
             tta=args.tta,
             max_pixels=args.max_pixels,
             amp=args.amp,
-            merge=args.tta_merge or "probs",
+            merge=args.tta_merge,
         )
         write_output(out / f"{name}.png", label_image(label, predictor.palette))
         if args.overlay:

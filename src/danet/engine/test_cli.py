@@ -40,9 +40,15 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-flip", action="store_true", help="TTA without the horizontal flip")
     parser.add_argument(
         "--tta-merge",
-        choices=("probs", "logits"),
-        help="TTA: average the views' softmax probabilities (default, as mmsegmentation) or their logits (as "
-        "sssegmentation's test)",
+        choices=("logits", "probs"),
+        help="TTA: average the views' logits (default, as sssegmentation's test) or their softmax probabilities "
+        "(mmsegmentation's rule)",
+    )
+    parser.add_argument(
+        "--resize-logits",
+        choices=("once", "twice"),
+        help="whole image: the logits to the label size in one step (sssegmentation) or via the input size "
+        "(mmsegmentation); default: twice for an mmsegmentation checkpoint, else once",
     )
     parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype")
     parser.add_argument(
@@ -73,7 +79,7 @@ def run_test(args) -> dict:
     from ..presets import get_preset
     from ..safe_load import check_file
     from . import distributed
-    from .evaluate import check_slide, default_stride, evaluate
+    from .evaluate import check_slide, default_resize, default_stride, evaluate
 
     preset = get_preset(args.preset)
     if args.dataset == "folder":
@@ -107,6 +113,7 @@ def run_test(args) -> dict:
     crop = tuple(args.crop) if args.crop else preset.crop_size
     if mode == "slide" or stride:
         check_slide(crop, stride)
+    resize_logits = args.resize_logits or default_resize(ck)
     info = distributed.setup(args.device)
     threads = torch.get_num_threads()
     if info.device.type == "cpu":
@@ -140,7 +147,8 @@ def run_test(args) -> dict:
             progress=not args.no_progress,
             desc="test",
             workers=args.workers,
-            merge=args.tta_merge or "probs",
+            merge=args.tta_merge or "logits",
+            resize_logits=resize_logits,
         )
         metrics = cm.compute()
         n = len(dataset) if args.limit is None else min(args.limit, len(dataset))
@@ -160,7 +168,8 @@ def run_test(args) -> dict:
             "stride": list(stride or default_stride(crop)) if mode == "slide" else None,
             "scales": list(scales),
             "flip": flip,
-            "tta_merge": (args.tta_merge or "probs") if tta else None,
+            "tta_merge": (args.tta_merge or "logits") if tta else None,
+            "resize_logits": resize_logits,
             "base_size": list(preset.base_size),
             "amp": args.amp,
             "conv": args.conv,

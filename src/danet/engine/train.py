@@ -167,6 +167,11 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
     backbone = backbone_source(cfg, preset, info) if ckpt is None else None  # NOTE: a resume has its weights
     model = build_model(cfg, preset, backbone, info.is_main, resuming=ckpt is not None).to(dev)
+    if model.cfg.align_corners and cfg.fused_loss:  # NOTE: its upsampling is align_corners=False's
+        raise DanetError(
+            "this model resizes its logits with align_corners=True (an mmseg 769x769 model), which fused_loss does "
+            "not; train it without fused_loss"
+        )
     use_winograd(model, cfg.conv == "winograd")  # same parameters and state-dict keys, another algorithm
     why = why_unused(dev, cfg.compile) if cfg.norm == "triton" else None
     use_fused_norm(model, cfg.norm == "triton" and why is None)  # the same again; under torchrun synchronised itself

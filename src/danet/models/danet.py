@@ -34,6 +34,9 @@ class ModelConfig:
     dropout: float = 0.1
     aux: bool = True
     fused_attention: bool = True
+    # the final bilinear resize of the logits: False in every sssegmentation config and in mmseg's, except mmseg's
+    # Cityscapes 769x769 ones (True); read from an mmseg file's config (checkpoints.read_checkpoint)
+    align_corners: bool = False
 
     def __post_init__(self) -> None:
         """One-line DanetError for a value no DANet can be built with (create_model(..., depth=34), a bad meta)."""
@@ -52,7 +55,7 @@ class ModelConfig:
                 raise DanetError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if not (isinstance(self.dropout, int | float) and 0 <= self.dropout < 1):
             raise DanetError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        switches = ("pam_bias", "aux", "fused_attention")
+        switches = ("pam_bias", "aux", "fused_attention", "align_corners")
         if bad := next((k for k in switches if not isinstance(getattr(self, k), bool)), None):
             raise DanetError(f"{bad} must be True or False, got {getattr(self, bad)!r}")  # "false" is a true string
 
@@ -91,8 +94,8 @@ class DANet(nn.Module):
 
     Forward: normalised RGB `(N, 3, H, W)` (any H, W) -> dict of logits. Eval mode: {"out": `(N, K, H, W)`}.
     Train mode adds "pam", "cam" (the branch classifiers) and "aux" (FCN head on stage 3). With `resize=True`
-    (default) every output is resized bilinearly (align_corners=False) to H x W, as both toolboxes do; with
-    `resize=False` they stay at 1/output_stride.
+    (default) every output is resized bilinearly (`cfg.align_corners`, False but for mmseg's 769x769 configs) to
+    H x W, as both toolboxes do; with `resize=False` they stay at 1/output_stride.
     """
 
     def __init__(self, cfg: ModelConfig, norm_layer=nn.BatchNorm2d) -> None:
@@ -127,5 +130,6 @@ class DANet(nn.Module):
             out["aux"] = self.aux(c3)
         if resize:
             size = x.shape[-2:]
-            out = {k: F.interpolate(v, size=size, mode="bilinear", align_corners=False) for k, v in out.items()}
+            corners = self.cfg.align_corners
+            out = {k: F.interpolate(v, size=size, mode="bilinear", align_corners=corners) for k, v in out.items()}
         return out

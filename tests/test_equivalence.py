@@ -175,3 +175,29 @@ def test_mmseg_checkpoints_resize_their_logits_as_mmseg_does(tmp_path):
     assert Predictor(FIXTURES / "mmseg_d16.pth", device="cpu").resize_logits == "twice"
     with pytest.raises(Exception, match="logits resize must be one of once, twice"):
         segment(model, x, original, resize_logits="thrice")
+
+
+def test_training_loss_matches_sssegmentation():
+    """sssegmentation's own losses (its DANet forward in TRAIN mode and calculatelosses, dropout off) of the ssseg_d8
+    model on a batch with ignored pixels: our danet_loss on the upsampled outputs, and the fused loss from the 1/8
+    ones, give each weighted part and the total (float32)."""
+    from danet.engine.fused_loss import fused_danet_loss
+    from danet.engine.losses import danet_loss
+
+    data = np.load(FIXTURES / "ssseg_d8_loss.npz")
+    want = json.loads(str(data["meta_json"]))["losses"]
+    model = load_model(FIXTURES / "ssseg_d8.pth", ModelConfig(num_classes=5))
+    x = torch.from_numpy(data["input"])
+    labels = torch.from_numpy(data["labels"]).long()
+    assert (labels == -100).any()  # sssegmentation's ignore value
+    labels[labels == -100] = 255
+    with torch.no_grad():
+        _, _, c3, c4 = model.backbone(x)
+        small = {**model.head(c4, branches=True), "aux": model.aux(c3)}
+        up = {k: torch.nn.functional.interpolate(v, x.shape[-2:], mode="bilinear") for k, v in small.items()}
+        for ours in (danet_loss(up, labels), fused_danet_loss(small, labels)):
+            parts = {"loss_cls_pamcam": ours["loss_out"], "loss_cls_pam": ours["loss_pam"],
+                     "loss_cls_cam": ours["loss_cam"], "loss_aux": 0.4 * ours["loss_aux"]}  # fmt: skip
+            for k, v in parts.items():
+                assert v.item() == pytest.approx(want[k], rel=1e-5), k
+            assert ours["loss"].item() == pytest.approx(want["loss_total"], rel=1e-5)

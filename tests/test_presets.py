@@ -73,3 +73,16 @@ def test_tiny_synthetic_trains_at_128px_scales_and_tests_at_192px():
     same = np.random.default_rng(0)
     for _ in range(10_000):
         assert random_scale(p.base_size, p.ratio_range, draws) == random_scale((128, 128), (0.5, 2.0), same)
+
+
+def test_min_lr_follows_the_lr_as_sssegmentation_s_scheduler():
+    """sssegmentation decays to lr / 100 when its config names no min_lr (none of its DANet configs does): 1e-4 at
+    the zoo's lr 0.01, and 2e-4 for a run that sets lr 0.02; an explicit min_lr, and the synthetic preset's, stay."""
+    from danet.config import load_run_config
+
+    zoo = "danet_r50-d8_ade20k"
+    assert load_run_config(zoo).resolve().schedule.min_lr == pytest.approx(1e-4)
+    assert load_run_config(zoo, ["schedule.lr=0.02"]).resolve().schedule.min_lr == pytest.approx(2e-4)
+    assert load_run_config(zoo, ["schedule.lr=0.02", "schedule.min_lr=0"]).resolve().schedule.min_lr == 0
+    synthetic = load_run_config("danet_tiny_synthetic").resolve().schedule
+    assert (synthetic.lr, synthetic.min_lr) == (0.02, 1e-4)

@@ -198,6 +198,32 @@ def make_tta(peers: Path, out_dir: Path) -> None:
         print(f"ssseg_d8_tta: {(out_dir / 'ssseg_d8_tta.npz').stat().st_size / 1e3:.0f} kB")
 
 
+def make_loss(peers: Path, out_dir: Path) -> None:
+    """ssseg_d8_loss.npz: sssegmentation's own training losses (DANet.forward in TRAIN mode, its calculatelosses; nn
+    eval mode: no dropout, running statistics) of the ssseg_d8 fixture's model on a batch of 2 with ignored pixels,
+    float32; the weights are checked to be ssseg_d8.pth's."""
+    import numpy as np
+    import torch
+
+    toolbox, os_, size, seed = CASES[0]
+    py = str(VENVS["ssseg"] / "bin/python")
+    with tempfile.TemporaryDirectory(prefix="danet-fixtures-") as tmp:
+        out, pth = Path(tmp) / "loss.npz", Path(tmp) / "loss.pth"
+        common = ["--config", f"danet_resnet50os{os_}_ade20k", "--seed", str(seed), "--perturb"]
+        size_args = ["--size", str(size[0]), str(size[1])]
+        run([py, __file__, "peer-ssseg", str(peers), "loss", *common, *size_args, "--batch", "2", "--out", str(out)])
+        run([py, __file__, "peer-ssseg", str(peers), "ckpt", *common, *size_args, "--out", str(pth)])
+        new, old = (torch.load(f, weights_only=True)["model"] for f in (pth, out_dir / "ssseg_d8.pth"))
+        assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in new), "not ssseg_d8.pth's weights"
+        a = np.load(out)
+        peer = json.loads(str(a["meta_json"]))
+        meta = {"toolbox": toolbox, "output_stride": os_, "size": list(size), "seed": seed,
+                "losses": peer["losses"]["eval"], "config": peer["config"]}  # fmt: skip
+        arrays = {"input": a["input"], "labels": a["labels"], "meta_json": np.array(json.dumps(meta))}
+        np.savez_compressed(out_dir / "ssseg_d8_loss.npz", **arrays)
+        print(f"ssseg_d8_loss: {meta['losses']}")
+
+
 def describe_d16(pth: Path) -> None:
     """Make the config text of the harness's `--d16` file say output stride 16, as mmseg's own d16 configs do.
 
@@ -256,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "tests/fixtures/models")
     p.add_argument("--tta-only", action="store_true", help="only ssseg_d8_tta.npz (beside an existing ssseg_d8)")
     p.add_argument("--corners-only", action="store_true", help="only mmseg_769.{pth,npz} (align_corners=True)")
+    p.add_argument("--loss-only", action="store_true", help="only ssseg_d8_loss.npz (beside an existing ssseg_d8)")
     args = p.parse_args(argv)
     for tb, venv in VENVS.items():
         if not (venv / "bin/python").exists():
@@ -263,9 +290,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.corners_only:
         make_corners(args.peers, args.out)
         return 0
+    if args.loss_only:
+        make_loss(args.peers, args.out)
+        return 0
     if not args.tta_only:
         make(args.peers, args.out)
         make_corners(args.peers, args.out)
+        make_loss(args.peers, args.out)
     make_tta(args.peers, args.out)
     return 0
 

@@ -154,6 +154,8 @@ class RunConfig:
         for f in dataclasses.fields(ScheduleConfig):
             if getattr(cfg.schedule, f.name) is None and hasattr(p.schedule, f.name):
                 setattr(cfg.schedule, f.name, getattr(p.schedule, f.name))
+        if cfg.schedule.min_lr is None:  # NOTE: sssegmentation's scheduler decays to lr / 100 unless told otherwise
+            cfg.schedule.min_lr = cfg.schedule.lr * 0.01
         d = cfg.data
         d.crop_size = d.crop_size or p.dataset.crop_size
         d.base_size = d.base_size or p.dataset.base_size

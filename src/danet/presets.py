@@ -73,7 +73,7 @@ class Schedule:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     power: float = 0.9
-    min_lr: float = 1e-4
+    min_lr: float | None = None  # None: lr / 100, sssegmentation's default (1e-4 at its lr 0.01), also for another lr
     eval_interval: int = 10  # epochs between validations
     save_interval: int = 1  # epochs between checkpoints
     # images per reduction of the loss (engine/losses.py): the reference's batch per GPU; 0: each process's batch
@@ -205,7 +205,7 @@ def _zoo() -> dict[str, Preset]:
             key_channels=16,
             aux_channels=32,
         ),
-        schedule=Schedule(epochs=120, batch_size=8, lr=0.02, eval_interval=20, save_interval=20),
+        schedule=Schedule(epochs=120, batch_size=8, lr=0.02, min_lr=1e-4, eval_interval=20, save_interval=20),
         ratio_range=(1 / 3, 4 / 3),
         tta_scales=(0.75, 1.0, 1.25),
         notes="CPU-sized preset for the bundled synthetic dataset (the README's main job).",

@@ -266,3 +266,20 @@ def test_voc_ids_are_whole_lines(tmp_path):
     write_image(base / "JPEGImages/my image.jpg", 20, 30)
     (base / "ImageSets/Segmentation/val.txt").write_text("v1\nmy image\n")
     assert [p.name for p, _ in voc_list_files(voc, "val")] == ["v1.jpg", "my image.jpg"]
+
+
+def test_a_float_tiff_image_is_named_for_what_it_is(tmp_path, capfd):
+    """A 32-bit float TIFF: one line saying so (it was called corrupt, and OpenCV printed a warning line of its own)."""
+    import cv2
+
+    from danet.data.io import read_image
+
+    path = tmp_path / "depth.tif"
+    assert cv2.imwrite(str(path), np.random.default_rng(0).random((8, 9, 3), dtype=np.float32))
+    capfd.readouterr()
+    with pytest.raises(DanetError, match="holds floating-point samples \\(float32\\).*save it as an 8-bit PNG"):
+        read_image(path)
+    assert capfd.readouterr().err == ""
+    (tmp_path / "bad.png").write_bytes(b"not an image at all")
+    with pytest.raises(DanetError, match="is corrupt or not an image format OpenCV can decode"):
+        read_image(tmp_path / "bad.png")

@@ -41,13 +41,28 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if buf[:8].tobytes() == PNG_SIGNATURE and b"IEND" not in buf[-4096:].tobytes() and b"IEND" not in buf.tobytes():
         # NOTE: checked here because libpng prints its own line to stderr for a truncated file as OpenCV decodes it
         raise DanetError(f"image {path} is truncated (its PNG data stop before the end); re-download or remove it")
-    try:
-        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    except cv2.error:
-        bgr = None
+    bgr = _decode(buf, cv2.IMREAD_COLOR)
     if bgr is None:
+        raw = _decode(buf, cv2.IMREAD_UNCHANGED)  # NOTE: what it holds, for the message only
+        if raw is not None and raw.dtype.kind == "f":
+            raise DanetError(
+                f"image {path} holds floating-point samples ({raw.dtype}), which OpenCV (as both toolboxes) reads "
+                "only as 8- or 16-bit; save it as an 8-bit PNG or JPEG"
+            )
         raise DanetError(f"image {path} is corrupt or not an image format OpenCV can decode; replace or remove it")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _decode(buf: np.ndarray, flags: int) -> np.ndarray | None:
+    """cv2.imdecode without OpenCV's own warning lines on stderr (a 32-bit TIFF: "TIFFRGBAImageOK: Sorry, ...")."""
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    try:
+        return cv2.imdecode(buf, flags)
+    except cv2.error:
+        return None
+    finally:
+        cv2.utils.logging.setLogLevel(level)
 
 
 def read_label(path: str | os.PathLike, palette: np.ndarray | None = None) -> np.ndarray:

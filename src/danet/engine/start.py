@@ -1,12 +1,16 @@
-"""What a run starts from: its ImageNet backbone (downloaded once per machine) or whole-model weights
-(`init_checkpoint`, whose structure decides the model's; with the data's own classes, all but the classifiers)."""
+"""How a run starts: what it continues (a resume, a torchrun restart) or starts from (its ImageNet backbone,
+downloaded once per machine, or whole-model weights: `init_checkpoint`, whose structure decides the model's; with
+the data's own classes, all but the classifiers), its datasets, loader processes and kernels."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import torch
+
 from .. import checkpoints
-from ..config import RunConfig
+from ..config import RunConfig, from_dict, to_dict
 from ..errors import DanetError
 from ..models.danet import DANet
 from . import distributed
@@ -98,3 +102,67 @@ def new_classifiers(model: DANet, num_classes: int) -> DANet:
     missing, unexpected = new.load_state_dict(keep, strict=False)
     assert not unexpected and all(k.startswith(CLASSIFIERS) for k in missing), (missing, unexpected)
     return new
+
+
+def set_deterministic(on: bool, compiling: bool = False) -> None:
+    """Deterministic kernels (cuDNN, cuBLAS, scatter/index ops) or the fast ones (cuDNN benchmark)."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if torch.are_deterministic_algorithms_enabled() != on:
+        setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+        if compiling or setter is None:
+            torch.use_deterministic_algorithms(on, warn_only=True)
+        else:  # NOTE: the public call also imports torch._inductor (seconds of start-up) just to set a flag there
+            setter(on, warn_only=True)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = not on
+
+
+def build_datasets(cfg: RunConfig, preset, seed: int):
+    """(train, val) datasets of the run; the synthetic preset generates its data when no root is given."""
+    from .. import data  # NOTE: lazy, so `danet train --help` does not import the data readers
+
+    train_ds = data.build_dataset(preset, cfg.data_root, "train", seed=seed)
+    val_ds = data.build_dataset(preset, cfg.data_root, "val", seed=seed)
+    return train_ds, val_ds
+
+
+def check_compatible(saved: dict, cfg: RunConfig) -> list[str]:
+    """Names of the settings that differ from the checkpoint's run (and so change the result of a resume)."""
+    old = to_dict(from_dict(saved).resolve())
+    new = to_dict(cfg)
+    keys = ["preset", "seed", "loss", "amp", "aux_weight", "schedule", "data", "model"]
+    diff = [k for k in keys if old.get(k) != new.get(k)]
+    same_data = lambda d: {k: v for k, v in d.items() if k not in ("num_workers", "prefetch")}  # noqa: E731
+    if "data" in diff and same_data(old["data"]) == same_data(new["data"]):  # how batches arrive changes nothing
+        diff.remove("data")
+    return diff
+
+
+def loader_workers(requested: int | None, device: torch.device) -> int:
+    """`data.num_workers`, or when unset: 2 on the CPU (its cores also run the model); on a GPU this process's share
+    of the cores less one (torchrun's LOCAL_WORLD_SIZE processes share the machine), at least 2 and at most 8."""
+    if requested is not None:
+        return requested
+    if device.type != "cuda":
+        return 2
+    share = distributed.cores_per_process()
+    return max(2, min(8, share - 1))
+
+
+def restart_source(cfg: RunConfig, resume: str | Path | None, info: distributed.DistInfo) -> str | Path | None:
+    """What a torchrun restart (--max-restarts) continues from: the work dir's last.pth where this invocation wrote
+    it (its `run` token), else what the command asked for (a fresh run, or --resume's file).
+
+    NOTE: a last.pth that an earlier run left (an overwrite=true run restarted before its first checkpoint) is not
+    this run's, and a --resume run restarted after its first checkpoint continues from that one, not the file again.
+    """
+    if not distributed.restart_count():
+        return resume
+    last = Path(cfg.work_dir) / "last.pth"
+    if not last.is_file():
+        return resume
+    if info.run is None:  # nothing tells invocations apart: a last.pth is taken to be this run's
+        return resume or last
+    state = checkpoints.read_checkpoint(last).train_state or {}
+    return last if state.get("run") == info.run else resume

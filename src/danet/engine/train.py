@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .. import checkpoints
-from ..config import RunConfig, from_dict, to_dict
+from ..config import RunConfig, to_dict
 from ..errors import DanetError, short
 from ..models.danet import DANet
 from ..models.fused_norm import use_fused_norm, why_unused
@@ -37,60 +37,23 @@ from . import distributed
 from .evaluate import autocast, evaluate
 from .fused_loss import fused_danet_loss
 from .graphed import CudaGraphs, GraphedStep
-from .logging import RunLogger, read_log, write_json
+from .logging import RunLogger
 from .losses import danet_loss, groups
+from .run_files import after_divergence, draw_pictures, run_outputs, write_metrics
 from .sampling import EpochBatchSampler, capture_rng_states, mix, restore_rng_states
 from .schedule import PolyLR, build_optimizer
-from .start import backbone_source, build_model
+from .start import (
+    backbone_source,
+    build_datasets,
+    build_model,
+    check_compatible,
+    loader_workers,
+    restart_source,
+    set_deterministic,
+)
 from .transfer import labels_fit_uint8, loader_items, narrow_labels_collate, to_device
 
 MAX_SKIPS_IN_A_ROW = 10  # nonfinite=skip: more non-finite losses in a row than this stop the run
-
-
-def set_deterministic(on: bool, compiling: bool = False) -> None:
-    """Deterministic kernels (cuDNN, cuBLAS, scatter/index ops) or the fast ones (cuDNN benchmark)."""
-    if on:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    if torch.are_deterministic_algorithms_enabled() != on:
-        setter = getattr(torch._C, "_set_deterministic_algorithms", None)
-        if compiling or setter is None:
-            torch.use_deterministic_algorithms(on, warn_only=True)
-        else:  # NOTE: the public call also imports torch._inductor (seconds of start-up) just to set a flag there
-            setter(on, warn_only=True)
-    torch.backends.cudnn.deterministic = on
-    torch.backends.cudnn.benchmark = not on
-
-
-def build_datasets(cfg: RunConfig, preset, seed: int):
-    """(train, val) datasets of the run; the synthetic preset generates its data when no root is given."""
-    from .. import data  # NOTE: lazy, so `danet train --help` does not import the data readers
-
-    train_ds = data.build_dataset(preset, cfg.data_root, "train", seed=seed)
-    val_ds = data.build_dataset(preset, cfg.data_root, "val", seed=seed)
-    return train_ds, val_ds
-
-
-def check_compatible(saved: dict, cfg: RunConfig) -> list[str]:
-    """Names of the settings that differ from the checkpoint's run (and so change the result of a resume)."""
-    old = to_dict(from_dict(saved).resolve())
-    new = to_dict(cfg)
-    keys = ["preset", "seed", "loss", "amp", "aux_weight", "schedule", "data", "model"]
-    diff = [k for k in keys if old.get(k) != new.get(k)]
-    same_data = lambda d: {k: v for k, v in d.items() if k not in ("num_workers", "prefetch")}  # noqa: E731
-    if "data" in diff and same_data(old["data"]) == same_data(new["data"]):  # how batches arrive changes nothing
-        diff.remove("data")
-    return diff
-
-
-def loader_workers(requested: int | None, device: torch.device) -> int:
-    """`data.num_workers`, or when unset: 2 on the CPU (its cores also run the model); on a GPU this process's share
-    of the cores less one (torchrun's LOCAL_WORLD_SIZE processes share the machine), at least 2 and at most 8."""
-    if requested is not None:
-        return requested
-    if device.type != "cuda":
-        return 2
-    share = distributed.cores_per_process()
-    return max(2, min(8, share - 1))
 
 
 def train(cfg: RunConfig, resume: str | Path | None = None) -> dict:
@@ -105,24 +68,6 @@ def train(cfg: RunConfig, resume: str | Path | None = None) -> dict:
         torch.set_num_threads(threads)
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
         distributed.cleanup()
-
-
-def restart_source(cfg: RunConfig, resume: str | Path | None, info: distributed.DistInfo) -> str | Path | None:
-    """What a torchrun restart (--max-restarts) continues from: the work dir's last.pth where this invocation wrote
-    it (its `run` token), else what the command asked for (a fresh run, or --resume's file).
-
-    NOTE: a last.pth that an earlier run left (an overwrite=true run restarted before its first checkpoint) is not
-    this run's, and a --resume run restarted after its first checkpoint continues from that one, not the file again.
-    """
-    if not distributed.restart_count():
-        return resume
-    last = Path(cfg.work_dir) / "last.pth"
-    if not last.is_file():
-        return resume
-    if info.run is None:  # nothing tells invocations apart: a last.pth is taken to be this run's
-        return resume or last
-    state = checkpoints.read_checkpoint(last).train_state or {}
-    return last if state.get("run") == info.run else resume
 
 
 def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa: C901 - the loop, in one place
@@ -446,29 +391,6 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     }
 
 
-def after_divergence(work: Path) -> str:
-    """What to do after a run diverged: resume from its last checkpoint, or start again when it has none."""
-    if (work / "last.pth").is_file():
-        return f"--resume from {work / 'last.pth'} (the last checkpoint with finite weights)"
-    return "start again (no epoch has finished: there is no checkpoint yet)"
-
-
-# NOTE: not config.yaml or log.jsonl, which a run writes as it starts: a run that failed before its first epoch ended
-# leaves only those, and the same command may run again
-RUN_FILES = ("last.pth", "best.pth", "metrics.json", "curves.png", "per_class_iou.png", "confusion.png")
-
-
-def run_outputs(work: Path, keep=()) -> list[Path]:
-    """The files of a training run in `work` (not config.yaml alone, nor the user's other files); `keep`: paths (or
-    None) of files the new run reads (its init_checkpoint), which are not counted."""
-    if not work.is_dir():
-        return []
-    kept = {Path(p).resolve() for p in keep if p and Path(p).exists()}
-    found = [work / n for n in RUN_FILES if (work / n).is_file()]
-    found += sorted(p for p in work.glob("epoch_*.pth") if p.is_file())
-    return [p for p in found if p.resolve() not in kept]
-
-
 def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
     if dst:
         torch._foreach_copy_(dst, src)
@@ -499,35 +421,3 @@ def validate(model: DANet, val_ds, preset, cfg: RunConfig, info: distributed.Dis
 
 def _scalars(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-
-
-def write_metrics(work: Path, metrics: dict, best: float, best_iter, it: int, epoch: int, seconds: float) -> None:
-    """metrics.json (atomic): the latest validation and the best mIoU so far (its confusion matrix: confusion.png)."""
-    out = {"iter": it, "epoch": epoch, "seconds": round(seconds, 1), "best_mIoU": best, "best_iter": best_iter}
-    out.update({k: v for k, v in metrics.items() if k != "confusion"})
-    write_json(work / "metrics.json", out)
-
-
-def draw_pictures(work: Path, preset, metrics: dict) -> None:
-    """curves.png (loss, lr, val mIoU vs iteration), per_class_iou.png and confusion.png (the final validation)."""
-    try:
-        _draw_pictures(work, preset, metrics)
-    except OSError as e:
-        raise DanetError(
-            f"training finished (checkpoints and metrics.json are in {work}) but a picture could not be written: "
-            f"{e.filename or ''} {e.strerror or e}; free some space (the run itself is complete)"
-        ) from None
-
-
-def _draw_pictures(work: Path, preset, metrics: dict) -> None:
-    from .. import viz
-
-    viz.plot_training_curves(read_log(work / "log.jsonl"), work / "curves.png", title=f"{preset.title} training")
-    if metrics.get("IoU") is not None:
-        viz.plot_class_iou(
-            preset.classes, metrics["IoU"], work / "per_class_iou.png", title=f"{preset.title}: per-class IoU",
-            palette=preset.palette, miou=metrics.get("mIoU"),
-        )  # fmt: skip
-    if metrics.get("confusion") is not None:
-        title = f"{preset.title}: val confusion"
-        viz.plot_confusion(preset.classes, metrics["confusion"], work / "confusion.png", title)

@@ -1,0 +1,64 @@
+"""The files a training run leaves in its work dir besides checkpoints and logs: metrics.json and the pictures;
+which files make a run (a fresh run refuses a work dir holding them); what to do after a divergence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import DanetError
+from .logging import read_log, write_json
+
+
+def after_divergence(work: Path) -> str:
+    """What to do after a run diverged: resume from its last checkpoint, or start again when it has none."""
+    if (work / "last.pth").is_file():
+        return f"--resume from {work / 'last.pth'} (the last checkpoint with finite weights)"
+    return "start again (no epoch has finished: there is no checkpoint yet)"
+
+
+# NOTE: not config.yaml or log.jsonl, which a run writes as it starts: a run that failed before its first epoch ended
+# leaves only those, and the same command may run again
+RUN_FILES = ("last.pth", "best.pth", "metrics.json", "curves.png", "per_class_iou.png", "confusion.png")
+
+
+def run_outputs(work: Path, keep=()) -> list[Path]:
+    """The files of a training run in `work` (not config.yaml alone, nor the user's other files); `keep`: paths (or
+    None) of files the new run reads (its init_checkpoint), which are not counted."""
+    if not work.is_dir():
+        return []
+    kept = {Path(p).resolve() for p in keep if p and Path(p).exists()}
+    found = [work / n for n in RUN_FILES if (work / n).is_file()]
+    found += sorted(p for p in work.glob("epoch_*.pth") if p.is_file())
+    return [p for p in found if p.resolve() not in kept]
+
+
+def write_metrics(work: Path, metrics: dict, best: float, best_iter, it: int, epoch: int, seconds: float) -> None:
+    """metrics.json (atomic): the latest validation and the best mIoU so far (its confusion matrix: confusion.png)."""
+    out = {"iter": it, "epoch": epoch, "seconds": round(seconds, 1), "best_mIoU": best, "best_iter": best_iter}
+    out.update({k: v for k, v in metrics.items() if k != "confusion"})
+    write_json(work / "metrics.json", out)
+
+
+def draw_pictures(work: Path, preset, metrics: dict) -> None:
+    """curves.png (loss, lr, val mIoU vs iteration), per_class_iou.png and confusion.png (the final validation)."""
+    try:
+        _draw_pictures(work, preset, metrics)
+    except OSError as e:
+        raise DanetError(
+            f"training finished (checkpoints and metrics.json are in {work}) but a picture could not be written: "
+            f"{e.filename or ''} {e.strerror or e}; free some space (the run itself is complete)"
+        ) from None
+
+
+def _draw_pictures(work: Path, preset, metrics: dict) -> None:
+    from .. import viz
+
+    viz.plot_training_curves(read_log(work / "log.jsonl"), work / "curves.png", title=f"{preset.title} training")
+    if metrics.get("IoU") is not None:
+        viz.plot_class_iou(
+            preset.classes, metrics["IoU"], work / "per_class_iou.png", title=f"{preset.title}: per-class IoU",
+            palette=preset.palette, miou=metrics.get("mIoU"),
+        )  # fmt: skip
+    if metrics.get("confusion") is not None:
+        title = f"{preset.title}: val confusion"
+        viz.plot_confusion(preset.classes, metrics["confusion"], work / "confusion.png", title)

@@ -158,3 +158,13 @@ def test_slide_rejects_windows_that_leave_gaps(crop, stride, words):
 
     with pytest.raises(DanetError, match=words):
         slide_windows((50, 70), crop, stride or (20, 20))
+
+
+def test_default_slide_stride_is_mmseg_s():
+    """Two thirds of the window, rounded, as in mmseg's slide configs: (341, 683) for Cityscapes' 512 x 1024 windows,
+    (513, 513) for its 769 x 769 ones (floored, they were 682 and 512)."""
+    from danet.engine.evaluate import default_stride
+
+    assert default_stride((512, 1024)) == (341, 683)
+    assert default_stride((769, 769)) == (513, 513)
+    assert default_stride((1, 2)) == (1, 1)

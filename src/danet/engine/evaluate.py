@@ -115,8 +115,8 @@ def slide_logits(
 
 
 def default_stride(crop: tuple[int, int]) -> tuple[int, int]:
-    """Two thirds of the crop, as mmseg's slide configs (512 -> 341)."""
-    return (max(1, crop[0] * 2 // 3), max(1, crop[1] * 2 // 3))
+    """Two thirds of the crop, rounded, as mmseg's slide configs: 512 -> 341, 1024 -> 683, 769 -> 513."""
+    return (max(1, round(crop[0] * 2 / 3)), max(1, round(crop[1] * 2 / 3)))
 
 
 def infer(

@@ -125,6 +125,10 @@ def test_test_cli_tta_and_slide(runs, data_root, tmp_path, capsys):
     assert whole["settings"]["resize_logits"] == "once"  # a run of ours: sssegmentation's one resize
     assert main([*base, "--resize-logits", "twice", "--json", str(tmp_path / "twice.json")]) == 0
     assert json.loads((tmp_path / "twice.json").read_text())["settings"]["resize_logits"] == "twice"
+    assert main([*base, "--base-size", "150", "100", "--json", str(tmp_path / "base.json")]) == 0
+    based = json.loads((tmp_path / "base.json").read_text())
+    assert based["settings"]["base_size"] == [150, 100]  # what the test images were resized to
+    assert main([*base, "--base-size", "0", "100"]) == 2
 
     assert main([*base, "--tta", "--json", str(tmp_path / "tta.json")]) == 0
     tta = json.loads((tmp_path / "tta.json").read_text())

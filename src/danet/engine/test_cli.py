@@ -34,6 +34,14 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="val", help="split to evaluate (default: the preset's val split)")
     parser.add_argument("--mode", choices=("whole", "slide"), help="inference mode (default: the preset's)")
     parser.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="slide window (default: the crop size)")
+    parser.add_argument(
+        "--base-size",
+        type=int,
+        nargs=2,
+        metavar=("LONG", "SHORT"),
+        help="keep-ratio resize of the test images (default: the preset's, or the run's), e.g. 2049 1025 for mmseg's "
+        "769x769 Cityscapes models",
+    )
     parser.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"), help="slide stride (default: 2/3 crop)")
     parser.add_argument("--tta", action="store_true", help="multi-scale (the preset's tta_scales) + flip")
     parser.add_argument("--scales", type=float, nargs="+", help="TTA scales (implies --tta), e.g. 0.75 1 1.25")
@@ -86,6 +94,8 @@ def run_test(args) -> dict:
         preset = with_own_classes(preset, args.data_root)
     check_file(args.checkpoint)  # not found, or a folder (naming a checkpoint inside)
     stride = tuple(args.stride) if args.stride else None
+    if args.base_size and min(args.base_size) < 1:
+        raise DanetError(f"--base-size needs two positive sizes LONG SHORT, got {args.base_size}")
     if args.crop:  # NOTE: a bad window fails here, before the checkpoint is read (the run's crop may be the default)
         check_slide(tuple(args.crop), stride)
     if args.scales and not all(math.isfinite(s) and 0 < s <= MAX_SCALE for s in args.scales):
@@ -104,6 +114,8 @@ def run_test(args) -> dict:
         check_output_file(out, "--plot" if what == "plot" and args.plot else "--json")
     ck = read_checkpoint(args.checkpoint)
     preset = run_preset(ck, preset, args.dataset)
+    if args.base_size:
+        preset = preset.replace(dataset=dataclasses.replace(preset.dataset, base_size=tuple(args.base_size)))
     mode = args.mode or preset.eval_mode
     if mode != "slide" and (args.crop or args.stride):
         raise DanetError(

@@ -134,9 +134,12 @@ def test_variables_no_torchrun_made_are_ignored_or_refused(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert env_ranks() == (0, 1, 0)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(DanetError, match="WORLD_SIZE=2 asks for 2 processes, but RANK or MASTER_ADDR is not set"):
-        env_ranks()
+    with pytest.raises(DanetError, match="WORLD_SIZE=2 asks for 2 processes, but MASTER_ADDR and MASTER_PORT are not"):
+        env_ranks()  # (RANK is set)
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with pytest.raises(DanetError, match="but MASTER_PORT is not set: start them with torchrun"):
+        env_ranks()
+    monkeypatch.setenv("MASTER_PORT", "29500")
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(DanetError, match="RANK=2 is outside 0 .. WORLD_SIZE - 1 = 1"):
         env_ranks()

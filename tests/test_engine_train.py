@@ -129,6 +129,7 @@ def test_test_cli_tta_and_slide(runs, data_root, tmp_path, capsys):
     based = json.loads((tmp_path / "base.json").read_text())
     assert based["settings"]["base_size"] == [150, 100]  # what the test images were resized to
     assert main([*base, "--base-size", "0", "100"]) == 2
+    assert main([*base, "--mode", "slide", "--resize-logits", "twice"]) == 2  # windows: nothing to resize twice
 
     assert main([*base, "--tta", "--json", str(tmp_path / "tta.json")]) == 0
     tta = json.loads((tmp_path / "tta.json").read_text())

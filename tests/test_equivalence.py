@@ -113,6 +113,13 @@ def test_mmseg_files_give_their_output_stride():
         assert load_model(FIXTURES / "mmseg_d16.pth", ModelConfig(num_classes=5)).cfg.output_stride == 8
 
 
+def test_export_names_the_output_stride_it_used(capsys):
+    from danet.export import load_for_export
+
+    model, _ = load_for_export(FIXTURES / "mmseg_d16.pth")
+    assert model.cfg.output_stride == 16 and "exported at output stride 16 (from its config)" in capsys.readouterr().out
+
+
 def test_mmseg_769x769_model_resizes_with_align_corners():
     """mmseg's Cityscapes 769x769 configs resize the logits with align_corners=True: read from the file, the model
     and the evaluation's resize match mmseg's logits in float64 (with align_corners=False they were 28 % off)."""
@@ -172,6 +179,9 @@ def test_mmseg_checkpoints_resize_their_logits_as_mmseg_does(tmp_path):
     assert default_resize(read_checkpoint(FIXTURES / "ssseg_d8.pth")) == "once"
     assert main(["convert", str(FIXTURES / "mmseg_d8.pth"), str(tmp_path / "ours.pth")]) == 0
     assert default_resize(read_checkpoint(tmp_path / "ours.pth")) == "twice"
+    assert main(["convert", str(FIXTURES / "mmseg_769.pth"), str(tmp_path / "769.pth")]) == 0
+    for cfg in (None, ModelConfig(num_classes=5)):  # a preset's config does not drop how the weights were trained
+        assert load_model(tmp_path / "769.pth", cfg).cfg.align_corners
     assert Predictor(FIXTURES / "mmseg_d16.pth", device="cpu").resize_logits == "twice"
     with pytest.raises(Exception, match="logits resize must be one of once, twice"):
         segment(model, x, original, resize_logits="thrice")

@@ -218,6 +218,7 @@ def test_cuda_n_is_a_device_of_train_too(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets them
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
     from danet.engine.distributed import setup
 
     with pytest.raises(DanetError, match="under torchrun: each process takes its own GPU"):

@@ -185,3 +185,18 @@ def test_sigterm_stops_a_command_with_one_line(monkeypatch, capsys):
     assert time.monotonic() - started < 20
     assert capsys.readouterr().err == "danet zoo: stopped (SIGTERM)\n"
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler does not outlive the command
+
+
+def test_sigterm_keeps_its_default_under_torchrun(monkeypatch):
+    """With several processes a Python handler would wait for a collective blocked on a hung peer: SIGTERM keeps its
+    default action (the process ends at once) there."""
+    import signal
+
+    from danet import cli, zoo
+
+    seen = []
+    monkeypatch.setattr(zoo, "run_cli", lambda args: seen.append(signal.getsignal(signal.SIGTERM)) or 0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["zoo"]) == 0 and seen == [signal.SIG_DFL]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert cli.main(["zoo"]) == 0 and seen[-1] is cli._on_sigterm

@@ -165,6 +165,8 @@ def test_loss_groups_are_recorded_and_checked_before_training(data_root, tmp_pat
     assert main(argv(work, data_root, "--set", "schedule.loss_images=1", "--set", "stop_iter=1")) == 0
     assert yaml.safe_load((work / "config.yaml").read_text())["schedule"]["loss_images"] == 1
     assert math.isfinite(records(work, "train")[0]["loss"])
+    assert main(argv(tmp_path / "big", data_root, "--set", "schedule.loss_images=4", "--set", "stop_iter=1")) == 0
+    assert "schedule.loss_images=4 but each of the 1 processes has 2 image(s)" in capsys.readouterr().out
     bad = argv(tmp_path / "b", data_root, "--set", "schedule.batch_size=3", "--set", "schedule.loss_images=2")
     line = cli_error(capsys, *bad)
     assert "a batch of 3 images per process does not split into loss groups of schedule.loss_images=2" in line
@@ -178,3 +180,36 @@ def test_an_align_corners_model_refuses_the_fused_loss(data_root, tmp_path, caps
                                    "--set", "fused_loss=true"))  # fmt: skip
     assert "align_corners=True" in line and "without fused_loss" in line
     assert main(argv(tmp_path / "ok", data_root, "--set", "model.align_corners=true", "--set", "stop_iter=1")) == 0
+
+
+def test_a_run_recorded_before_loss_groups_keeps_one_group():
+    """A config.yaml / checkpoint of a run from before schedule.loss_images lists every other schedule setting: it
+    trained one group per process, and resumed or rerun goes on so (the zoo preset's 2 would change its loss); a
+    hand-written config naming only some settings gets the preset's."""
+    from danet.config import from_dict, load_run_config, to_dict
+
+    recorded = to_dict(load_run_config("danet_r50-d8_ade20k").resolve())
+    assert recorded["schedule"]["loss_images"] == 2
+    del recorded["schedule"]["loss_images"]
+    assert from_dict(recorded).resolve().schedule.loss_images == 0
+    written = {"preset": "danet_r50-d8_ade20k", "schedule": {"epochs": 30, "lr": 0.01}}
+    assert from_dict(written).resolve().schedule.loss_images == 2
+
+
+def test_an_align_corners_init_checkpoint_is_recorded_for_the_resume(data_root, tmp_path):
+    """Started from mmseg's 769x769 weights (align_corners=True), config.yaml records it, so a resume rebuilds the
+    same model (it rebuilt one with align_corners=False)."""
+    work = tmp_path / "w"
+    fixture = Path(__file__).parent / "fixtures" / "models" / "mmseg_769.pth"  # 5 classes, as the synthetic data
+    settings = {
+        "init_checkpoint": fixture, "model.depth": 50, "schedule.epochs": 2, "schedule.iters_per_epoch": 1,
+        "schedule.batch_size": 2, "data.crop_size": "[32,32]", "data.num_workers": 0, "data.val_limit": 1,
+        "progress": "false", "device": "cpu",
+    }  # fmt: skip
+    sets = [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
+    run = ["train", PRESET, "--data-root", str(data_root), "--work-dir", str(work), *sets]
+    assert main([*run, "--set", "stop_iter=1"]) == 0
+    assert yaml.safe_load((work / "config.yaml").read_text())["model"]["align_corners"] is True
+    assert main(["train", "--resume", str(work / "last.pth"), "--set", "progress=false"]) == 0
+    ck = read_checkpoint(work / "last.pth")
+    assert ck.train_state["iter"] == 2 and ck.meta["model_cfg"]["align_corners"] is True

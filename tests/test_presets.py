@@ -78,11 +78,18 @@ def test_tiny_synthetic_trains_at_128px_scales_and_tests_at_192px():
 def test_min_lr_follows_the_lr_as_sssegmentation_s_scheduler():
     """sssegmentation decays to lr / 100 when its config names no min_lr (none of its DANet configs does): 1e-4 at
     the zoo's lr 0.01, and 2e-4 for a run that sets lr 0.02; an explicit min_lr, and the synthetic preset's, stay."""
-    from danet.config import load_run_config
+    from danet.config import from_dict, load_run_config, to_dict
+    from danet.engine.schedule import final_lr
+
+    def floor(preset, *sets):
+        s = load_run_config(preset, list(sets)).resolve().schedule
+        return final_lr(s.lr, s.min_lr)
 
     zoo = "danet_r50-d8_ade20k"
-    assert load_run_config(zoo).resolve().schedule.min_lr == pytest.approx(1e-4)
-    assert load_run_config(zoo, ["schedule.lr=0.02"]).resolve().schedule.min_lr == pytest.approx(2e-4)
-    assert load_run_config(zoo, ["schedule.lr=0.02", "schedule.min_lr=0"]).resolve().schedule.min_lr == 0
-    synthetic = load_run_config("danet_tiny_synthetic").resolve().schedule
-    assert (synthetic.lr, synthetic.min_lr) == (0.02, 1e-4)
+    assert floor(zoo) == pytest.approx(1e-4) and floor(zoo, "schedule.lr=0.02") == pytest.approx(2e-4)
+    assert floor(zoo, "schedule.lr=0.02", "schedule.min_lr=0") == 0
+    assert floor("danet_tiny_synthetic") == 1e-4 and floor("danet_tiny_synthetic", "schedule.lr=0.05") == 1e-4
+    # a run's recorded config keeps "lr / 100" (null), so rerunning it with another lr follows that lr too
+    recorded = from_dict(to_dict(load_run_config(zoo).resolve()))
+    recorded.schedule.lr = 0.02
+    assert recorded.schedule.min_lr is None and final_lr(recorded.schedule.lr, recorded.schedule.min_lr) == 2e-4

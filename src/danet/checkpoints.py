@@ -288,7 +288,9 @@ def load_model(
                 "as requested",
                 stacklevel=2,
             )
-        base = cfg.replace(align_corners=told["align_corners"]) if "align_corners" in told else cfg
+        # NOTE: the final resize is the weights' (how they were trained), which a preset does not know: the file's
+        corners = (meta_cfg or told).get("align_corners")
+        base = cfg.replace(align_corners=corners) if isinstance(corners, bool) else cfg
     elif meta_cfg:  # what the weights decide (`found`) replaces the meta's values below; the rest is checked here
         known = set(ModelConfig.__dataclass_fields__)
         try:

@@ -73,8 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    # NOTE: only the main thread may set a handler, and one set by a program that embeds danet is left to it
-    ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    # NOTE: only the main thread may set a handler, and one set by a program that embeds danet is left to it. Not
+    # under torchrun with several processes: a Python handler runs only when the C++ call returns, and a process
+    # waiting in a collective for a hung peer would then outlive torchrun's SIGTERM until its SIGKILL
+    alone = os.environ.get("WORLD_SIZE", "1").strip() in ("", "0", "1")
+    ours = (
+        alone
+        and threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    )
     if ours:
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:

@@ -71,10 +71,14 @@ class ScheduleConfig:
     momentum: float | None = None
     weight_decay: float | None = None
     power: float | None = None
-    min_lr: float | None = None
+    min_lr: float | None = None  # None (also once resolved): lr / 100, whatever the lr (schedule.final_lr)
     eval_interval: int | None = None  # epochs between validations (the last epoch is always validated)
     save_interval: int | None = None  # epochs between epoch_N.pth checkpoints (last.pth is written every epoch)
     loss_images: int | None = None  # images per reduction of the loss (engine/losses.py); 0: each process's batch
+
+
+# the schedule settings a run's resolved config records whatever its version (config.yaml, checkpoints' meta)
+RECORDED = {f.name for f in dataclasses.fields(ScheduleConfig)} - {"loss_images"}
 
 
 @dataclass
@@ -154,8 +158,6 @@ class RunConfig:
         for f in dataclasses.fields(ScheduleConfig):
             if getattr(cfg.schedule, f.name) is None and hasattr(p.schedule, f.name):
                 setattr(cfg.schedule, f.name, getattr(p.schedule, f.name))
-        if cfg.schedule.min_lr is None:  # NOTE: sssegmentation's scheduler decays to lr / 100 unless told otherwise
-            cfg.schedule.min_lr = cfg.schedule.lr * 0.01
         d = cfg.data
         d.crop_size = d.crop_size or p.dataset.crop_size
         d.base_size = d.base_size or p.dataset.base_size
@@ -316,6 +318,10 @@ def to_dict(cfg: Any) -> dict:
 
 def from_dict(data: dict, cls: type = RunConfig, prefix: str = "") -> Any:
     """Build a config dataclass from a dict, checking every key and value; DanetError names the valid keys."""
+    if cls is ScheduleConfig and "loss_images" not in data and RECORDED <= set(data):
+        # NOTE: a run's recorded config (config.yaml, a checkpoint's) lists every schedule setting; one from before
+        # loss_images existed trained with one group per process: resumed or rerun, it must go on so
+        data = {**data, "loss_images": 0}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():

@@ -260,12 +260,13 @@ def load_for_export(checkpoint: str | os.PathLike, preset: str | None = None) ->
         raise DanetError(f"{checkpoint} holds a backbone only; export a whole-model checkpoint")
     preset = preset or (None if ck.meta.get("model_cfg") else preset_from_filename(Path(checkpoint).name))
     p = get_preset(preset) if preset else None
-    if p is None and not ck.meta.get("model_cfg"):
-        print(
-            f"note: {Path(checkpoint).name} records no preset: exported at output stride 8 and without the "
-            "normalisation metadata; pass --preset NAME if it is another"
-        )
     model = load_model(ck, p.model if p else None, remedy="--preset" if named else "").eval().cpu()
+    if p is None and not ck.meta.get("model_cfg"):
+        told = "from its config" if "output_stride" in ck.meta.get("toolbox_model", {}) else "the default"
+        print(
+            f"note: {Path(checkpoint).name} records no preset: exported at output stride {model.cfg.output_stride} "
+            f"({told}) and without the normalisation metadata; pass --preset NAME if it is another"
+        )
     meta = ck.meta
     name = p.name if p else meta.get("preset")
     classes = list(p.classes) if p else meta.get("classes")

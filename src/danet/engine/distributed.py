@@ -82,10 +82,11 @@ def env_ranks() -> tuple[int, int, int]:
         if world < 1:
             raise DanetError(f"environment variable WORLD_SIZE={world} must be at least 1; unset it")
         return 0, 1, 0
-    if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
+    if missing := [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]:
         raise DanetError(
-            f"environment variable WORLD_SIZE={world} asks for {world} processes, but RANK or MASTER_ADDR is not set: "
-            "start them with torchrun (torchrun --nproc_per_node N -m danet.cli ...), or unset WORLD_SIZE"
+            f"environment variable WORLD_SIZE={world} asks for {world} processes, but {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not set: start them with torchrun (torchrun --nproc_per_node N "
+            "-m danet.cli ...), or unset WORLD_SIZE"
         )
     if not 0 <= rank < world:
         raise DanetError(f"environment variable RANK={rank} is outside 0 .. WORLD_SIZE - 1 = {world - 1}")

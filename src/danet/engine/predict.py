@@ -6,9 +6,10 @@ preset's base size (as in testing), segmented, and the labels brought back to th
 Classes, palette and normalisation come from the checkpoint's meta (or --preset).
 
 Large inputs: an image over `--max-pixels` (default 2048 x 1024, a Cityscapes frame) after resizing is segmented
-in sliding windows of the crop size. The labels are those `danet test` computes (logits resized once to the original
-size; with `--tta` the views' probabilities averaged there) unless K x H x W floats would pass FULL_SIZE_ELEMS; then
-they are computed at the resized size and upsampled in strips, so memory stays bounded.
+in sliding windows of the crop size. The labels are those `danet test` computes (logits resized to the original size,
+once or, for an mmseg checkpoint, via the input size; with `--tta` the views' logits averaged there) unless
+K x H x W floats would pass FULL_SIZE_ELEMS; then they are computed at the resized size and upsampled in strips, so
+memory stays bounded.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from ..errors import DanetError, os_hint
 
 DEFAULT_MAX_PIXELS = 2048 * 1024
-# labels as `danet test` computes them (logits resized once to the original size; --tta: the views' softmax averaged
+# labels as `danet test` computes them (logits resized to the original size; --tta: the views' logits averaged
 # there) while K x H x W float32 stays under this many elements (1 GiB); above it, at the resized size, then upsampled
 # in strips (a few pixels near class edges may differ from `danet test`)
 FULL_SIZE_ELEMS = 1 << 28
@@ -201,8 +202,9 @@ class Predictor:
         predictor.classes, predictor.palette    # names and RGB colours of the classes
 
     The image is resized (keep ratio) to the base size, segmented (sliding windows above `max_pixels`), and the
-    logits resized back once; `tta=True` adds the preset's scales and flips (`merge`: "logits", sssegmentation's
-    test, the default, or "probs").
+    logits resized back as the checkpoint's toolbox does (`resize_logits`: once, or via the input size for mmseg);
+    `tta=True` adds the preset's scales and flips (`merge`: "logits", sssegmentation's test, the default, or
+    "probs").
     """
 
     def __init__(self, checkpoint: str | Path, preset_name: str | None = None, device: str = "auto") -> None:

@@ -10,6 +10,12 @@ import torch
 from torch import nn
 
 
+def final_lr(lr: float, min_lr: float | None) -> float:
+    """Where the poly decay ends: `min_lr`, or when unset lr / 100, as sssegmentation's scheduler (its DANet configs set
+    none), so that a run with another lr ends at its own hundredth."""
+    return min_lr if min_lr is not None else lr * 0.01
+
+
 def poly_lr(it: int, max_iters: int, base_lr: float, min_lr: float = 1e-4, power: float = 0.9) -> float:
     """The learning rate of iteration `it` (0-based); `min_lr` from `max_iters` on."""
     frac = min(it, max_iters) / max(max_iters, 1)

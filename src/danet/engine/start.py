@@ -15,9 +15,10 @@ from ..errors import DanetError
 from ..models.danet import DANet
 from . import distributed
 
-# the ModelConfig fields a checkpoint's weights decide (checkpoints.load_model takes them from the weights)
+# the ModelConfig fields a checkpoint decides (checkpoints.load_model takes them from its weights, and align_corners,
+# how they were trained to be resized, from its config)
 WEIGHT_FIELDS = ("num_classes", "depth", "stem", "base_channels", "stem_channels", "head_channels", "key_channels",
-                 "aux_channels", "pam_bias", "aux")  # fmt: skip
+                 "aux_channels", "pam_bias", "aux", "align_corners")  # fmt: skip
 
 
 def backbone_source(cfg: RunConfig, preset, info: distributed.DistInfo | None = None) -> Path | None:

@@ -117,6 +117,11 @@ def run_test(args) -> dict:
     if args.base_size:
         preset = preset.replace(dataset=dataclasses.replace(preset.dataset, base_size=tuple(args.base_size)))
     mode = args.mode or preset.eval_mode
+    if mode == "slide" and args.resize_logits:
+        raise DanetError(
+            "--resize-logits sets how whole-image logits reach the label size; slide windows' logits are at the "
+            "image's size already: leave it out, or add --mode whole"
+        )
     if mode != "slide" and (args.crop or args.stride):
         raise DanetError(
             f"--crop and --stride set the sliding window, but this test runs {mode} (the preset's mode unless "
@@ -181,7 +186,7 @@ def run_test(args) -> dict:
             "scales": list(scales),
             "flip": flip,
             "tta_merge": (args.tta_merge or "logits") if tta else None,
-            "resize_logits": resize_logits,
+            "resize_logits": resize_logits if mode != "slide" else None,
             "base_size": list(preset.base_size),
             "amp": args.amp,
             "conv": args.conv,

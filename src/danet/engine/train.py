@@ -41,7 +41,7 @@ from .logging import RunLogger
 from .losses import danet_loss, groups
 from .run_files import after_divergence, draw_pictures, run_outputs, write_metrics
 from .sampling import EpochBatchSampler, capture_rng_states, mix, restore_rng_states
-from .schedule import PolyLR, build_optimizer
+from .schedule import PolyLR, build_optimizer, final_lr
 from .start import (
     backbone_source,
     build_datasets,
@@ -84,6 +84,11 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
             f"multiple of {info.world}"
         )
     groups(sch.batch_size // info.world, sch.loss_images)  # NOTE: refused here, not at the first step
+    if sch.loss_images > sch.batch_size // info.world and info.is_main:
+        print(
+            f"note: schedule.loss_images={sch.loss_images} but each of the {info.world} processes has "
+            f"{sch.batch_size // info.world} image(s): the loss is reduced over each process's batch"
+        )
     ckpt = checkpoints.read_checkpoint(resume) if resume else None
     if ckpt is not None and not ckpt.train_state:
         raise DanetError(f"{resume} holds no training state (best.pth is weights only); resume from last.pth")
@@ -165,7 +170,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     net = distributed.wrap_model(model, info)
     raw = net.module if info.distributed else net
     optimizer = build_optimizer(raw, sch.lr, sch.momentum, sch.weight_decay)
-    scheduler = PolyLR(optimizer, sch.lr, total, sch.power, sch.min_lr)
+    scheduler = PolyLR(optimizer, sch.lr, total, sch.power, final_lr(sch.lr, sch.min_lr))
     scaler = torch.amp.GradScaler(dev.type, enabled=cfg.amp == "fp16")
     step_net = torch.compile(net) if cfg.compile else net
 

@@ -137,10 +137,8 @@ def infer(
     return forward_logits(model, image, amp, resize)
 
 
-RESIZES = (
-    "once",
-    "twice",
-)  # the whole-image logits to the label size: directly (sssegmentation) or via the input (mmseg)
+# how whole-image logits reach the label size: directly (sssegmentation) or via the input size (mmseg)
+RESIZES = ("once", "twice")
 
 
 def default_resize(ck) -> str:

@@ -222,9 +222,8 @@ class Predictor:
         # NOTE: our files carry their exact model config (a run may have overridden the preset's); foreign files
         # do not, and then the preset decides what the weights cannot tell (the output stride)
         structure = self.preset.model if self.preset and (preset_name or not ck.meta.get("model_cfg")) else None
-        remedy = (
-            "--preset / preset_name=" if preset_name else ""
-        )  # a preset guessed from the file name: nothing to omit
+        # NOTE: a preset guessed from the file name is nothing the user can leave out
+        remedy = "--preset / preset_name=" if preset_name else ""
         self.model = load_model(ck, structure, remedy=remedy).to(self.device).eval()
         self.resize_logits = default_resize(ck)  # as the checkpoint's toolbox resizes its logits
         meta = ck.meta

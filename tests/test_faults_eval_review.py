@@ -15,14 +15,9 @@ import pytest
 import danet
 from danet.cli import main
 from danet.errors import DanetError
-from test_faults_common import cli_error, digest, saved_tiny_checkpoint, tiny_folder_dataset
+from test_faults_common import cli_error, digest, tiny_folder_dataset
 
 PRESET = "danet_tiny_synthetic"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return saved_tiny_checkpoint(tmp_path_factory.mktemp("ck"))
 
 
 @pytest.fixture

@@ -18,10 +18,9 @@ import yaml
 from PIL import Image
 
 import danet
-from danet.checkpoints import save_checkpoint
 from danet.cli import main
 from danet.config import load_run_config
-from test_faults_common import cli_error, cli_error_subprocess, digest, tiny_model
+from test_faults_common import cli_error, cli_error_subprocess, digest
 
 PRESET = "danet_tiny_synthetic"
 H, W = 48, 64
@@ -44,13 +43,6 @@ def dataset(tmp_path_factory) -> Path:
             cv2.imwrite(str(root / "images" / split / f"{i:03d}.png"), rng.integers(0, 255, (H, W, 3), np.uint8))
             Image.fromarray(rng.integers(0, 5, (H, W), np.uint8)).save(root / "masks" / split / f"{i:03d}.png")
     return root
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ck") / "model.pth"
-    save_checkpoint(path, tiny_model(), PRESET)
-    return path
 
 
 def copy_with(dataset: Path, tmp_path: Path, fault) -> Path:

@@ -17,14 +17,9 @@ from PIL import Image
 
 from danet.checkpoints import read_checkpoint, save_checkpoint
 from danet.cli import main
-from test_faults_common import cli_error, digest, saved_tiny_checkpoint, tiny_model
+from test_faults_common import cli_error, digest, tiny_model
 
 PRESET = "danet_tiny_synthetic"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return saved_tiny_checkpoint(tmp_path_factory.mktemp("ck"))
 
 
 @pytest.fixture

@@ -17,14 +17,9 @@ from danet.checkpoints import save_checkpoint
 from danet.cli import main
 from danet.engine.evaluate import rescale
 from danet.errors import DanetError
-from test_faults_common import cli_error, digest, saved_tiny_checkpoint
+from test_faults_common import cli_error, digest
 
 PRESET = "danet_tiny_synthetic"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return saved_tiny_checkpoint(tmp_path_factory.mktemp("ck"))
 
 
 def photo(path: Path, h: int = 40, w: int = 56, seed: int = 0) -> Path:

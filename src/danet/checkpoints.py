@@ -25,7 +25,7 @@ from .checkpoint_formats import Checkpoint as Checkpoint  # the reading side, pu
 from .checkpoint_formats import file_key as file_key
 from .checkpoint_formats import read_checkpoint as read_checkpoint
 from .errors import DanetError, os_hint
-from .models.danet import DANet, ModelConfig
+from .models.danet import DANet, ModelConfig, unwrap
 from .models.resnet import DEPTH_LAYERS
 
 FORMAT_VERSION = 1
@@ -51,7 +51,7 @@ def save_checkpoint(
     """
     from .presets import MEAN, STD, get_preset
 
-    net = _unwrap(model)
+    net = unwrap(model)
     if isinstance(preset, str):
         preset = get_preset(preset)
     cfg: ModelConfig = net.cfg
@@ -110,14 +110,6 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
             tmp.unlink()
         raise
     return path
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)  # DDP / torch.compile
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
 
 
 def _check_plain(obj: Any, where: str) -> None:

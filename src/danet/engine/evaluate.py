@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import DanetError
+from ..models.danet import unwrap
 from .transfer import labels_fit_uint8, loader_items
 
 
@@ -199,11 +200,7 @@ def segment(
 
 def align_corners(model: nn.Module) -> bool:
     """The model's final resize setting (`ModelConfig.align_corners`), through DDP / compile wrappers."""
-    while not hasattr(model, "cfg") and isinstance(
-        getattr(model, "module", getattr(model, "_orig_mod", None)), nn.Module
-    ):
-        model = getattr(model, "module", None) or model._orig_mod
-    return bool(getattr(getattr(model, "cfg", None), "align_corners", False))
+    return bool(getattr(getattr(unwrap(model), "cfg", None), "align_corners", False))
 
 
 def rescale(image: torch.Tensor, s: float) -> torch.Tensor:

@@ -253,7 +253,11 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     window: dict[str, float] = {}
     t_window, n_window = time.time(), 0
     stopped = False
-    loss_fn = partial(fused_danet_loss, impl=loss_impl) if cfg.fused_loss else danet_loss
+    loss_args = dict(variant=cfg.loss, aux_weight=cfg.aux_weight, ignore_index=preset.dataset.ignore_index,
+                     images=sch.loss_images)  # fmt: skip
+    loss_fn = (
+        partial(fused_danet_loss, impl=loss_impl, **loss_args) if cfg.fused_loss else partial(danet_loss, **loss_args)
+    )
     skipped = in_a_row = 0  # steps skipped for a non-finite loss (nonfinite=skip): in all, and in a row now
     # nonfinite=skip: the batch norms' statistics before each step, put back when it is skipped (a NaN input poisons
     # them in the forward, before the loss shows it)
@@ -268,14 +272,16 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
         def forward_backward(images: torch.Tensor, labels: torch.Tensor) -> dict:
             with autocast(dev, cfg.amp):
                 outputs = step_net(images, resize=not cfg.fused_loss)
-            losses = loss_fn(outputs, labels, cfg.loss, cfg.aux_weight, preset.dataset.ignore_index, sch.loss_images)
+            losses = loss_fn(outputs, labels)
             losses["loss"].backward()  # NOTE: no GradScaler here: the config check refuses fp16 with cuda_graphs
             return {k: v.detach() for k, v in losses.items()}
 
         graphed = GraphedStep(forward_backward, raw.parameters(), GRAPH_BACKEND(dev))
 
     def validate_epoch(done: int) -> None:
-        """Validate after epoch `done`: log it, keep best.pth."""
+        """Validate after epoch `done`: log it, keep best.pth, write metrics.json. NOTE: after last.pth of the epoch
+        marked pending (metrics.json never runs ahead of the checkpoints), before the one that says it is done (a
+        stop in between validates again)."""
         nonlocal metrics, best, best_iter
         try:
             metrics = validate(raw, val_ds, preset, cfg, info)
@@ -287,15 +293,17 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
         if metrics["mIoU"] > best:
             best, best_iter = metrics["mIoU"], it
             save("best.pth", done, with_state=False)
-
-    if pending:  # the run stopped while validating epoch it // ipe: that validation, before the next epoch
-        done = it // ipe
-        validate_epoch(done)
         if info.is_main:
             write_metrics(work, metrics, best, best_iter, it, done, time.time() - t_start)
+
+    def save_epoch(done: int) -> None:
         save("last.pth", done)
         if done % sch.save_interval == 0:
             save(f"epoch_{done}.pth", done)
+
+    if pending:  # the run stopped while validating epoch it // ipe: that validation, before the next epoch
+        validate_epoch(it // ipe)
+        save_epoch(it // ipe)
     net.train()
     for epoch in range(it // ipe, sch.epochs):
         sampler.set_epoch(epoch, start=it % ipe)
@@ -308,9 +316,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
             else:
                 with autocast(dev, cfg.amp):
                     outputs = step_net(images, resize=not cfg.fused_loss)
-                losses = loss_fn(
-                    outputs, labels, cfg.loss, cfg.aux_weight, preset.dataset.ignore_index, sch.loss_images
-                )
+                losses = loss_fn(outputs, labels)
             values = {k: v.item() for k, v in losses.items()}
             # NOTE: checked before the step, so the weights stay good; on every rank at once (DDP: no rank may step
             # alone, or the others wait in its all-reduce)
@@ -367,12 +373,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
             # process; Ctrl-C) keeps the epoch's training, and a resume validates it; saved again below
             save("last.pth", done, validation_pending=True)
             validate_epoch(done)
-            if info.is_main:  # NOTE: after last.pth (metrics.json never runs ahead of the checkpoints); before it
-                # says the validation is done (a stop in between validates again)
-                write_metrics(work, metrics, best, best_iter, it, done, time.time() - t_start)
-        save("last.pth", done)
-        if done % sch.save_interval == 0:
-            save(f"epoch_{done}.pth", done)
+        save_epoch(done)
         if cfg.stop_iter is not None and it >= cfg.stop_iter:
             stopped = True
             break

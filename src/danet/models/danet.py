@@ -133,3 +133,12 @@ class DANet(nn.Module):
             corners = self.cfg.align_corners
             out = {k: F.interpolate(v, size=size, mode="bilinear", align_corners=corners) for k, v in out.items()}
         return out
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner

@@ -313,6 +313,14 @@ def test_run_case_figures_and_flops():
     assert infer["gflop_per_img"] * 2 < rec["gflop_per_img"]  # forward < forward + backward
 
 
+def test_peak_memory_of_graph_replays_counts_the_pools(monkeypatch):
+    # a CUDA-graph replay allocates nothing: its activations live in the graph's pool, reserved but not allocated
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda dev: 1 * B.GiB)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda dev: 5 * B.GiB)
+    cuda = torch.device("cuda")
+    assert B._peak_gib(cuda) == 1 and B._peak_gib(cuda, pooled=True) == 5
+
+
 def test_run_case_winograd_gives_the_direct_loss(monkeypatch):
     import danet.models.winograd as W
 

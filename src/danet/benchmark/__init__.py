@@ -7,7 +7,9 @@ CUDA graphs). `run_case(spec)` returns a dict of figures; the CLI prints it and 
 Timing: `warmup` untimed runs, then `iters` timed runs, each ended by a device synchronisation; the median is
 reported, and `host_ms`, the median time until a run returned before its synchronisation (on a GPU the host's time
 to queue the run's kernels: well below `ms` where the GPU is the bound; CUDA's launch queue holds ~1,000 kernels, so
-near `ms` it may be either). Peak memory is CUDA's `max_memory_allocated` over the timed runs (on the CPU: the
+near `ms` it may be either). Peak memory is CUDA's `max_memory_allocated` over the timed runs; where the runs replay
+CUDA graphs (`cuda_graphs`, `compile="reduce-overhead"`) it is `max_memory_reserved`, since a replay allocates
+nothing and the graphs' memory pools hold the activations as reserved, not allocated, memory (on the CPU: the
 process's resident-set high-water mark over the timed runs, which includes the Python process itself). FLOPs are
 counted by `torch.utils.flop_counter.FlopCounterMode` on one image with the explicit attention (the algorithm's work,
 the same for every option): the forward for inference, forward + backward for training.
@@ -99,9 +101,10 @@ def _reset_peak(dev: torch.device) -> None:
             pass
 
 
-def _peak_gib(dev: torch.device) -> float:
+def _peak_gib(dev: torch.device, pooled: bool = False) -> float:
+    """`pooled`: the runs replay CUDA graphs, whose private memory pools count as reserved, not allocated."""
     if dev.type == "cuda":
-        return torch.cuda.max_memory_allocated(dev) / GiB
+        return (torch.cuda.max_memory_reserved if pooled else torch.cuda.max_memory_allocated)(dev) / GiB
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -338,7 +341,8 @@ def run_case(spec: BenchSpec) -> dict:
         _sync(dev)
         _reset_peak(dev)
         times, host = timed(fn, dev, spec.iters)
-        peak = _peak_gib(dev)
+        pooled = dev.type == "cuda" and (spec.cuda_graphs or spec.compile == "reduce-overhead")
+        peak = _peak_gib(dev, pooled)
     finally:
         torch.backends.cudnn.benchmark = old_bench
     med = statistics.median(times)
@@ -352,7 +356,7 @@ def run_case(spec: BenchSpec) -> dict:
         host_ms=round(1000 * statistics.median(host), 3),
         img_s=round(spec.batch / med, 3),
         peak_gib=round(peak, 3),
-        mem_kind="cuda_max_allocated" if dev.type == "cuda" else "rss_high_water",
+        mem_kind=("cuda_max_reserved" if pooled else "cuda_max_allocated") if dev.type == "cuda" else "rss_high_water",
         gflop_per_img=round(flops / 1e9, 2),
         tflop_s=round(flops * spec.batch / med / 1e12, 3),
         **environment(dev),

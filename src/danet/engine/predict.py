@@ -25,6 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import DanetError, os_hint
+from .graphed import CUDA_GRAPHS_HELP, with_forward_graphs
 
 DEFAULT_MAX_PIXELS = 2048 * 1024
 # labels as `danet test` computes them (logits resized to the original size; --tta: the views' logits averaged
@@ -61,6 +62,7 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--channels-last", action="store_true", help="NHWC memory format (with --amp bf16 the fast layout on a GPU)"
     )
+    parser.add_argument("--cuda-graphs", action="store_true", help=CUDA_GRAPHS_HELP)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -317,6 +319,8 @@ def run_cli(args) -> int:
     set_inference_norm(predictor.model, args.norm)
     if args.channels_last:
         predictor.model = predictor.model.to(memory_format=torch.channels_last)
+    if args.cuda_graphs:
+        predictor.model = with_forward_graphs(predictor.model, predictor.device)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DanetError, short
+from .graphed import CUDA_GRAPHS_HELP, GraphedForward, with_forward_graphs
 from .logging import check_output_file, write_json
 
 
@@ -68,6 +69,7 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--channels-last", action="store_true", help="NHWC memory format (with --amp bf16 the fast layout on a GPU)"
     )
+    parser.add_argument("--cuda-graphs", action="store_true", help=CUDA_GRAPHS_HELP)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--limit", type=int, help="evaluate the first N images only")
     parser.add_argument(
@@ -142,6 +144,8 @@ def run_test(args) -> dict:
         set_inference_norm(model, args.norm)
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if args.cuda_graphs:
+            model = with_forward_graphs(model, info.device)
         dataset = build_dataset(preset, args.data_root, args.split, train=False)
         check_outputs_apart(outputs, Path(args.checkpoint), dataset.files, data_root(preset.dataset, args.data_root))
         scales = tuple(args.scales) if args.scales else tuple(preset.tta_scales) if args.tta else (1.0,)
@@ -192,6 +196,7 @@ def run_test(args) -> dict:
             "conv": args.conv,
             "norm": args.norm if args.norm == "native" or why_unused(info.device) is None else "native",
             "channels_last": args.channels_last,
+            "cuda_graphs": isinstance(model, GraphedForward),
             "seconds": round(time.time() - t0, 2),
         }
         if info.is_main:

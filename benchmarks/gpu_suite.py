@@ -534,11 +534,13 @@ def group_e2e(a) -> None:
 def group_eval(a) -> None:
     """Evaluation over an ADE20K-layout val split (JPEGs at 512x683, whole-image bf16 channels_last, R50-D8 at random
     weights): images read one by one in this process (workers 0, as both toolboxes' single-GPU test) vs read ahead
-    by `eval_workers` processes (the GPU default); images/s of each and whether the confusion matrices agree."""
+    by `eval_workers` processes (the GPU default), then also with the forward replayed as a CUDA graph (`danet test
+    --cuda-graphs`; the images share one size); images/s of each and whether the confusion matrices agree."""
     from e2e_data import make_ade_like  # benchmarks/ (this script's folder is on sys.path)
 
     from danet.data import build_dataset
     from danet.engine.evaluate import eval_workers, evaluate
+    from danet.engine.graphed import with_forward_graphs
     from danet.models.registry import create_model
     from danet.presets import get_preset
 
@@ -555,13 +557,14 @@ def group_eval(a) -> None:
     evaluate(model, ds, preset.num_classes, limit=4, workers=0, **kw)  # cuDNN autotuning, lazy initialisation
     auto = eval_workers(dev) if not sm else 2
     rec, mats = {"group": "eval", "images": n_val, "image_hw": list(hw), "workers_auto": auto}, []
-    for w in (0, auto):
+    for name, net, w in (("workers0", model, 0), ("workers_auto", model, auto),
+                         ("workers_auto_graphs", with_forward_graphs(model, dev), auto)):  # fmt: skip
         sync()
         t = time.perf_counter()
-        mats.append(evaluate(model, ds, preset.num_classes, workers=w, **kw).mat)
+        mats.append(evaluate(net, ds, preset.num_classes, workers=w, **kw).mat)
         sync()
-        rec[f"img_s_workers{'_auto' if w else '0'}"] = round(n_val / (time.perf_counter() - t), 2)
-    rec["same_confusion_matrix"] = bool(torch.equal(mats[0], mats[1]))
+        rec[f"img_s_{name}"] = round(n_val / (time.perf_counter() - t), 2)
+    rec["same_confusion_matrix"] = all(torch.equal(mats[0], m) for m in mats[1:])
     emit(rec)
 
 

@@ -194,10 +194,11 @@ def summarize(out: Path, peers_dir: Path | None = None) -> str:
     for r in (r for r in ours if r.get("group") == "eval" and "img_s_workers0" in r):
         lines += ["", f"Evaluation, {r['images']} ADE20K-layout val images of {r['image_hw'][0]}x{r['image_hw'][1]} "
                   "(whole, bf16, channels_last), images/s:", "",
-                  "| read in the process | read ahead by reader processes | processes | same confusion matrix |",
-                  "|---|---|---|---|",
-                  f"| {r['img_s_workers0']} | {r['img_s_workers_auto']} | {r['workers_auto']} | "
-                  f"{r['same_confusion_matrix']} |"]  # fmt: skip
+                  "| read in the process | read ahead by reader processes | the same + `--cuda-graphs` | processes | "
+                  "same confusion matrix |",
+                  "|---|---|---|---|---|",
+                  f"| {r['img_s_workers0']} | {r['img_s_workers_auto']} | {r.get('img_s_workers_auto_graphs', '-')} | "
+                  f"{r['workers_auto']} | {r['same_confusion_matrix']} |"]  # fmt: skip
     bad = [r for r in ours if "error" in r and r.get("group") != "pam"] + [r for r in ours if "skipped" in r]
     if bad:
         lines += ["", "Errors / skipped:", ""] + [f"- {json.dumps(r)[:300]}" for r in bad]

@@ -44,7 +44,12 @@ class ReplayGraphs:
         self.warmups += 1
         yield
 
-    def capture(self, fn, params):
+    @staticmethod
+    def new_pool():
+        return "pool"
+
+    def capture(self, fn, params, pool=None):
+        assert pool == "pool"  # the forward's graphs share one pool
         self.captures += 1
         with NoHostSync():
             out = fn()
@@ -96,6 +101,29 @@ def test_resize_autocast_and_memory_format_are_layouts_of_their_own():
     assert net.backend.captures == 4 and len(net.graphs) == 4
 
 
+def test_grad_modes_train_mode_and_a_moved_model_are_not_replayed_from_old_graphs():
+    model = tiny_model()
+    net = GraphedForward(model, ReplayGraphs(torch.device("cpu")))
+    (x,) = images((1, 3, 32, 48))
+    for _ in range(2):
+        with torch.inference_mode():
+            net(x)
+    assert net.backend.captures == 1
+    with torch.no_grad():  # a graph captured under inference mode would write into inference tensors here
+        assert torch.equal(net(x)["out"], model(x)["out"])
+    net.train()
+    torch.manual_seed(0)
+    a = net(x)["out"]
+    torch.manual_seed(0)
+    assert torch.equal(a, model(x)["out"])  # training mode (dropout): its own layout, run eagerly first
+    assert net.backend.warmups == 3 and net.backend.replays == 1  # inference, no_grad, train: three first forwards
+    net.eval().double()  # new parameter tensors: the graphs that read the old ones are dropped
+    assert not net.graphs and next(model.parameters()).dtype == torch.float64
+    with torch.inference_mode():
+        assert torch.equal(net(x.double())["out"], model(x.double())["out"])
+    assert net.backend.captures == 1
+
+
 @torch.inference_mode()
 def test_layouts_beyond_max_graphs_run_eagerly():
     model = tiny_model()
@@ -103,7 +131,8 @@ def test_layouts_beyond_max_graphs_run_eagerly():
     a, b = images((1, 3, 32, 32), (1, 3, 32, 48))
     for x in (a, a, b, b, b, a):
         assert torch.equal(net(x)["out"], model(x)["out"])
-    assert net.backend.captures == 1 and net.backend.replays == 2 and net.backend.warmups == 4
+    assert net.backend.captures == 1 and net.backend.replays == 2
+    assert net.backend.warmups == 1  # a's first forward; b's all run as usual (no graph slot left for it)
 
 
 @torch.inference_mode()
@@ -123,7 +152,8 @@ def test_the_wrapper_serves_evaluation_helpers_like_the_model():
 
 
 def test_danet_test_with_cuda_graphs_gives_the_same_metrics(checkpoint, tmp_path, monkeypatch, capsys):
-    argv = ["test", "danet_tiny_synthetic", "--checkpoint", str(checkpoint), "--limit", "6", "--no-progress"]
+    argv = ["test", "danet_tiny_synthetic", "--checkpoint", str(checkpoint), "--limit", "6", "--no-progress",
+            "--device", "cpu"]  # fmt: skip
     assert main([*argv, "--json", str(tmp_path / "eager.json")]) == 0
     assert main([*argv, "--cuda-graphs", "--json", str(tmp_path / "cpu.json")]) == 0  # no CUDA here: eager, a note
     assert "note: --cuda-graphs needs a CUDA device; eager forwards run" in capsys.readouterr().out
@@ -136,13 +166,23 @@ def test_danet_test_with_cuda_graphs_gives_the_same_metrics(checkpoint, tmp_path
     assert graphs["settings"]["cuda_graphs"] is True
     for key in ("mIoU", "mAcc", "aAcc", "IoU"):
         assert graphs[key] == eager[key] == cpu[key]
+    # TTA: each scale a layout of its own, its flipped view the same layout
+    tta = [*argv, "--tta", "--limit", "3"]
+    assert main([*tta, "--cuda-graphs", "--json", str(tmp_path / "tta_graphs.json")]) == 0
+    monkeypatch.setattr(graphed, "FORWARD_BACKEND", graphed.CudaGraphs)  # no CUDA here: eager
+    assert main([*tta, "--json", str(tmp_path / "tta_eager.json")]) == 0
+    tta_eager, tta_graphs = (json.loads((tmp_path / f"tta_{n}.json").read_text()) for n in ("eager", "graphs"))
+    scales = tta_graphs["settings"]["scales"]
+    assert len(scales) > 1 and tta_graphs["settings"]["flip"] and ReplayGraphs.made[-1].captures == len(scales)
+    assert ReplayGraphs.made[-1].replays == len(scales) * (2 * 3 - 1)  # 2 views x 3 images, less the first (eager)
+    assert tta_graphs["mIoU"] == tta_eager["mIoU"] and tta_graphs["IoU"] == tta_eager["IoU"]
 
 
 def test_danet_predict_with_cuda_graphs_writes_the_same_labels(checkpoint, tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     for i in range(3):
         Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(tmp_path / f"im{i}.png")
-    argv = ["predict", "--checkpoint", str(checkpoint), str(tmp_path / "im*.png"), "--no-progress"]
+    argv = ["predict", "--checkpoint", str(checkpoint), str(tmp_path / "im*.png"), "--no-progress", "--device", "cpu"]
     assert main([*argv, "--out", str(tmp_path / "eager")]) == 0
     monkeypatch.setattr(graphed, "FORWARD_BACKEND", ReplayGraphs)
     ReplayGraphs.made.clear()

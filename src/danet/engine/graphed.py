@@ -1,4 +1,5 @@
-"""A training step's forward, loss and backward captured once as a CUDA graph and replayed (`cuda_graphs=true`).
+"""CUDA graphs: a training step's forward, loss and backward captured once and replayed (`cuda_graphs=true`), and
+the evaluation forward replayed per input layout (`danet test` / `predict --cuda-graphs`, `GraphedForward` below).
 
 Eager PyTorch launches each of a step's ~1,000 kernels from Python (with `norm=triton` ~300 more through Triton's
 launcher); where the host takes longer to launch a stretch of kernels than the GPU to run them, the GPU waits. A
@@ -15,9 +16,10 @@ Outside the graph stay: the learning-rate schedule and the SGD step (a few forea
 loop's non-finite check, before the step, as in the eager loop), logging, validation, checkpoints. The dropout masks
 are a function of the RNG state at each replay (the loop re-seeds before every step), as in the eager loop.
 
-Where it does not run (`CudaGraphs.why_unused`): the CPU; torchrun (DDP's gradient hooks need their own capture
-rules). fp16 (the GradScaler reads the gradients on the host each step) and torch.compile (its `reduce-overhead` mode
-makes its own graphs) are refused by the config check.
+Where the training step's graph does not run (`CudaGraphs.why_unused`): the CPU; torchrun (DDP's gradient hooks
+need their own capture rules; the evaluation forward has none, so there each process replays its own graphs). fp16
+(the GradScaler reads the gradients on the host each step) and torch.compile (its `reduce-overhead` mode makes its
+own graphs) are refused by the config check.
 """
 
 from __future__ import annotations
@@ -54,12 +56,19 @@ class CudaGraphs:
             yield
         cur.wait_stream(self.side)
 
-    def capture(self, fn: Callable[[], dict], params: list[torch.nn.Parameter]) -> tuple[Callable[[], None], dict]:
+    def capture(
+        self, fn: Callable[[], dict], params: list[torch.nn.Parameter], pool=None
+    ) -> tuple[Callable[[], None], dict]:
+        """`pool`: a memory pool shared with earlier captures (`new_pool()`), None: the graph's own."""
         del params  # NOTE: a replay writes the gradients where the capture put them
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.side, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=pool, stream=self.side, capture_error_mode="thread_local"):
             out = fn()
         return graph.replay, out
+
+    @staticmethod
+    def new_pool():
+        return torch.cuda.graph_pool_handle()
 
 
 class GraphedStep:
@@ -115,16 +124,19 @@ MAX_FORWARD_GRAPHS = 8  # input layouts captured by one GraphedForward; others r
 class GraphedForward(torch.nn.Module):
     """An evaluation model whose forward is replayed as a CUDA graph per input layout (`danet test` / `predict
     --cuda-graphs`): the same kernels on the same buffers as the eager forward, launched at once instead of one by
-    one from Python (on an H200 a 512x512 batch-1 forward took 10 ms eager and 2.4 ms replayed; a whole 1024x2048
-    image 17.3 ms and 14.2).
+    one from Python. (`danet benchmark --cuda-graphs`, which captures its own forward the same way, measured on an
+    H200 a 512x512 batch-1 forward at 2.4 ms replayed against 10.0 eager; a whole 1024x2048 image at 14.2 against
+    17.3 on one machine, 14.9 on another: the gain depends on how fast the host launches kernels.)
 
-    The first forward of each layout (shape, dtype, strides, `resize`, autocast and grad mode) runs eagerly on the
-    backend's side stream (cuDNN's autotuning, Triton's compiles), the second captures it, and from then on each call
-    copies the image into the captured input and replays. Each graph keeps its activations' memory, so at most
-    `max_graphs` layouts are captured (the rest run eagerly): it pays where the images share a few sizes (Cityscapes'
-    1024x2048, slide windows, the TTA scales of one image size), not for ADE20K's varied ones. The returned logits
-    are a copy: the next replay overwrites the captured output. Attributes the wrapper lacks (`num_classes`, `cfg`)
-    come from the model; `unwrap()` finds it as `.module`.
+    The first forward of each layout (shape, strides, dtype, `resize`, autocast, grad and inference mode, the model's
+    train / eval mode) runs eagerly on the backend's side stream (cuDNN's autotuning, Triton's compiles), the second
+    captures it, and from then on each call copies the image into the captured input and replays. The graphs share
+    one memory pool: each replay's output is copied before any other graph runs (the logits returned are that copy),
+    so the activations of one graph may reuse another's, and the pool holds the largest graph's, not their sum. At
+    most `max_graphs` layouts are captured (the rest run eagerly): it pays where the images share a few sizes
+    (Cityscapes' 1024x2048, slide windows, the TTA scales of one image size), not for ADE20K's varied ones. Moving
+    the model (`.to()`, `.half()`, a memory format) drops the graphs, which read the old tensors; wrap the model
+    last. Attributes the wrapper lacks (`num_classes`, `cfg`) come from the model; `unwrap()` finds it as `.module`.
     """
 
     def __init__(self, module: torch.nn.Module, backend, max_graphs: int = MAX_FORWARD_GRAPHS) -> None:
@@ -134,6 +146,7 @@ class GraphedForward(torch.nn.Module):
         self.max_graphs = max_graphs
         self.seen: dict[tuple, int] = {}  # layout -> eager forwards so far
         self.graphs: dict[tuple, tuple[Callable[[], None], torch.Tensor, dict]] = {}  # layout -> replay, input, output
+        self.pool = None  # the graphs' shared memory pool, made at the first capture
 
     def __getattr__(self, name: str):
         try:
@@ -141,16 +154,35 @@ class GraphedForward(torch.nn.Module):
         except AttributeError:
             return getattr(super().__getattr__("module"), name)
 
+    def _apply(self, fn, *args, **kwargs):
+        self.graphs.clear()  # NOTE: captured graphs read the tensors the model had; .to() / .half() replace them
+        self.seen.clear()
+        return super()._apply(fn, *args, **kwargs)
+
     def forward(self, image: torch.Tensor, resize: bool = True) -> dict:
-        amp = _autocast_dtype(image.device.type)
-        key = (tuple(image.shape), image.stride(), image.dtype, resize, amp, torch.is_grad_enabled())
+        dev = image.device.type
+        amp = _autocast_dtype(dev)
+        key = (tuple(image.shape), image.stride(), image.dtype, resize, amp, torch.is_grad_enabled(),
+               torch.is_inference_mode_enabled(), self.module.training)  # fmt: skip
         if key not in self.graphs:
-            if self.seen.get(key, 0) < 1 or len(self.graphs) >= self.max_graphs:
-                self.seen[key] = self.seen.get(key, 0) + 1
+            if len(self.graphs) >= self.max_graphs:
+                return self.module(image, resize=resize)
+            if self.seen.get(key, 0) < 1:
+                self.seen[key] = 1
                 with self.backend.warmup():
                     return self.module(image, resize=resize)
             x = image.clone()  # the graph's input (clone keeps channels_last)
-            replay, out = self.backend.capture(lambda: {"out": self.module(x, resize=resize)["out"]}, [])
+
+            def run() -> dict:
+                # NOTE: autocast's cache off: weights cast earlier in the caller's autocast region would be read by
+                # address, their casts not captured, and freed when that region ends
+                cast = torch.autocast(dev, dtype=amp, cache_enabled=False) if amp else contextlib.nullcontext()
+                with cast:
+                    return {"out": self.module(x, resize=resize)["out"]}
+
+            if self.pool is None:
+                self.pool = self.backend.new_pool()
+            replay, out = self.backend.capture(run, [], pool=self.pool)
             self.graphs[key] = (replay, x, out)
         replay, x, out = self.graphs[key]
         x.copy_(image)

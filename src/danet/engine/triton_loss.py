@@ -11,8 +11,10 @@ with the same bilinear weights. Each tile writes its loss sum and 4 corner gradi
 adds the slots of the (up to 4) tiles that share a low-resolution pixel, in a fixed order: deterministic, no atomics.
 
 Work per head and image is ~K x H x W exponentials and a few FMAs each; memory traffic is the low-resolution logits,
-the labels and the per-tile corner gradients (~4x the logits' gradient): a few hundred microseconds on a GPU, where
-the compiled loss moved gigabytes (predicted, not yet measured on one). Same values as the other
+the labels and the per-tile corner gradients (~4x the logits' gradient), where the compiled loss moved gigabytes.
+Predicted a few hundred microseconds a head on a GPU; measured on an H200 (R50-D8, 512x512, batch 8, 150 classes)
+1.5 ms a head inside the training step, and 7.5 ms for the four outputs' loss and gradient alone (the compiled loss
+34.9 ms, the reference 255 ms). Same values as the other
 implementations to float32 rounding (tests run the kernel through Triton's CPU interpreter).
 
 Needs the `triton` package (it comes with the CUDA builds of PyTorch); CUDA tensors, or any tensors with

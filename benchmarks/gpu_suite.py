@@ -565,6 +565,23 @@ def group_eval(a) -> None:
         sync()
         rec[f"img_s_{name}"] = round(n_val / (time.perf_counter() - t), 2)
     rec["same_confusion_matrix"] = all(torch.equal(mats[0], m) for m in mats[1:])
+    # the graphs on many layouts: sliding windows under multi-scale + flip (a layout per scale), eager vs replayed
+    tta = dict(
+        kw,
+        mode="slide",
+        crop=(256, 256) if sm else (512, 512),
+        scales=(0.75, 1.0, 1.25),
+        flip=True,
+        limit=min(8, n_val),
+    )
+    for name, net in (("eager", model), ("graphs", with_forward_graphs(model, dev))):
+        sync()
+        t = time.perf_counter()
+        mats.append(evaluate(net, ds, preset.num_classes, workers=auto, **tta).mat)
+        sync()
+        rec[f"img_s_slide_tta_{name}"] = round(tta["limit"] / (time.perf_counter() - t), 2)
+        rec["slide_tta_graphs"] = len(getattr(net, "graphs", {}))
+    rec["slide_tta_same_confusion_matrix"] = bool(torch.equal(mats[-2], mats[-1]))
     emit(rec)
 
 

@@ -199,6 +199,12 @@ def summarize(out: Path, peers_dir: Path | None = None) -> str:
                   "|---|---|---|---|---|",
                   f"| {r['img_s_workers0']} | {r['img_s_workers_auto']} | {r.get('img_s_workers_auto_graphs', '-')} | "
                   f"{r['workers_auto']} | {r['same_confusion_matrix']} |"]  # fmt: skip
+        if "img_s_slide_tta_eager" in r:
+            lines += ["", "Sliding windows + multi-scale (0.75, 1, 1.25) + flip, the first 8 of those images, "
+                      "images/s:", "",
+                      "| eager | `--cuda-graphs` | graphs captured | same confusion matrix |", "|---|---|---|---|",
+                      f"| {r['img_s_slide_tta_eager']} | {r['img_s_slide_tta_graphs']} | {r['slide_tta_graphs']} | "
+                      f"{r['slide_tta_same_confusion_matrix']} |"]  # fmt: skip
     bad = [r for r in ours if "error" in r and r.get("group") != "pam"] + [r for r in ours if "skipped" in r]
     if bad:
         lines += ["", "Errors / skipped:", ""] + [f"- {json.dumps(r)[:300]}" for r in bad]

@@ -115,6 +115,9 @@ def test_a_picture_that_cannot_be_written_is_one_line(data_root, tmp_path, monke
     line = cli_error(capsys, *train_argv(data_root, tmp_path / "w"))
     assert "training finished" in line and "No space left on device" in line and "curves.png" in line
     assert read_checkpoint(tmp_path / "w" / "last.pth").train_state["iter"] == 2
+    line = cli_error(capsys, *train_argv(data_root, tmp_path / "s", "stop_iter=1"))  # a stop draws the curves so far
+    assert "training stopped" in line and "resumable with --resume" in line and "curves.png" in line
+    assert read_checkpoint(tmp_path / "s" / "last.pth").train_state["iter"] == 1
 
 
 def test_an_unexpected_os_error_is_one_line_with_a_hint(monkeypatch, capsys, tmp_path):

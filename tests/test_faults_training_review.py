@@ -76,8 +76,9 @@ def test_a_work_dir_with_a_kept_best_pth_is_not_trained_over(data_root, tmp_path
 
 def test_a_run_failing_before_its_first_epoch_can_run_again(data_root, tmp_path, capsys):
     work = tmp_path / "w"
-    assert main(argv(work, data_root, "--set", "stop_iter=1")) == 0  # mid-epoch stop: config, log and last.pth
-    (work / "last.pth").unlink()  # as if it died before writing one
+    assert main(argv(work, data_root, "--set", "stop_iter=1")) == 0  # mid-epoch stop: config, log, last.pth, curves
+    for name in ("last.pth", "curves.png"):  # as if it died before writing them (a stop writes last.pth, then curves)
+        (work / name).unlink()
     assert main(argv(work, data_root)) == 0
 
 

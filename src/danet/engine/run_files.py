@@ -39,14 +39,16 @@ def write_metrics(work: Path, metrics: dict, best: float, best_iter, it: int, ep
     write_json(work / "metrics.json", out)
 
 
-def draw_pictures(work: Path, preset, metrics: dict) -> None:
-    """curves.png (loss, lr, val mIoU vs iteration), per_class_iou.png and confusion.png (the final validation)."""
+def draw_pictures(work: Path, preset, metrics: dict, stopped: bool = False) -> None:
+    """curves.png (loss, lr, val mIoU vs iteration), per_class_iou.png and confusion.png (the last validation of this
+    call, if any); `stopped`: at a `stop_iter`, before the schedule's end."""
     try:
         _draw_pictures(work, preset, metrics)
     except OSError as e:
+        what, state = ("stopped", "resumable with --resume") if stopped else ("finished", "complete")
         raise DanetError(
-            f"training finished (checkpoints and metrics.json are in {work}) but a picture could not be written: "
-            f"{e.filename or ''} {e.strerror or e}; free some space (the run itself is complete)"
+            f"training {what} (checkpoints and metrics.json are in {work}) but a picture could not be written: "
+            f"{e.filename or ''} {e.strerror or e}; free some space (the run itself is {state})"
         ) from None
 
 

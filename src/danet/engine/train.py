@@ -381,8 +381,8 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     seconds = time.time() - t_start
     logger.log("end", iter=it, seconds=round(seconds, 2), stopped=stopped, best_miou=best, skipped=skipped)
     logger.close()
-    if info.is_main and not stopped:
-        draw_pictures(work, preset, metrics)
+    if info.is_main:  # NOTE: also at a stop_iter: the curves so far (a resumed run draws them again at its end)
+        draw_pictures(work, preset, metrics, stopped)
     distributed.barrier()
     return {
         "metrics": metrics,

@@ -277,6 +277,11 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
             return {k: v.detach() for k, v in losses.items()}
 
         graphed = GraphedStep(forward_backward, raw.parameters(), GRAPH_BACKEND(dev))
+    if cfg.norm == "triton" and why is None and graphed is None and info.is_main:
+        print(
+            "note: without cuda_graphs=true the fused batch norm's extra kernel launches can make a step slower (on "
+            "an H200, R50-D8 512x512 batch 8: 124.6 img/s eager vs 161.5 with PyTorch's, 196.2 replayed)"
+        )
 
     def validate_epoch(done: int) -> None:
         """Validate after epoch `done`: log it, keep best.pth, write metrics.json. NOTE: after last.pth of the epoch

@@ -7,6 +7,7 @@ Groups (the default order; each case starts only while the time budget lasts):
   loss     the training loss alone (reference, fused GEMM / aten paths, compiled) and its parts' kernels
   norm     batch norm + ReLU [+ residual], forward + backward: PyTorch's kernels vs the fused Triton ones
   train    R50-D8 ADE20K 512x512 batch 8 train step: fp32 / bf16 / fp16, channels_last, loss implementations
+  fidelity 20 steps of the fastest settings against float32 from the same weights and batches: loss deviations
   e2e      the real loop, `danet train danet_r50-d8_ade20k` in this process (data loader, augmentation, logging) on
            ADE20K-layout JPEGs written to $E2E_DATA (default /tmp/danet-e2e-data), batch 8, bf16, channels_last,
            fused loss triton | compiled | chunked, fused batch norm, whole-network compile, no prefetch: images/s
@@ -585,9 +586,61 @@ def group_eval(a) -> None:
     emit(rec)
 
 
+# ------------------------------------------------------------------------------------------------- fidelity
+def group_fidelity(a) -> None:
+    """Issue 5's check on the GPU itself: 20 SGD steps from the same weights over the same 4 batches (random labels,
+    10 % ignored; dropout off, so that both runs see the same network): float32 (cuDNN's TF32 off) with the
+    reference loss vs the fastest settings (bf16, channels_last, Triton loss, fused batch norm, the step replayed as a
+    CUDA graph). Per-step relative deviation of the loss, against the CPU test's bound for bf16 (max 2 %, mean 0.6 %:
+    tests/test_speed_options.py::test_bf16_training_tracks_float32)."""
+    from danet.benchmark import build, make_train_fn, resolve_device
+
+    sm = a.smoke
+    dev = resolve_device("cpu" if sm else "auto")
+    nar = dict(base_channels=4, stem_channels=8, head_channels=32, key_channels=16, aux_channels=16) if sm else {}
+    base = dict(preset="danet_r50-d8_ade20k", mode="train", batch=2 if sm else 8, size=(32, 32) if sm else (512, 512),
+                overrides=nar, cudnn_benchmark=True)  # fmt: skip
+    runs = {"fp32_reference": BenchSpec(**base),
+            "fast": BenchSpec(**base, amp="bf16", channels_last=True, loss="triton", norm="triton",
+                              cuda_graphs=not sm)}  # fmt: skip
+    b, (h, w) = base["batch"], base["size"]
+    g = torch.Generator().manual_seed(1)
+    data = []
+    for _ in range(4):
+        x = torch.randn(b, 3, h, w, generator=g)
+        y = torch.randint(0, 150, (b, h, w), generator=g)
+        y[torch.rand(b, h, w, generator=g) < 0.1] = 255
+        data.append((x.to(dev), y.to(dev)))
+    steps = 4 if sm else 20  # the smoke: Triton's interpreter runs the fast case's kernels (~10 s a step)
+    rec: dict = {"group": "fidelity", "steps": steps}
+    tf32 = torch.backends.cudnn.allow_tf32
+    for name, spec in runs.items():
+        torch.backends.cudnn.allow_tf32 = name != "fp32_reference"
+        torch.backends.cudnn.benchmark = True
+        model, x, y = build(spec, dev)  # the same seed: the same weights
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Dropout, torch.nn.Dropout2d)):
+                m.p = 0.0
+        fn, last = make_train_fn(spec, model, x, y, dev)
+        losses = []
+        for i in range(steps):
+            x.copy_(data[i % 4][0])
+            y.copy_(data[i % 4][1])
+            fn()
+            losses.append(float(last["loss"]))
+        rec[name] = [round(v, 6) for v in losses]
+        del model, x, y, fn, last
+        release()
+    torch.backends.cudnn.allow_tf32 = tf32
+    devs = [abs(f - r) / abs(r) for f, r in zip(rec["fast"], rec["fp32_reference"], strict=True)]
+    rec.update(max_rel_dev=round(max(devs), 5), mean_rel_dev=round(sum(devs) / len(devs), 5))
+    rec["within_bf16_bound"] = rec["max_rel_dev"] < 0.02 and rec["mean_rel_dev"] < 0.006
+    emit(rec)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    groups = ["sys", "loss", "norm", "train", "e2e", "profile", "eval", "infer", "compile"]
+    groups = ["sys", "loss", "norm", "train", "fidelity", "e2e", "profile", "eval", "infer", "compile"]
     p.add_argument("groups", nargs="*", default=groups, help=f"of: {' '.join(groups)} pam")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: check that every case runs")
     p.add_argument("--budget-s", type=float, default=float(os.environ.get("BUDGET_S", 1e9)),
@@ -611,7 +664,8 @@ def main(argv=None) -> int:
         t = time.time()
         try:
             special = {"sys": group_sys, "pam": group_pam, "loss": group_loss, "norm": group_norm,
-                       "profile": group_profile, "e2e": group_e2e, "eval": group_eval}  # fmt: skip
+                       "profile": group_profile, "e2e": group_e2e, "eval": group_eval,
+                       "fidelity": group_fidelity}  # fmt: skip
             special.get(g, lambda a, g=g: group_model(a, g))(a)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()

@@ -205,6 +205,14 @@ def summarize(out: Path, peers_dir: Path | None = None) -> str:
                       "| eager | `--cuda-graphs` | graphs captured | same confusion matrix |", "|---|---|---|---|",
                       f"| {r['img_s_slide_tta_eager']} | {r['img_s_slide_tta_graphs']} | {r['slide_tta_graphs']} | "
                       f"{r['slide_tta_same_confusion_matrix']} |"]  # fmt: skip
+    for r in (r for r in ours if r.get("group") == "fidelity" and "fast" in r):
+        ref, fast = r["fp32_reference"], r["fast"]
+        lines += ["", f"Fidelity: {r['steps']} SGD steps from the same weights and batches, the fastest settings "
+                  "(bf16, channels_last, Triton loss and batch norm, CUDA graphs) against float32, reference loss:",
+                  "", "| max relative loss deviation | mean | within the bf16 bound (2 % / 0.6 %) | first / last loss "
+                  "float32 | first / last loss fast |", "|---|---|---|---|---|",
+                  f"| {r['max_rel_dev']} | {r['mean_rel_dev']} | {r['within_bf16_bound']} | "
+                  f"{ref[0]} / {ref[-1]} | {fast[0]} / {fast[-1]} |"]  # fmt: skip
     bad = [r for r in ours if "error" in r and r.get("group") != "pam"] + [r for r in ours if "skipped" in r]
     if bad:
         lines += ["", "Errors / skipped:", ""] + [f"- {json.dumps(r)[:300]}" for r in bad]

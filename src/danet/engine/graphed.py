@@ -144,7 +144,7 @@ class GraphedForward(torch.nn.Module):
         self.module = module
         self.backend = backend
         self.max_graphs = max_graphs
-        self.seen: dict[tuple, int] = {}  # layout -> eager forwards so far
+        self.seen: set[tuple] = set()  # layouts whose first (eager) forward has run
         self.graphs: dict[tuple, tuple[Callable[[], None], torch.Tensor, dict]] = {}  # layout -> replay, input, output
         self.pool = None  # the graphs' shared memory pool, made at the first capture
 
@@ -157,6 +157,7 @@ class GraphedForward(torch.nn.Module):
     def _apply(self, fn, *args, **kwargs):
         self.graphs.clear()  # NOTE: captured graphs read the tensors the model had; .to() / .half() replace them
         self.seen.clear()
+        self.pool = None
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, image: torch.Tensor, resize: bool = True) -> dict:
@@ -167,8 +168,8 @@ class GraphedForward(torch.nn.Module):
         if key not in self.graphs:
             if len(self.graphs) >= self.max_graphs:
                 return self.module(image, resize=resize)
-            if self.seen.get(key, 0) < 1:
-                self.seen[key] = 1
+            if key not in self.seen:
+                self.seen.add(key)
                 with self.backend.warmup():
                     return self.module(image, resize=resize)
             x = image.clone()  # the graph's input (clone keeps channels_last)

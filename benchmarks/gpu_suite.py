@@ -581,7 +581,7 @@ def group_eval(a) -> None:
         mats.append(evaluate(net, ds, preset.num_classes, workers=auto, **tta).mat)
         sync()
         rec[f"img_s_slide_tta_{name}"] = round(tta["limit"] / (time.perf_counter() - t), 2)
-        rec["slide_tta_graphs"] = len(getattr(net, "graphs", {}))
+    rec["slide_tta_graphs"] = len(getattr(net, "graphs", {}))  # the replayed run's (none where graphs cannot run)
     rec["slide_tta_same_confusion_matrix"] = bool(torch.equal(mats[-2], mats[-1]))
     emit(rec)
 

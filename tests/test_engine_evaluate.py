@@ -168,3 +168,44 @@ def test_default_slide_stride_is_mmseg_s():
     assert default_stride((512, 1024)) == (341, 683)
     assert default_stride((769, 769)) == (513, 513)
     assert default_stride((1, 2)) == (1, 1)
+
+
+def test_original_views_evaluate_each_image_as_read(tmp_path):
+    """views="original" (mmseg's TTA): each image's views are made from the image as read, not from the test-resized
+    one: the confusion matrix of `segment` on `OriginalViews` of every image, with 0 or 2 reader processes; other
+    than the resized views'. Without TTA the setting changes nothing; an unknown one is refused."""
+    from danet.data import build_dataset, ensure_synthetic
+    from danet.engine.evaluate import OriginalViews, evaluate
+    from danet.engine.metrics import ConfusionMatrix
+    from danet.presets import get_preset
+
+    class Coarse(torch.nn.Module):  # logits at 1/8 of a colour filter: labels that follow the image
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+
+        def forward(self, x, resize: bool = True):
+            y = 3 * self.conv(x)[:, :, ::8, ::8]
+            return {"out": F.interpolate(y, x.shape[-2:], mode="bilinear") if resize else y}
+
+    preset = get_preset("danet_tiny_synthetic")
+    val = build_dataset(preset, ensure_synthetic(tmp_path / "data"), "val")
+    torch.manual_seed(0)
+    model = Coarse().eval()
+    tta = dict(scales=(0.5, 1.0), flip=True, merge="probs", resize_logits="twice")
+    kw = dict(device=torch.device("cpu"), limit=3, progress=False, **tta)
+    want = ConfusionMatrix(preset.num_classes, ignore_index=preset.dataset.ignore_index)
+    for i in range(3):
+        image, label = val.read(i)
+        assert image.shape[:2] != tuple(val[i][0].shape[-2:])  # the test pipeline resizes them
+        views = OriginalViews(image, preset.mean, preset.std)
+        want.update(segment(model, views, label.shape, **tta).argmax(1)[0], torch.from_numpy(label).long())
+    assert int((want.mat.sum(0) > 0).sum()) >= 3  # labels of several classes
+    for workers in (0, 2):
+        cm = evaluate(model, val, preset.num_classes, workers=workers, views="original", **kw)
+        assert torch.equal(cm.mat, want.mat)
+    assert not torch.equal(evaluate(model, val, preset.num_classes, **kw).mat, want.mat)
+    plain = dict(device=torch.device("cpu"), limit=2, progress=False)
+    assert torch.equal(evaluate(model, val, 5, views="original", **plain).mat, evaluate(model, val, 5, **plain).mat)
+    with pytest.raises(Exception, match="TTA views must be one of resized, original, got 'tensor'"):
+        evaluate(model, val, 5, views="tensor", **plain)

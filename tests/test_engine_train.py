@@ -136,8 +136,13 @@ def test_test_cli_tta_and_slide(runs, data_root, tmp_path, capsys):
     tta = json.loads((tmp_path / "tta.json").read_text())
     assert tta["settings"]["scales"] == list(get_preset(PRESET).tta_scales) and tta["settings"]["flip"] is True
     assert tta["settings"]["tta_merge"] == "logits" and whole["settings"]["tta_merge"] is None  # sssegmentation's
+    assert tta["settings"]["tta_views"] == "resized" and whole["settings"]["tta_views"] is None
     assert main([*base, "--tta", "--tta-merge", "probs", "--json", str(tmp_path / "probs.json")]) == 0
     assert json.loads((tmp_path / "probs.json").read_text())["settings"]["tta_merge"] == "probs"
+    assert main([*base, "--tta", "--tta-views", "original", "--json", str(tmp_path / "original.json")]) == 0
+    original = json.loads((tmp_path / "original.json").read_text())["settings"]
+    assert (original["tta_views"], original["tta_merge"]) == ("original", "logits")  # each flag alone
+    assert main([*base, "--tta-views", "original"]) == 2 and "add --tta" in capsys.readouterr().err
     assert main([*base, "--mode", "slide", "--crop", "64", "64", "--json", str(tmp_path / "slide.json")]) == 0
     slide = json.loads((tmp_path / "slide.json").read_text())
     assert slide["settings"]["mode"] == "slide" and slide["settings"]["crop"] == [64, 64]

@@ -102,6 +102,59 @@ def test_tta_logits_merge_matches_sssegmentation_test():
         segment(model, x, tuple(meta["size"]), scales=scales, merge="mean")
 
 
+def test_tta_of_an_mmseg_file_matches_mmsegmentation_s_own(tmp_path):
+    """mmseg's multi-scale + flip (the ADE20K config's tta_pipeline as it ships, SegTTAModel.merge_preds) of the
+    mmseg_d8 model on a PNG: `OriginalViews` makes views of its sizes from the image as read, and `segment` with the
+    probabilities merged and the logits resized twice gives mmseg's mean probabilities, float64; `danet predict --tta`
+    on the file takes those defaults and writes mmseg's labels. Views rescaled from the resized tensor (sssegmentation's
+    test) give other probabilities."""
+    from PIL import Image
+
+    from danet.cli import main
+    from danet.data.io import read_image
+    from danet.engine.evaluate import OriginalViews, default_tta, segment
+    from danet.engine.predict import Predictor
+
+    data = np.load(FIXTURES / "mmseg_d8_tta.npz")
+    meta = json.loads(str(data["meta_json"]))
+    ratios, size = tuple(meta["peer"]["ratios"]), tuple(meta["size"])
+    image = read_image(FIXTURES / "mmseg_d8_tta.png")
+    assert image.shape[:2] == size and size[0] % 8 and size[1] % 8
+    views = OriginalViews(image, (123.675, 116.28, 103.53), (58.395, 57.12, 57.375), dtype=torch.float64)
+    assert [list(views.view(r).shape[-2:]) for r in ratios] == [v["img_shape"] for v in meta["peer"]["views"][::2]]
+    model = load_model(FIXTURES / "mmseg_d8.pth").double()
+    ours = segment(model, views, size, scales=ratios, flip=True, merge="probs", resize_logits="twice")
+    want = torch.from_numpy(data["probs_64"])[None]
+    assert ours.shape == want.shape and rel(ours, want) < 1e-9
+    assert np.array_equal(ours[0].argmax(0).numpy(), data["labels"][0])
+    resized = segment(model, views.view(1.0), size, scales=ratios, flip=True, merge="probs", resize_logits="twice")
+    assert rel(resized, want) > 1e-2
+    assert default_tta(read_checkpoint(FIXTURES / "mmseg_d8.pth")) == ("original", "probs")
+    assert default_tta(read_checkpoint(FIXTURES / "ssseg_d8.pth")) == ("resized", "logits")
+    pred = Predictor(FIXTURES / "mmseg_d8.pth", device="cpu")
+    assert (pred.tta_views, pred.tta_merge, pred.base_size) == ("original", "probs", None)
+    pred.tta_scales = ratios
+    labels = pred(image, tta=True)  # float32
+    assert (labels == data["labels"][0]).mean() > 0.999
+    f32 = OriginalViews(image, pred.mean, pred.std)
+    by_hand = segment(pred.model, f32, size, scales=ratios, flip=True, merge="probs", resize_logits="twice")
+    assert np.array_equal(labels, by_hand[0].argmax(0).numpy())
+    assert not np.array_equal(pred(image, tta=True, views="resized"), labels)
+    with pytest.raises(Exception, match="views='tensor': give one of None, 'resized', 'original'"):
+        pred(image, tta=True, views="tensor")
+    with pytest.raises(Exception, match="views='original' makes the views of tta=True; add tta=True"):
+        pred(image, views="original")
+    png = tmp_path / "in" / "photo.png"
+    png.parent.mkdir()
+    Image.fromarray(image).save(png)
+    assert main(["predict", "--checkpoint", str(FIXTURES / "mmseg_d8.pth"), str(png), "--out", str(tmp_path / "out"),
+                 "--tta", "--no-progress"]) == 0  # fmt: skip
+    written = np.asarray(Image.open(tmp_path / "out" / "photo.png"))  # the default scales: no preset named
+    fresh = Predictor(FIXTURES / "mmseg_d8.pth", device="cpu")
+    assert np.array_equal(written, fresh(image, tta=True))
+    assert not np.array_equal(written, fresh(image, tta=True, views="resized", merge="logits"))
+
+
 # ------------------------------------------------------------- what an mmseg file's config says beyond its weights
 def test_mmseg_files_give_their_output_stride():
     """The output stride is read from an mmseg file's config text (its weights are the same at 8 and 16); a preset

@@ -45,6 +45,9 @@ NARROW = {"base": 4, "stem": 8, "head": 32, "key": 16, "aux_ssseg": 32, "aux_mms
 CASES = [("ssseg", 8, (75, 97), 0), ("ssseg", 16, (67, 101), 1), ("mmseg", 8, (75, 97), 2), ("mmseg", 16, (67, 101), 3)]
 SAVED = ("logits", "head_pam_cam", "head_pam", "head_cam", "aux_logits")
 TTA_SCALES = [0.5, 1.0, 1.5]  # the TTA fixture (ssseg_d8_tta.npz): scales not a multiple of 8 apart, and flips
+# mmseg's own TTA fixture (mmseg_d8_tta.*): the mmseg_d8 model on a PNG of this size (no side a multiple of 8),
+# through the ADE20K config's tta_pipeline as it ships (img_ratios 0.5 .. 1.75, flips)
+MMSEG_TTA_SIZE, MMSEG_TTA_SEED = (61, 83), 5
 # the align_corners fixture (mmseg_769.*): one of mmseg's Cityscapes 769x769 configs (align_corners=True)
 CORNERS_CONFIG, CORNERS_SIZE, CORNERS_SEED = "danet_r50-d8_4xb2-40k_cityscapes-769x769", (71, 93), 4
 
@@ -104,6 +107,60 @@ def peer_mmengine(src: str, dst: str) -> None:
         raise SystemExit("expected torch.load(weights_only=True) to refuse the mmengine objects")
     except Exception as e:  # noqa: BLE001
         print(f"{dst}: weights_only=True refuses it as expected ({type(e).__name__})")
+
+
+def peer_mmseg_tta(peers: str, ckpt: str, image: str, out: str) -> None:
+    """mmseg's own multi-scale + flip test of the mmseg_d8 model on `image` (inside the mmseg venv), float64.
+
+    The views come from the ADE20K config's `tta_pipeline` unchanged (TestTimeAug: mmcv's Resize(scale_factor=r,
+    keep_ratio=True) of the image as read, then RandomFlip prob 0 / 1); each goes through the model's own
+    data_preprocessor (float32, as always) and `EncoderDecoder.predict` in float64 (postprocess_result flips the
+    logits back and resizes them to the original size); `SegTTAModel.merge_preds` gives the labels. Saved: the mean
+    of the views' softmax (the rule merge_preds applies), its labels, each view's size and logits."""
+    import types
+
+    sys.dont_write_bytecode = True
+    sys.path.insert(0, peers)
+    import mmseg_danet  # noqa: PLC0415 - the peer's harness, only importable in its venv
+
+    torch = mmseg_danet.import_stack(2)
+    import numpy as np  # noqa: PLC0415
+    from mmengine.config import ConfigDict  # noqa: PLC0415
+    from mmengine.dataset import Compose  # noqa: PLC0415
+    from mmseg.models.segmentors import SegTTAModel  # noqa: PLC0415
+    from mmseg.registry import MODELS  # noqa: PLC0415
+
+    b, n = NARROW["base"], NARROW["classes"]
+    opts = [f"backbone.base_channels={b}", f"backbone.stem_channels={NARROW['stem']}",
+            f"decode_head.in_channels={b * 32}", f"decode_head.channels={NARROW['head']}",
+            f"decode_head.pam_channels={NARROW['key']}", f"decode_head.num_classes={n}",
+            f"auxiliary_head.in_channels={b * 16}", f"auxiliary_head.channels={NARROW['aux_mmseg']}",
+            f"auxiliary_head.num_classes={n}"]  # fmt: skip
+    args = types.SimpleNamespace(config="danet_r50-d8_4xb4-160k_ade20k-512x512", cfg_options=opts, d16=False)
+    cfg, model_cfg, _ = mmseg_danet.load_cfg(args)
+    model = MODELS.build(ConfigDict(model_cfg))
+    model.load_state_dict(torch.load(ckpt, weights_only=False)["state_dict"])  # our own fixture (mmengine objects)
+    model.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        label = Path(tmp) / "label.png"
+        import cv2  # noqa: PLC0415
+
+        cv2.imwrite(str(label), np.zeros(cv2.imread(image).shape[:2], np.uint8))
+        views = Compose(cfg.tta_pipeline)(
+            {"img_path": image, "seg_map_path": str(label), "reduce_zero_label": False, "seg_fields": []}
+        )
+    preprocessed = [model.data_preprocessor({"inputs": [x], "data_samples": [d]}, False)
+                    for x, d in zip(views["inputs"], views["data_samples"], strict=True)]  # fmt: skip
+    model.double()
+    with torch.no_grad():
+        results = [model.predict(p["inputs"].double(), p["data_samples"])[0] for p in preprocessed]
+    merged = SegTTAModel(module=model).merge_preds([results])[0]
+    probs = sum(r.seg_logits.data.softmax(dim=0) for r in results) / len(results)
+    labels = merged.pred_sem_seg.data.numpy()  # (1, H, W)
+    assert np.array_equal(probs.argmax(0).numpy(), labels[0]), "merge_preds' labels are not the argmax of the mean"
+    meta = {"ratios": list(cfg.img_ratios), "tta_pipeline": str(cfg.tta_pipeline), "versions": mmseg_danet.versions(),
+            "views": [{"img_shape": list(r.img_shape), "flip": bool(r.flip)} for r in results]}  # fmt: skip
+    np.savez(out, probs_64=probs.numpy(), labels=labels, meta_json=np.array(json.dumps(meta)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -224,6 +281,32 @@ def make_loss(peers: Path, out_dir: Path) -> None:
         print(f"ssseg_d8_loss: {meta['losses']}")
 
 
+def make_mmseg_tta(peers: Path, out_dir: Path) -> None:
+    """mmseg_d8_tta.{png,npz}: a smooth random RGB image (PNG, lossless) and mmseg's own multi-scale + flip test of
+    the mmseg_d8 fixture's model on it (`peer_mmseg_tta`), float64."""
+    import cv2
+    import numpy as np
+
+    h, w = MMSEG_TTA_SIZE
+    rng = np.random.default_rng(MMSEG_TTA_SEED)
+    coarse = rng.uniform(0, 255, (5, 7, 3)).astype(np.float32)
+    image = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC) + rng.normal(0, 12, (h, w, 3))
+    png = out_dir / "mmseg_d8_tta.png"
+    cv2.imwrite(str(png), np.clip(image, 0, 255).round().astype(np.uint8))  # BGR on disk, as any PNG
+    with tempfile.TemporaryDirectory(prefix="danet-fixtures-") as tmp:
+        raw = Path(tmp) / "tta.npz"
+        py = str(VENVS["mmseg"] / "bin/python")
+        run([py, __file__, "peer-mmseg-tta", str(peers), str(out_dir / "mmseg_d8.pth"), str(png), str(raw)])
+        a = np.load(raw)
+        meta = {"toolbox": "mmseg", "output_stride": 8, "size": [h, w], "seed": MMSEG_TTA_SEED,
+                "merge": "SegTTAModel.merge_preds: the mean of the views' softmax at the original size",
+                "peer": json.loads(str(a["meta_json"]))}  # fmt: skip
+        arrays = {"probs_64": a["probs_64"], "labels": a["labels"], "meta_json": np.array(json.dumps(meta))}
+        np.savez_compressed(out_dir / "mmseg_d8_tta.npz", **arrays)
+    print(f"mmseg_d8_tta: views {[v['img_shape'] for v in meta['peer']['views']]}, "
+          f"{(out_dir / 'mmseg_d8_tta.npz').stat().st_size / 1e3:.0f} kB")  # fmt: skip
+
+
 def describe_d16(pth: Path) -> None:
     """Make the config text of the harness's `--d16` file say output stride 16, as mmseg's own d16 configs do.
 
@@ -274,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["peer-ssseg"]:
         peer_ssseg(argv[1], argv[2:])
         return 0
+    if argv[:1] == ["peer-mmseg-tta"]:
+        peer_mmseg_tta(*argv[1:5])
+        return 0
     if argv[:1] == ["peer-mmengine"]:
         peer_mmengine(argv[1], argv[2])
         return 0
@@ -283,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tta-only", action="store_true", help="only ssseg_d8_tta.npz (beside an existing ssseg_d8)")
     p.add_argument("--corners-only", action="store_true", help="only mmseg_769.{pth,npz} (align_corners=True)")
     p.add_argument("--loss-only", action="store_true", help="only ssseg_d8_loss.npz (beside an existing ssseg_d8)")
+    p.add_argument("--mmseg-tta-only", action="store_true", help="only mmseg_d8_tta.{png,npz} (beside mmseg_d8)")
     args = p.parse_args(argv)
     for tb, venv in VENVS.items():
         if not (venv / "bin/python").exists():
@@ -293,11 +380,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.loss_only:
         make_loss(args.peers, args.out)
         return 0
+    if args.mmseg_tta_only:
+        make_mmseg_tta(args.peers, args.out)
+        return 0
     if not args.tta_only:
         make(args.peers, args.out)
         make_corners(args.peers, args.out)
         make_loss(args.peers, args.out)
     make_tta(args.peers, args.out)
+    make_mmseg_tta(args.peers, args.out)
     return 0
 
 

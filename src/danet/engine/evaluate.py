@@ -8,8 +8,10 @@ Facts kept from the reference toolboxes (REFERENCE.md, Data / Metrics; mmseg's E
   image; overlapping logits are averaged; a window larger than the image is cut to the image (no padding).
 - TTA: sssegmentation's multi-scale + flip test: the image rescaled by each factor (bilinear on the normalised
   tensor) and flipped; each view's logits resized to the original size and averaged (its default,
-  use_probs_before_resize=False). merge="probs" averages their softmax probabilities instead: mmseg's SegTTAModel's
-  rule, on these views (mmseg makes its views otherwise: it resizes the original image per scale, rounding the sizes).
+  use_probs_before_resize=False). mmseg's (its tta_pipeline and SegTTAModel): each view is the ORIGINAL image (not the
+  test-resized one) keep-ratio resized by the factor with OpenCV, sizes rounded as mmcv's Resize(scale_factor=r,
+  keep_ratio=True) rounds them (`OriginalViews`), then normalised and flipped; the mean of the views' softmax
+  probabilities at the original size (merge="probs").
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -151,12 +155,47 @@ def default_resize(ck) -> str:
 
 # how TTA combines its views: the mean logits (sssegmentation's test, the default) or probabilities (mmseg's rule)
 TTA_MERGES = ("logits", "probs")
+# what TTA rescales: the test-resized, normalised image (sssegmentation) or the original image (mmseg)
+TTA_VIEWS = ("resized", "original")
+
+
+def default_tta(ck) -> tuple[str, str]:
+    """(views, merge) of a checkpoint's toolbox's own multi-scale + flip test: ("original", "probs") for an
+    mmsegmentation file (or one converted from it), else ("resized", "logits") (sssegmentation, this project)."""
+    return ("original", "probs") if default_resize(ck) == "twice" else ("resized", "logits")
+
+
+@dataclass(frozen=True)
+class OriginalViews:
+    """mmseg's TTA views of one image: `view(s)` is the original RGB uint8 `(H, W, 3)` image resized as mmcv's
+    Resize(scale_factor=s, keep_ratio=True) resizes it (target (int(W s + 0.5), int(H s + 0.5)), then the keep-ratio
+    rule of `keep_ratio_size`, OpenCV bilinear on uint8), normalised: `(1, 3, h, w)` of `dtype` on `device`."""
+
+    image: np.ndarray
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    channels_last: bool = False
+
+    def view(self, s: float) -> torch.Tensor:
+        import cv2
+
+        from ..data.transforms import keep_ratio_size, normalize
+
+        h, w = self.image.shape[:2]
+        new_w, new_h = keep_ratio_size(h, w, (int(w * s + 0.5), int(h * s + 0.5)))
+        image = self.image
+        if (new_h, new_w) != (h, w):
+            image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+        x = normalize(image, self.mean, self.std)[None].to(self.device, self.dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 @torch.inference_mode()
 def segment(
     model: nn.Module,
-    image: torch.Tensor,
+    image: torch.Tensor | OriginalViews,
     out_size: tuple[int, int],
     mode: str = "whole",
     crop: tuple[int, int] | None = None,
@@ -168,8 +207,10 @@ def segment(
     resize_logits: str = "once",
 ) -> torch.Tensor:
     """Scores `(B, K, H, W)` at `out_size` (H, W) of a normalised `(B, 3, h, w)` image: argmax them for labels.
-    `resize_logits`: a view's output-stride logits go to `out_size` "once" (sssegmentation) or "twice", through the
-    view's own size (mmseg's EncoderDecoder); slide windows' logits are at the view's size either way.
+    An `OriginalViews` instead makes every scale's view from the original image (mmseg's TTA; the 1.0 view is the
+    original image itself). `resize_logits`: a view's output-stride logits go to `out_size` "once"
+    (sssegmentation) or "twice", through the view's own size (mmseg's EncoderDecoder); slide windows' logits are at
+    the view's size either way.
 
     Without TTA (one scale, no flip) these are the logits; with TTA, the mean over the views of the logits
     (merge="logits", sssegmentation's test) or of the softmax probabilities (merge="probs", mmseg's rule).
@@ -183,7 +224,10 @@ def segment(
     total = None
     views = 0
     for s in scales:
-        scaled = image if s == 1.0 else rescale(image, s)
+        if isinstance(image, OriginalViews):
+            scaled = image.view(s)
+        else:
+            scaled = image if s == 1.0 else rescale(image, s)
         for flipped in (False, True) if flip else (False,):
             x = scaled.flip(-1) if flipped else scaled
             logits = infer(model, x, mode, crop, stride, amp, resize=False)  # whole: at the output stride
@@ -268,8 +312,10 @@ def evaluate(
     workers: int | None = None,
     merge: str = "logits",
     resize_logits: str = "once",
+    views: str = "resized",
 ):
     """mIoU etc. of `model` on a val dataset (items: normalised `(3, h, w)` image, `(H, W)` label at original size).
+    views="original" (with TTA): each scale's view is made from the image as read (`OriginalViews`, mmseg's TTA).
 
     In a process group each rank takes every world-th image and the confusion matrix is summed over the ranks,
     so every rank returns the same metrics. `workers`: processes that read and decode the next images while the
@@ -277,14 +323,18 @@ def evaluate(
     """
     from .metrics import ConfusionMatrix
 
+    if views not in TTA_VIEWS:
+        raise DanetError(f"TTA views must be one of {', '.join(TTA_VIEWS)}, got {views!r}")
+    original = views == "original" and (len(scales) > 1 or flip or tuple(scales) != (1.0,))
     rank, world = _rank_world()
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
     n = len(dataset) if limit is None else min(limit, len(dataset))
     indices = range(rank, n, world)
+    source = _AsRead(dataset) if original else dataset
     bar = tqdm(
-        _items(dataset, indices, eval_workers(device, workers), device, labels_fit_uint8(num_classes, ignore_index)),
+        _items(source, indices, eval_workers(device, workers), device, labels_fit_uint8(num_classes, ignore_index)),
         total=len(indices),
         desc=desc,
         disable=not progress or rank != 0,
@@ -292,9 +342,13 @@ def evaluate(
         dynamic_ncols=True,
     )
     for image, label in bar:
-        image = torch.as_tensor(image)[None].to(device)
-        if channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
+        if original:
+            pipe = dataset.pipeline
+            image = OriginalViews(np.asarray(image), pipe.mean, pipe.std, device, channels_last=channels_last)
+        else:
+            image = torch.as_tensor(image)[None].to(device)
+            if channels_last:
+                image = image.contiguous(memory_format=torch.channels_last)
         label = torch.as_tensor(label).to(device)
         scores = segment(
             model, image, tuple(label.shape[-2:]), mode, crop, stride, scales, flip, amp, merge, resize_logits
@@ -321,6 +375,19 @@ def eval_workers(device: torch.device, requested: int | None = None) -> int:
     from .distributed import cores_per_process
 
     return max(1, min(EVAL_WORKERS_MAX, cores_per_process() - 1))
+
+
+class _AsRead(torch.utils.data.Dataset):
+    """A val dataset's items as read: RGB uint8 `(H, W, 3)` image (not resized nor normalised), uint8 label."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.dataset.read(index)
 
 
 def _uint8_label(item: tuple) -> tuple:
@@ -358,4 +425,13 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-__all__ = ["autocast", "evaluate", "infer", "segment", "slide_logits", "slide_windows", "upsample_argmax"]
+__all__ = [
+    "OriginalViews",
+    "autocast",
+    "evaluate",
+    "infer",
+    "segment",
+    "slide_logits",
+    "slide_windows",
+    "upsample_argmax",
+]

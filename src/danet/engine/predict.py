@@ -7,7 +7,9 @@ Classes, palette and normalisation come from the checkpoint's meta (or --preset)
 
 Large inputs: an image over `--max-pixels` (default 2048 x 1024, a Cityscapes frame) after resizing is segmented
 in sliding windows of the crop size. The labels are those `danet test` computes (logits resized to the original size,
-once or, for an mmseg checkpoint, via the input size; with `--tta` the views' logits averaged there) unless
+once or, for an mmseg checkpoint, via the input size; with `--tta` the views merged there as the checkpoint's toolbox
+merges them: sssegmentation's mean logits of the rescaled image, mmseg's mean probabilities of the rescaled original)
+unless
 K x H x W floats would pass FULL_SIZE_ELEMS; then they are computed at the resized size and upsampled in strips, so
 memory stays bounded.
 """
@@ -46,7 +48,14 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tta-merge",
         choices=("logits", "probs"),
-        help="TTA: average the views' logits (default, as sssegmentation's test) or their softmax probabilities",
+        help="TTA: average the views' logits (sssegmentation's test) or their softmax probabilities (mmsegmentation's "
+        "rule); default: probs for an mmsegmentation checkpoint, else logits",
+    )
+    parser.add_argument(
+        "--tta-views",
+        choices=("resized", "original"),
+        help="TTA: rescale the resized image (sssegmentation's test) or the original image (mmsegmentation's "
+        "tta_pipeline); default: original for an mmsegmentation checkpoint, else resized",
     )
     parser.add_argument("--no-resize", action="store_true", help="segment at the native resolution")
     parser.add_argument(
@@ -205,8 +214,9 @@ class Predictor:
 
     The image is resized (keep ratio) to the base size, segmented (sliding windows above `max_pixels`), and the
     logits resized back as the checkpoint's toolbox does (`resize_logits`: once, or via the input size for mmseg);
-    `tta=True` adds the preset's scales and flips (`merge`: "logits", sssegmentation's test, the default, or
-    "probs").
+    `tta=True` adds the preset's scales and flips, by default as the checkpoint's toolbox makes and merges them
+    (`tta_views`, `tta_merge`: "resized" and "logits", sssegmentation's test; "original" and "probs" for an mmseg
+    file, its tta_pipeline and SegTTAModel); the keywords `views` and `merge` choose otherwise.
     """
 
     def __init__(self, checkpoint: str | Path, preset_name: str | None = None, device: str = "auto") -> None:
@@ -214,7 +224,7 @@ class Predictor:
         from ..presets import get_preset
         from ..safe_load import check_file
         from .distributed import pick_device
-        from .evaluate import default_resize
+        from .evaluate import default_resize, default_tta
 
         check_file(checkpoint)  # not found, or a folder (naming a checkpoint inside)
         ck = read_checkpoint(checkpoint)
@@ -228,6 +238,7 @@ class Predictor:
         remedy = "--preset / preset_name=" if preset_name else ""
         self.model = load_model(ck, structure, remedy=remedy).to(self.device).eval()
         self.resize_logits = default_resize(ck)  # as the checkpoint's toolbox resizes its logits
+        self.tta_views, self.tta_merge = default_tta(ck)  # and makes and merges its TTA views
         meta = ck.meta
         p = self.preset
         self.classes = list(p.classes) if preset_name and p else meta.get("classes") or (list(p.classes) if p else None)
@@ -257,18 +268,23 @@ class Predictor:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         amp: str = "none",
         merge: str | None = None,
+        views: str | None = None,
     ) -> np.ndarray:
         """RGB uint8 `(H, W, 3)` (or a PIL image) -> class indices uint8 `(H, W)` at the original size."""
         from ..data.transforms import normalize, resize_keep_ratio
-        from .evaluate import TTA_MERGES, align_corners, segment, upsample_argmax
+        from .evaluate import TTA_MERGES, TTA_VIEWS, OriginalViews, align_corners, segment, upsample_argmax
 
-        for what, value, allowed in (("mode", mode, (None, "whole", "slide")), ("amp", amp, ("none", "bf16", "fp16")),
-                                     ("merge", merge, (None, *TTA_MERGES))):  # fmt: skip
+        choices = (("mode", mode, (None, "whole", "slide")), ("amp", amp, ("none", "bf16", "fp16")),
+                   ("merge", merge, (None, *TTA_MERGES)), ("views", views, (None, *TTA_VIEWS)))  # fmt: skip
+        for what, value, allowed in choices:
             if value not in allowed:
                 raise DanetError(f"Predictor {what}={value!r}: give one of {', '.join(map(repr, allowed))}")
-        if merge is not None and not tta:
-            raise DanetError(f"Predictor merge={merge!r} merges the views of tta=True; add tta=True, or leave it out")
-        merge = merge or "logits"
+        for what, value, verb in (("merge", merge, "merges"), ("views", views, "makes")):
+            if value is not None and not tta:
+                raise DanetError(
+                    f"Predictor {what}={value!r} {verb} the views of tta=True; add tta=True, or leave it out"
+                )
+        merge, views = merge or self.tta_merge, views or self.tta_views
 
         if isinstance(image, Image.Image):
             image = np.asarray(image.convert("RGB"))
@@ -284,12 +300,14 @@ class Predictor:
         if mode is None:
             mode = "slide" if x.shape[-2] * x.shape[-1] > max_pixels else "whole"
         scales = self.tta_scales if tta else (1.0,)
+        source = OriginalViews(image, self.mean, self.std, self.device, x.dtype) if tta and views == "original" else x
         if self.model.num_classes * h * w <= FULL_SIZE_ELEMS:
-            # as `danet test`: the logits resized once to the original size (with TTA, before each view's softmax)
-            scores = segment(self.model, x, (h, w), mode, self.crop, None, scales, tta, amp, merge, self.resize_logits)
+            # as `danet test`: the logits resized to the original size (with TTA, before each view's softmax)
+            scores = segment(self.model, source, (h, w), mode, self.crop, None, scales, tta, amp, merge,
+                             self.resize_logits)  # fmt: skip
             labels = scores[0].argmax(0)
         else:  # at the resized size, then upsampled in strips: K x H x W floats never exist
-            scores = segment(self.model, x, tuple(x.shape[-2:]), mode, self.crop, None, scales, tta, amp, merge)
+            scores = segment(self.model, source, tuple(x.shape[-2:]), mode, self.crop, None, scales, tta, amp, merge)
             labels = upsample_argmax(scores[0], (h, w), corners=align_corners(self.model))
         return labels.to(torch.uint8).cpu().numpy()
 
@@ -301,8 +319,9 @@ def run_cli(args) -> int:
     from ..viz import label_image, legend_image, overlay
     from .distributed import cpu_threads
 
-    if args.tta_merge and not args.tta:
-        raise DanetError(f"--tta-merge {args.tta_merge} merges the views of --tta; add --tta")
+    for flag, value, verb in (("--tta-merge", args.tta_merge, "merges"), ("--tta-views", args.tta_views, "makes")):
+        if value and not args.tta:
+            raise DanetError(f"{flag} {value} {verb} the views of --tta; add --tta")
     if not 0 <= args.alpha <= 1:
         raise DanetError(f"--alpha {args.alpha} is outside 0..1 (0: the photo only, 1: the labels only)")
     out = Path(args.out)
@@ -335,6 +354,7 @@ def run_cli(args) -> int:
             max_pixels=args.max_pixels,
             amp=args.amp,
             merge=args.tta_merge,
+            views=args.tta_views,
         )
         write_output(out / f"{name}.png", label_image(label, predictor.palette))
         if args.overlay:

@@ -50,8 +50,14 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tta-merge",
         choices=("logits", "probs"),
-        help="TTA: average the views' logits (default, as sssegmentation's test) or their softmax probabilities "
-        "(mmsegmentation's rule)",
+        help="TTA: average the views' logits (sssegmentation's test) or their softmax probabilities (mmsegmentation's "
+        "rule); default: probs for an mmsegmentation checkpoint, else logits",
+    )
+    parser.add_argument(
+        "--tta-views",
+        choices=("resized", "original"),
+        help="TTA: rescale the test-resized image (sssegmentation's test) or the original image (mmsegmentation's "
+        "tta_pipeline); default: original for an mmsegmentation checkpoint, else resized",
     )
     parser.add_argument(
         "--resize-logits",
@@ -89,7 +95,7 @@ def run_test(args) -> dict:
     from ..presets import get_preset
     from ..safe_load import check_file
     from . import distributed
-    from .evaluate import check_slide, default_resize, default_stride, evaluate
+    from .evaluate import check_slide, default_resize, default_stride, default_tta, evaluate
 
     preset = get_preset(args.preset)
     if args.dataset == "folder":
@@ -103,8 +109,9 @@ def run_test(args) -> dict:
     if args.scales and not all(math.isfinite(s) and 0 < s <= MAX_SCALE for s in args.scales):
         raise DanetError(f"--scales must be factors in (0, {MAX_SCALE:g}] (e.g. 0.75 1 1.25), got {args.scales}")
     tta = args.tta or bool(args.scales)
-    if args.tta_merge and not tta:
-        raise DanetError(f"--tta-merge {args.tta_merge} merges the views of --tta (or --scales); add --tta")
+    for flag, value, verb in (("--tta-merge", args.tta_merge, "merges"), ("--tta-views", args.tta_views, "makes")):
+        if value and not tta:
+            raise DanetError(f"{flag} {value} {verb} the views of --tta (or --scales); add --tta")
     if args.no_flip and not tta:
         raise DanetError("--no-flip drops the flipped views of --tta (or --scales); add --tta, or leave it out")
     if args.limit is not None and args.limit < 1:
@@ -133,6 +140,7 @@ def run_test(args) -> dict:
     if mode == "slide" or stride:
         check_slide(crop, stride)
     resize_logits = args.resize_logits or default_resize(ck)
+    tta_views, tta_merge = (args.tta_views or default_tta(ck)[0], args.tta_merge or default_tta(ck)[1])
     info = distributed.setup(args.device)
     threads = torch.get_num_threads()
     if info.device.type == "cpu":
@@ -168,8 +176,9 @@ def run_test(args) -> dict:
             progress=not args.no_progress,
             desc="test",
             workers=args.workers,
-            merge=args.tta_merge or "logits",
+            merge=tta_merge,
             resize_logits=resize_logits,
+            views=tta_views,
         )
         metrics = cm.compute()
         n = len(dataset) if args.limit is None else min(args.limit, len(dataset))
@@ -189,7 +198,8 @@ def run_test(args) -> dict:
             "stride": list(stride or default_stride(crop)) if mode == "slide" else None,
             "scales": list(scales),
             "flip": flip,
-            "tta_merge": (args.tta_merge or "logits") if tta else None,
+            "tta_merge": tta_merge if tta else None,
+            "tta_views": tta_views if tta else None,
             "resize_logits": resize_logits if mode != "slide" else None,
             "base_size": list(preset.base_size),
             "amp": args.amp,

@@ -66,7 +66,7 @@ class ScheduleConfig:
 
     epochs: int | None = None
     batch_size: int | None = None  # GLOBAL batch, split evenly over the processes
-    iters_per_epoch: int | None = None  # cap on iterations per epoch (None: train images // batch, drop_last)
+    iters_per_epoch: int | None = None  # cap on iterations per epoch (None: all: padded as sssegmentation, drop_last)
     lr: float | None = None
     momentum: float | None = None
     weight_decay: float | None = None

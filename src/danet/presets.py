@@ -126,9 +126,14 @@ class Preset:
 
     @property
     def iters_per_epoch(self) -> int:
-        # NOTE: drop_last. VOC (661) and ADE20K (1263) match sssegmentation's count; for Cityscapes its sampler pads
-        # 2975 images to 8 GPUs x 372, one batch more an epoch than 371 here (0.27 % of the schedule)
-        return max(1, self.dataset.num_train // self.schedule.batch_size)
+        """sssegmentation's count: the train images padded over its GPUs (DistributedSampler), full batches only
+        (VOC 661, ADE20K 1263, Cityscapes 2976 // 8 = 372)."""
+        from .engine.sampling import epoch_batches, reference_replicas
+
+        s = self.schedule
+        return max(
+            1, epoch_batches(self.dataset.num_train, s.batch_size, reference_replicas(s.batch_size, s.loss_images))
+        )
 
     @property
     def total_iters(self) -> int:

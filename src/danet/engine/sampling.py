@@ -2,7 +2,9 @@
 
 - `EpochBatchSampler`: the epoch's permutation comes from (seed, epoch); global batch i is perm[i*G:(i+1)*G] and
   rank r takes its r-th slice of B = G / world, so N processes see exactly the images one process would. An epoch
-  can start at any batch (resume mid-epoch).
+  can start at any batch (resume mid-epoch). With `pad_to` R the permutation is first padded with its own first
+  items to a multiple of R, as torch's DistributedSampler pads it over R replicas (sssegmentation's 8 GPUs): global
+  batch i is then the union of what those R replicas' loaders (drop_last) take as their batch i.
 - Each batch entry is `(index, item_seed)` with item_seed = mix(seed, epoch, index): `SegmentationDataset` draws
   that item's crop/flip/jitter from `default_rng(item_seed)`, so augmentation does not depend on the worker count,
   the worker that loads it, the rank, or where a run resumed.
@@ -11,6 +13,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from collections.abc import Iterator
 
@@ -25,6 +28,25 @@ def mix(*parts) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def padded_size(size: int, replicas: int = 1) -> int:
+    """Items of an epoch of `size` items padded over `replicas` (DistributedSampler, drop_last=False):
+    replicas * ceil(size / replicas)."""
+    return replicas * math.ceil(size / replicas) if size else 0
+
+
+def reference_replicas(global_batch: int, loss_images: int) -> int:
+    """The GPUs of the reference run a schedule emulates: the global batch over its images per loss reduction
+    (`schedule.loss_images`, each reference GPU's batch: 16 / 2 = 8); 1 where that is 0 (no reference) or does not
+    divide the batch."""
+    return global_batch // loss_images if loss_images and global_batch % loss_images == 0 else 1
+
+
+def epoch_batches(size: int, global_batch: int, replicas: int = 1) -> int:
+    """Full global batches an epoch of `size` items padded over `replicas` holds (drop_last): sssegmentation's
+    iterations per epoch on `replicas` GPUs, e.g. Cityscapes' 2975 images over 8: 2976 // 8 = 372."""
+    return padded_size(size, replicas) // global_batch
+
+
 class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     """Per-rank batches of (index, item seed) for one epoch; `set_epoch(epoch, start)` picks epoch and first batch.
 
@@ -34,6 +56,7 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         world, rank: process group size and this process's rank.
         seed: run seed.
         max_iters_per_epoch: optional cap on batches per epoch (short runs).
+        pad_to: R, pad each epoch's permutation with its own first items to a multiple of R (1: no padding).
     """
 
     def __init__(
@@ -44,11 +67,14 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         rank: int = 0,
         seed: int = 0,
         max_iters_per_epoch: int | None = None,
+        pad_to: int = 1,
     ) -> None:
         assert global_batch % world == 0, "the global batch must split evenly over the ranks"
+        assert pad_to >= 1, "pad_to counts replicas: 1 or more"
         self.size, self.global_batch, self.world, self.rank, self.seed = size, global_batch, world, rank, seed
         self.per_rank = global_batch // world
-        full = size // global_batch
+        self.pad_to = pad_to
+        full = epoch_batches(size, global_batch, pad_to)
         self.iters_per_epoch = min(full, max_iters_per_epoch) if max_iters_per_epoch else full
         self.epoch, self.start = 0, 0
 
@@ -62,12 +88,25 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         g = torch.Generator().manual_seed(mix(self.seed, "epoch", epoch))
         return torch.randperm(self.size, generator=g)
 
+    def order(self, epoch: int) -> list[int]:
+        """The epoch's items: its permutation, padded with its own first items (repeated if need be) to
+        `padded_size(size, pad_to)`."""
+        perm = self.permutation(epoch).tolist()
+        pad = padded_size(self.size, self.pad_to) - self.size
+        return perm + (perm * math.ceil(pad / self.size))[:pad] if pad else perm
+
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        perm = self.permutation(self.epoch).tolist()
+        order = self.order(self.epoch)
         for i in range(self.start, self.iters_per_epoch):
             first = i * self.global_batch + self.rank * self.per_rank
-            idx = perm[first : first + self.per_rank]
-            yield [(j, mix(self.seed, "item", self.epoch, j)) for j in idx]
+            yield [(order[p], self.item_seed(p, order[p])) for p in range(first, first + self.per_rank)]
+
+    def item_seed(self, position: int, index: int) -> int:
+        """The augmentation seed of item `index` at `position` of this epoch's order: a function of (seed, epoch,
+        index); a padding repeat (position >= size) draws its own, as the replica that takes it would."""
+        if position < self.size:
+            return mix(self.seed, "item", self.epoch, index)
+        return mix(self.seed, "padding", self.epoch, position)
 
 
 def capture_rng_states() -> dict:

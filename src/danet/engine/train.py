@@ -40,7 +40,7 @@ from .graphed import CudaGraphs, GraphedStep
 from .logging import RunLogger
 from .losses import danet_loss, groups
 from .run_files import after_divergence, draw_pictures, run_outputs, write_metrics
-from .sampling import EpochBatchSampler, capture_rng_states, mix, restore_rng_states
+from .sampling import EpochBatchSampler, capture_rng_states, mix, reference_replicas, restore_rng_states
 from .schedule import PolyLR, build_optimizer, final_lr
 from .start import (
     backbone_source,
@@ -144,8 +144,10 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     n_train = min(len(train_ds), cfg.data.train_limit or len(train_ds))  # train_limit: the first N images
+    # NOTE: each epoch padded over the reference's GPUs as its DistributedSampler pads it (Cityscapes: 372 batches)
+    replicas = reference_replicas(sch.batch_size, sch.loss_images)
     sampler = EpochBatchSampler(
-        n_train, sch.batch_size, info.world, info.rank, cfg.seed, max_iters_per_epoch=sch.iters_per_epoch
+        n_train, sch.batch_size, info.world, info.rank, cfg.seed, sch.iters_per_epoch, pad_to=replicas
     )
     ipe = sampler.iters_per_epoch
     if ipe == 0:
@@ -182,6 +184,15 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
             raise DanetError(
                 f"{resume} is at iteration {done}, past this run's schedule, which ends at {total} ({sch.epochs} "
                 f"epochs of {ipe}): nothing left to train; raise schedule.epochs to train further"
+            )
+        # NOTE: a state of another epoch length would resume at the wrong place of its epoch (and of the data order);
+        # states before the padding recorded none: their epochs were the unpadded count
+        was = ts.get("iters_per_epoch", min(n_train // sch.batch_size, sch.iters_per_epoch or n_train))
+        if was != ipe:
+            why = "" if "iters_per_epoch" in ts else f" (earlier versions did not pad them over {replicas} GPUs)"
+            raise DanetError(
+                f"{resume} was trained with epochs of {was} iterations, this run's are {ipe}{why}; resume with --set "
+                f"schedule.iters_per_epoch={was}"
             )
         optimizer.load_state_dict(ts["optimizer"])
         scheduler.load_state_dict(ts["scheduler"])
@@ -231,6 +242,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
                 "rng": capture_rng_states(),
                 "iter": it,
                 "epoch": epoch,
+                "iters_per_epoch": ipe,
                 "best_miou": best,
                 "best_iter": best_iter,
                 "validation_pending": validation_pending,

@@ -171,9 +171,10 @@ def test_default_slide_stride_is_mmseg_s():
 
 
 def test_original_views_evaluate_each_image_as_read(tmp_path):
-    """views="original" (mmseg's TTA): each image's views are made from the image as read, not from the test-resized
-    one: the confusion matrix of `segment` on `OriginalViews` of every image, with 0 or 2 reader processes; other
-    than the resized views'. Without TTA the setting changes nothing; an unknown one is refused."""
+    """views="original" (mmseg's TTA) and "base" (mmseg 0.x's): each image's views are made from the image as read,
+    not from the test-resized one: the confusion matrix of `segment` on `OriginalViews` of every image (with "base",
+    resized to the base size times each scale), with 0 or 2 reader processes; other than the resized views'. Without
+    TTA the setting changes nothing; an unknown one is refused."""
     from danet.data import build_dataset, ensure_synthetic
     from danet.engine.evaluate import OriginalViews, evaluate
     from danet.engine.metrics import ConfusionMatrix
@@ -194,18 +195,19 @@ def test_original_views_evaluate_each_image_as_read(tmp_path):
     model = Coarse().eval()
     tta = dict(scales=(0.5, 1.0), flip=True, merge="probs", resize_logits="twice")
     kw = dict(device=torch.device("cpu"), limit=3, progress=False, **tta)
-    want = ConfusionMatrix(preset.num_classes, ignore_index=preset.dataset.ignore_index)
-    for i in range(3):
-        image, label = val.read(i)
-        assert image.shape[:2] != tuple(val[i][0].shape[-2:])  # the test pipeline resizes them
-        views = OriginalViews(image, preset.mean, preset.std)
-        want.update(segment(model, views, label.shape, **tta).argmax(1)[0], torch.from_numpy(label).long())
-    assert int((want.mat.sum(0) > 0).sum()) >= 3  # labels of several classes
-    for workers in (0, 2):
-        cm = evaluate(model, val, preset.num_classes, workers=workers, views="original", **kw)
-        assert torch.equal(cm.mat, want.mat)
-    assert not torch.equal(evaluate(model, val, preset.num_classes, **kw).mat, want.mat)
+    for views, base in (("original", None), ("base", preset.base_size)):
+        want = ConfusionMatrix(preset.num_classes, ignore_index=preset.dataset.ignore_index)
+        for i in range(3):
+            image, label = val.read(i)
+            assert image.shape[:2] != tuple(val[i][0].shape[-2:])  # the test pipeline resizes them
+            source = OriginalViews(image, preset.mean, preset.std, base=base)
+            want.update(segment(model, source, label.shape, **tta).argmax(1)[0], torch.from_numpy(label).long())
+        assert int((want.mat.sum(0) > 0).sum()) >= 3  # labels of several classes
+        for workers in (0, 2):
+            cm = evaluate(model, val, preset.num_classes, workers=workers, views=views, **kw)
+            assert torch.equal(cm.mat, want.mat)
+        assert not torch.equal(evaluate(model, val, preset.num_classes, **kw).mat, want.mat)
     plain = dict(device=torch.device("cpu"), limit=2, progress=False)
     assert torch.equal(evaluate(model, val, 5, views="original", **plain).mat, evaluate(model, val, 5, **plain).mat)
-    with pytest.raises(Exception, match="TTA views must be one of resized, original, got 'tensor'"):
+    with pytest.raises(Exception, match="TTA views must be one of resized, original, base, got 'tensor'"):
         evaluate(model, val, 5, views="tensor", **plain)

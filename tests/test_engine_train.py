@@ -142,6 +142,8 @@ def test_test_cli_tta_and_slide(runs, data_root, tmp_path, capsys):
     assert main([*base, "--tta", "--tta-views", "original", "--json", str(tmp_path / "original.json")]) == 0
     original = json.loads((tmp_path / "original.json").read_text())["settings"]
     assert (original["tta_views"], original["tta_merge"]) == ("original", "logits")  # each flag alone
+    assert main([*base, "--tta", "--tta-views", "base", "--json", str(tmp_path / "base_views.json")]) == 0
+    assert json.loads((tmp_path / "base_views.json").read_text())["settings"]["tta_views"] == "base"
     assert main([*base, "--tta-views", "original"]) == 2 and "add --tta" in capsys.readouterr().err
     assert main([*base, "--mode", "slide", "--crop", "64", "64", "--json", str(tmp_path / "slide.json")]) == 0
     slide = json.loads((tmp_path / "slide.json").read_text())

@@ -107,7 +107,8 @@ def test_tta_of_an_mmseg_file_matches_mmsegmentation_s_own(tmp_path):
     mmseg_d8 model on a PNG: `OriginalViews` makes views of its sizes from the image as read, and `segment` with the
     probabilities merged and the logits resized twice gives mmseg's mean probabilities, float64; `danet predict --tta`
     on the file takes those defaults and writes mmseg's labels. Views rescaled from the resized tensor (sssegmentation's
-    test) give other probabilities."""
+    test) give other probabilities. mmseg 0.x's views (the test scale times each ratio; the fixture's made by 1.2.2's
+    Resize at such scales, test scale 100 x 50): `OriginalViews(base=...)`, views="base"."""
     from PIL import Image
 
     from danet.cli import main
@@ -140,6 +141,16 @@ def test_tta_of_an_mmseg_file_matches_mmsegmentation_s_own(tmp_path):
     by_hand = segment(pred.model, f32, size, scales=ratios, flip=True, merge="probs", resize_logits="twice")
     assert np.array_equal(labels, by_hand[0].argmax(0).numpy())
     assert not np.array_equal(pred(image, tta=True, views="resized"), labels)
+    base = tuple(meta["base"])
+    views = OriginalViews(image, pred.mean, pred.std, dtype=torch.float64, base=base)
+    assert [list(views.view(r).shape[-2:]) for r in ratios] == [v["img_shape"] for v in meta["base_peer"]["views"][::2]]
+    ours = segment(model, views, size, scales=ratios, flip=True, merge="probs", resize_logits="twice")
+    assert rel(ours, torch.from_numpy(data["base_probs_64"])[None]) < 1e-9
+    assert np.array_equal(ours[0].argmax(0).numpy(), data["base_labels"][0])
+    with pytest.raises(Exception, match=r"views='base' resizes the image to the base size .* \(no preset\)"):
+        pred(image, tta=True, views="base")
+    pred.base_size = base
+    assert (pred(image, tta=True, views="base") == data["base_labels"][0]).mean() > 0.999
     with pytest.raises(Exception, match="views='tensor': give one of None, 'resized', 'original'"):
         pred(image, tta=True, views="tensor")
     with pytest.raises(Exception, match="views='original' makes the views of tta=True; add tta=True"):

@@ -48,6 +48,9 @@ TTA_SCALES = [0.5, 1.0, 1.5]  # the TTA fixture (ssseg_d8_tta.npz): scales not a
 # mmseg's own TTA fixture (mmseg_d8_tta.*): the mmseg_d8 model on a PNG of this size (no side a multiple of 8),
 # through the ADE20K config's tta_pipeline as it ships (img_ratios 0.5 .. 1.75, flips)
 MMSEG_TTA_SIZE, MMSEG_TTA_SEED = (61, 83), 5
+# and mmseg 0.x's views (its MultiScaleFlipAug: the test scale (LONG, SHORT) times each ratio, int(), keep-ratio
+# Resize), made by 1.2.2's Resize(scale=...) at a small test scale: the same rule, views of a few hundred pixels
+MMSEG_TTA_BASE = (100, 50)
 # the align_corners fixture (mmseg_769.*): one of mmseg's Cityscapes 769x769 configs (align_corners=True)
 CORNERS_CONFIG, CORNERS_SIZE, CORNERS_SEED = "danet_r50-d8_4xb2-40k_cityscapes-769x769", (71, 93), 4
 
@@ -109,14 +112,16 @@ def peer_mmengine(src: str, dst: str) -> None:
         print(f"{dst}: weights_only=True refuses it as expected ({type(e).__name__})")
 
 
-def peer_mmseg_tta(peers: str, ckpt: str, image: str, out: str) -> None:
+def peer_mmseg_tta(peers: str, ckpt: str, image: str, out: str, base: str = "") -> None:
     """mmseg's own multi-scale + flip test of the mmseg_d8 model on `image` (inside the mmseg venv), float64.
 
     The views come from the ADE20K config's `tta_pipeline` unchanged (TestTimeAug: mmcv's Resize(scale_factor=r,
-    keep_ratio=True) of the image as read, then RandomFlip prob 0 / 1); each goes through the model's own
-    data_preprocessor (float32, as always) and `EncoderDecoder.predict` in float64 (postprocess_result flips the
-    logits back and resizes them to the original size); `SegTTAModel.merge_preds` gives the labels. Saved: the mean
-    of the views' softmax (the rule merge_preds applies), its labels, each view's size and logits."""
+    keep_ratio=True) of the image as read, then RandomFlip prob 0 / 1); with `base` "LONG,SHORT" its Resize is
+    Resize(scale=(int(LONG r), int(SHORT r)), keep_ratio=True) instead, the views of mmseg 0.x's MultiScaleFlipAug.
+    Each goes through the model's own data_preprocessor (float32, as always) and `EncoderDecoder.predict` in float64
+    (postprocess_result flips the logits back and resizes them to the original size); `SegTTAModel.merge_preds`
+    gives the labels. Saved: the mean of the views' softmax (the rule merge_preds applies), its labels, each view's
+    size."""
     import types
 
     sys.dont_write_bytecode = True
@@ -146,7 +151,14 @@ def peer_mmseg_tta(peers: str, ckpt: str, image: str, out: str) -> None:
         import cv2  # noqa: PLC0415
 
         cv2.imwrite(str(label), np.zeros(cv2.imread(image).shape[:2], np.uint8))
-        views = Compose(cfg.tta_pipeline)(
+        pipeline = cfg.tta_pipeline
+        if base:
+            long, short = (int(v) for v in base.split(","))
+            resizes = [{"type": "Resize", "scale": (int(long * r), int(short * r)), "keep_ratio": True}
+                       for r in cfg.img_ratios]  # fmt: skip
+            assert [t["type"] for t in pipeline[1]["transforms"][0]] == ["Resize"] * len(resizes)
+            pipeline[1]["transforms"][0] = resizes
+        views = Compose(pipeline)(
             {"img_path": image, "seg_map_path": str(label), "reduce_zero_label": False, "seg_fields": []}
         )
     preprocessed = [model.data_preprocessor({"inputs": [x], "data_samples": [d]}, False)
@@ -158,7 +170,7 @@ def peer_mmseg_tta(peers: str, ckpt: str, image: str, out: str) -> None:
     probs = sum(r.seg_logits.data.softmax(dim=0) for r in results) / len(results)
     labels = merged.pred_sem_seg.data.numpy()  # (1, H, W)
     assert np.array_equal(probs.argmax(0).numpy(), labels[0]), "merge_preds' labels are not the argmax of the mean"
-    meta = {"ratios": list(cfg.img_ratios), "tta_pipeline": str(cfg.tta_pipeline), "versions": mmseg_danet.versions(),
+    meta = {"ratios": list(cfg.img_ratios), "tta_pipeline": str(pipeline), "versions": mmseg_danet.versions(),
             "views": [{"img_shape": list(r.img_shape), "flip": bool(r.flip)} for r in results]}  # fmt: skip
     np.savez(out, probs_64=probs.numpy(), labels=labels, meta_json=np.array(json.dumps(meta)))
 
@@ -283,7 +295,8 @@ def make_loss(peers: Path, out_dir: Path) -> None:
 
 def make_mmseg_tta(peers: Path, out_dir: Path) -> None:
     """mmseg_d8_tta.{png,npz}: a smooth random RGB image (PNG, lossless) and mmseg's own multi-scale + flip test of
-    the mmseg_d8 fixture's model on it (`peer_mmseg_tta`), float64."""
+    the mmseg_d8 fixture's model on it (`peer_mmseg_tta`), float64: 1.x's views (`probs_64`, `labels`) and 0.x's at
+    the test scale MMSEG_TTA_BASE (`base_probs_64`, `base_labels`)."""
     import cv2
     import numpy as np
 
@@ -293,18 +306,22 @@ def make_mmseg_tta(peers: Path, out_dir: Path) -> None:
     image = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC) + rng.normal(0, 12, (h, w, 3))
     png = out_dir / "mmseg_d8_tta.png"
     cv2.imwrite(str(png), np.clip(image, 0, 255).round().astype(np.uint8))  # BGR on disk, as any PNG
+    meta = {"toolbox": "mmseg", "output_stride": 8, "size": [h, w], "seed": MMSEG_TTA_SEED,
+            "merge": "SegTTAModel.merge_preds: the mean of the views' softmax at the original size",
+            "base": list(MMSEG_TTA_BASE)}  # fmt: skip
+    arrays = {}
     with tempfile.TemporaryDirectory(prefix="danet-fixtures-") as tmp:
-        raw = Path(tmp) / "tta.npz"
         py = str(VENVS["mmseg"] / "bin/python")
-        run([py, __file__, "peer-mmseg-tta", str(peers), str(out_dir / "mmseg_d8.pth"), str(png), str(raw)])
-        a = np.load(raw)
-        meta = {"toolbox": "mmseg", "output_stride": 8, "size": [h, w], "seed": MMSEG_TTA_SEED,
-                "merge": "SegTTAModel.merge_preds: the mean of the views' softmax at the original size",
-                "peer": json.loads(str(a["meta_json"]))}  # fmt: skip
-        arrays = {"probs_64": a["probs_64"], "labels": a["labels"], "meta_json": np.array(json.dumps(meta))}
-        np.savez_compressed(out_dir / "mmseg_d8_tta.npz", **arrays)
-    print(f"mmseg_d8_tta: views {[v['img_shape'] for v in meta['peer']['views']]}, "
-          f"{(out_dir / 'mmseg_d8_tta.npz').stat().st_size / 1e3:.0f} kB")  # fmt: skip
+        for prefix, base in (("", ""), ("base_", ",".join(map(str, MMSEG_TTA_BASE)))):
+            raw = Path(tmp) / f"{prefix}tta.npz"
+            run([py, __file__, "peer-mmseg-tta", str(peers), str(out_dir / "mmseg_d8.pth"), str(png), str(raw), base])
+            a = np.load(raw)
+            meta[f"{prefix}peer"] = json.loads(str(a["meta_json"]))
+            arrays.update({f"{prefix}probs_64": a["probs_64"], f"{prefix}labels": a["labels"]})
+    np.savez_compressed(out_dir / "mmseg_d8_tta.npz", **arrays, meta_json=np.array(json.dumps(meta)))
+    for prefix in ("", "base_"):
+        print(f"mmseg_d8_tta {prefix}views: {[v['img_shape'] for v in meta[f'{prefix}peer']['views']]}")
+    print(f"mmseg_d8_tta: {(out_dir / 'mmseg_d8_tta.npz').stat().st_size / 1e3:.0f} kB")
 
 
 def describe_d16(pth: Path) -> None:
@@ -358,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         peer_ssseg(argv[1], argv[2:])
         return 0
     if argv[:1] == ["peer-mmseg-tta"]:
-        peer_mmseg_tta(*argv[1:5])
+        peer_mmseg_tta(*argv[1:6])
         return 0
     if argv[:1] == ["peer-mmengine"]:
         peer_mmengine(argv[1], argv[2])

@@ -11,7 +11,8 @@ Facts kept from the reference toolboxes (REFERENCE.md, Data / Metrics; mmseg's E
   use_probs_before_resize=False). mmseg's (its tta_pipeline and SegTTAModel): each view is the ORIGINAL image (not the
   test-resized one) keep-ratio resized by the factor with OpenCV, sizes rounded as mmcv's Resize(scale_factor=r,
   keep_ratio=True) rounds them (`OriginalViews`), then normalised and flipped; the mean of the views' softmax
-  probabilities at the original size (merge="probs").
+  probabilities at the original size (merge="probs"). mmseg 0.x's MultiScaleFlipAug (its published ms+flip figures)
+  resized the original image keep-ratio to the test scale times the factor instead (`OriginalViews(base=...)`).
 """
 
 from __future__ import annotations
@@ -155,8 +156,9 @@ def default_resize(ck) -> str:
 
 # how TTA combines its views: the mean logits (sssegmentation's test, the default) or probabilities (mmseg's rule)
 TTA_MERGES = ("logits", "probs")
-# what TTA rescales: the test-resized, normalised image (sssegmentation) or the original image (mmseg)
-TTA_VIEWS = ("resized", "original")
+# what TTA rescales: the test-resized, normalised image (sssegmentation), the original image by the factor (mmseg),
+# or the original image to the base size times the factor (mmseg 0.x)
+TTA_VIEWS = ("resized", "original", "base")
 
 
 def default_tta(ck) -> tuple[str, str]:
@@ -169,7 +171,9 @@ def default_tta(ck) -> tuple[str, str]:
 class OriginalViews:
     """mmseg's TTA views of one image: `view(s)` is the original RGB uint8 `(H, W, 3)` image resized as mmcv's
     Resize(scale_factor=s, keep_ratio=True) resizes it (target (int(W s + 0.5), int(H s + 0.5)), then the keep-ratio
-    rule of `keep_ratio_size`, OpenCV bilinear on uint8), normalised: `(1, 3, h, w)` of `dtype` on `device`."""
+    rule of `keep_ratio_size`, OpenCV bilinear on uint8), normalised: `(1, 3, h, w)` of `dtype` on `device`.
+    With `base` (LONG, SHORT) the target is (int(LONG s), int(SHORT s)) instead: mmseg 0.x's MultiScaleFlipAug of
+    the test scale `base`, whose views its keep-ratio Resize makes by the same rule."""
 
     image: np.ndarray
     mean: tuple[float, float, float]
@@ -177,6 +181,7 @@ class OriginalViews:
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
     channels_last: bool = False
+    base: tuple[int, int] | None = None
 
     def view(self, s: float) -> torch.Tensor:
         import cv2
@@ -184,7 +189,8 @@ class OriginalViews:
         from ..data.transforms import keep_ratio_size, normalize
 
         h, w = self.image.shape[:2]
-        new_w, new_h = keep_ratio_size(h, w, (int(w * s + 0.5), int(h * s + 0.5)))
+        target = (int(self.base[0] * s), int(self.base[1] * s)) if self.base else (int(w * s + 0.5), int(h * s + 0.5))
+        new_w, new_h = keep_ratio_size(h, w, target)
         image = self.image
         if (new_h, new_w) != (h, w):
             image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
@@ -315,7 +321,8 @@ def evaluate(
     views: str = "resized",
 ):
     """mIoU etc. of `model` on a val dataset (items: normalised `(3, h, w)` image, `(H, W)` label at original size).
-    views="original" (with TTA): each scale's view is made from the image as read (`OriginalViews`, mmseg's TTA).
+    views="original" (with TTA): each scale's view is made from the image as read (`OriginalViews`, mmseg's TTA);
+    views="base": from the image as read, resized to the pipeline's base size times the scale (mmseg 0.x's).
 
     In a process group each rank takes every world-th image and the confusion matrix is summed over the ranks,
     so every rank returns the same metrics. `workers`: processes that read and decode the next images while the
@@ -325,7 +332,7 @@ def evaluate(
 
     if views not in TTA_VIEWS:
         raise DanetError(f"TTA views must be one of {', '.join(TTA_VIEWS)}, got {views!r}")
-    original = views == "original" and (len(scales) > 1 or flip or tuple(scales) != (1.0,))
+    original = views != "resized" and (len(scales) > 1 or flip or tuple(scales) != (1.0,))
     rank, world = _rank_world()
     was_training = model.training
     model.eval()
@@ -344,7 +351,8 @@ def evaluate(
     for image, label in bar:
         if original:
             pipe = dataset.pipeline
-            image = OriginalViews(np.asarray(image), pipe.mean, pipe.std, device, channels_last=channels_last)
+            base = tuple(pipe.base_size) if views == "base" else None
+            image = OriginalViews(np.asarray(image), pipe.mean, pipe.std, device, torch.float32, channels_last, base)
         else:
             image = torch.as_tensor(image)[None].to(device)
             if channels_last:

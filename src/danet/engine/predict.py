@@ -53,9 +53,10 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--tta-views",
-        choices=("resized", "original"),
-        help="TTA: rescale the resized image (sssegmentation's test) or the original image (mmsegmentation's "
-        "tta_pipeline); default: original for an mmsegmentation checkpoint, else resized",
+        choices=("resized", "original", "base"),
+        help="TTA: rescale the resized image (sssegmentation's test), the original image (mmsegmentation's "
+        "tta_pipeline), or resize the original to the base size times each scale (mmsegmentation 0.x); default: "
+        "original for an mmsegmentation checkpoint, else resized",
     )
     parser.add_argument("--no-resize", action="store_true", help="segment at the native resolution")
     parser.add_argument(
@@ -216,7 +217,8 @@ class Predictor:
     logits resized back as the checkpoint's toolbox does (`resize_logits`: once, or via the input size for mmseg);
     `tta=True` adds the preset's scales and flips, by default as the checkpoint's toolbox makes and merges them
     (`tta_views`, `tta_merge`: "resized" and "logits", sssegmentation's test; "original" and "probs" for an mmseg
-    file, its tta_pipeline and SegTTAModel); the keywords `views` and `merge` choose otherwise.
+    file, its tta_pipeline and SegTTAModel); the keywords `views` and `merge` choose otherwise (views="base": the
+    original image resized to the base size times each scale, mmseg 0.x's views; it needs a base size).
     """
 
     def __init__(self, checkpoint: str | Path, preset_name: str | None = None, device: str = "auto") -> None:
@@ -285,6 +287,11 @@ class Predictor:
                     f"Predictor {what}={value!r} {verb} the views of tta=True; add tta=True, or leave it out"
                 )
         merge, views = merge or self.tta_merge, views or self.tta_views
+        if tta and views == "base" and not (resize and self.base_size):
+            raise DanetError(
+                "Predictor views='base' resizes the image to the base size times each scale, but there is none "
+                f"({'resize=False' if not resize else 'no preset'}): name a preset, or take views='original'"
+            )
 
         if isinstance(image, Image.Image):
             image = np.asarray(image.convert("RGB"))
@@ -300,7 +307,10 @@ class Predictor:
         if mode is None:
             mode = "slide" if x.shape[-2] * x.shape[-1] > max_pixels else "whole"
         scales = self.tta_scales if tta else (1.0,)
-        source = OriginalViews(image, self.mean, self.std, self.device, x.dtype) if tta and views == "original" else x
+        source = x
+        if tta and views != "resized":
+            base = tuple(self.base_size) if views == "base" else None
+            source = OriginalViews(image, self.mean, self.std, self.device, x.dtype, base=base)
         if self.model.num_classes * h * w <= FULL_SIZE_ELEMS:
             # as `danet test`: the logits resized to the original size (with TTA, before each view's softmax)
             scores = segment(self.model, source, (h, w), mode, self.crop, None, scales, tta, amp, merge,

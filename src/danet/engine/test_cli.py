@@ -55,9 +55,10 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--tta-views",
-        choices=("resized", "original"),
-        help="TTA: rescale the test-resized image (sssegmentation's test) or the original image (mmsegmentation's "
-        "tta_pipeline); default: original for an mmsegmentation checkpoint, else resized",
+        choices=("resized", "original", "base"),
+        help="TTA: rescale the test-resized image (sssegmentation's test), the original image (mmsegmentation's "
+        "tta_pipeline), or resize the original to the base size times each scale (mmsegmentation 0.x, its published "
+        "ms+flip figures); default: original for an mmsegmentation checkpoint, else resized",
     )
     parser.add_argument(
         "--resize-logits",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -207,6 +208,8 @@ def test_original_views_evaluate_each_image_as_read(tmp_path):
             cm = evaluate(model, val, preset.num_classes, workers=workers, views=views, **kw)
             assert torch.equal(cm.mat, want.mat)
         assert not torch.equal(evaluate(model, val, preset.num_classes, **kw).mat, want.mat)
+    sliver = OriginalViews(np.zeros((1, 83, 3), np.uint8), preset.mean, preset.std)  # a 0-pixel target side
+    assert sliver.size(0.25) == (1, 21) and sliver.view(0.25).shape == (1, 3, 1, 21)
     plain = dict(device=torch.device("cpu"), limit=2, progress=False)
     assert torch.equal(evaluate(model, val, 5, views="original", **plain).mat, evaluate(model, val, 5, **plain).mat)
     with pytest.raises(Exception, match="TTA views must be one of resized, original, base, got 'tensor'"):

@@ -94,7 +94,7 @@ def test_presets_count_sssegmentation_s_iterations():
     for name, ipe in (("danet_r50-d8_voc12aug", 661), ("danet_r101-d16_ade20k", 1263),
                       ("danet_r50-d8_cityscapes", 372), ("danet_tiny_synthetic", 50)):  # fmt: skip
         preset = get_preset(name)
-        assert preset.iters_per_epoch == ipe and preset.total_iters == ipe * preset.schedule.epochs, name
+        assert preset.iters_per_epoch == ipe, name
     assert epoch_batches(2975, 8) == 371 and reference_replicas(8, 1) == 8 and reference_replicas(2, 0) == 1
     assert reference_replicas(6, 4) == 1  # a loss group that does not divide the batch: no reference to emulate
 
@@ -129,5 +129,11 @@ def test_a_run_pads_its_epochs_and_resumes_only_at_their_length(tmp_path, capsys
     assert "trained with epochs of 2 iterations, this run's are 3" in err and len(err.splitlines()) == 1
     assert "--set schedule.iters_per_epoch=2" in err
     assert {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()} == before
+    raw["train_state"]["iters_per_epoch"] = 5  # longer than this run's: no cap lengthens them
+    torch.save(raw, work / "last.pth")
+    assert main(resume) == 2
+    assert "resume with the run's own data and schedule settings" in capsys.readouterr().err
+    del raw["train_state"]["iters_per_epoch"]
+    torch.save(raw, work / "last.pth")
     assert main([*resume, "--set", "schedule.iters_per_epoch=2"]) == 0
     assert read_checkpoint(work / "last.pth").train_state["iter"] == 4  # epoch 2 from its second batch

@@ -183,14 +183,23 @@ class OriginalViews:
     channels_last: bool = False
     base: tuple[int, int] | None = None
 
-    def view(self, s: float) -> torch.Tensor:
-        import cv2
-
-        from ..data.transforms import keep_ratio_size, normalize
+    def size(self, s: float) -> tuple[int, int]:
+        """(h, w) of `view(s)`. NOTE: a target side of 0 (a sliver of an image at a small scale, where mmcv fails)
+        counts as 1, so the view keeps its other side as `rescale` does, rather than becoming 1 x 1."""
+        from ..data.transforms import keep_ratio_size
 
         h, w = self.image.shape[:2]
         target = (int(self.base[0] * s), int(self.base[1] * s)) if self.base else (int(w * s + 0.5), int(h * s + 0.5))
-        new_w, new_h = keep_ratio_size(h, w, target)
+        new_w, new_h = keep_ratio_size(h, w, (max(1, target[0]), max(1, target[1])))
+        return new_h, new_w
+
+    def view(self, s: float) -> torch.Tensor:
+        import cv2
+
+        from ..data.transforms import normalize
+
+        h, w = self.image.shape[:2]
+        new_h, new_w = self.size(s)
         image = self.image
         if (new_h, new_w) != (h, w):
             image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
@@ -213,8 +222,8 @@ def segment(
     resize_logits: str = "once",
 ) -> torch.Tensor:
     """Scores `(B, K, H, W)` at `out_size` (H, W) of a normalised `(B, 3, h, w)` image: argmax them for labels.
-    An `OriginalViews` instead makes every scale's view from the original image (mmseg's TTA; the 1.0 view is the
-    original image itself). `resize_logits`: a view's output-stride logits go to `out_size` "once"
+    An `OriginalViews` instead makes every scale's view from the original image (mmseg's TTA; without its `base`
+    the 1.0 view is the original image itself). `resize_logits`: a view's output-stride logits go to `out_size` "once"
     (sssegmentation) or "twice", through the view's own size (mmseg's EncoderDecoder); slide windows' logits are at
     the view's size either way.
 

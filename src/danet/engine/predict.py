@@ -5,19 +5,19 @@ preset's base size (as in testing), segmented, and the labels brought back to th
 `DIR/<name>.png`, a palette PNG whose pixel values are the class indices, and with --overlay `DIR/<name>_overlay.jpg`.
 Classes, palette and normalisation come from the checkpoint's meta (or --preset).
 
-Large inputs: an image over `--max-pixels` (default 2048 x 1024, a Cityscapes frame) after resizing is segmented
-in sliding windows of the crop size. The labels are those `danet test` computes (logits resized to the original size,
-once or, for an mmseg checkpoint, via the input size; with `--tta` the views merged there as the checkpoint's toolbox
-merges them: sssegmentation's mean logits of the rescaled image, mmseg's mean probabilities of the rescaled original)
-unless
-K x H x W floats would pass FULL_SIZE_ELEMS; then they are computed at the resized size and upsampled in strips, so
-memory stays bounded.
+Large inputs: an image over `--max-pixels` (default 2048 x 1024, a Cityscapes frame) after resizing (with TTA views
+of the original image: its largest view) is segmented in sliding windows of the crop size. The labels are those
+`danet test` computes (logits resized to the original size, once or, for an mmseg checkpoint, via the input size;
+with `--tta` the views merged there as the checkpoint's toolbox merges them: sssegmentation's mean logits of the
+rescaled image, mmseg's mean probabilities of the rescaled original) unless K x H x W floats would pass
+FULL_SIZE_ELEMS; then they are computed at the resized size and upsampled in strips, so memory stays bounded.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import math
 import os
 from pathlib import Path
 
@@ -304,13 +304,14 @@ class Predictor:
         h, w = image.shape[:2]
         small = resize_keep_ratio(image, None, self.base_size)[0] if resize and self.base_size else image
         x = normalize(small, self.mean, self.std)[None].to(self.device)
-        if mode is None:
-            mode = "slide" if x.shape[-2] * x.shape[-1] > max_pixels else "whole"
         scales = self.tta_scales if tta else (1.0,)
         source = x
         if tta and views != "resized":
             base = tuple(self.base_size) if views == "base" else None
             source = OriginalViews(image, self.mean, self.std, self.device, x.dtype, base=base)
+        if mode is None:  # NOTE: views of the original image may be much larger than the resized one
+            largest = max(math.prod(source.size(s)) for s in scales) if source is not x else x.shape[-2] * x.shape[-1]
+            mode = "slide" if largest > max_pixels else "whole"
         if self.model.num_classes * h * w <= FULL_SIZE_ELEMS:
             # as `danet test`: the logits resized to the original size (with TTA, before each view's softmax)
             scores = segment(self.model, source, (h, w), mode, self.crop, None, scales, tta, amp, merge,

@@ -190,9 +190,10 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
         was = ts.get("iters_per_epoch", min(n_train // sch.batch_size, sch.iters_per_epoch or n_train))
         if was != ipe:
             why = "" if "iters_per_epoch" in ts else f" (earlier versions did not pad them over {replicas} GPUs)"
+            fits = isinstance(was, int) and 0 < was < ipe  # NOTE: the cap can only shorten this run's epochs
+            remedy = f"--set schedule.iters_per_epoch={was}" if fits else "the run's own data and schedule settings"
             raise DanetError(
-                f"{resume} was trained with epochs of {was} iterations, this run's are {ipe}{why}; resume with --set "
-                f"schedule.iters_per_epoch={was}"
+                f"{resume} was trained with epochs of {was} iterations, this run's are {ipe}{why}; resume with {remedy}"
             )
         optimizer.load_state_dict(ts["optimizer"])
         scheduler.load_state_dict(ts["scheduler"])

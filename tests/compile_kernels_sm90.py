@@ -31,6 +31,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import danet.engine.triton_loss as TL  # noqa: E402
 import danet.models.fused_norm as FN  # noqa: E402
+import danet.models.triton_attention as TA  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "fp64": "*fp64"}
@@ -78,6 +79,12 @@ def cases():
                dict(z_ptr="*fp32", t_ptr="*i64", loss_ptr="*fp32", g_ptr="*fp32", h=i32, w=i32, H=i32, W=i32, K=i32,
                     ignore=i32),
                dict(S=s, BLOCK_S=triton.next_power_of_2(s), BLOCK_K=triton.next_power_of_2(k)))  # fmt: skip
+    for dt in ("bf16", "fp16"):  # the position attention's kernel as DANet launches it: q / k 64 wide, v 512
+        strides = ("s_qb", "s_qn", "s_kb", "s_kn", "s_vb", "s_vn", "s_ob", "s_on")
+        yield (f"pam_forward/{dt}", TA.pam_forward,
+               dict(q_ptr=PTR[dt], k_ptr=PTR[dt], v_ptr=PTR[dt], o_ptr=PTR[dt], N=i32, D=i32, C=i32,
+                    **dict.fromkeys(strides, i32)),
+               dict(TA.blocks(64, 512), F64=False, UPCAST=False))  # fmt: skip
 
 
 def ptxas_info(ptx: str) -> tuple[int, int]:
@@ -98,10 +105,16 @@ def main() -> int:
     for name, kernel, sig, consts in cases():
         signature = {**sig, **dict.fromkeys(consts, "constexpr")}
         multiples = ("C", "M", "HW") if kernel is not TL.upsampled_ce_tiles else ()
+        if kernel is TA.pam_forward:  # every size and stride a multiple of 16 (N = H * W of a 512 x 512 image up)
+            multiples = tuple(n for n, t in sig.items() if t == "i32")
         aligned = [n for n, t in sig.items() if t.startswith("*") or n in multiples]
         attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-        try:  # NOTE: Triton's default 4 warps, as the code launches every kernel
-            compiled = triton.compile(ASTSource(kernel, signature, constexprs=consts, attrs=attrs), target=TARGET)
+        # NOTE: Triton's default 4 warps, as the code launches every kernel but the attention's (NUM_WARPS)
+        options = {"num_warps": TA.NUM_WARPS} if kernel is TA.pam_forward else {}
+        try:
+            compiled = triton.compile(
+                ASTSource(kernel, signature, constexprs=consts, attrs=attrs), target=TARGET, options=options
+            )
             assert "cubin" in compiled.asm
             done += 1
         except Exception as e:  # noqa: BLE001  (every failure reported, not just the first)

@@ -39,6 +39,7 @@ from ..engine.graphed import WARMUP, CudaGraphs, GraphedStep
 from ..engine.losses import danet_loss
 from ..engine.schedule import build_optimizer
 from ..errors import DanetError
+from ..models.danet import ATTENTIONS
 from ..models.fused_norm import use_fused_norm, why_unused
 from ..models.registry import create_model
 from ..models.winograd import use_winograd
@@ -59,7 +60,7 @@ class BenchSpec:
     channels_last: bool = False
     compile: str | None = None  # None or a torch.compile mode ("default", "max-autotune-no-cudagraphs", ...)
     cudnn_benchmark: bool = False
-    attention: str = "fused"  # "fused" (SDPA) | "explicit" (softmax(QK^T)V in memory)
+    attention: str = "fused"  # "fused" (SDPA) | "explicit" (softmax(QK^T)V in memory) | "triton" (inference kernel)
     conv: str = "direct"  # "direct" | "winograd" (models.winograd: CPU float32, F(4x4, 3x3))
     norm: str = "native"  # "native" | "triton" (models.fused_norm: batch norm + residual + ReLU fused, CUDA)
     loss: str = "reference"  # "reference" (engine.losses, full-size logits) | "fused" | "compiled" | "triton"
@@ -140,7 +141,7 @@ def build(spec: BenchSpec, dev: torch.device):
     h, w = spec.size or preset.crop_size
     torch.manual_seed(spec.seed)
     model = create_model(spec.preset, **spec.overrides)
-    model.set_fused_attention(spec.attention == "fused")
+    model.set_attention(spec.attention)
     use_winograd(model, spec.conv == "winograd")
     use_fused_norm(model, spec.norm == "triton")
     g = torch.Generator().manual_seed(spec.seed)
@@ -158,8 +159,9 @@ def count_flops(model, x: torch.Tensor, train: bool) -> float:
     """FLOPs per image of the forward (eval) or forward + backward (train) with explicit attention, batch 1."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    fused = model.head.pam.fused
+    fused, triton = model.head.pam.fused, model.head.pam.triton
     model.set_fused_attention(False)
+    model.head.pam.triton = False
     model.train(train)
     x1 = x[:1].detach()
     try:
@@ -172,6 +174,7 @@ def count_flops(model, x: torch.Tensor, train: bool) -> float:
                     model(x1)
     finally:
         model.set_fused_attention(fused)
+        model.head.pam.triton = triton
         model.zero_grad(set_to_none=True)
     return float(fc.get_total_flops())
 
@@ -271,8 +274,8 @@ def check_spec(spec: BenchSpec) -> torch.device:
         raise DanetError(f"unknown mode {spec.mode!r}; use 'infer' or 'train'")
     if spec.amp not in ("none", "bf16", "fp16"):
         raise DanetError(f"unknown --amp {spec.amp!r}; use none, bf16 or fp16")
-    if spec.attention not in ("fused", "explicit"):
-        raise DanetError(f"unknown --attention {spec.attention!r}; use fused or explicit")
+    if spec.attention not in ATTENTIONS:
+        raise DanetError(f"unknown --attention {spec.attention!r}; use {', '.join(ATTENTIONS)}")
     if spec.conv not in ("direct", "winograd"):
         raise DanetError(f"unknown --conv {spec.conv!r}; use direct or winograd")
     if spec.norm not in ("native", "triton"):
@@ -309,6 +312,12 @@ def check_spec(spec: BenchSpec) -> torch.device:
     train_mode = spec.mode == "train"
     if spec.norm == "triton" and (why := why_unused(dev, bool(spec.compile))):
         raise DanetError(f"--norm triton {why}; drop --norm triton")
+    if spec.attention == "triton":
+        from ..models.triton_attention import why_unused as attention_unused
+
+        why = "runs in inference only (training keeps the fused attention)" if train_mode else None
+        if why := why or attention_unused(dev, spec.amp):
+            raise DanetError(f"--attention triton {why}; drop --attention triton")
     if spec.loss == "triton" and train_mode and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise DanetError("--loss triton runs on CUDA only; on the CPU time --loss fused (the same values)")
     return dev

@@ -38,7 +38,12 @@ def add_cli(parser) -> None:
         help="torch.compile the model (MODE: default, reduce-overhead, max-autotune-no-cudagraphs, ...)",
     )
     parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms")
-    parser.add_argument("--attention", choices=["fused", "explicit"], default="fused", help="position attention")
+    parser.add_argument(
+        "--attention",
+        choices=["fused", "explicit", "triton"],
+        default="fused",
+        help="position attention (triton: one kernel, inference on CUDA in bf16 / fp16)",
+    )
     parser.add_argument(
         "--conv",
         choices=["direct", "winograd"],

@@ -70,6 +70,12 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
         "--norm", choices=("native", "triton"), default="native", help="batch norm + ReLU (triton: fused kernels, CUDA)"
     )
     parser.add_argument(
+        "--attention",
+        choices=("fused", "explicit", "triton"),
+        default="fused",
+        help="position attention (triton: one kernel over the whole value, CUDA with --amp bf16 / fp16)",
+    )
+    parser.add_argument(
         "--channels-last", action="store_true", help="NHWC memory format (with --amp bf16 the fast layout on a GPU)"
     )
     parser.add_argument("--cuda-graphs", action="store_true", help=CUDA_GRAPHS_HELP)
@@ -326,6 +332,7 @@ class Predictor:
 def run_cli(args) -> int:
     from ..data.io import read_image
     from ..models.fused_norm import set_inference_norm
+    from ..models.triton_attention import set_inference_attention
     from ..models.winograd import set_inference_conv
     from ..viz import label_image, legend_image, overlay
     from .distributed import cpu_threads
@@ -347,6 +354,7 @@ def run_cli(args) -> int:
         torch.set_num_threads(cpu_threads(None))
     set_inference_conv(predictor.model, args.conv)
     set_inference_norm(predictor.model, args.norm)
+    set_inference_attention(predictor.model, args.attention, args.amp)
     if args.channels_last:
         predictor.model = predictor.model.to(memory_format=torch.channels_last)
     if args.cuda_graphs:

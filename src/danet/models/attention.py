@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +19,10 @@ class PositionAttention(nn.Module):
     matrix is never materialised (flash / memory-efficient kernels). The value's channels are split into heads
     as wide as the query (64 in DANet): every head shares the same Q and K, hence the same attention weights,
     so the result is unchanged, and the 64-wide heads reach the flash kernel on GPUs.
+
+    With `triton=True` (`DANet.set_attention("triton")`) a forward without gradients on CUDA in bf16 / fp16 (under
+    autocast) runs one Triton kernel over the whole 512-wide value instead (`models/triton_attention.py`: q k^T
+    twice, not 8 times); anything else (training, float32, the CPU) takes the path above.
 
     Args:
         channels: input/value channels C.
@@ -34,14 +40,28 @@ class PositionAttention(nn.Module):
         self.value_project = nn.Conv2d(channels, channels, 1, bias=bias)
         self.gamma = nn.Parameter(torch.zeros(()))
         self.fused = fused
+        self.triton = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         q = self.query_project(x).flatten(2).transpose(1, 2)  # (B, N, d)
         k = self.key_project(x).flatten(2).transpose(1, 2)  # (B, N, d)
         v = self.value_project(x).flatten(2).transpose(1, 2)  # (B, N, C)
-        out = attend(q, k, v) if self.fused else attend_explicit(q, k, v)  # (B, N, C)
+        if self.triton and triton_runs(v):
+            from .triton_attention import attend_triton
+
+            out = attend_triton(q, k, v)
+        else:
+            out = attend(q, k, v) if self.fused else attend_explicit(q, k, v)  # (B, N, C)
         return self.gamma * out.transpose(1, 2).reshape(b, c, h, w) + x
+
+
+def triton_runs(v: torch.Tensor) -> bool:
+    """Whether `attention="triton"` runs its kernel on this value: no gradients, bf16 / fp16, on CUDA (or through
+    Triton's CPU interpreter, TRITON_INTERPRET=1, as the tests run it)."""
+    if torch.is_grad_enabled() or v.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return v.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def attend_explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

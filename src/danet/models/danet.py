@@ -9,8 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import DanetError
 from .heads import DAHead, FCNHead
 from .resnet import ResNet
+
+ATTENTIONS = ("fused", "explicit", "triton")  # the position attention's paths (DANet.set_attention)
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,6 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         """One-line DanetError for a value no DANet can be built with (create_model(..., depth=34), a bad meta)."""
-        from ..errors import DanetError
         from .resnet import DEPTH_LAYERS, STRIDE_PLANS
 
         def positive(v) -> bool:
@@ -122,6 +124,14 @@ class DANet(nn.Module):
     def set_fused_attention(self, fused: bool) -> None:
         """Switch the position attention between fused (SDPA) and explicit softmax(QK^T)V."""
         self.head.pam.fused = fused
+
+    def set_attention(self, attention: str) -> None:
+        """The position attention's path: "fused" (SDPA, the default), "explicit" (the N x N matrix, as the
+        toolboxes), or "triton" (one Triton kernel in inference on CUDA in bf16 / fp16, else as fused)."""
+        if attention not in ATTENTIONS:
+            raise DanetError(f"unknown attention {attention!r}; use {', '.join(ATTENTIONS)}")
+        self.head.pam.fused = attention != "explicit"
+        self.head.pam.triton = attention == "triton"
 
     def forward(self, x: torch.Tensor, resize: bool = True) -> dict[str, torch.Tensor]:
         _, _, c3, c4 = self.backbone(x)

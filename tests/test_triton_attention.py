@@ -1,0 +1,117 @@
+"""The position attention's Triton kernel (`attention="triton"`), run through Triton's interpreter (conftest sets
+TRITON_INTERPRET=1): float64 to rounding of the explicit softmax(q k^T) v, bf16 / fp16 no further off than the
+toolboxes' own explicit product in that dtype; the model takes it only where it should. Its sm_90 compile (no
+register spills, 128-bit loads): tests/test_triton_compile.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import danet
+from danet.models.attention import attend, attend_explicit
+
+pytest.importorskip("triton")
+from danet.models.triton_attention import attend_triton  # noqa: E402
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize(
+    ("b", "n", "d", "c"),
+    [(2, 150, 64, 512), (1, 70, 16, 32), (1, 65, 8, 40), (1, 1, 64, 64), (3, 200, 24, 300)],
+)
+def test_float64_equals_the_explicit_product(b, n, d, c):
+    """Positions not a multiple of the blocks, query widths and value widths that are not powers of two (masked),
+    one position, batches: float64 to rounding; transposed inputs (the projections of an NCHW map) give the same."""
+    g = torch.Generator().manual_seed(n)
+    q, k = (torch.randn(b, n, d, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(b, n, c, generator=g, dtype=torch.float64)
+    out = attend_triton(q, k, v)
+    assert out.shape == (b, n, c) and out.dtype == torch.float64 and out.stride(-1) == 1
+    assert rel(out, attend_explicit(q, k, v)) < 1e-12
+    qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))  # stride N on the last dim
+    assert torch.equal(attend_triton(qt, kt, vt), out)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_is_no_further_off_than_the_explicit_product(dtype):
+    """DANet's widths (q / k 64, v 512): against float64 of the same rounded inputs, no further off than the explicit
+    product in that dtype (the toolboxes' own computation under autocast) plus one rounding of the dtype (NOTE:
+    Triton's interpreter truncates to bf16 where a GPU rounds), and close to PyTorch's fused attention."""
+    g = torch.Generator().manual_seed(0)
+    q, k = ((0.3 * torch.randn(1, 300, 64, generator=g)).to(dtype) for _ in range(2))
+    v = torch.randn(1, 300, 512, generator=g).to(dtype)
+    ref = attend_explicit(q.double(), k.double(), v.double())
+    ours = attend_triton(q, k, v)
+    assert ours.dtype == dtype
+    ulp = 2**-8 if dtype == torch.bfloat16 else 2**-11
+    assert rel(ours, ref) <= rel(attend_explicit(q, k, v), ref) + ulp and rel(ours, ref) < 1e-2
+    assert rel(ours, attend(q, k, v)) < 1e-2
+
+
+def narrow_model():
+    torch.manual_seed(0)
+    model = danet.create_model("danet_tiny_synthetic", base_channels=8, stem_channels=8, head_channels=32,
+                               key_channels=16, aux_channels=16).eval()  # fmt: skip
+    for p in model.head.parameters():  # gamma 0 (the init) would hide the attention's output
+        if p.dim() == 0:
+            p.data.fill_(0.7)
+    return model
+
+
+def test_the_model_runs_the_kernel_only_in_half_precision_inference(monkeypatch):
+    """set_attention("triton"): a bf16 forward without gradients takes the kernel, with logits within bf16 rounding
+    of the fused path's; float32, or a forward with gradients (training), keeps the fused path; an unknown name is
+    refused."""
+    import danet.models.triton_attention as TA
+
+    calls = []
+    real = TA.attend_triton
+    monkeypatch.setattr(TA, "attend_triton", lambda *a: calls.append(a[2].dtype) or real(*a))
+    model = narrow_model()
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = model(x)["out"].float()
+        model.set_attention("triton")
+        ours = model(x)["out"].float()
+    assert calls == [torch.bfloat16] and model.head.pam.fused and model.head.pam.triton
+    assert rel(ours, fused) < 2e-2
+    with torch.no_grad():
+        model(x)  # float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)  # gradients on
+    assert calls == [torch.bfloat16]
+    model.set_attention("explicit")
+    assert not model.head.pam.fused and not model.head.pam.triton
+    with pytest.raises(danet.DanetError, match="unknown attention 'flash'; use fused, explicit, triton"):
+        model.set_attention("flash")
+
+
+def test_test_and_benchmark_commands_take_it_or_say_why_not(checkpoint, tmp_path, capsys):
+    """`danet test --attention triton --amp bf16` runs the kernel (the JSON says so; the metrics those of the fused
+    path to bf16 rounding); without bf16 / fp16 it notes that the fused attention runs, and the JSON records that;
+    `danet benchmark` refuses it for training and in float32."""
+    from danet.cli import main
+    from danet.data import ensure_synthetic
+
+    root = ensure_synthetic(tmp_path / "data")
+    base = ["test", "danet_tiny_synthetic", "--checkpoint", str(checkpoint), "--data-root", str(root), "--limit",
+            "2", "--no-progress"]  # fmt: skip
+    results = {}
+    for name, extra in (("fused", ["--amp", "bf16"]), ("triton", ["--amp", "bf16", "--attention", "triton"]),
+                        ("f32", ["--attention", "triton"])):  # fmt: skip
+        assert main([*base, *extra, "--json", str(tmp_path / f"{name}.json")]) == 0
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert "note: --attention triton runs in bf16 / fp16 (add --amp bf16)" in capsys.readouterr().out
+    assert [results[n]["settings"]["attention"] for n in ("fused", "triton", "f32")] == ["fused", "triton", "fused"]
+    assert abs(results["triton"]["aAcc"] - results["fused"]["aAcc"]) < 1.0
+    bench = ["benchmark", "danet_tiny_synthetic", "--size", "32", "32", "--attention", "triton", "--device", "cpu"]
+    assert main([*bench, "--train", "--amp", "bf16"]) == 2
+    assert "--attention triton runs in inference only" in capsys.readouterr().err
+    assert main(bench) == 2
+    assert "--attention triton runs in bf16 / fp16" in capsys.readouterr().err

@@ -79,9 +79,10 @@ def cases():
                dict(z_ptr="*fp32", t_ptr="*i64", loss_ptr="*fp32", g_ptr="*fp32", h=i32, w=i32, H=i32, W=i32, K=i32,
                     ignore=i32),
                dict(S=s, BLOCK_S=triton.next_power_of_2(s), BLOCK_K=triton.next_power_of_2(k)))  # fmt: skip
-    for dt in ("bf16", "fp16"):  # the position attention's kernel as DANet launches it: q / k 64 wide, v 512
+    # the position attention's kernel as DANet launches it: q / k 64 wide, v 512; positions N a multiple of 16 or not
+    for dt, n_any in (("bf16", False), ("fp16", False), ("bf16", True)):
         strides = ("s_qb", "s_qn", "s_kb", "s_kn", "s_vb", "s_vn", "s_ob", "s_on")
-        yield (f"pam_forward/{dt}", TA.pam_forward,
+        yield (f"pam_forward/{dt}" + ("/N-any" if n_any else ""), TA.pam_forward,
                dict(q_ptr=PTR[dt], k_ptr=PTR[dt], v_ptr=PTR[dt], o_ptr=PTR[dt], N=i32, D=i32, C=i32,
                     **dict.fromkeys(strides, i32)),
                dict(TA.blocks(64, 512), F64=False, UPCAST=False))  # fmt: skip
@@ -105,8 +106,8 @@ def main() -> int:
     for name, kernel, sig, consts in cases():
         signature = {**sig, **dict.fromkeys(consts, "constexpr")}
         multiples = ("C", "M", "HW") if kernel is not TL.upsampled_ce_tiles else ()
-        if kernel is TA.pam_forward:  # every size and stride a multiple of 16 (N = H * W of a 512 x 512 image up)
-            multiples = tuple(n for n, t in sig.items() if t == "i32")
+        if kernel is TA.pam_forward:  # every size and stride a multiple of 16 (64 and 512 wide), N too unless N-any
+            multiples = tuple(n for n, t in sig.items() if t == "i32" and not (n == "N" and "N-any" in name))
         aligned = [n for n, t in sig.items() if t.startswith("*") or n in multiples]
         attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
         # NOTE: Triton's default 4 warps, as the code launches every kernel but the attention's (NUM_WARPS)

@@ -27,13 +27,20 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 )
 def test_float64_equals_the_explicit_product(b, n, d, c):
     """Positions not a multiple of the blocks, query widths and value widths that are not powers of two (masked),
-    one position, batches: float64 to rounding; transposed inputs (the projections of an NCHW map) give the same."""
+    one position, batches: float64 to rounding; inputs whose rows lie further apart (views into wider tensors, which
+    reach the kernel as they are) and transposed ones (the projections of an NCHW map: copied first) give the same."""
     g = torch.Generator().manual_seed(n)
     q, k = (torch.randn(b, n, d, generator=g, dtype=torch.float64) for _ in range(2))
     v = torch.randn(b, n, c, generator=g, dtype=torch.float64)
     out = attend_triton(q, k, v)
     assert out.shape == (b, n, c) and out.dtype == torch.float64 and out.stride(-1) == 1
     assert rel(out, attend_explicit(q, k, v)) < 1e-12
+    wide = [torch.zeros(*t.shape[:2], t.shape[2] + 8, dtype=t.dtype) for t in (q, k, v)]
+    for w, t in zip(wide, (q, k, v), strict=True):
+        w[..., 3 : 3 + t.shape[2]] = t
+    qs, ks, vs = (w[..., 3 : 3 + t.shape[2]] for w, t in zip(wide, (q, k, v), strict=True))
+    assert qs.stride(1) == d + 8 and vs.stride(1) == c + 8
+    assert torch.equal(attend_triton(qs, ks, vs), out)
     qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))  # stride N on the last dim
     assert torch.equal(attend_triton(qt, kt, vt), out)
 
@@ -90,28 +97,46 @@ def test_the_model_runs_the_kernel_only_in_half_precision_inference(monkeypatch)
     assert not model.head.pam.fused and not model.head.pam.triton
     with pytest.raises(danet.DanetError, match="unknown attention 'flash'; use fused, explicit, triton"):
         model.set_attention("flash")
+    import danet.models.attention as A
+
+    model.set_attention("triton")
+    monkeypatch.setattr(A, "triton", None)  # a PyTorch build without Triton: the fused path, no failure
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model(x)["out"], model.eval()(x)["out"])
+    assert calls == [torch.bfloat16]
 
 
-def test_test_and_benchmark_commands_take_it_or_say_why_not(checkpoint, tmp_path, capsys):
+def test_test_and_benchmark_commands_take_it_or_say_why_not(checkpoint, tmp_path, capsys, monkeypatch):
     """`danet test --attention triton --amp bf16` runs the kernel (the JSON says so; the metrics those of the fused
     path to bf16 rounding); without bf16 / fp16 it notes that the fused attention runs, and the JSON records that;
-    `danet benchmark` refuses it for training and in float32."""
+    without --attention the model's own path runs; `danet benchmark` refuses it for training, in float32 and under
+    --compile."""
+    import danet.models.triton_attention as TA
     from danet.cli import main
     from danet.data import ensure_synthetic
+
+    calls = []
+    real = TA.attend_triton
+    monkeypatch.setattr(TA, "attend_triton", lambda *a: calls.append(1) or real(*a))
 
     root = ensure_synthetic(tmp_path / "data")
     base = ["test", "danet_tiny_synthetic", "--checkpoint", str(checkpoint), "--data-root", str(root), "--limit",
             "2", "--no-progress"]  # fmt: skip
-    results = {}
-    for name, extra in (("fused", ["--amp", "bf16"]), ("triton", ["--amp", "bf16", "--attention", "triton"]),
-                        ("f32", ["--attention", "triton"])):  # fmt: skip
+    results, ran = {}, {}
+    runs = {"fused": ["--amp", "bf16"], "triton": ["--amp", "bf16", "--attention", "triton"],
+            "f32": ["--attention", "triton"], "explicit": ["--amp", "bf16", "--attention", "explicit"]}  # fmt: skip
+    for name, extra in runs.items():
+        calls.clear()
         assert main([*base, *extra, "--json", str(tmp_path / f"{name}.json")]) == 0
-        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+        results[name], ran[name] = json.loads((tmp_path / f"{name}.json").read_text()), bool(calls)
     assert "note: --attention triton runs in bf16 / fp16 (add --amp bf16)" in capsys.readouterr().out
-    assert [results[n]["settings"]["attention"] for n in ("fused", "triton", "f32")] == ["fused", "triton", "fused"]
+    assert ran == {"fused": False, "triton": True, "f32": False, "explicit": False}
+    assert [results[n]["settings"]["attention"] for n in ran] == ["fused", "triton", "fused", "explicit"]
     assert abs(results["triton"]["aAcc"] - results["fused"]["aAcc"]) < 1.0
     bench = ["benchmark", "danet_tiny_synthetic", "--size", "32", "32", "--attention", "triton", "--device", "cpu"]
     assert main([*bench, "--train", "--amp", "bf16"]) == 2
     assert "--attention triton runs in inference only" in capsys.readouterr().err
     assert main(bench) == 2
     assert "--attention triton runs in bf16 / fp16" in capsys.readouterr().err
+    assert main([*bench, "--amp", "bf16", "--compile"]) == 2
+    assert "--attention triton is not traced by --compile" in capsys.readouterr().err

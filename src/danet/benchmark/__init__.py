@@ -316,6 +316,7 @@ def check_spec(spec: BenchSpec) -> torch.device:
         from ..models.triton_attention import why_unused as attention_unused
 
         why = "runs in inference only (training keeps the fused attention)" if train_mode else None
+        why = why or ("is not traced by --compile" if spec.compile else None)
         if why := why or attention_unused(dev, spec.amp):
             raise DanetError(f"--attention triton {why}; drop --attention triton")
     if spec.loss == "triton" and train_mode and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":

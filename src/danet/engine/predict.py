@@ -72,8 +72,8 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--attention",
         choices=("fused", "explicit", "triton"),
-        default="fused",
-        help="position attention (triton: one kernel over the whole value, CUDA with --amp bf16 / fp16)",
+        help="position attention (default: the model's, fused; triton: one kernel over the whole value, CUDA with "
+        "--amp bf16 / fp16)",
     )
     parser.add_argument(
         "--channels-last", action="store_true", help="NHWC memory format (with --amp bf16 the fast layout on a GPU)"

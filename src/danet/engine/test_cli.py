@@ -76,8 +76,8 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--attention",
         choices=("fused", "explicit", "triton"),
-        default="fused",
-        help="position attention (triton: one kernel over the whole value, CUDA with --amp bf16 / fp16)",
+        help="position attention (default: the model's, fused; triton: one kernel over the whole value, CUDA with "
+        "--amp bf16 / fp16)",
     )
     parser.add_argument(
         "--channels-last", action="store_true", help="NHWC memory format (with --amp bf16 the fast layout on a GPU)"
@@ -99,7 +99,6 @@ def run_test(args) -> dict:
     from ..data import build_dataset, data_root, with_own_classes
     from ..models.fused_norm import set_inference_norm, why_unused
     from ..models.triton_attention import set_inference_attention
-    from ..models.triton_attention import why_unused as attention_unused
     from ..models.winograd import set_inference_conv
     from ..presets import get_preset
     from ..safe_load import check_file
@@ -159,9 +158,7 @@ def run_test(args) -> dict:
         model = load_model(ck, preset.model, remedy=remedy).to(info.device).eval()
         set_inference_conv(model, args.conv)
         set_inference_norm(model, args.norm)
-        set_inference_attention(model, args.attention, args.amp)
-        unused = args.attention == "triton" and attention_unused(info.device, args.amp)
-        attention = "fused" if unused else args.attention  # what runs (the settings record it)
+        attention = set_inference_attention(model, args.attention, args.amp)  # what runs (the settings record it)
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if args.cuda_graphs:

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .norm_kernels import triton
+
 
 class PositionAttention(nn.Module):
     """Position attention module: every position attends to every other position.
@@ -57,9 +59,9 @@ class PositionAttention(nn.Module):
 
 
 def triton_runs(v: torch.Tensor) -> bool:
-    """Whether `attention="triton"` runs its kernel on this value: no gradients, bf16 / fp16, on CUDA (or through
-    Triton's CPU interpreter, TRITON_INTERPRET=1, as the tests run it)."""
-    if torch.is_grad_enabled() or v.dtype not in (torch.bfloat16, torch.float16):
+    """Whether `attention="triton"` runs its kernel on this value: Triton installed, no gradients, bf16 / fp16, on
+    CUDA (or through Triton's CPU interpreter, TRITON_INTERPRET=1, as the tests run it)."""
+    if triton is None or torch.is_grad_enabled() or v.dtype not in (torch.bfloat16, torch.float16):
         return False
     return v.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -38,7 +38,7 @@ if triton is not None:
         UPCAST: the products' operands in float32 (Triton's interpreter multiplies bf16 matrices wrongly; float32
         products of bf16 values, accumulated in float32, are what the GPU's bf16 MMA computes)."""
         acc_t = tl.float64 if F64 else tl.float32
-        b = tl.program_id(2)
+        b = tl.program_id(2).to(tl.int64)  # NOTE: b * batch stride passes 2^31 from (B - 1) * N * C on
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         offs_d = tl.arange(0, BLOCK_D)
@@ -121,9 +121,16 @@ def why_unused(device: torch.device, amp: str) -> str | None:
     return None
 
 
-def set_inference_attention(model, attention: str, amp: str = "none") -> None:
-    """`danet test` / `predict` `--attention`: the position attention's path (`DANet.set_attention`), with a note
-    where "triton" cannot run its kernel (PyTorch's fused attention runs there, the same values to rounding)."""
-    model.set_attention(attention)
-    if attention == "triton" and (why := why_unused(next(model.parameters()).device, amp)):
+def set_inference_attention(model, attention: str | None, amp: str = "none") -> str:
+    """`danet test` / `predict` `--attention`: the position attention's path (`DANet.set_attention`; None: the
+    model's own), with a note where "triton" cannot run its kernel (PyTorch's fused attention runs there, the same
+    values to rounding). Returns the path that runs: "fused", "explicit" or "triton"."""
+    if attention is not None:
+        model.set_attention(attention)
+    pam = model.head.pam
+    why = why_unused(next(model.parameters()).device, amp) if pam.triton else None
+    if why and attention == "triton":
         print(f"note: --attention triton {why}; PyTorch's fused attention runs")
+    if not pam.fused:
+        return "explicit"
+    return "triton" if pam.triton and why is None else "fused"

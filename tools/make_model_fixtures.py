@@ -55,6 +55,16 @@ MMSEG_TTA_BASE = (100, 50)
 CORNERS_CONFIG, CORNERS_SIZE, CORNERS_SEED = "danet_r50-d8_4xb2-40k_cityscapes-769x769", (71, 93), 4
 
 
+def mmseg_narrow_options() -> list[str]:
+    """The mmseg harness's `--cfg-options` of the NARROW variant."""
+    b, n = NARROW["base"], NARROW["classes"]
+    return [f"backbone.base_channels={b}", f"backbone.stem_channels={NARROW['stem']}",
+            f"decode_head.in_channels={b * 32}", f"decode_head.channels={NARROW['head']}",
+            f"decode_head.pam_channels={NARROW['key']}", f"decode_head.num_classes={n}",
+            f"auxiliary_head.in_channels={b * 16}", f"auxiliary_head.channels={NARROW['aux_mmseg']}",
+            f"auxiliary_head.num_classes={n}"]  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # modes that run inside a peer's venv
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,12 +145,7 @@ def peer_mmseg_tta(peers: str, ckpt: str, image: str, out: str, base: str = "") 
     from mmseg.models.segmentors import SegTTAModel  # noqa: PLC0415
     from mmseg.registry import MODELS  # noqa: PLC0415
 
-    b, n = NARROW["base"], NARROW["classes"]
-    opts = [f"backbone.base_channels={b}", f"backbone.stem_channels={NARROW['stem']}",
-            f"decode_head.in_channels={b * 32}", f"decode_head.channels={NARROW['head']}",
-            f"decode_head.pam_channels={NARROW['key']}", f"decode_head.num_classes={n}",
-            f"auxiliary_head.in_channels={b * 16}", f"auxiliary_head.channels={NARROW['aux_mmseg']}",
-            f"auxiliary_head.num_classes={n}"]  # fmt: skip
+    opts = mmseg_narrow_options()
     args = types.SimpleNamespace(config="danet_r50-d8_4xb4-160k_ade20k-512x512", cfg_options=opts, d16=False)
     cfg, model_cfg, _ = mmseg_danet.load_cfg(args)
     model = MODELS.build(ConfigDict(model_cfg))
@@ -192,12 +197,7 @@ def harness_cmd(
     if toolbox == "ssseg":
         config = f"danet_resnet50os{os_}_ade20k"
         return [py, __file__, "peer-ssseg", str(peers), "dump", "--config", config, *common]
-    b, n = NARROW["base"], NARROW["classes"]
-    opts = [f"backbone.base_channels={b}", f"backbone.stem_channels={NARROW['stem']}",
-            f"decode_head.in_channels={b * 32}", f"decode_head.channels={NARROW['head']}",
-            f"decode_head.pam_channels={NARROW['key']}", f"decode_head.num_classes={n}",
-            f"auxiliary_head.in_channels={b * 16}", f"auxiliary_head.channels={NARROW['aux_mmseg']}",
-            f"auxiliary_head.num_classes={n}"]  # fmt: skip
+    opts = mmseg_narrow_options()
     config = config or "danet_r50-d8_4xb4-160k_ade20k-512x512"
     cmd = [py, str(peers / "mmseg_danet.py"), "dump", "--config", config, *common]
     return cmd + (["--d16"] if os_ == 16 else []) + ["--cfg-options", *opts]

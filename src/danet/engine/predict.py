@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from ..errors import DanetError, os_hint
 from .graphed import CUDA_GRAPHS_HELP, with_forward_graphs
+from .test_cli import add_view_options
 
 DEFAULT_MAX_PIXELS = 2048 * 1024
 # labels as `danet test` computes them (logits resized to the original size; --tta: the views' logits averaged
@@ -45,19 +46,7 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the labels (default 0.5)")
     parser.add_argument("--mode", choices=("whole", "slide"), help="force whole-image or sliding-window inference")
     parser.add_argument("--tta", action="store_true", help="multi-scale + flip (the preset's tta_scales)")
-    parser.add_argument(
-        "--tta-merge",
-        choices=("logits", "probs"),
-        help="TTA: average the views' logits (sssegmentation's test) or their softmax probabilities (mmsegmentation's "
-        "rule); default: probs for an mmsegmentation checkpoint, else logits",
-    )
-    parser.add_argument(
-        "--tta-views",
-        choices=("resized", "original", "base"),
-        help="TTA: rescale the resized image (sssegmentation's test), the original image (mmsegmentation's "
-        "tta_pipeline), or resize the original to the base size times each scale (mmsegmentation 0.x); default: "
-        "original for an mmsegmentation checkpoint, else resized",
-    )
+    add_view_options(parser)
     parser.add_argument("--no-resize", action="store_true", help="segment at the native resolution")
     parser.add_argument(
         "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="switch to sliding windows above this many pixels"
@@ -68,12 +57,6 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--norm", choices=("native", "triton"), default="native", help="batch norm + ReLU (triton: fused kernels, CUDA)"
-    )
-    parser.add_argument(
-        "--attention",
-        choices=("fused", "explicit", "triton"),
-        help="position attention (default: the model's, fused; triton: one kernel over the whole value, CUDA with "
-        "--amp bf16 / fp16)",
     )
     parser.add_argument(
         "--channels-last", action="store_true", help="NHWC memory format (with --amp bf16 the fast layout on a GPU)"

@@ -47,19 +47,7 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", action="store_true", help="multi-scale (the preset's tta_scales) + flip")
     parser.add_argument("--scales", type=float, nargs="+", help="TTA scales (implies --tta), e.g. 0.75 1 1.25")
     parser.add_argument("--no-flip", action="store_true", help="TTA without the horizontal flip")
-    parser.add_argument(
-        "--tta-merge",
-        choices=("logits", "probs"),
-        help="TTA: average the views' logits (sssegmentation's test) or their softmax probabilities (mmsegmentation's "
-        "rule); default: probs for an mmsegmentation checkpoint, else logits",
-    )
-    parser.add_argument(
-        "--tta-views",
-        choices=("resized", "original", "base"),
-        help="TTA: rescale the test-resized image (sssegmentation's test), the original image (mmsegmentation's "
-        "tta_pipeline), or resize the original to the base size times each scale (mmsegmentation 0.x, its published "
-        "ms+flip figures); default: original for an mmsegmentation checkpoint, else resized",
-    )
+    add_view_options(parser)
     parser.add_argument(
         "--resize-logits",
         choices=("once", "twice"),
@@ -74,12 +62,6 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
         "--norm", choices=("native", "triton"), default="native", help="batch norm + ReLU (triton: fused kernels, CUDA)"
     )
     parser.add_argument(
-        "--attention",
-        choices=("fused", "explicit", "triton"),
-        help="position attention (default: the model's, fused; triton: one kernel over the whole value, CUDA with "
-        "--amp bf16 / fp16)",
-    )
-    parser.add_argument(
         "--channels-last", action="store_true", help="NHWC memory format (with --amp bf16 the fast layout on a GPU)"
     )
     parser.add_argument("--cuda-graphs", action="store_true", help=CUDA_GRAPHS_HELP)
@@ -91,6 +73,29 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", help="write the metrics to this JSON file (atomically)")
     parser.add_argument("--plot", help="per-class IoU bar chart PNG (default: beside --json, else none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_view_options(parser: argparse.ArgumentParser) -> None:
+    """--tta-merge, --tta-views and --attention, as `danet test` and `danet predict` take them."""
+    parser.add_argument(
+        "--tta-merge",
+        choices=("logits", "probs"),
+        help="TTA: average the views' logits (sssegmentation's test) or their softmax probabilities (mmsegmentation's "
+        "rule); default: probs for an mmsegmentation checkpoint, else logits",
+    )
+    parser.add_argument(
+        "--tta-views",
+        choices=("resized", "original", "base"),
+        help="TTA: rescale the test-resized image (sssegmentation's test), the original image (mmsegmentation's "
+        "tta_pipeline), or resize the original to the base size times each scale (mmsegmentation 0.x, its published "
+        "ms+flip figures); default: original for an mmsegmentation checkpoint, else resized",
+    )
+    parser.add_argument(
+        "--attention",
+        choices=("fused", "explicit", "triton"),
+        help="position attention (default: the model's, fused; triton: one kernel over the whole value, CUDA with "
+        "--amp bf16 / fp16)",
+    )
 
 
 def run_test(args) -> dict:

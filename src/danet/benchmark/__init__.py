@@ -159,9 +159,9 @@ def count_flops(model, x: torch.Tensor, train: bool) -> float:
     """FLOPs per image of the forward (eval) or forward + backward (train) with explicit attention, batch 1."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    fused, triton = model.head.pam.fused, model.head.pam.triton
-    model.set_fused_attention(False)
-    model.head.pam.triton = False
+    pam = model.head.pam
+    saved = pam.fused, pam.triton
+    model.set_attention("explicit")
     model.train(train)
     x1 = x[:1].detach()
     try:
@@ -173,8 +173,7 @@ def count_flops(model, x: torch.Tensor, train: bool) -> float:
                 with torch.no_grad():
                     model(x1)
     finally:
-        model.set_fused_attention(fused)
-        model.head.pam.triton = triton
+        pam.fused, pam.triton = saved
         model.zero_grad(set_to_none=True)
     return float(fc.get_total_flops())
 

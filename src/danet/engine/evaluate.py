@@ -357,10 +357,10 @@ def evaluate(
         leave=False,
         dynamic_ncols=True,
     )
+    pipe = dataset.pipeline  # the normalisation and base size of the views of the original image
+    base = tuple(pipe.base_size) if views == "base" else None
     for image, label in bar:
         if original:
-            pipe = dataset.pipeline
-            base = tuple(pipe.base_size) if views == "base" else None
             image = OriginalViews(np.asarray(image), pipe.mean, pipe.std, device, torch.float32, channels_last, base)
         else:
             image = torch.as_tensor(image)[None].to(device)

@@ -153,7 +153,8 @@ def run_test(args) -> dict:
     if mode == "slide" or stride:
         check_slide(crop, stride)
     resize_logits = args.resize_logits or default_resize(ck)
-    tta_views, tta_merge = (args.tta_views or default_tta(ck)[0], args.tta_merge or default_tta(ck)[1])
+    own_views, own_merge = default_tta(ck)  # the checkpoint's toolbox's own multi-scale + flip
+    tta_views, tta_merge = args.tta_views or own_views, args.tta_merge or own_merge
     info = distributed.setup(args.device)
     threads = torch.get_num_threads()
     if info.device.type == "cpu":

@@ -31,9 +31,9 @@ from .graphed import CUDA_GRAPHS_HELP, with_forward_graphs
 from .test_cli import add_view_options
 
 DEFAULT_MAX_PIXELS = 2048 * 1024
-# labels as `danet test` computes them (logits resized to the original size; --tta: the views' logits averaged
-# there) while K x H x W float32 stays under this many elements (1 GiB); above it, at the resized size, then upsampled
-# in strips (a few pixels near class edges may differ from `danet test`)
+# labels as `danet test` computes them (logits resized to the original size; --tta: the views merged there, as the
+# checkpoint's toolbox merges them) while K x H x W float32 stays under this many elements (1 GiB); above it, at the
+# resized size, then upsampled in strips (a few pixels near class edges may differ from `danet test`)
 FULL_SIZE_ELEMS = 1 << 28
 
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import danet
-from danet.engine.evaluate import segment, slide_logits, upsample_argmax
+from danet.engine.evaluate import segment
+from danet.engine.inference import slide_logits, upsample_argmax
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +67,7 @@ def test_slide_windows_batched_give_the_same_logits(window_batch, forwards):
 
 
 def test_windows_per_forward_default(monkeypatch):
-    import danet.engine.evaluate as E
+    import danet.engine.inference as E
 
     assert E.windows_per_forward(torch.device("cpu"), 1, (512, 1024)) == 1  # measured fastest on the CPU
     assert E.windows_per_forward(torch.device("cuda"), 1, (512, 1024)) == 4  # 2048 x 1024 pixels a forward
@@ -154,7 +155,7 @@ def test_eval_workers_default(monkeypatch):
 )
 def test_slide_rejects_windows_that_leave_gaps(crop, stride, words):
     """A stride beyond the window would leave pixels without logits (NaN, then argmax 0): an error instead."""
-    from danet.engine.evaluate import slide_windows
+    from danet.engine.inference import slide_windows
     from danet.errors import DanetError
 
     with pytest.raises(DanetError, match=words):
@@ -164,7 +165,7 @@ def test_slide_rejects_windows_that_leave_gaps(crop, stride, words):
 def test_default_slide_stride_is_mmseg_s():
     """Two thirds of the window, rounded, as in mmseg's slide configs: (341, 683) for Cityscapes' 512 x 1024 windows,
     (513, 513) for its 769 x 769 ones (floored, they were 682 and 512)."""
-    from danet.engine.evaluate import default_stride
+    from danet.engine.inference import default_stride
 
     assert default_stride((512, 1024)) == (341, 683)
     assert default_stride((769, 769)) == (513, 513)
@@ -214,3 +215,36 @@ def test_original_views_evaluate_each_image_as_read(tmp_path):
     assert torch.equal(evaluate(model, val, 5, views="original", **plain).mat, evaluate(model, val, 5, **plain).mat)
     with pytest.raises(Exception, match="TTA views must be one of resized, original, base, got 'tensor'"):
         evaluate(model, val, 5, views="tensor", **plain)
+
+
+@pytest.mark.parametrize("views", ["resized", "original"])
+def test_a_float64_model_is_evaluated_in_float64(tmp_path, views):
+    """A float64 model (the equivalence checks') gets float64 images, also as views of the original image: the
+    confusion matrix of `segment` on float64 inputs, where float32 images met float64 weights and failed."""
+    from danet.data import build_dataset, ensure_synthetic
+    from danet.engine.evaluate import OriginalViews, evaluate
+    from danet.engine.metrics import ConfusionMatrix
+    from danet.presets import get_preset
+
+    preset = get_preset("danet_tiny_synthetic")
+    val = build_dataset(preset, ensure_synthetic(tmp_path / "data"), "val")
+    torch.manual_seed(0)
+    model = danet.create_model("danet_tiny_synthetic", base_channels=8, stem_channels=8, head_channels=16,
+                               key_channels=8, aux_channels=16).double().eval()  # fmt: skip
+    tta = dict(scales=(0.75, 1.0), flip=True) if views == "original" else {}
+    cm = evaluate(model, val, preset.num_classes, device=torch.device("cpu"), limit=2, progress=False, views=views,
+                  **tta)  # fmt: skip
+    expected = ConfusionMatrix(preset.num_classes, ignore_index=preset.dataset.ignore_index)
+    pipe = val.pipeline
+    for i in range(2):
+        if views == "original":
+            image, label = val.read(i)
+            x = OriginalViews(np.asarray(image), pipe.mean, pipe.std, dtype=torch.float64)
+        else:
+            image, label = val[i]
+            x = torch.as_tensor(image)[None].double()
+        label = torch.as_tensor(label)
+        scores = segment(model, x, tuple(label.shape[-2:]), **tta, merge="probs" if tta else "logits")
+        assert scores.dtype == torch.float64
+        expected.update(scores.argmax(1)[0], label)
+    assert torch.equal(cm.mat, expected.mat) and cm.mat.sum() > 0

@@ -9,6 +9,7 @@ from torch.utils.data import default_collate
 import danet.engine.train as T
 from danet.config import RunConfig, apply_overrides, to_dict
 from danet.data import ensure_synthetic
+from danet.engine.start import check_compatible
 from danet.engine.transfer import labels_fit_uint8, narrow_labels_collate, to_device
 from test_faults_common import NARROW_MODEL_SETS
 
@@ -134,6 +135,6 @@ def test_loader_workers(monkeypatch, requested, device, cores, local_world, want
 def test_prefetch_and_workers_do_not_count_as_changed_settings_on_resume():
     base = RunConfig(preset="danet_tiny_synthetic").resolve()
     other = apply_overrides(RunConfig(preset="danet_tiny_synthetic"), ["data.prefetch=false", "data.num_workers=7"])
-    assert T.check_compatible(to_dict(base), other.resolve()) == []
+    assert check_compatible(to_dict(base), other.resolve()) == []
     crop = apply_overrides(RunConfig(preset="danet_tiny_synthetic"), ["data.crop_size=[32,32]"])
-    assert T.check_compatible(to_dict(base), crop.resolve()) == ["data"]
+    assert check_compatible(to_dict(base), crop.resolve()) == ["data"]

@@ -228,7 +228,8 @@ def test_export_names_the_output_stride_it_used(capsys):
 def test_mmseg_769x769_model_resizes_with_align_corners():
     """mmseg's Cityscapes 769x769 configs resize the logits with align_corners=True: read from the file, the model
     and the evaluation's resize match mmseg's logits in float64 (with align_corners=False they were 28 % off)."""
-    from danet.engine.evaluate import segment, upsample_argmax
+    from danet.engine.evaluate import segment
+    from danet.engine.inference import upsample_argmax
 
     data = np.load(FIXTURES / "mmseg_769.npz")
     meta = json.loads(str(data["meta_json"]))

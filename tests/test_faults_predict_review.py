@@ -15,7 +15,7 @@ from PIL import Image
 import danet
 from danet.checkpoints import save_checkpoint
 from danet.cli import main
-from danet.engine.evaluate import rescale
+from danet.engine.inference import rescale
 from danet.errors import DanetError
 from test_faults_common import cli_error, digest
 

@@ -19,8 +19,8 @@ from PIL import Image
 
 from danet.cli import main
 from danet.engine import graphed
-from danet.engine.evaluate import align_corners, autocast, forward_logits, slide_logits
 from danet.engine.graphed import GraphedForward
+from danet.engine.inference import align_corners, autocast, forward_logits, slide_logits
 from danet.models.danet import unwrap
 from test_engine_graphed import NoHostSync
 from test_faults_common import tiny_model

@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..engine.distributed import pick_device
-from ..engine.evaluate import default_stride, slide_logits, slide_windows
 from ..engine.fused_loss import fused_danet_loss
 from ..engine.graphed import WARMUP, CudaGraphs, GraphedStep
+from ..engine.inference import default_stride, slide_logits, slide_windows
 from ..engine.losses import danet_loss
 from ..engine.schedule import build_optimizer
 from ..errors import DanetError
@@ -67,7 +67,7 @@ class BenchSpec:
     cuda_graphs: bool = False  # capture the forward (train: forward, loss, backward; SGD eager) once, replay it
     slide: tuple[int, int] | None = None  # inference only: sliding windows of this size (H, W) instead of whole
     stride: tuple[int, int] | None = None  # slide stride (None: 2/3 of the window)
-    window_batch: int | None = None  # windows per forward (None: engine.evaluate's default, by pixel budget)
+    window_batch: int | None = None  # windows per forward (None: engine.inference's default, by pixel budget)
     warmup: int = 2
     iters: int = 5
     device: str = "auto"

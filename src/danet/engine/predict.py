@@ -27,8 +27,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import DanetError, os_hint
-from .graphed import CUDA_GRAPHS_HELP, with_forward_graphs
-from .test_cli import add_view_options
+from .graphed import with_forward_graphs
+from .test_cli import add_speed_options, add_view_options
 
 DEFAULT_MAX_PIXELS = 2048 * 1024
 # labels as `danet test` computes them (logits resized to the original size; --tta: the views merged there, as the
@@ -51,18 +51,7 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="switch to sliding windows above this many pixels"
     )
-    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype")
-    parser.add_argument(
-        "--conv", choices=("direct", "winograd"), default="direct", help="3x3 convolutions (winograd: faster on CPU)"
-    )
-    parser.add_argument(
-        "--norm", choices=("native", "triton"), default="native", help="batch norm + ReLU (triton: fused kernels, CUDA)"
-    )
-    parser.add_argument(
-        "--channels-last", action="store_true", help="NHWC memory format (with --amp bf16 the fast layout on a GPU)"
-    )
-    parser.add_argument("--cuda-graphs", action="store_true", help=CUDA_GRAPHS_HELP)
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    add_speed_options(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -263,7 +252,8 @@ class Predictor:
     ) -> np.ndarray:
         """RGB uint8 `(H, W, 3)` (or a PIL image) -> class indices uint8 `(H, W)` at the original size."""
         from ..data.transforms import normalize, resize_keep_ratio
-        from .evaluate import TTA_MERGES, TTA_VIEWS, OriginalViews, align_corners, segment, upsample_argmax
+        from .evaluate import TTA_MERGES, TTA_VIEWS, OriginalViews, segment
+        from .inference import align_corners, upsample_argmax
 
         choices = (("mode", mode, (None, "whole", "slide")), ("amp", amp, ("none", "bf16", "fp16")),
                    ("merge", merge, (None, *TTA_MERGES)), ("views", views, (None, *TTA_VIEWS)))  # fmt: skip

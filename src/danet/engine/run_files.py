@@ -3,6 +3,7 @@ which files make a run (a fresh run refuses a work dir holding them); what to do
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..errors import DanetError
@@ -50,6 +51,18 @@ def draw_pictures(work: Path, preset, metrics: dict, stopped: bool = False) -> N
             f"training {what} (checkpoints and metrics.json are in {work}) but a picture could not be written: "
             f"{e.filename or ''} {e.strerror or e}; free some space (the run itself is {state})"
         ) from None
+
+
+def draw_missing_pictures(work: Path, preset, it: int) -> None:
+    """The pictures of a finished run resumed at its last iteration `it`, where it stopped after its last checkpoint
+    but before drawing them (with metrics.json's validation where that is of iteration `it`)."""
+    if (work / "curves.png").is_file():
+        return
+    try:
+        last = json.loads((work / "metrics.json").read_text())
+    except (OSError, ValueError):
+        last = {}
+    draw_pictures(work, preset, last if isinstance(last, dict) and last.get("iter") == it else {})
 
 
 def _draw_pictures(work: Path, preset, metrics: dict) -> None:

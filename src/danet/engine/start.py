@@ -11,7 +11,7 @@ import torch
 
 from .. import checkpoints
 from ..config import RunConfig, from_dict, to_dict
-from ..errors import DanetError
+from ..errors import DanetError, short
 from ..models.danet import DANet
 from . import distributed
 
@@ -167,3 +167,43 @@ def restart_source(cfg: RunConfig, resume: str | Path | None, info: distributed.
         return resume or last
     state = checkpoints.read_checkpoint(last).train_state or {}
     return last if state.get("run") == info.run else resume
+
+
+def read_resume(resume: str | Path, cfg: RunConfig, preset, is_main: bool = True) -> checkpoints.Checkpoint:
+    """The checkpoint a run resumes from; DanetError unless it holds a training state (and, for a folder dataset,
+    the classes that file names now). Warns (main process) of settings that differ from its run's."""
+    ckpt = checkpoints.read_checkpoint(resume)
+    if not ckpt.train_state:
+        raise DanetError(f"{resume} holds no training state (best.pth is weights only); resume from last.pth")
+    saved = ckpt.classes
+    if cfg.data.dataset == "folder" and saved is not None and saved != list(preset.classes):
+        raise DanetError(
+            f"{resume} trained on {len(saved)} classes {short(saved)}, but the classes file of {cfg.data_root} now "
+            f"names {preset.num_classes} {short(preset.classes)}; put the run's classes back in that file, or start "
+            f"a new run from it (--set init_checkpoint={resume})"
+        )
+    if is_main and (diff := check_compatible(ckpt.meta.get("config", {}), cfg)):
+        print(f"warning: resuming with settings that differ from the checkpoint's run: {', '.join(diff)}")
+    return ckpt
+
+
+def check_resume_point(state: dict, resume, sch, ipe: int, full_batches: int, replicas: int) -> None:
+    """DanetError unless the training state `state` resumes inside this run's schedule (`sch.epochs` epochs of
+    `ipe` iterations; a finished run, at the last iteration, resumes to no further work) with epochs of its length.
+    `full_batches`: the train images' whole batches, the epoch length of states written before the padding over the
+    reference's `replicas` GPUs, which recorded none."""
+    total = sch.epochs * ipe
+    if (done := int(state["iter"])) > total:
+        raise DanetError(
+            f"{resume} is at iteration {done}, past this run's schedule, which ends at {total} ({sch.epochs} "
+            f"epochs of {ipe}): nothing left to train; raise schedule.epochs to train further"
+        )
+    # NOTE: a state of another epoch length would resume at the wrong place of its epoch (and of the data order)
+    was = state.get("iters_per_epoch", min(full_batches, sch.iters_per_epoch or full_batches))
+    if was != ipe:
+        why = "" if "iters_per_epoch" in state else f" (earlier versions did not pad them over {replicas} GPUs)"
+        fits = isinstance(was, int) and 0 < was < ipe  # NOTE: the cap can only shorten this run's epochs
+        remedy = f"--set schedule.iters_per_epoch={was}" if fits else "the run's own data and schedule settings"
+        raise DanetError(
+            f"{resume} was trained with epochs of {was} iterations, this run's are {ipe}{why}; resume with {remedy}"
+        )

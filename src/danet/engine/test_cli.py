@@ -54,6 +54,19 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
         help="whole image: the logits to the label size in one step (sssegmentation) or via the input size "
         "(mmsegmentation); default: twice for an mmsegmentation checkpoint, else once",
     )
+    add_speed_options(parser)
+    parser.add_argument("--limit", type=int, help="evaluate the first N images only")
+    parser.add_argument(
+        "--workers", type=int, help="processes reading the next images ahead (default: 0 on the CPU, 1-4 on a GPU)"
+    )
+    parser.add_argument("--json", help="write the metrics to this JSON file (atomically)")
+    parser.add_argument("--plot", help="per-class IoU bar chart PNG (default: beside --json, else none)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_speed_options(parser: argparse.ArgumentParser) -> None:
+    """--amp, --conv, --norm, --channels-last, --cuda-graphs and --device, as `danet test` and `danet predict` take
+    them."""
     parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype")
     parser.add_argument(
         "--conv", choices=("direct", "winograd"), default="direct", help="3x3 convolutions (winograd: faster on CPU)"
@@ -66,13 +79,6 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--cuda-graphs", action="store_true", help=CUDA_GRAPHS_HELP)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--limit", type=int, help="evaluate the first N images only")
-    parser.add_argument(
-        "--workers", type=int, help="processes reading the next images ahead (default: 0 on the CPU, 1-4 on a GPU)"
-    )
-    parser.add_argument("--json", help="write the metrics to this JSON file (atomically)")
-    parser.add_argument("--plot", help="per-class IoU bar chart PNG (default: beside --json, else none)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def add_view_options(parser: argparse.ArgumentParser) -> None:
@@ -108,7 +114,8 @@ def run_test(args) -> dict:
     from ..presets import get_preset
     from ..safe_load import check_file
     from . import distributed
-    from .evaluate import check_slide, default_resize, default_stride, default_tta, evaluate
+    from .evaluate import default_resize, default_tta, evaluate
+    from .inference import check_slide, default_stride
 
     preset = get_preset(args.preset)
     if args.dataset == "folder":

@@ -16,7 +16,6 @@ weights as an uninterrupted run (bit for bit in deterministic mode).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -34,20 +33,22 @@ from ..models.danet import DANet
 from ..models.fused_norm import use_fused_norm, why_unused
 from ..models.winograd import use_winograd
 from . import distributed
-from .evaluate import autocast, evaluate
+from .evaluate import evaluate
 from .fused_loss import fused_danet_loss
 from .graphed import CudaGraphs, GraphedStep
+from .inference import autocast
 from .logging import RunLogger
 from .losses import danet_loss, groups
-from .run_files import after_divergence, draw_pictures, run_outputs, write_metrics
+from .run_files import after_divergence, draw_missing_pictures, draw_pictures, run_outputs, write_metrics
 from .sampling import EpochBatchSampler, capture_rng_states, mix, reference_replicas, restore_rng_states
 from .schedule import PolyLR, build_optimizer, final_lr
 from .start import (
     backbone_source,
     build_datasets,
     build_model,
-    check_compatible,
+    check_resume_point,
     loader_workers,
+    read_resume,
     restart_source,
     set_deterministic,
 )
@@ -89,18 +90,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
             f"note: schedule.loss_images={sch.loss_images} but each of the {info.world} processes has "
             f"{sch.batch_size // info.world} image(s): the loss is reduced over each process's batch"
         )
-    ckpt = checkpoints.read_checkpoint(resume) if resume else None
-    if ckpt is not None and not ckpt.train_state:
-        raise DanetError(f"{resume} holds no training state (best.pth is weights only); resume from last.pth")
-    saved = ckpt.classes if ckpt is not None else None
-    if cfg.data.dataset == "folder" and saved is not None and saved != list(preset.classes):
-        raise DanetError(
-            f"{resume} trained on {len(saved)} classes {short(saved)}, but the classes file of {cfg.data_root} now "
-            f"names {preset.num_classes} {short(preset.classes)}; put the run's classes back in that file, or start "
-            f"a new run from it (--set init_checkpoint={resume})"
-        )
-    if ckpt is not None and info.is_main and (diff := check_compatible(ckpt.meta.get("config", {}), cfg)):
-        print(f"warning: resuming with settings that differ from the checkpoint's run: {', '.join(diff)}")
+    ckpt = read_resume(resume, cfg, preset, info.is_main) if resume else None
 
     earlier = run_outputs(work, keep=(cfg.init_checkpoint, cfg.backbone_weights)) if ckpt is None else []
     if earlier and not cfg.overwrite:  # never replace a run by accident (a kept best.pth without last.pth too)
@@ -179,22 +169,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     it, best, best_iter, pending = 0, -math.inf, None, False
     if ckpt is not None:
         ts = ckpt.train_state
-        if int(ts["iter"]) > total:  # NOTE: before config.yaml is rewritten (a finished run, == total, resumes to
-            done = int(ts["iter"])  # no further work)
-            raise DanetError(
-                f"{resume} is at iteration {done}, past this run's schedule, which ends at {total} ({sch.epochs} "
-                f"epochs of {ipe}): nothing left to train; raise schedule.epochs to train further"
-            )
-        # NOTE: a state of another epoch length would resume at the wrong place of its epoch (and of the data order);
-        # states before the padding recorded none: their epochs were the unpadded count
-        was = ts.get("iters_per_epoch", min(n_train // sch.batch_size, sch.iters_per_epoch or n_train))
-        if was != ipe:
-            why = "" if "iters_per_epoch" in ts else f" (earlier versions did not pad them over {replicas} GPUs)"
-            fits = isinstance(was, int) and 0 < was < ipe  # NOTE: the cap can only shorten this run's epochs
-            remedy = f"--set schedule.iters_per_epoch={was}" if fits else "the run's own data and schedule settings"
-            raise DanetError(
-                f"{resume} was trained with epochs of {was} iterations, this run's are {ipe}{why}; resume with {remedy}"
-            )
+        check_resume_point(ts, resume, sch, ipe, n_train // sch.batch_size, replicas)  # before config.yaml is rewritten
         optimizer.load_state_dict(ts["optimizer"])
         scheduler.load_state_dict(ts["scheduler"])
         scaler.load_state_dict(ts["grad_scaler"]) if ts.get("grad_scaler") else None
@@ -204,12 +179,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
         if it == total and not pending:
             if info.is_main:
                 print(f"{resume} has finished its {total} iterations: nothing left to train (raise schedule.epochs)")
-                if not (work / "curves.png").is_file():  # stopped after its last checkpoint, before its pictures
-                    try:
-                        last = json.loads((work / "metrics.json").read_text())
-                    except (OSError, ValueError):
-                        last = {}
-                    draw_pictures(work, preset, last if isinstance(last, dict) and last.get("iter") == it else {})
+                draw_missing_pictures(work, preset, it)
             return {"metrics": {}, "best_miou": best, "best_iter": best_iter, "iter": it, "seconds": 0.0,
                     "stopped": False, "skipped": 0, "finished": True, "rank": info.rank}  # fmt: skip
 

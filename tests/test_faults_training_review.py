@@ -64,6 +64,37 @@ def test_overwrite_replaces_every_file_of_the_earlier_run(data_root, tmp_path, c
     assert "already holds a run" in line
 
 
+def test_an_overwrite_run_failing_before_its_first_checkpoint_leaves_the_earlier_run_whole(
+    data_root, tmp_path, capsys, monkeypatch
+):
+    """overwrite=true, then a failure before the new run's first checkpoint (a bad label in its first batch): the
+    earlier run's config.yaml and log.jsonl keep their bytes beside its checkpoints (its config still resumes it);
+    the next overwrite run that reaches a checkpoint puts its own config and log in their place, and leaves no
+    staged file behind."""
+    import danet.engine.train as T
+    from danet.errors import DanetError
+
+    work = tmp_path / "w"
+    assert main(argv(work, data_root)) == 0
+    kept = {name: digest(work / name) for name in ("config.yaml", "log.jsonl", "last.pth")}
+
+    def failing(loader):
+        raise DanetError("label value 7 is out of range")
+        yield  # a generator, as the loader's items are
+
+    with monkeypatch.context() as m:
+        m.setattr(T, "_batches", failing)
+        line = cli_error(capsys, *argv(work, data_root, "--set", "overwrite=true", "--set", "schedule.lr=0.5"))
+    assert "out of range" in line
+    assert {name: digest(work / name) for name in kept} == kept
+    assert yaml.safe_load((work / "config.yaml").read_text())["schedule"]["lr"] != 0.5
+    assert main(argv(work, data_root, "--set", "overwrite=true", "--set", "schedule.lr=0.5")) == 0
+    assert yaml.safe_load((work / "config.yaml").read_text())["schedule"]["lr"] == 0.5
+    starts = records(work, "start")
+    assert len(starts) == 1 and records(work, "end")[0]["iter"] == 4  # the new run's log alone, whole
+    assert not list(work.glob(".*.next"))
+
+
 def test_a_work_dir_with_a_kept_best_pth_is_not_trained_over(data_root, tmp_path, capsys):
     work = tmp_path / "w"
     assert main(argv(work, data_root)) == 0

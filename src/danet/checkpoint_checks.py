@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from . import safe_load
+from .config_checks import MAX_SIZE  # the largest base / crop size a checkpoint's run settings may give
 from .errors import DanetError, os_hint
 
 _BRIEF = reprlib.Repr()
@@ -38,9 +39,6 @@ def check_weights(sd: dict, path: Path) -> None:
             raise DanetError(f"{path}: weight {k} is a {v.layout} tensor, not a dense one; {redo}")
         if v.device.type != "cpu":
             raise DanetError(f"{path}: weight {k} is on the {v.device.type} device, not the CPU; {redo}")
-
-
-MAX_SIZE = 16384  # the largest base / crop size a checkpoint's run settings may give (a 16k x 16k image)
 
 
 def check_meta(meta: dict, sd: dict, path: Path, ours: bool, names: dict[str, str]) -> None:

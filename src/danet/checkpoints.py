@@ -25,6 +25,7 @@ from .checkpoint_formats import Checkpoint as Checkpoint  # the reading side, pu
 from .checkpoint_formats import file_key as file_key
 from .checkpoint_formats import read_checkpoint as read_checkpoint
 from .errors import DanetError, os_hint
+from .files import replace_target
 from .models.danet import DANet, ModelConfig, unwrap
 from .models.resnet import DEPTH_LAYERS
 
@@ -81,7 +82,7 @@ def save_checkpoint(
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """torch.save to `<path>.tmp-<pid>` in the same folder, fsync, then os.replace; DanetError on failure."""
-    path = Path(path)
+    path = replace_target(path)
     if path.is_dir():  # NOTE: before anything is written beside it
         raise DanetError(f"could not write checkpoint {path}: it is a folder; give a file name")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -113,10 +113,19 @@ def _run(args) -> int:
             raise
         say(f"danet {args.command}: error: {os_error_line(e)}")
         return 2
-    except RuntimeError as e:  # NOTE: under torchrun, the processes left waiting when another one stopped
-        if "killed by signal: Terminated" in str(e) and not args.debug:  # SIGTERM to the loader's processes too
-            return terminated(args.command)  # (a scheduler stopping a job signals all of them)
-        if args.debug or not peer_stopped(e):
+    except Exception as e:  # NOTE: MemoryError, or torch's / OpenCV's error for a failed allocation (also raised
+        # again from a data loader's process); under torchrun, the processes left waiting when another one stopped
+        if args.debug:
+            raise
+        if "killed by signal: Terminated" in str(e):  # SIGTERM to the loader's processes too (a scheduler stopping a
+            return terminated(args.command)  # job signals all of them)
+        if out_of_memory(e):
+            say(
+                f"danet {args.command}: error: out of memory ({last_line(e)[:200]}); use smaller images or batches "
+                "(the sizes and batch the command was given), or a machine with more memory"
+            )
+            return 2
+        if not (isinstance(e, RuntimeError) and peer_stopped(e)):
             raise
         first = str(e).strip().splitlines()[0][:200]
         say(f"danet {args.command}: error: another process of this run stopped ({first}); its own error line says why")
@@ -140,6 +149,22 @@ def say(line: str) -> None:
 
 
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+# what torch (CPU allocator, CUDA), NumPy and OpenCV say when an allocation fails
+NO_MEMORY = ("can't allocate memory", "out of memory", "Insufficient memory", "Unable to allocate",
+             "Failed to allocate")  # fmt: skip
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is a failed allocation: MemoryError (NumPy's too), or a library's error saying so."""
+    return isinstance(e, MemoryError) or any(w in str(e) for w in NO_MEMORY)
+
+
+def last_line(e: BaseException) -> str:
+    """The error's own last line (one raised again from a data loader's process carries that process's traceback)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
 
 
 def peer_stopped(e: RuntimeError) -> bool:

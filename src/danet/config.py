@@ -17,8 +17,6 @@ applied (model structure, crop, schedule), which is what the data, model and che
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ import yaml
 
 from .config_checks import CHOICES, check_run, chosen
 from .errors import DanetError
+from .files import atomic_write_text
 from .models.danet import ModelConfig
 from .presets import Preset, Schedule, get_preset
 
@@ -335,26 +334,6 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
 
 def _keys_line() -> str:
     return ", ".join(valid_keys())
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temp file in the same folder and os.replace (survives a crash)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # NOTE: mkstemp makes 0600; the file gets what open() would give it
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def is_config_file(preset_or_yaml: str) -> bool:

@@ -8,6 +8,8 @@ from typing import Any
 
 from .errors import DanetError
 
+MAX_SIZE = 16384  # the largest crop and base size of a run (a 16k x 16k image), also in its checkpoints' settings
+
 # fields whose values are restricted to a set of words
 CHOICES: dict[str, tuple[str, ...]] = {
     "amp": ("none", "bf16", "fp16"),
@@ -94,6 +96,8 @@ def check_run(cfg: Any) -> None:
     for key, size in (("data.crop_size", d.crop_size), ("data.base_size", d.base_size)):
         if size is not None and min(size) < 1:
             raise DanetError(f"setting {key!r} needs positive sizes (a crop of at least 1 x 1), got {list(size)}")
+        if size is not None and max(size) > MAX_SIZE:
+            raise DanetError(f"setting {key!r} allows sizes up to {MAX_SIZE} pixels, got {list(size)}")
     if d.ratio_range is not None and not 0 < d.ratio_range[0] <= d.ratio_range[1]:
         raise DanetError(f"setting 'data.ratio_range' needs 0 < low <= high, got {list(d.ratio_range)}")
     m = cfg.model

@@ -98,6 +98,8 @@ def check_file(path: str | Path) -> Path:
         raise DanetError(f"checkpoint {path} is a directory; pass a checkpoint file ({hint})")
     if not path.is_file():
         raise DanetError(f"checkpoint {path} not found; check the path")
+    if path.stat().st_size == 0:
+        raise DanetError(f"checkpoint {path} is an empty file (0 bytes); download or save it again")
     return path
 
 
@@ -126,12 +128,22 @@ def first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
 
 
+# what a file that is not a checkpoint is, by its first bytes
+KNOWN_HEADS = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image", b"%PDF": "a PDF",
+               b"\x89HDF": "an HDF5 file (Keras / h5py, not PyTorch)", b"\x1f\x8b": "gzip-compressed",
+               b"<": "an HTML or XML page, perhaps saved in place of the download"}  # fmt: skip
+
+
 def _unreadable(path: Path, is_zip: bool, e: Exception) -> DanetError:
-    reason = first_line(e)
     with open(path, "rb") as f:
-        head = f.read(4)
+        head = f.read(512)
     if is_zip or head.startswith(b"PK"):
+        reason = first_line(e)
         return DanetError(f"checkpoint {path} is truncated or corrupt ({reason}); download or save it again")
+    what = next((name for magic, name in KNOWN_HEADS.items() if head.lstrip().startswith(magic)), None)
+    if what is None and head and all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        what = "text"
+    reason = f"it is {what}" if what else first_line(e)
     return DanetError(f"{path} is not a PyTorch checkpoint ({reason}); pass a .pth file written by torch.save")
 
 

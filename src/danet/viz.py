@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .files import replace_target
+
 IGNORE_COLOR = (224, 224, 192)  # the VOC boundary colour, for label 255
 SERIES_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
@@ -389,12 +391,16 @@ def legend_image(classes: Sequence[str], palette: Sequence[Sequence[int]] | None
 
 def save_picture(img: Image.Image, path: str | Path, **save_args) -> Path:
     """Save through a temporary file beside `path` and os.replace: a failed write (a full disk) leaves no partial
-    picture and keeps the previous one; the OSError goes up (the commands turn it into one line)."""
-    path = Path(path)
+    picture and keeps the previous one; the OSError, naming `path`, goes up (the commands turn it into one line).
+    A symbolic link keeps pointing to the new picture; a device or pipe is refused (`files.replace_target`)."""
+    path = replace_target(path)
     tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
     try:
         img.save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"), **save_args)
         os.replace(tmp, path)
+    except OSError as e:
+        e.filename = str(path)  # NOTE: not the temporary name
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 from tqdm import tqdm
 
 from .errors import DanetError
+from .files import replace_target
 from .presets import PRESETS, Preset, get_preset
 
 CHUNK = 1 << 20
@@ -91,6 +92,7 @@ def fetch(url: str, dest: Path, progress: bool = True, check=None) -> Path:
         raise DanetError(
             f"cannot create download folder {dest.parent}: {e.strerror or e}; give another --cache"
         ) from None
+    dest = replace_target(dest)
     tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as resp, open(tmp, "wb") as f:

@@ -163,6 +163,9 @@ def count_flops(model, x: torch.Tensor, train: bool) -> float:
     saved = pam.fused, pam.triton
     model.set_attention("explicit")
     model.train(train)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:  # NOTE: the same convolutions and matmuls; one image of a small --size trains no batch norm, and
+        m.eval()  # the timed model's running statistics stay as they were
     x1 = x[:1].detach()
     try:
         with FlopCounterMode(display=False) as fc:
@@ -290,6 +293,14 @@ def check_spec(spec: BenchSpec) -> torch.device:
         raise DanetError(f"--warmup must be 0 or more, got {spec.warmup}")
     if spec.size is not None and (len(spec.size) != 2 or min(spec.size) < 1):
         raise DanetError(f"--size needs two positive sizes H W, got {list(spec.size)}")
+    preset = get_preset(spec.preset)
+    stride = spec.overrides.get("output_stride", preset.model.output_stride)
+    size = spec.size or preset.crop_size
+    if spec.mode == "train" and preset.model.replace(output_stride=stride).norm_values(spec.batch, size) < 2:
+        raise DanetError(
+            f"--train: {spec.batch} image(s) of {size[0]}x{size[1]} leave one value per channel at the network's "
+            f"1/{stride} features, which batch norm cannot train on; use --batch 2 or a --size above {stride}"
+        )
     for name, v in (("--slide", spec.slide), ("--stride", spec.stride)):
         if v is not None and (len(v) != 2 or min(v) < 1):
             raise DanetError(f"{name} needs two positive sizes H W, got {list(v)}")

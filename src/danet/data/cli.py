@@ -12,6 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..errors import DanetError
+
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
@@ -42,6 +44,8 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
 
     syn = sub.add_parser("synthetic", help="generate the bundled synthetic dataset (once) and print its folder")
     syn.add_argument("--root", help="cache folder (default $DANET_CACHE or ~/.cache/danet)")
+    for p in (va, cs, chk, syn):  # NOTE: also after the action, as every other command takes it
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -65,7 +69,9 @@ def run_cli(args: argparse.Namespace) -> int:
             info = own_classes(args.data_root, info)
         root = data_root(info, args.data_root)
         splits = [resolve_split(info, s) for s in args.split] if args.split else None
-        report = check_dataset(info, root, splits, jobs=max(1, args.jobs), progress=not args.no_progress)
+        if args.jobs < 1:
+            raise DanetError(f"--jobs must be at least 1 (worker processes), got {args.jobs}")
+        report = check_dataset(info, root, splits, jobs=args.jobs, progress=not args.no_progress)
         print(format_report(report, info))
         return 0 if report.ok else 1
     if args.data_command == "synthetic":

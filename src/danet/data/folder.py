@@ -47,9 +47,16 @@ def default_palette(n: int) -> list[tuple[int, int, int]]:
 
 
 def classes_file(root: Path) -> Path:
-    for name in CLASS_FILES:
-        if (root / name).is_file():
-            return root / name
+    """ROOT's one classes file; DanetError where there is none, or several (which one is meant?), or a folder of
+    that name."""
+    found = [root / name for name in CLASS_FILES if (root / name).exists()]
+    if len(found) > 1:
+        names = " and ".join(p.name for p in found)
+        raise DanetError(f"{root} holds {names}: keep one classes file (the others would be ignored)")
+    if found and not found[0].is_file():
+        raise DanetError(f"classes file {found[0]} is not a file; write the class names into a file of that name")
+    if found:
+        return found[0]
     raise DanetError(f"no classes file in {root}; write {root / 'classes.yaml'} (or classes.txt) naming the classes")
 
 
@@ -58,7 +65,12 @@ def load_classes(root: Path) -> tuple[tuple[str, ...], tuple[tuple[int, int, int
     path = classes_file(root)
     try:
         entries = _parse_yaml(path) if path.suffix in (".yaml", ".yml") else _parse_text(path)
-    except (yaml.YAMLError, ValueError, TypeError, KeyError) as e:
+    except KeyError as e:  # NOTE: a mapping entry without its key: "({e})" alone would read ('name')
+        raise DanetError(
+            f"classes file {path} is malformed (an entry has no {e} key); see the README's Datasets section for the "
+            "format"
+        ) from None
+    except (yaml.YAMLError, ValueError, TypeError) as e:
         raise DanetError(
             f"classes file {path} is malformed ({e}); see the README's Datasets section for the format"
         ) from None

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DanetError, os_hint
+from ..files import replace_target
 
 # NOTE: OpenCV logs decoder warnings ("PNG input buffer is incomplete") straight to stderr; a bad file is reported
 # once, as the DanetError below, so that a CLI error stays one line.
@@ -264,8 +265,9 @@ def write_atomic(path: Path, write) -> None:
     """Call `write(tmp_path)` for a temporary name beside `path`, then rename it into place.
 
     A failed write (a full disk, no permission) leaves `path` as it was (no partial file) and raises a DanetError
-    naming `path`.
+    naming `path`. A symbolic link keeps pointing to the new file; a device or pipe is refused.
     """
+    path = replace_target(path)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
         write(tmp)

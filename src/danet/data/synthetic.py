@@ -72,7 +72,7 @@ def ensure_synthetic(root: str | os.PathLike | None = None) -> Path:
     base = Path(root).expanduser() if root is not None else cache_dir()
     target = base / f"synthetic-v{VERSION}-{generator_id()}"
     if (target / MANIFEST).is_file():
-        return target
+        return check_complete(target)
     if target.exists() and not (target / MANIFEST).is_file():  # NOTE: checked again: another process may just have
         # renamed its finished folder into place
         raise DanetError(f"{target} exists but holds no {MANIFEST} (an incomplete copy?); delete it and retry")
@@ -95,6 +95,23 @@ def ensure_synthetic(root: str | os.PathLike | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def check_complete(root: Path) -> Path:
+    """`root` if every image and mask of the generated data is there; else DanetError (a damaged cache)."""
+    for split, count in SPLITS.items():
+        for kind, ext in (("images", ".jpg"), ("masks", ".png")):
+            names = {f"{i:05d}{ext}" for i in range(count)}
+            try:
+                missing = len(names - set(os.listdir(root / kind / split)))
+            except OSError:
+                missing = count
+            if missing:
+                raise DanetError(
+                    f"the synthetic data in {root} is damaged ({missing} of the {count} {kind} of {split} are "
+                    "missing); delete that folder, and it is generated again on the next use (seconds)"
+                )
+    return root
 
 
 def generate(out: Path) -> None:

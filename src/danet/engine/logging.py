@@ -8,22 +8,31 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import DanetError
+from ..errors import DanetError, os_hint
+from ..files import atomic_write_text, replace_target
 
 
 class RunLogger:
     """Append records to `work_dir/log.jsonl` (and TensorBoard scalars under `work_dir/tensorboard`)."""
 
     def __init__(
-        self, work_dir: str | Path, enabled: bool = True, resume_iter: int | None = None, revalidate: bool = False
+        self,
+        work_dir: str | Path,
+        enabled: bool = True,
+        resume_iter: int | None = None,
+        revalidate: bool = False,
+        staged: bool = False,
     ) -> None:
         """resume_iter: drop the records after this iteration (a resume); revalidate: also its validation, which
-        the resumed run does again (it stopped before the checkpoint said it was done)."""
-        self.path = Path(work_dir) / "log.jsonl"
+        the resumed run does again (it stopped before the checkpoint said it was done); staged: write to
+        `.log.jsonl.next` until `commit` moves it in place of log.jsonl (a run replacing an earlier one's)."""
+        self.final = Path(work_dir) / "log.jsonl"
+        self.path = self.final.with_name(".log.jsonl.next") if staged else self.final
         self.enabled = enabled
         self.tb = None
         if not enabled:
@@ -51,6 +60,13 @@ class RunLogger:
             for k, v in values.items():
                 if isinstance(v, int | float) and not isinstance(v, bool) and k not in ("iter", "epoch"):
                     self.tb.add_scalar(f"{kind}/{k}", v, values["iter"])
+
+    def commit(self) -> None:
+        """A staged log: move it in place of log.jsonl (and go on writing there)."""
+        if self.enabled and self.path != self.final:
+            if self.path.exists():
+                self.path.replace(self.final)
+            self.path = self.final
 
     def close(self) -> None:
         if self.tb is not None:
@@ -99,20 +115,25 @@ def jsonable(v: Any) -> Any:
 
 
 def check_output_file(path: Path, flag: str) -> None:
-    """Before the work that fills it: `path` (given as `flag`) is a file name, not a folder, and its folder exists
-    or can be made; else a one-line DanetError."""
+    """Before the work that fills it: `path` (given as `flag`) is a file name, not a folder (nor a device or pipe),
+    and its folder exists or can be made and takes a new file; else a one-line DanetError."""
     if path.is_dir():
         raise DanetError(f"{flag} {path} is a folder; give a file name")
+    target = replace_target(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise DanetError(f"cannot create the output folder {path.parent}: {e.strerror or e}") from None
+        raise DanetError(f"cannot create the output folder {target.parent}: {e.strerror or e}") from None
+    try:  # NOTE: as the atomic write will (a read-only or forbidden folder fails here, not after the work)
+        with tempfile.TemporaryFile(dir=target.parent):
+            pass
+    except OSError as e:
+        hint = os_hint(e, "pick another path", elsewhere=f"give {flag} another folder")
+        raise DanetError(f"cannot write {flag} {path}: {e.strerror or e}; {hint}") from None
 
 
 def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically (temp file in the same folder, then rename)."""
-    from ..config import atomic_write_text
-
     try:
         atomic_write_text(Path(path), json.dumps(jsonable(obj), indent=2) + "\n")
     except OSError as e:  # a missing/blocked folder, a full disk: one line, the previous file stays

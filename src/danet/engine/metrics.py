@@ -13,6 +13,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from ..errors import DanetError
+
 
 class ConfusionMatrix:
     """Accumulates a `(K, K)` int64 confusion matrix (rows: label, columns: prediction) on the tensors' device."""
@@ -47,6 +49,16 @@ class ConfusionMatrix:
         """Sum the matrices of all processes (torch.distributed, when initialised). Call once, after the last update."""
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(self.mat, op=dist.ReduceOp.SUM)
+
+    def check_labelled(self, what: str, dataset) -> None:
+        """DanetError when no pixel was counted: `what` (e.g. "the 50 labels of split 'val'") are all ignore pixels
+        (of the dataset settings `dataset`), so no metric is defined."""
+        if not int(self.mat.sum()):
+            zero = ", or 0 under reduce-zero-label" if dataset.reduce_zero_label else ""
+            raise DanetError(
+                f"{what} have no labelled pixel (all ignore {dataset.ignore_index}{zero}), so mIoU is undefined; "
+                "check the labels with danet data check"
+            )
 
     def compute(self) -> dict:
         """{"mIoU", "mAcc", "aAcc": percent floats, "IoU", "Acc": per-class percent lists (NaN: see module doc)}."""

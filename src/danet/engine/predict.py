@@ -315,6 +315,9 @@ def run_cli(args) -> int:
             raise DanetError(f"{flag} {value} {verb} the views of --tta; add --tta")
     if not 0 <= args.alpha <= 1:
         raise DanetError(f"--alpha {args.alpha} is outside 0..1 (0: the photo only, 1: the labels only)")
+    if args.max_pixels < 1:
+        raise DanetError(f"--max-pixels must be at least 1 (images above it are segmented in windows), got "
+                         f"{args.max_pixels}")  # fmt: skip
     out = Path(args.out)
     renames: list[str] = []
     files = collect_inputs(args.inputs, out, renames)

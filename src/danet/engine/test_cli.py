@@ -204,12 +204,7 @@ def run_test(args) -> dict:
         )
         metrics = cm.compute()
         n = len(dataset) if args.limit is None else min(args.limit, len(dataset))
-        if not int(cm.mat.sum()):
-            zero = ", or 0 under reduce-zero-label" if preset.dataset.reduce_zero_label else ""
-            raise DanetError(
-                f"the {n} labels of split {args.split!r} have no labelled pixel (all ignore "
-                f"{preset.dataset.ignore_index}{zero}), so mIoU is undefined; check the labels with danet data check"
-            )
+        cm.check_labelled(f"the {n} labels of split {args.split!r}", preset.dataset)
         metrics["settings"] = {
             "preset": preset.name,
             "checkpoint": str(args.checkpoint),

@@ -85,6 +85,12 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
             f"multiple of {info.world}"
         )
     groups(sch.batch_size // info.world, sch.loss_images)  # NOTE: refused here, not at the first step
+    if preset.model.norm_values(per := sch.batch_size // info.world, crop := preset.crop_size) < 2:
+        raise DanetError(
+            f"{per} image(s) of {crop[0]}x{crop[1]} per process leave one value per channel at the network's 1/"
+            f"{preset.model.output_stride} features, which batch norm cannot train on; raise schedule.batch_size to "
+            f"2 per process or data.crop_size above {preset.model.output_stride}"
+        )
     if sch.loss_images > sch.batch_size // info.world and info.is_main:
         print(
             f"note: schedule.loss_images={sch.loss_images} but each of the {info.world} processes has "
@@ -183,10 +189,14 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
             return {"metrics": {}, "best_miou": best, "best_iter": best_iter, "iter": it, "seconds": 0.0,
                     "stopped": False, "skipped": 0, "finished": True, "rank": info.rank}  # fmt: skip
 
-    logger = RunLogger(work, enabled=info.is_main, resume_iter=it if ckpt is not None else None, revalidate=pending)
+    # NOTE: overwrite=true: this run's config.yaml and log.jsonl are staged beside the earlier run's until its first
+    # checkpoint, so that a run failing before it leaves the earlier run whole (its config says how to resume it)
+    staged, resume_iter = bool(earlier), it if ckpt is not None else None
+    logger = RunLogger(work, info.is_main, resume_iter, revalidate=pending, staged=staged)
     recorded = dataclasses.replace(cfg, overwrite=False)  # NOTE: rerunning config.yaml must not wipe this run
+    config_file = work / (".config.yaml.next" if staged else "config.yaml")
     if info.is_main:
-        recorded.save(work / "config.yaml")
+        recorded.save(config_file)
         logger.log("start", iter=it, total_iters=total, iters_per_epoch=ipe, world=info.world, device=str(dev))
 
     def save(name: str, epoch: int, with_state: bool = True, validation_pending: bool = False) -> None:
@@ -204,6 +214,8 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
                 old.unlink(missing_ok=True)
             print(f"overwrite=true: removed the earlier run's {', '.join(p.name for p in earlier)} from {work}")
             earlier.clear()
+            os.replace(config_file, work / "config.yaml")
+            logger.commit()
         state = None
         if with_state:
             state = {
@@ -410,6 +422,8 @@ def validate(model: DANet, val_ds, preset, cfg: RunConfig, info: distributed.Dis
         limit=cfg.data.val_limit,
         progress=cfg.progress,
     )
+    n = min(len(val_ds), cfg.data.val_limit or len(val_ds))
+    cm.check_labelled(f"the {n} labels of the val split", preset.dataset)  # NOTE: else mIoU NaN and no best.pth
     return {**cm.compute(), "confusion": cm.mat.cpu().tolist()}  # (K, K): rows label, columns prediction
 
 

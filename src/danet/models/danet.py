@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,11 @@ class ModelConfig:
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+    def norm_values(self, batch: int, size: tuple[int, int]) -> int:
+        """Values per channel that the batch norms of the coarsest features (1/output_stride, every stride-2 layer
+        rounding up) see for `batch` images of `size` (H, W); training needs at least 2."""
+        return batch * math.ceil(size[0] / self.output_stride) * math.ceil(size[1] / self.output_stride)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

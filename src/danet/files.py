@@ -1,0 +1,58 @@
+"""Outputs written atomically: a temporary file beside the target, then os.replace, so that a failed write (a full
+disk, a kill) leaves the previous file and no partial one. `replace_target` says which file that replaces."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+from .errors import DanetError
+
+KINDS = {stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device", stat.S_ISFIFO: "a named pipe",
+         stat.S_ISSOCK: "a socket"}  # fmt: skip
+
+
+def replace_target(path: str | Path) -> Path:
+    """The file an atomic write to `path` replaces: where `path` is a symbolic link, the file it points to (the link
+    stays a link, its file gets the content). DanetError where that is a device, a named pipe or a socket, which
+    os.replace would swap for a regular file (as root, /dev/full or /dev/stdout themselves). Folders are left to the
+    callers' own one-line refusals."""
+    target = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
+    try:
+        mode = target.stat().st_mode
+    except OSError:
+        return target  # a new file (or a path the write itself will report)
+    kind = next((name for test, name in KINDS.items() if test(mode)), None)
+    if kind is not None:
+        raise DanetError(f"{path} is {kind}, not a file: an output written there would replace it; give a file path")
+    return target
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` (see `replace_target`) via a temp file in the same folder and os.replace (survives a
+    crash). An OSError names `path`, not the temporary file."""
+    path = replace_target(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        e.filename = str(path)
+        raise
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # NOTE: mkstemp makes 0600; the file gets what open() would give it
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            e.filename = str(path)
+        raise

@@ -82,12 +82,23 @@ def test_an_overwrite_run_failing_before_its_first_checkpoint_leaves_the_earlier
         raise DanetError("label value 7 is out of range")
         yield  # a generator, as the loader's items are
 
+    def full_disk(*args, **kwargs):
+        raise DanetError("could not write checkpoint: No space left on device")
+
     with monkeypatch.context() as m:
         m.setattr(T, "_batches", failing)
         line = cli_error(capsys, *argv(work, data_root, "--set", "overwrite=true", "--set", "schedule.lr=0.5"))
     assert "out of range" in line
     assert {name: digest(work / name) for name in kept} == kept
     assert yaml.safe_load((work / "config.yaml").read_text())["schedule"]["lr"] != 0.5
+    assert not list(work.glob(".*.next"))  # the failed run's staged config and log are gone
+    # its first checkpoint failing to land (a full disk) leaves the earlier run whole too
+    with monkeypatch.context() as m:
+        m.setattr(T.checkpoints, "save_checkpoint", full_disk)
+        line = cli_error(capsys, *argv(work, data_root, "--set", "overwrite=true", "--set", "schedule.lr=0.5"))
+    assert "No space left" in line
+    assert {name: digest(work / name) for name in kept} == kept and (work / "best.pth").is_file()
+    assert not list(work.glob(".*.next"))
     assert main(argv(work, data_root, "--set", "overwrite=true", "--set", "schedule.lr=0.5")) == 0
     assert yaml.safe_load((work / "config.yaml").read_text())["schedule"]["lr"] == 0.5
     starts = records(work, "start")
@@ -190,6 +201,8 @@ def test_after_a_divergence_the_line_names_a_checkpoint_only_where_there_is_one(
     assert after_divergence(tmp_path) == "start again (no epoch has finished: there is no checkpoint yet)"
     (tmp_path / "last.pth").write_bytes(b"x")
     assert after_divergence(tmp_path).startswith(f"--resume from {tmp_path / 'last.pth'}")
+    # an overwrite=true run before its first checkpoint: that last.pth is the earlier run's
+    assert after_divergence(tmp_path, ours=False).startswith("start again")
 
 
 def test_loss_groups_are_recorded_and_checked_before_training(data_root, tmp_path, capsys):

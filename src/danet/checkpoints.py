@@ -82,7 +82,7 @@ def save_checkpoint(
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """torch.save to `<path>.tmp-<pid>` in the same folder, fsync, then os.replace; DanetError on failure."""
-    path = replace_target(path)
+    path = replace_target(path, follow=False)
     if path.is_dir():  # NOTE: before anything is written beside it
         raise DanetError(f"could not write checkpoint {path}: it is a folder; give a file name")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

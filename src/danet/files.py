@@ -14,20 +14,22 @@ KINDS = {stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device", sta
          stat.S_ISSOCK: "a socket"}  # fmt: skip
 
 
-def replace_target(path: str | Path) -> Path:
-    """The file an atomic write to `path` replaces: where `path` is a symbolic link, the file it points to (the link
-    stays a link, its file gets the content). DanetError where that is a device, a named pipe or a socket, which
-    os.replace would swap for a regular file (as root, /dev/full or /dev/stdout themselves). Folders are left to the
-    callers' own one-line refusals."""
-    target = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
+def replace_target(path: str | Path, follow: bool = True) -> Path:
+    """The path an atomic write to `path` replaces. `follow`: where `path` is a symbolic link, the file it points to
+    (the link stays a link and its file gets the content: a --json or picture the user pointed somewhere); else the
+    link itself (checkpoints, downloads and dataset files: a link in a work dir may point to the run's own input).
+    DanetError where `path` is (or, following, leads to) a device, a named pipe or a socket, which os.replace would
+    swap for a regular file (as root, /dev/full or /dev/stdout themselves). Folders are left to the callers' own
+    one-line refusals."""
+    link = Path(path).is_symlink()
     try:
-        mode = target.stat().st_mode
+        mode = os.stat(path, follow_symlinks=follow).st_mode  # NOTE: a link into /proc (/dev/stdout) too
     except OSError:
-        return target  # a new file (or a path the write itself will report)
-    kind = next((name for test, name in KINDS.items() if test(mode)), None)
+        mode = None  # a new file (or a path the write itself will report)
+    kind = next((name for test, name in KINDS.items() if test(mode)), None) if mode is not None else None
     if kind is not None:
         raise DanetError(f"{path} is {kind}, not a file: an output written there would replace it; give a file path")
-    return target
+    return Path(os.path.realpath(path)) if follow and link else Path(path)
 
 
 def _umask() -> int:

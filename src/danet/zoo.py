@@ -92,7 +92,7 @@ def fetch(url: str, dest: Path, progress: bool = True, check=None) -> Path:
         raise DanetError(
             f"cannot create download folder {dest.parent}: {e.strerror or e}; give another --cache"
         ) from None
-    dest = replace_target(dest)
+    dest = replace_target(dest, follow=False)
     tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as resp, open(tmp, "wb") as f:

@@ -296,11 +296,9 @@ def check_spec(spec: BenchSpec) -> torch.device:
     preset = get_preset(spec.preset)
     stride = spec.overrides.get("output_stride", preset.model.output_stride)
     size = spec.size or preset.crop_size
-    if spec.mode == "train" and preset.model.replace(output_stride=stride).norm_values(spec.batch, size) < 2:
-        raise DanetError(
-            f"--train: {spec.batch} image(s) of {size[0]}x{size[1]} leave one value per channel at the network's "
-            f"1/{stride} features, which batch norm cannot train on; use --batch 2 or a --size above {stride}"
-        )
+    if spec.mode == "train":
+        remedy = f"use --batch 2 or a --size above {stride} (--train)"
+        preset.model.replace(output_stride=stride).check_norm_values(spec.batch, size, "", remedy)
     for name, v in (("--slide", spec.slide), ("--stride", spec.stride)):
         if v is not None and (len(v) != 2 or min(v) < 1):
             raise DanetError(f"{name} needs two positive sizes H W, got {list(v)}")

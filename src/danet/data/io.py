@@ -265,9 +265,9 @@ def write_atomic(path: Path, write) -> None:
     """Call `write(tmp_path)` for a temporary name beside `path`, then rename it into place.
 
     A failed write (a full disk, no permission) leaves `path` as it was (no partial file) and raises a DanetError
-    naming `path`. A symbolic link keeps pointing to the new file; a device or pipe is refused.
+    naming `path`. A symbolic link is replaced by the file (not written through); a device or pipe is refused.
     """
-    path = replace_target(path)
+    path = replace_target(path, follow=False)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
         write(tmp)

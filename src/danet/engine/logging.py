@@ -20,6 +20,8 @@ from ..files import atomic_write_text, replace_target
 class RunLogger:
     """Append records to `work_dir/log.jsonl` (and TensorBoard scalars under `work_dir/tensorboard`)."""
 
+    STAGED = ".log.jsonl.next"
+
     def __init__(
         self,
         work_dir: str | Path,
@@ -32,7 +34,7 @@ class RunLogger:
         the resumed run does again (it stopped before the checkpoint said it was done); staged: write to
         `.log.jsonl.next` until `commit` moves it in place of log.jsonl (a run replacing an earlier one's)."""
         self.final = Path(work_dir) / "log.jsonl"
-        self.path = self.final.with_name(".log.jsonl.next") if staged else self.final
+        self.path = self.final.with_name(self.STAGED) if staged else self.final
         self.enabled = enabled
         self.tb = None
         if not enabled:

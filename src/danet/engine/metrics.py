@@ -50,14 +50,15 @@ class ConfusionMatrix:
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(self.mat, op=dist.ReduceOp.SUM)
 
-    def check_labelled(self, what: str, dataset) -> None:
-        """DanetError when no pixel was counted: `what` (e.g. "the 50 labels of split 'val'") are all ignore pixels
+    def check_labelled(self, images: int, split: str, dataset) -> None:
+        """DanetError when no pixel was counted: the labels of the `images` images of `split` are all ignore pixels
         (of the dataset settings `dataset`), so no metric is defined."""
         if not int(self.mat.sum()):
+            what = "the label" if images == 1 else f"the {images} labels"
             zero = ", or 0 under reduce-zero-label" if dataset.reduce_zero_label else ""
             raise DanetError(
-                f"{what} have no labelled pixel (all ignore {dataset.ignore_index}{zero}), so mIoU is undefined; "
-                "check the labels with danet data check"
+                f"{what} of split {split!r} {'has' if images == 1 else 'have'} no labelled pixel (all ignore "
+                f"{dataset.ignore_index}{zero}), so mIoU is undefined; check the labels with danet data check"
             )
 
     def compute(self) -> dict:

@@ -10,9 +10,10 @@ from ..errors import DanetError
 from .logging import read_log, write_json
 
 
-def after_divergence(work: Path) -> str:
-    """What to do after a run diverged: resume from its last checkpoint, or start again when it has none."""
-    if (work / "last.pth").is_file():
+def after_divergence(work: Path, ours: bool = True) -> str:
+    """What to do after a run diverged: resume from its last checkpoint, or start again when it has none (`ours`
+    False: the work dir's last.pth is an earlier run's, which an overwrite=true run replaces at its first)."""
+    if ours and (work / "last.pth").is_file():
         return f"--resume from {work / 'last.pth'} (the last checkpoint with finite weights)"
     return "start again (no epoch has finished: there is no checkpoint yet)"
 

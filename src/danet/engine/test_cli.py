@@ -204,7 +204,7 @@ def run_test(args) -> dict:
         )
         metrics = cm.compute()
         n = len(dataset) if args.limit is None else min(args.limit, len(dataset))
-        cm.check_labelled(f"the {n} labels of split {args.split!r}", preset.dataset)
+        cm.check_labelled(n, args.split, preset.dataset)
         metrics["settings"] = {
             "preset": preset.name,
             "checkpoint": str(args.checkpoint),

@@ -54,6 +54,7 @@ from .start import (
 )
 from .transfer import labels_fit_uint8, loader_items, narrow_labels_collate, to_device
 
+STAGED = (".config.yaml.next", RunLogger.STAGED)  # an overwrite=true run's config and log until its first checkpoint
 MAX_SKIPS_IN_A_ROW = 10  # nonfinite=skip: more non-finite losses in a row than this stop the run
 
 
@@ -65,6 +66,11 @@ def train(cfg: RunConfig, resume: str | Path | None = None) -> dict:
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = cfg.tf32  # NOTE: cuDNN's default is on
     try:
         return _train(cfg.resolve().validate(), restart_source(cfg, resume, info), info)
+    except BaseException:
+        if info.is_main:  # an overwrite=true run that failed before its first checkpoint: its staged config and log
+            for name in STAGED:
+                (Path(cfg.work_dir) / name).unlink(missing_ok=True)
+        raise
     finally:
         torch.set_num_threads(threads)
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -85,12 +91,13 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
             f"multiple of {info.world}"
         )
     groups(sch.batch_size // info.world, sch.loss_images)  # NOTE: refused here, not at the first step
-    if preset.model.norm_values(per := sch.batch_size // info.world, crop := preset.crop_size) < 2:
-        raise DanetError(
-            f"{per} image(s) of {crop[0]}x{crop[1]} per process leave one value per channel at the network's 1/"
-            f"{preset.model.output_stride} features, which batch norm cannot train on; raise schedule.batch_size to "
-            f"2 per process or data.crop_size above {preset.model.output_stride}"
+    if info.distributed and dev.type == "cuda":  # NOTE: SyncBatchNorm: the statistics of every process's images
+        preset.model.check_norm_values(
+            sch.batch_size, preset.crop_size, "", "raise schedule.batch_size or data.crop_size"
         )
+    else:
+        remedy = f"raise schedule.batch_size to 2 per process or data.crop_size above {preset.model.output_stride}"
+        preset.model.check_norm_values(sch.batch_size // info.world, preset.crop_size, " per process", remedy)
     if sch.loss_images > sch.batch_size // info.world and info.is_main:
         print(
             f"note: schedule.loss_images={sch.loss_images} but each of the {info.world} processes has "
@@ -194,7 +201,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     staged, resume_iter = bool(earlier), it if ckpt is not None else None
     logger = RunLogger(work, info.is_main, resume_iter, revalidate=pending, staged=staged)
     recorded = dataclasses.replace(cfg, overwrite=False)  # NOTE: rerunning config.yaml must not wipe this run
-    config_file = work / (".config.yaml.next" if staged else "config.yaml")
+    config_file = work / (STAGED[0] if staged else "config.yaml")
     if info.is_main:
         recorded.save(config_file)
         logger.log("start", iter=it, total_iters=total, iters_per_epoch=ipe, world=info.world, device=str(dev))
@@ -206,16 +213,8 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
         if bad:  # never overwrite a good checkpoint with a diverged model
             raise DanetError(
                 f"weights became non-finite by iteration {it} (e.g. {bad[0]}); lower schedule.lr (now {sch.lr:g}) and "
-                + after_divergence(work)
+                + after_divergence(work, ours=not earlier)
             )
-        if earlier:  # overwrite=true: the earlier run's files go when this run has its first checkpoint (so that a
-            # run failing before it leaves them), and none of them can pass for this run's (a better best.pth)
-            for old in earlier:
-                old.unlink(missing_ok=True)
-            print(f"overwrite=true: removed the earlier run's {', '.join(p.name for p in earlier)} from {work}")
-            earlier.clear()
-            os.replace(config_file, work / "config.yaml")
-            logger.commit()
         state = None
         if with_state:
             state = {
@@ -233,6 +232,15 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
             }
         meta = {"config": to_dict(recorded), "epoch": epoch, "iter": it, "best_miou": best}
         checkpoints.save_checkpoint(work / name, raw, preset, train_state=state, extra_meta=meta)
+        if earlier:  # overwrite=true: the earlier run's files go once this run has its first checkpoint (so that a
+            # run failing before it, or while writing it, leaves them), and none of them can pass for this run's
+            for old in earlier:
+                if old != work / name:  # NOTE: that one this run's checkpoint has just replaced
+                    old.unlink(missing_ok=True)
+            print(f"overwrite=true: removed the earlier run's {', '.join(p.name for p in earlier)} from {work}")
+            earlier.clear()
+            os.replace(config_file, work / "config.yaml")
+            logger.commit()
 
     metrics: dict = {}
     start_iter = it
@@ -326,7 +334,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
                     hint = " or try amp=bf16" if cfg.amp == "fp16" else ""
                     loss = values["loss"] if not math.isfinite(values["loss"]) else "non-finite on another rank"
                     when = f"at iteration {it + 1}" + (f", {in_a_row} times in a row" if in_a_row > 1 else "")
-                    then = after_divergence(work)
+                    then = after_divergence(work, ours=not earlier)
                     raise DanetError(f"loss became {loss} {when}; lower schedule.lr (now {sch.lr:g}){hint} and {then}")
                 _copy_all(buffers, saved)  # the skipped step's forward changed no statistics either
                 skipped += 1
@@ -423,7 +431,7 @@ def validate(model: DANet, val_ds, preset, cfg: RunConfig, info: distributed.Dis
         progress=cfg.progress,
     )
     n = min(len(val_ds), cfg.data.val_limit or len(val_ds))
-    cm.check_labelled(f"the {n} labels of the val split", preset.dataset)  # NOTE: else mIoU NaN and no best.pth
+    cm.check_labelled(n, preset.dataset.val_split, preset.dataset)  # NOTE: else mIoU NaN and no best.pth
     return {**cm.compute(), "confusion": cm.mat.cpu().tolist()}  # (K, K): rows label, columns prediction
 
 

@@ -73,10 +73,16 @@ class ModelConfig:
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
-    def norm_values(self, batch: int, size: tuple[int, int]) -> int:
-        """Values per channel that the batch norms of the coarsest features (1/output_stride, every stride-2 layer
-        rounding up) see for `batch` images of `size` (H, W); training needs at least 2."""
-        return batch * math.ceil(size[0] / self.output_stride) * math.ceil(size[1] / self.output_stride)
+    def check_norm_values(self, batch: int, size: tuple[int, int], what: str, remedy: str) -> None:
+        """DanetError unless batch norm can train on `batch` images of `size` (H, W) (`what`: e.g. "per process"):
+        the coarsest features (1/output_stride, every stride-2 layer rounding up) must give each channel at least 2
+        values; `remedy`: what to change."""
+        s = self.output_stride
+        if batch * math.ceil(size[0] / s) * math.ceil(size[1] / s) < 2:
+            raise DanetError(
+                f"{batch} image(s) of {size[0]}x{size[1]}{what} leave one value per channel at the network's 1/{s} "
+                f"features, which batch norm cannot train on; {remedy}"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -121,7 +121,10 @@ def photometric_distortion(
 
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """RGB uint8 `(H, W, 3)` -> float32 tensor `(3, H, W)` = (x - mean) / std."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().contiguous()
+    image = np.ascontiguousarray(image)
+    if not image.flags.writeable:  # NOTE: np.asarray of a PIL image; torch warns about sharing a read-only array
+        image = image.copy()
+    x = torch.from_numpy(image).permute(2, 0, 1).float().contiguous()
     x.sub_(torch.tensor(mean, dtype=torch.float32).view(3, 1, 1))
     return x.div_(torch.tensor(std, dtype=torch.float32).view(3, 1, 1))
 

@@ -75,6 +75,35 @@ class RunLogger:
             self.tb.close()
 
 
+class LossWindow:
+    """The losses and speed of the steps since the last log line."""
+
+    def __init__(self, batch_size: int, device) -> None:
+        self.batch_size, self.device = batch_size, device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps, self.since = 0, time.time()
+
+    def add(self, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+
+    def record(self) -> tuple[dict[str, float], float, float]:
+        """(the mean losses, images/s, steps/s) of the window, which starts again. NOTE: each rank's loss is that of
+        its share of the batch; the record is the whole batch's (their mean, as DDP's gradient): a collective, so
+        every rank calls it at the same step."""
+        from .distributed import mean_over_ranks
+
+        dt = max(time.time() - self.since, 1e-9)
+        means = {k: round(v / self.steps, 5) for k, v in mean_over_ranks(self.sums, self.device).items()}
+        img_s, steps_s = self.steps * self.batch_size / dt, self.steps / dt
+        self.reset()
+        return means, img_s, steps_s
+
+
 def read_log(path: str | Path) -> list[dict]:
     """All records of a log.jsonl (a torn last line, from a crash, is skipped)."""
     records = []

@@ -184,6 +184,14 @@ def run_sizes(ck, preset: str | None = None) -> dict[str, tuple[int, int]]:
     return out
 
 
+def run_eval_mode(ck, preset: str | None = None) -> str | None:
+    """How the `danet train` run that wrote checkpoint `ck` validated (whole or slide), where it says; none if
+    `preset` names another preset than the run's."""
+    config = ck.meta.get("config")
+    mode = config.get("eval_mode") if isinstance(config, dict) else None
+    return mode if mode in ("whole", "slide") and (preset is None or ck.meta.get("preset") == preset) else None
+
+
 class Predictor:
     """A loaded checkpoint ready to segment RGB uint8 images of any size, as `danet predict` does.
 
@@ -232,6 +240,7 @@ class Predictor:
         self.base_size = run.get("base_size") or (tuple(p.base_size) if p else None)
         self.crop = run.get("crop_size") or (tuple(p.crop_size) if p else (512, 512))
         self.tta_scales = tuple(p.tta_scales) if p else (0.75, 1.0, 1.25)
+        self.mode = run_eval_mode(ck, preset_name) or (p.eval_mode if p else None)  # None: by the image's size
         if self.model.num_classes > 255:
             raise DanetError(
                 f"{Path(checkpoint).name} has {self.model.num_classes} classes; label maps are 8-bit (255 = ignore), "
@@ -288,6 +297,8 @@ class Predictor:
         if tta and views != "resized":
             base = tuple(self.base_size) if views == "base" else None
             source = OriginalViews(image, self.mean, self.std, self.device, x.dtype, base=base)
+        if mode is None and self.mode == "slide":  # as the run (or preset) validates
+            mode = "slide"
         if mode is None:  # NOTE: views of the original image may be much larger than the resized one
             largest = max(math.prod(source.size(s)) for s in scales) if source is not x else x.shape[-2] * x.shape[-1]
             mode = "slide" if largest > max_pixels else "whole"
@@ -326,6 +337,11 @@ def run_cli(args) -> int:
         more = f" (and {len(renames) - 5} more)" if len(renames) > 5 else ""
         print(f"inputs of one name, written apart: {'; '.join(renames[:5])}{more}")
     predictor = Predictor(args.checkpoint, args.preset, args.device)
+    if predictor.preset is None:  # NOTE: a bare state dict: nothing says how its run resized or named things
+        print(
+            f"note: {Path(args.checkpoint).name} records no preset: images are segmented at their own size, classes "
+            "are numbered and coloured as VOC's; give --preset NAME for the run's sizes, names and colours"
+        )
     if predictor.device.type == "cpu":  # NOTE: the command's threads; the Python API leaves the process's as they are
         torch.set_num_threads(cpu_threads(None))
     set_inference_conv(predictor.model, args.conv)

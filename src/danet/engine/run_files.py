@@ -4,6 +4,8 @@ which files make a run (a fresh run refuses a work dir holding them); what to do
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 from ..errors import DanetError
@@ -32,6 +34,78 @@ def run_outputs(work: Path, keep=()) -> list[Path]:
     found = [work / n for n in RUN_FILES if (work / n).is_file()]
     found += sorted(p for p in work.glob("epoch_*.pth") if p.is_file())
     return [p for p in found if p.resolve() not in kept]
+
+
+def recorded_iter(path: Path) -> int | None:
+    """The iteration a run's checkpoint (its meta) or metrics.json records; None where there is none to read."""
+    import torch
+
+    try:
+        if path.suffix == ".json":
+            return int(json.loads(path.read_text())["iter"])
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["meta"]["iter"])
+    except Exception:  # noqa: BLE001 - missing, foreign or damaged: nothing known about it
+        return None
+
+
+def resume_outputs(work: Path, resume: Path, it: int, ipe: int) -> tuple[list[Path], Path | None, bool]:
+    """What a run resumed from `resume` at iteration `it` (epochs of `ipe`) does with the files around it, once it
+    has its first checkpoint: (files of `work` to remove, a best.pth to copy into `work`, whether the best so far
+    has no checkpoint left, so that the next validation writes best.pth whatever its mIoU).
+
+    In the checkpoint's own folder, the files of iterations after `it` are an abandoned future (a resume from an
+    earlier epoch_N.pth): the later epoch_K.pth, and best.pth and metrics.json if they record a later iteration.
+    Into another folder, which must hold no run (DanetError), the run's best.pth comes along where it is from
+    before `it`."""
+    if work.resolve() == resume.resolve().parent:
+        later = [p for p in work.glob("epoch_*.pth") if p.stem[6:].isdigit() and int(p.stem[6:]) * ipe > it]
+        later += [work / n for n in ("best.pth", "metrics.json") if (recorded_iter(work / n) or 0) > it]
+        return sorted(later), None, work / "best.pth" in later
+    if found := run_outputs(work):
+        raise DanetError(
+            f"{work} holds another run ({', '.join(p.name for p in found[:4])}); resume {resume} into its own folder "
+            f"({resume.parent}) or an empty --work-dir"
+        )
+    best = resume.parent / "best.pth"
+    n = recorded_iter(best)
+    return [], best if n is not None and n <= it else None, n is None or n > it
+
+
+class FilesAround:
+    """The files a run settles once its first checkpoint has landed (so that a run failing before it, or while
+    writing it, leaves them as they were): an overwrite=true run's `earlier` run's files go and its staged
+    `config_file` and log move into place; a resume's `later` files (an abandoned future) go; `best`, the run's
+    best.pth from the folder it was resumed from, is copied in unless this run has written its own."""
+
+    def __init__(self, work: Path, earlier: list[Path], later: list[Path], best: Path | None, config_file: Path,
+                 logger) -> None:  # fmt: skip
+        self.work, self.earlier, self.later, self.best = work, earlier, later, best
+        self.config_file, self.logger = config_file, logger
+
+    def landed(self, checkpoint: Path) -> None:
+        """`checkpoint` (in the work dir) has just been written: it replaced its own name already."""
+        for old in (*self.earlier, *self.later):
+            if old != checkpoint:
+                old.unlink(missing_ok=True)
+        if self.earlier:
+            names = ", ".join(p.name for p in self.earlier)
+            print(f"overwrite=true: removed the earlier run's {names} from {self.work}")
+            os.replace(self.config_file, self.work / "config.yaml")
+            self.logger.commit()
+        if self.best is not None and not (self.work / "best.pth").exists():
+            copy_file(self.best, self.work / "best.pth")
+        self.earlier, self.later, self.best = [], [], None
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """`src` to `dst` through a temporary file beside it (a full disk leaves no partial copy); one-line DanetError."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DanetError(f"cannot copy {src} to {dst}: {e.strerror or e}; free some space and --resume") from None
 
 
 def write_metrics(work: Path, metrics: dict, best: float, best_iter, it: int, epoch: int, seconds: float) -> None:

@@ -187,16 +187,58 @@ def read_resume(resume: str | Path, cfg: RunConfig, preset, is_main: bool = True
     return ckpt
 
 
-def check_resume_point(state: dict, resume, sch, ipe: int, full_batches: int, replicas: int) -> None:
+def capture_state(
+    optimizer, scheduler, scaler, it: int, epoch: int, ipe: int, best: float, best_iter: int | None, pending: bool
+) -> dict:
+    """A checkpoint's training state: optimiser, schedule, grad scaler and RNG states, iteration `it` in `epoch`
+    (epochs of `ipe`), the best mIoU so far and its iteration, whether the epoch's validation is still `pending`."""
+    from .sampling import capture_rng_states
+
+    return {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
+        "rng": capture_rng_states(),
+        "iter": it,
+        "epoch": epoch,
+        "iters_per_epoch": ipe,
+        "best_miou": best,
+        "best_iter": best_iter,
+        "validation_pending": pending,
+    }
+
+
+def restore_state(state: dict, optimizer, scheduler, scaler) -> tuple[int, float, int | None, bool]:
+    """Put a checkpoint's training state back into the optimiser, schedule, grad scaler and RNGs; returns (its
+    iteration, the best mIoU so far and its iteration, whether it stopped while validating its last epoch)."""
+    from .sampling import restore_rng_states
+
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if state.get("grad_scaler"):
+        scaler.load_state_dict(state["grad_scaler"])
+    restore_rng_states(state["rng"])
+    best_iter = state.get("best_iter")
+    return int(state["iter"]), float(state["best_miou"]), best_iter, bool(state.get("validation_pending"))
+
+
+def check_resume_point(
+    state: dict, resume, sch, ipe: int, full_batches: int, replicas: int, stop_iter: int | None = None
+) -> None:
     """DanetError unless the training state `state` resumes inside this run's schedule (`sch.epochs` epochs of
-    `ipe` iterations; a finished run, at the last iteration, resumes to no further work) with epochs of its length.
-    `full_batches`: the train images' whole batches, the epoch length of states written before the padding over the
-    reference's `replicas` GPUs, which recorded none."""
+    `ipe` iterations; a finished run, at the last iteration, resumes to no further work) and before its `stop_iter`,
+    with epochs of its length. `full_batches`: the train images' whole batches, the epoch length of states written
+    before the padding over the reference's `replicas` GPUs, which recorded none."""
     total = sch.epochs * ipe
     if (done := int(state["iter"])) > total:
         raise DanetError(
             f"{resume} is at iteration {done}, past this run's schedule, which ends at {total} ({sch.epochs} "
             f"epochs of {ipe}): nothing left to train; raise schedule.epochs to train further"
+        )
+    if stop_iter is not None and stop_iter <= done < total:  # NOTE: it would train on to the next step or epoch end
+        raise DanetError(
+            f"stop_iter={stop_iter} is not after {resume}'s iteration {done}: nothing to train up to it; raise it, "
+            "or drop it (--set stop_iter=none) to train to the end"
         )
     # NOTE: a state of another epoch length would resume at the wrong place of its epoch (and of the data order)
     was = state.get("iters_per_epoch", min(full_batches, sch.iters_per_epoch or full_batches))

@@ -33,7 +33,9 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
         help="folder: the data root is a folder dataset with its own classes file (as data.dataset=folder in training)",
     )
     parser.add_argument("--split", default="val", help="split to evaluate (default: the preset's val split)")
-    parser.add_argument("--mode", choices=("whole", "slide"), help="inference mode (default: the preset's)")
+    parser.add_argument(
+        "--mode", choices=("whole", "slide"), help="inference mode (default: the run's, else the preset's)"
+    )
     parser.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="slide window (default: the crop size)")
     parser.add_argument(
         "--base-size",
@@ -116,6 +118,7 @@ def run_test(args) -> dict:
     from . import distributed
     from .evaluate import default_resize, default_tta, evaluate
     from .inference import check_slide, default_stride
+    from .predict import run_eval_mode
 
     preset = get_preset(args.preset)
     if args.dataset == "folder":
@@ -145,7 +148,7 @@ def run_test(args) -> dict:
     preset = run_preset(ck, preset, args.dataset)
     if args.base_size:
         preset = preset.replace(dataset=dataclasses.replace(preset.dataset, base_size=tuple(args.base_size)))
-    mode = args.mode or preset.eval_mode
+    mode = args.mode or run_eval_mode(ck, preset.name) or preset.eval_mode  # as the run validated
     if mode == "slide" and args.resize_logits:
         raise DanetError(
             "--resize-logits sets how whole-image logits reach the label size; slide windows' logits are at the "
@@ -153,7 +156,7 @@ def run_test(args) -> dict:
         )
     if mode != "slide" and (args.crop or args.stride):
         raise DanetError(
-            f"--crop and --stride set the sliding window, but this test runs {mode} (the preset's mode unless "
+            f"--crop and --stride set the sliding window, but this test runs {mode} (the run's or preset's mode unless "
             "--mode); add --mode slide, or leave them out"
         )
     crop = tuple(args.crop) if args.crop else preset.crop_size

@@ -37,19 +37,29 @@ from .evaluate import evaluate
 from .fused_loss import fused_danet_loss
 from .graphed import CudaGraphs, GraphedStep
 from .inference import autocast
-from .logging import RunLogger
+from .logging import LossWindow, RunLogger
 from .losses import danet_loss, groups
-from .run_files import after_divergence, draw_missing_pictures, draw_pictures, run_outputs, write_metrics
-from .sampling import EpochBatchSampler, capture_rng_states, mix, reference_replicas, restore_rng_states
+from .run_files import (
+    FilesAround,
+    after_divergence,
+    draw_missing_pictures,
+    draw_pictures,
+    resume_outputs,
+    run_outputs,
+    write_metrics,
+)
+from .sampling import EpochBatchSampler, mix, reference_replicas
 from .schedule import PolyLR, build_optimizer, final_lr
 from .start import (
     backbone_source,
     build_datasets,
     build_model,
+    capture_state,
     check_resume_point,
     loader_workers,
     read_resume,
     restart_source,
+    restore_state,
     set_deterministic,
 )
 from .transfer import labels_fit_uint8, loader_items, narrow_labels_collate, to_device
@@ -180,21 +190,27 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     step_net = torch.compile(net) if cfg.compile else net
 
     it, best, best_iter, pending = 0, -math.inf, None, False
+    later, best_file = [], None  # a resume's files from after its checkpoint; the run's best.pth it brings along
     if ckpt is not None:
         ts = ckpt.train_state
-        check_resume_point(ts, resume, sch, ipe, n_train // sch.batch_size, replicas)  # before config.yaml is rewritten
-        optimizer.load_state_dict(ts["optimizer"])
-        scheduler.load_state_dict(ts["scheduler"])
-        scaler.load_state_dict(ts["grad_scaler"]) if ts.get("grad_scaler") else None
-        restore_rng_states(ts["rng"])
-        it, best, best_iter = int(ts["iter"]), float(ts["best_miou"]), ts.get("best_iter")
-        pending = bool(ts.get("validation_pending"))  # stopped while validating: that epoch's validation first
+        # NOTE: before config.yaml is rewritten
+        check_resume_point(ts, resume, sch, ipe, n_train // sch.batch_size, replicas, cfg.stop_iter)
+        # pending: stopped while validating, that epoch's validation first
+        it, best, best_iter, pending = restore_state(ts, optimizer, scheduler, scaler)
         if it == total and not pending:
             if info.is_main:
                 print(f"{resume} has finished its {total} iterations: nothing left to train (raise schedule.epochs)")
                 draw_missing_pictures(work, preset, it)
             return {"metrics": {}, "best_miou": best, "best_iter": best_iter, "iter": it, "seconds": 0.0,
                     "stopped": False, "skipped": 0, "finished": True, "rank": info.rank}  # fmt: skip
+        later, best_file, best_lost = resume_outputs(work, Path(resume), it, ipe)
+        if best_lost and best_iter is not None:  # NOTE: so that best.pth and the best mIoU stay one checkpoint
+            best, best_iter = -math.inf, None
+        if info.is_main and later:
+            print(
+                f"note: {resume} is at iteration {it}; the files of this work dir from after it ("
+                f"{', '.join(p.name for p in later)}) go with this run's first checkpoint"
+            )
 
     # NOTE: overwrite=true: this run's config.yaml and log.jsonl are staged beside the earlier run's until its first
     # checkpoint, so that a run failing before it leaves the earlier run whole (its config says how to resume it)
@@ -205,6 +221,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     if info.is_main:
         recorded.save(config_file)
         logger.log("start", iter=it, total_iters=total, iters_per_epoch=ipe, world=info.world, device=str(dev))
+    around = FilesAround(work, earlier, later, best_file, config_file, logger)  # settled by the first checkpoint
 
     def save(name: str, epoch: int, with_state: bool = True, validation_pending: bool = False) -> None:
         if not info.is_main:
@@ -213,34 +230,15 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
         if bad:  # never overwrite a good checkpoint with a diverged model
             raise DanetError(
                 f"weights became non-finite by iteration {it} (e.g. {bad[0]}); lower schedule.lr (now {sch.lr:g}) and "
-                + after_divergence(work, ours=not earlier)
+                + after_divergence(work, ours=not around.earlier)
             )
         state = None
         if with_state:
-            state = {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "rng": capture_rng_states(),
-                "iter": it,
-                "epoch": epoch,
-                "iters_per_epoch": ipe,
-                "best_miou": best,
-                "best_iter": best_iter,
-                "validation_pending": validation_pending,
-                "run": info.run,  # which torchrun invocation wrote it (restart_source)
-            }
+            state = capture_state(optimizer, scheduler, scaler, it, epoch, ipe, best, best_iter, validation_pending)
+            state["run"] = info.run  # which torchrun invocation wrote it (restart_source)
         meta = {"config": to_dict(recorded), "epoch": epoch, "iter": it, "best_miou": best}
         checkpoints.save_checkpoint(work / name, raw, preset, train_state=state, extra_meta=meta)
-        if earlier:  # overwrite=true: the earlier run's files go once this run has its first checkpoint (so that a
-            # run failing before it, or while writing it, leaves them), and none of them can pass for this run's
-            for old in earlier:
-                if old != work / name:  # NOTE: that one this run's checkpoint has just replaced
-                    old.unlink(missing_ok=True)
-            print(f"overwrite=true: removed the earlier run's {', '.join(p.name for p in earlier)} from {work}")
-            earlier.clear()
-            os.replace(config_file, work / "config.yaml")
-            logger.commit()
+        around.landed(work / name)
 
     metrics: dict = {}
     start_iter = it
@@ -253,8 +251,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
         dynamic_ncols=True,
         disable=not (cfg.progress and info.is_main),
     )
-    window: dict[str, float] = {}
-    t_window, n_window = time.time(), 0
+    window = LossWindow(sch.batch_size, dev)
     stopped = False
     loss_args = dict(variant=cfg.loss, aux_weight=cfg.aux_weight, ignore_index=preset.dataset.ignore_index,
                      images=sch.loss_images)  # fmt: skip
@@ -334,7 +331,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
                     hint = " or try amp=bf16" if cfg.amp == "fp16" else ""
                     loss = values["loss"] if not math.isfinite(values["loss"]) else "non-finite on another rank"
                     when = f"at iteration {it + 1}" + (f", {in_a_row} times in a row" if in_a_row > 1 else "")
-                    then = after_divergence(work, ours=not earlier)
+                    then = after_divergence(work, ours=not around.earlier)
                     raise DanetError(f"loss became {loss} {when}; lower schedule.lr (now {sch.lr:g}){hint} and {then}")
                 _copy_all(buffers, saved)  # the skipped step's forward changed no statistics either
                 skipped += 1
@@ -348,26 +345,18 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
                     scaler.scale(losses["loss"]).backward()
                 scaler.step(optimizer)
                 scaler.update()
-                for k, v in values.items():
-                    window[k] = window.get(k, 0.0) + v
-                n_window += 1
+                window.add(values)
                 bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
             it += 1
             bar.update(1)
-            if n_window and (it % cfg.log_interval == 0 or it == total):
-                dt = time.time() - t_window
-                img_s = n_window * sch.batch_size / max(dt, 1e-9)
-                # NOTE: each rank's loss is that of its share of the batch; the log is the whole batch's (their mean,
-                # as DDP's gradient)
-                rec = {k: round(v / n_window, 5) for k, v in distributed.mean_over_ranks(window, dev).items()}
-                rate = bar.format_dict.get("rate") or (n_window / max(dt, 1e-9))
-                elapsed = round(time.time() - t_start, 2)
-                eta = round((total - it) / max(rate, 1e-9), 1)
+            if window.steps and (it % cfg.log_interval == 0 or it == total):
+                rec, img_s, steps_s = window.record()
+                rate = bar.format_dict.get("rate") or steps_s
+                elapsed, eta = round(time.time() - t_start, 2), round((total - it) / max(rate, 1e-9), 1)
                 logger.log(
                     "train", iter=it, epoch=epoch + 1, lr=lr, img_s=round(img_s, 2), elapsed_s=elapsed, eta_s=eta, **rec
                 )
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{img_s:.1f}")
-                window, t_window, n_window = {}, time.time(), 0
             if cfg.stop_iter is not None and it >= cfg.stop_iter and it % ipe:
                 save("last.pth", epoch)  # mid-epoch stop: resume continues from this batch
                 stopped = True
@@ -382,7 +371,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
             save("last.pth", done, validation_pending=True)
             validate_epoch(done)
         save_epoch(done)
-        if cfg.stop_iter is not None and it >= cfg.stop_iter:
+        if cfg.stop_iter is not None and it >= cfg.stop_iter and it < total:  # NOTE: at the end it has finished
             stopped = True
             break
     bar.close()

@@ -85,6 +85,11 @@ def resolve_args(args) -> tuple[RunConfig, Path | None]:
         cfg = load_run_config(args.config, args.overrides, data_root=args.data_root, work_dir=args.work_dir)
         if args.work_dir is None and not is_yaml and set_dir is None:
             cfg.work_dir = str(Path("runs") / cfg.preset)
+        # NOTE: a work dir's config.yaml resumes that folder's run, also moved or copied (its work_dir says where
+        # the run was, perhaps relative to another folder)
+        here = Path(args.config).parent if is_yaml and args.work_dir is None and set_dir is None else None
+        if args.resume == "auto" and here and (here / "last.pth").exists():
+            cfg.work_dir = str(here)
         if args.resume:
             resume = _resume_file(Path(cfg.work_dir) / "last.pth" if args.resume == "auto" else Path(args.resume))
         # NOTE: a torchrun restart (--max-restarts) continues this run's own last.pth: train.restart_source

@@ -1,0 +1,144 @@
+"""Faults found by a probe of the training lifecycle: a resume into another run's folder mixing the two runs, a resume
+from an earlier epoch_N.pth leaving the abandoned run's later best.pth and epochs, a resume into a new folder
+without the run's best.pth, stop_iter at or before the checkpoint training on anyway, a moved work dir's config.yaml
+resuming another folder, `danet test` not repeating a slide validation, and smaller ones."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from danet.cli import main
+from danet.data import ensure_synthetic
+from danet.engine.run_files import recorded_iter
+from test_faults_common import cli_error, digest
+
+PRESET = "danet_tiny_synthetic"
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return ensure_synthetic(tmp_path_factory.mktemp("data"))
+
+
+def train(work: Path, data: Path, *extra: str, epochs: int = 3) -> list[str]:
+    settings = {
+        "schedule.epochs": epochs, "schedule.iters_per_epoch": 2, "schedule.batch_size": 2,
+        "data.crop_size": "[32,32]", "data.num_workers": 0, "data.val_limit": 2, "progress": "false",
+        "device": "cpu", "model.base_channels": 8, "model.stem_channels": 8, "model.head_channels": 16,
+        "schedule.save_interval": 1, "schedule.eval_interval": 1,
+    }  # fmt: skip
+    sets = [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
+    return ["train", PRESET, "--data-root", str(data), "--work-dir", str(work), *sets, *extra]
+
+
+def best_is_one_checkpoint(work: Path) -> None:
+    """best.pth is the checkpoint of the best mIoU that metrics.json reports."""
+    metrics = json.loads((work / "metrics.json").read_text())
+    assert recorded_iter(work / "best.pth") == metrics["best_iter"] <= metrics["iter"]
+
+
+@pytest.fixture(scope="module")
+def run_a(data_root, tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("a") / "A"
+    assert main(train(work, data_root)) == 0
+    return work
+
+
+def test_a_resume_into_another_runs_folder_is_refused(run_a, data_root, tmp_path, capsys):
+    other = tmp_path / "B"
+    assert main(train(other, data_root, "--set", "seed=7", epochs=1)) == 0
+    before = {p.name: digest(p) for p in other.iterdir() if p.is_file()}
+    line = cli_error(capsys, "train", "--resume", str(run_a / "epoch_1.pth"), "--work-dir", str(other))
+    assert f"{other} holds another run" in line and "its own folder" in line
+    assert {p.name: digest(p) for p in other.iterdir() if p.is_file()} == before
+
+
+def test_a_resume_from_an_earlier_epoch_drops_the_abandoned_later_files(run_a, tmp_path, capsys):
+    work = tmp_path / "R"
+    shutil.copytree(run_a, work)
+    assert recorded_iter(work / "epoch_3.pth") == 6
+    argv = ["train", "--resume", str(work / "epoch_1.pth"), "--set", "schedule.lr=0.0001", "--set", "schedule.epochs=2"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "the files of this work dir from after it (" in out and "epoch_2.pth, epoch_3.pth" in out
+    assert not (work / "epoch_3.pth").exists() and recorded_iter(work / "epoch_2.pth") == 4
+    best_is_one_checkpoint(work)
+    assert recorded_iter(work / "last.pth") == 4
+
+
+def test_a_resume_into_a_new_folder_brings_the_runs_best_pth(run_a, tmp_path):
+    work = tmp_path / "C"
+    assert main(["train", "--resume", str(run_a / "epoch_2.pth"), "--work-dir", str(work)]) == 0
+    best_is_one_checkpoint(work)
+    assert recorded_iter(work / "last.pth") == 6 and (run_a / "best.pth").is_file()
+
+
+def test_stop_iter_at_or_before_the_checkpoint_is_refused(data_root, tmp_path, capsys):
+    work = tmp_path / "S"
+    assert main(train(work, data_root, "--set", "stop_iter=3")) == 0
+    kept = digest(work / "last.pth")
+    for stop in ("3", "2"):
+        line = cli_error(capsys, *train(work, data_root, "--set", f"stop_iter={stop}", "--resume"))
+        assert f"stop_iter={stop} is not after" in line and "iteration 3" in line
+    assert digest(work / "last.pth") == kept
+    capsys.readouterr()
+    assert main(train(work, data_root, "--set", "stop_iter=6", "--resume")) == 0  # the end: finished, not stopped
+    out = capsys.readouterr().out
+    assert "done: 6 iterations" in out and "stopped at" not in out
+
+
+def test_a_moved_work_dirs_config_resumes_that_folder(data_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(train(Path("runA"), data_root, "--set", "stop_iter=1")) == 0  # a relative work_dir in config.yaml
+    shutil.copytree("runA", "runB")
+    kept = digest(tmp_path / "runA" / "last.pth")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    assert main(["train", "../runB/config.yaml", "--resume"]) == 0
+    assert recorded_iter(tmp_path / "runB" / "last.pth") == 6 and digest(tmp_path / "runA" / "last.pth") == kept
+
+
+def test_danet_test_repeats_a_slide_validation(data_root, tmp_path):
+    work = tmp_path / "G"
+    assert main(train(work, data_root, "--set", "eval_mode=slide", "--set", "data.base_size=[80,80]", epochs=1)) == 0
+    out = tmp_path / "m.json"
+    argv = ["test", PRESET, "--checkpoint", str(work / "last.pth"), "--data-root", str(data_root), "--limit", "2"]
+    assert main([*argv, "--no-progress", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["settings"]["mode"] == "slide" and got["settings"]["crop"] == [32, 32]
+    assert got["mIoU"] == pytest.approx(json.loads((work / "metrics.json").read_text())["mIoU"], abs=1e-9)
+
+    from danet.engine.predict import Predictor
+
+    assert Predictor(work / "last.pth").mode == "slide"  # danet predict segments as the run validated too
+
+
+def test_a_read_only_image_array_is_segmented_without_a_warning(checkpoint):
+    from PIL import Image
+
+    from danet.engine.predict import Predictor
+
+    image = np.asarray(Image.new("RGB", (20, 16), (90, 120, 30)))
+    assert not image.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        labels = Predictor(checkpoint)(image)
+    assert labels.shape == (16, 20)
+
+
+def test_predict_says_what_a_bare_state_dict_leaves_out(checkpoint, tmp_path, capsys):
+    from PIL import Image
+
+    bare = tmp_path / "bare.pth"
+    torch.save(torch.load(checkpoint, weights_only=True)["model"], bare)
+    Image.new("RGB", (20, 16)).save(tmp_path / "a.png")
+    assert main(["predict", "--checkpoint", str(bare), str(tmp_path / "a.png"), "--out", str(tmp_path / "o")]) == 0
+    assert "records no preset" in capsys.readouterr().out

@@ -142,3 +142,102 @@ def test_predict_says_what_a_bare_state_dict_leaves_out(checkpoint, tmp_path, ca
     Image.new("RGB", (20, 16)).save(tmp_path / "a.png")
     assert main(["predict", "--checkpoint", str(bare), str(tmp_path / "a.png"), "--out", str(tmp_path / "o")]) == 0
     assert "records no preset" in capsys.readouterr().out
+
+
+# ---- found by a review of the fixes above ---------------------------------------------------------------------------
+def test_resume_outputs_decides_what_goes_and_what_comes(tmp_path):
+    """Unit: in the checkpoint's own folder the files of later iterations go (and the best restarts where best.pth
+    is among them, or missing); a fork brings the source's best.pth where it is from before the checkpoint, and
+    refuses a folder holding a run, or a config or log."""
+    from danet.checkpoints import save_checkpoint
+    from danet.engine.run_files import resume_outputs
+    from danet.errors import DanetError
+    from test_faults_common import tiny_model
+
+    run = tmp_path / "run"
+    model = tiny_model()
+    for name, it in (("epoch_1.pth", 2), ("epoch_2.pth", 4), ("epoch_3.pth", 6), ("best.pth", 4), ("last.pth", 6)):
+        save_checkpoint(run / name, model, PRESET, extra_meta={"iter": it})
+    (run / "metrics.json").write_text(json.dumps({"iter": 6}))
+    got = resume_outputs(run, run / "epoch_1.pth", 2, 2)
+    assert [p.name for p in got.later] == ["best.pth", "epoch_2.pth", "epoch_3.pth", "metrics.json"]
+    assert got.best_lost and not got.fork and got.staged
+    got = resume_outputs(run, run / "epoch_2.pth", 4, 2)  # best.pth is of iteration 4: kept
+    assert [p.name for p in got.later] == ["epoch_3.pth", "metrics.json"] and not got.best_lost
+    got = resume_outputs(run, run / "last.pth", 6, 2)  # the usual resume: nothing changes
+    assert got.later == [] and not got.best_lost and not got.staged
+    fork = tmp_path / "fork"
+    got = resume_outputs(fork, run / "epoch_3.pth", 6, 2)
+    assert got.fork and got.best == run / "best.pth" and not got.best_lost and got.staged
+    got = resume_outputs(fork, run / "epoch_1.pth", 2, 2)  # the source's best is from later: none comes
+    assert got.best is None and got.best_lost
+    fork.mkdir()
+    for name in ("log.jsonl", "config.yaml"):
+        (fork / name).write_text("x")
+        with pytest.raises(DanetError, match="holds another run"):
+            resume_outputs(fork, run / "epoch_1.pth", 2, 2)
+        (fork / name).unlink()
+
+
+def test_a_resume_through_a_linked_last_pth_is_its_own_run(run_a, tmp_path):
+    work = tmp_path / "L"
+    shutil.copytree(run_a, work)
+    store = tmp_path / "store"
+    store.mkdir()
+    (work / "last.pth").rename(store / "last.pth")
+    (work / "last.pth").symlink_to(store / "last.pth")
+    assert main(["train", "--resume", str(work / "last.pth"), "--set", "schedule.epochs=4"]) == 0
+    assert recorded_iter(work / "last.pth") == 8
+
+
+def test_a_resume_failing_before_its_first_checkpoint_leaves_the_folder_as_it_was(run_a, tmp_path, monkeypatch, capsys):
+    import danet.engine.train as T
+    from danet.errors import DanetError
+
+    work = tmp_path / "F"
+    shutil.copytree(run_a, work)
+    kept = {p.name: digest(p) for p in work.iterdir()}
+
+    def failing(loader):
+        raise DanetError("a broken image")
+        yield
+
+    monkeypatch.setattr(T, "_batches", failing)
+    cli_error(capsys, "train", "--resume", str(work / "epoch_1.pth"), "--set", "schedule.epochs=2")
+    assert {p.name: digest(p) for p in work.iterdir()} == kept  # config, log and the later files as they were
+    fork = tmp_path / "D"
+    cli_error(capsys, "train", "--resume", str(work / "epoch_2.pth"), "--work-dir", str(fork))
+    assert not fork.exists() or not list(fork.iterdir())  # no staged config, log or best.pth left behind
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(work / "epoch_2.pth"), "--work-dir", str(fork)]) == 0  # the fork again
+    best_is_one_checkpoint(fork)
+
+
+def test_a_validation_pending_at_stop_iter_is_done_then_the_run_stops(data_root, tmp_path, monkeypatch):
+    import danet.engine.train as T
+
+    work = tmp_path / "P"
+    real = T.validate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "validate", interrupted)
+    assert main(train(work, data_root, "--set", "stop_iter=2")) == 130
+    monkeypatch.setattr(T, "validate", real)
+    assert main(train(work, data_root, "--set", "stop_iter=2", "--resume")) == 0
+    assert recorded_iter(work / "last.pth") == 2 and recorded_iter(work / "metrics.json") == 2
+
+
+def test_a_work_dirs_config_without_last_pth_is_not_resumed_elsewhere(data_root, tmp_path, capsys):
+    work = tmp_path / "N"
+    assert main(train(work, data_root, "--set", "stop_iter=1")) == 0
+    (work / "last.pth").unlink()
+    line = cli_error(capsys, "train", str(work / "config.yaml"), "--resume")
+    assert "holds no last.pth" in line and "start it again" in line
+
+
+def test_a_finished_run_forked_writes_nothing_there(run_a, tmp_path):
+    fork = tmp_path / "E"
+    assert main(["train", "--resume", str(run_a / "last.pth"), "--work-dir", str(fork)]) == 0
+    assert not fork.exists() or not list(fork.iterdir())

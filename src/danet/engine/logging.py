@@ -40,8 +40,8 @@ class RunLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_iter is not None:
-            truncate_log(self.path, resume_iter, drop_val=revalidate)
+        if resume_iter is not None:  # NOTE: staged, the truncated log goes to the staged file; log.jsonl keeps its own
+            truncate_log(self.final, resume_iter, drop_val=revalidate, out=self.path)
         elif self.path.exists():
             self.path.unlink()  # a fresh run starts a fresh log
         try:  # optional dependency
@@ -118,10 +118,14 @@ def read_log(path: str | Path) -> list[dict]:
     return records
 
 
-def truncate_log(path: Path, max_iter: int, drop_val: bool = False) -> None:
+def truncate_log(path: Path, max_iter: int, drop_val: bool = False, out: Path | None = None) -> None:
     """Keep only the records up to global iteration `max_iter` (records without "iter" are kept); `drop_val`: not
-    a validation at `max_iter` either."""
+    a validation at `max_iter` either. `out`: write them there instead (a staged log), which starts empty where
+    `path` has none."""
+    out = out or path
     if not path.exists():
+        if out != path:
+            out.unlink(missing_ok=True)
         return
 
     def kept(r: dict) -> bool:
@@ -129,7 +133,7 @@ def truncate_log(path: Path, max_iter: int, drop_val: bool = False) -> None:
         return it < max_iter or (it == max_iter and not (drop_val and r.get("type") == "val"))
 
     keep = [r for r in read_log(path) if kept(r)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    out.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 
 def jsonable(v: Any) -> Any:

@@ -174,7 +174,9 @@ def preset_from_filename(name: str) -> str | None:
 def run_sizes(ck, preset: str | None = None) -> dict[str, tuple[int, int]]:
     """The base and crop sizes of the `danet train` run that wrote checkpoint `ck`, where it set them; none if
     `preset` names another preset than the run's."""
-    if preset is not None and ck.meta.get("preset") != preset:
+    from ..presets import get_preset
+
+    if preset is not None and ck.meta.get("preset") != get_preset(preset).name:  # NOTE: an alias names it too
         return {}
     out = {}
     for key in ("base_size", "crop_size"):
@@ -189,7 +191,10 @@ def run_eval_mode(ck, preset: str | None = None) -> str | None:
     `preset` names another preset than the run's."""
     config = ck.meta.get("config")
     mode = config.get("eval_mode") if isinstance(config, dict) else None
-    return mode if mode in ("whole", "slide") and (preset is None or ck.meta.get("preset") == preset) else None
+    from ..presets import get_preset
+
+    ours = preset is None or ck.meta.get("preset") == get_preset(preset).name
+    return mode if mode in ("whole", "slide") and ours else None
 
 
 class Predictor:

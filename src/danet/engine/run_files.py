@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DanetError
-from .logging import read_log, write_json
+from .logging import RunLogger, read_log, write_json
 
 
 def after_divergence(work: Path, ours: bool = True) -> str:
@@ -48,39 +49,66 @@ def recorded_iter(path: Path) -> int | None:
         return None
 
 
-def resume_outputs(work: Path, resume: Path, it: int, ipe: int) -> tuple[list[Path], Path | None, bool]:
-    """What a run resumed from `resume` at iteration `it` (epochs of `ipe`) does with the files around it, once it
-    has its first checkpoint: (files of `work` to remove, a best.pth to copy into `work`, whether the best so far
-    has no checkpoint left, so that the next validation writes best.pth whatever its mIoU).
+# an overwrite=true run's, a resume's from an earlier checkpoint and a fork's config, log and best.pth until its first
+# checkpoint has landed
+STAGED = (".config.yaml.next", RunLogger.STAGED, ".best.pth.next")
 
-    In the checkpoint's own folder, the files of iterations after `it` are an abandoned future (a resume from an
-    earlier epoch_N.pth): the later epoch_K.pth, and best.pth and metrics.json if they record a later iteration.
-    Into another folder, which must hold no run (DanetError), the run's best.pth comes along where it is from
-    before `it`."""
-    if work.resolve() == resume.resolve().parent:
+
+@dataclass
+class Resumed:
+    """What a run resumed at iteration `it` does with the files around it (`resume_outputs`)."""
+
+    later: list[Path]  # files of the work dir from after `it`, removed with the first checkpoint
+    best: Path | None  # the run's best.pth in the folder it was resumed from, brought into a fork
+    best_lost: bool  # the best so far has no checkpoint left: the next validation writes best.pth whatever its mIoU
+    fork: bool  # resumed into another folder than the checkpoint's
+
+    @property
+    def staged(self) -> bool:
+        """Whether the config and log wait for the first checkpoint (else they change at once)."""
+        return bool(self.later) or self.fork
+
+
+def resume_outputs(work: Path, resume: Path, it: int, ipe: int) -> Resumed:
+    """In the checkpoint's own folder, the files of iterations after `it` (epochs of `ipe`) are an abandoned future (a
+    resume from an earlier epoch_N.pth): the later epoch_K.pth, and best.pth and metrics.json where they record a
+    later iteration. Into another folder (a fork), which must hold no run, nor a config or log (DanetError), the
+    run's best.pth comes along where it is from before `it`."""
+    if work.resolve() == resume.parent.resolve():  # NOTE: the folder it is in, not where a link to it points
         later = [p for p in work.glob("epoch_*.pth") if p.stem[6:].isdigit() and int(p.stem[6:]) * ipe > it]
         later += [work / n for n in ("best.pth", "metrics.json") if (recorded_iter(work / n) or 0) > it]
-        return sorted(later), None, work / "best.pth" in later
-    if found := run_outputs(work):
+        lost = work / "best.pth" in later or not (work / "best.pth").is_file()
+        return Resumed(sorted(later), None, lost, fork=False)
+    if found := run_outputs(work) + [work / n for n in ("config.yaml", "log.jsonl") if (work / n).is_file()]:
         raise DanetError(
             f"{work} holds another run ({', '.join(p.name for p in found[:4])}); resume {resume} into its own folder "
             f"({resume.parent}) or an empty --work-dir"
         )
     best = resume.parent / "best.pth"
     n = recorded_iter(best)
-    return [], best if n is not None and n <= it else None, n is None or n > it
+    return Resumed([], best if n is not None and n <= it else None, n is None or n > it, fork=True)
 
 
 class FilesAround:
-    """The files a run settles once its first checkpoint has landed (so that a run failing before it, or while
-    writing it, leaves them as they were): an overwrite=true run's `earlier` run's files go and its staged
-    `config_file` and log move into place; a resume's `later` files (an abandoned future) go; `best`, the run's
-    best.pth from the folder it was resumed from, is copied in unless this run has written its own."""
+    """The files a run settles once its first checkpoint has landed, so that a run failing before it (or while
+    writing it) leaves them as they were: an overwrite=true run's `earlier` run's files and a resume's `later` ones
+    (an abandoned future) go; a `staged` config and log (`config_file`, the `logger`'s) and best.pth (staged from
+    `best` at once: the run's best.pth in a fork's source folder, which may change meanwhile) move into place,
+    the best.pth unless this run has written its own."""
 
-    def __init__(self, work: Path, earlier: list[Path], later: list[Path], best: Path | None, config_file: Path,
-                 logger) -> None:  # fmt: skip
-        self.work, self.earlier, self.later, self.best = work, earlier, later, best
+    def __init__(self, work: Path, earlier: list[Path], resumed: Resumed | None, config_file: Path, logger,
+                 is_main: bool) -> None:  # fmt: skip
+        self.work, self.earlier, self.later = work, earlier, resumed.later if resumed else []
+        self.staged = bool(earlier) or bool(resumed and resumed.staged)
         self.config_file, self.logger = config_file, logger
+        self.best = work / STAGED[2] if resumed and resumed.best else None
+        if self.best and is_main:
+            copy_file(resumed.best, self.best)
+
+    @property
+    def settled(self) -> bool:
+        """Whether the work dir's files are this run's (its last.pth, if any, the run's own)."""
+        return not self.staged
 
     def landed(self, checkpoint: Path) -> None:
         """`checkpoint` (in the work dir) has just been written: it replaced its own name already."""
@@ -90,11 +118,15 @@ class FilesAround:
         if self.earlier:
             names = ", ".join(p.name for p in self.earlier)
             print(f"overwrite=true: removed the earlier run's {names} from {self.work}")
+        if self.staged:
             os.replace(self.config_file, self.work / "config.yaml")
             self.logger.commit()
-        if self.best is not None and not (self.work / "best.pth").exists():
-            copy_file(self.best, self.work / "best.pth")
-        self.earlier, self.later, self.best = [], [], None
+        if self.best is not None:
+            if (self.work / "best.pth").exists():  # this run has written its own
+                self.best.unlink(missing_ok=True)
+            else:
+                os.replace(self.best, self.work / "best.pth")
+        self.earlier, self.later, self.best, self.staged = [], [], None, False
 
 
 def copy_file(src: Path, dst: Path) -> None:
@@ -105,7 +137,7 @@ def copy_file(src: Path, dst: Path) -> None:
         os.replace(tmp, dst)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise DanetError(f"cannot copy {src} to {dst}: {e.strerror or e}; free some space and --resume") from None
+        raise DanetError(f"cannot copy {src} to {dst}: {e.strerror or e}; free some space, then run again") from None
 
 
 def write_metrics(work: Path, metrics: dict, best: float, best_iter, it: int, epoch: int, seconds: float) -> None:

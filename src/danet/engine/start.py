@@ -235,7 +235,8 @@ def check_resume_point(
             f"{resume} is at iteration {done}, past this run's schedule, which ends at {total} ({sch.epochs} "
             f"epochs of {ipe}): nothing left to train; raise schedule.epochs to train further"
         )
-    if stop_iter is not None and stop_iter <= done < total:  # NOTE: it would train on to the next step or epoch end
+    validating = stop_iter == done and state.get("validation_pending")  # NOTE: that validation is done, then it stops
+    if stop_iter is not None and stop_iter <= done < total and not validating:  # it would train on past stop_iter
         raise DanetError(
             f"stop_iter={stop_iter} is not after {resume}'s iteration {done}: nothing to train up to it; raise it, "
             "or drop it (--set stop_iter=none) to train to the end"

@@ -40,6 +40,7 @@ from .inference import autocast
 from .logging import LossWindow, RunLogger
 from .losses import danet_loss, groups
 from .run_files import (
+    STAGED,
     FilesAround,
     after_divergence,
     draw_missing_pictures,
@@ -64,7 +65,6 @@ from .start import (
 )
 from .transfer import labels_fit_uint8, loader_items, narrow_labels_collate, to_device
 
-STAGED = (".config.yaml.next", RunLogger.STAGED)  # an overwrite=true run's config and log until its first checkpoint
 MAX_SKIPS_IN_A_ROW = 10  # nonfinite=skip: more non-finite losses in a row than this stop the run
 
 
@@ -190,38 +190,39 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     step_net = torch.compile(net) if cfg.compile else net
 
     it, best, best_iter, pending = 0, -math.inf, None, False
-    later, best_file = [], None  # a resume's files from after its checkpoint; the run's best.pth it brings along
+    resumed = None
     if ckpt is not None:
         ts = ckpt.train_state
         # NOTE: before config.yaml is rewritten
         check_resume_point(ts, resume, sch, ipe, n_train // sch.batch_size, replicas, cfg.stop_iter)
         # pending: stopped while validating, that epoch's validation first
         it, best, best_iter, pending = restore_state(ts, optimizer, scheduler, scaler)
+        resumed = resume_outputs(work, Path(resume), it, ipe)  # NOTE: also refuses a fork into another run
         if it == total and not pending:
             if info.is_main:
                 print(f"{resume} has finished its {total} iterations: nothing left to train (raise schedule.epochs)")
-                draw_missing_pictures(work, preset, it)
+                if not resumed.fork:
+                    draw_missing_pictures(work, preset, it)
             return {"metrics": {}, "best_miou": best, "best_iter": best_iter, "iter": it, "seconds": 0.0,
                     "stopped": False, "skipped": 0, "finished": True, "rank": info.rank}  # fmt: skip
-        later, best_file, best_lost = resume_outputs(work, Path(resume), it, ipe)
-        if best_lost and best_iter is not None:  # NOTE: so that best.pth and the best mIoU stay one checkpoint
+        if resumed.best_lost and best_iter is not None:  # NOTE: so that best.pth and the best mIoU stay one file
             best, best_iter = -math.inf, None
-        if info.is_main and later:
+        if info.is_main and resumed.later:
             print(
                 f"note: {resume} is at iteration {it}; the files of this work dir from after it ("
-                f"{', '.join(p.name for p in later)}) go with this run's first checkpoint"
+                f"{', '.join(p.name for p in resumed.later)}) go with this run's first checkpoint"
             )
 
-    # NOTE: overwrite=true: this run's config.yaml and log.jsonl are staged beside the earlier run's until its first
-    # checkpoint, so that a run failing before it leaves the earlier run whole (its config says how to resume it)
-    staged, resume_iter = bool(earlier), it if ckpt is not None else None
+    # NOTE: overwrite=true, a resume from an earlier checkpoint, a fork: this run's config.yaml and log.jsonl are
+    # staged until its first checkpoint, so that a run failing before it leaves the folder as it was
+    staged, resume_iter = bool(earlier) or bool(resumed and resumed.staged), it if ckpt is not None else None
     logger = RunLogger(work, info.is_main, resume_iter, revalidate=pending, staged=staged)
     recorded = dataclasses.replace(cfg, overwrite=False)  # NOTE: rerunning config.yaml must not wipe this run
     config_file = work / (STAGED[0] if staged else "config.yaml")
     if info.is_main:
         recorded.save(config_file)
         logger.log("start", iter=it, total_iters=total, iters_per_epoch=ipe, world=info.world, device=str(dev))
-    around = FilesAround(work, earlier, later, best_file, config_file, logger)  # settled by the first checkpoint
+    around = FilesAround(work, earlier, resumed, config_file, logger, info.is_main)  # settled by the first checkpoint
 
     def save(name: str, epoch: int, with_state: bool = True, validation_pending: bool = False) -> None:
         if not info.is_main:
@@ -230,7 +231,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
         if bad:  # never overwrite a good checkpoint with a diverged model
             raise DanetError(
                 f"weights became non-finite by iteration {it} (e.g. {bad[0]}); lower schedule.lr (now {sch.lr:g}) and "
-                + after_divergence(work, ours=not around.earlier)
+                + after_divergence(work, ours=around.settled)
             )
         state = None
         if with_state:
@@ -309,8 +310,9 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     if pending:  # the run stopped while validating epoch it // ipe: that validation, before the next epoch
         validate_epoch(it // ipe)
         save_epoch(it // ipe)
+        stopped = cfg.stop_iter is not None and cfg.stop_iter <= it < total  # it was stopped there
     net.train()
-    for epoch in range(it // ipe, sch.epochs):
+    for epoch in range(it // ipe, sch.epochs if not stopped else 0):
         sampler.set_epoch(epoch, start=it % ipe)
         for images, labels in to_device(_batches(loader), dev, cfg.channels_last, cfg.data.prefetch):
             torch.manual_seed(mix(cfg.seed, "step", it, info.rank))  # dropout: a function of the iteration
@@ -331,7 +333,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
                     hint = " or try amp=bf16" if cfg.amp == "fp16" else ""
                     loss = values["loss"] if not math.isfinite(values["loss"]) else "non-finite on another rank"
                     when = f"at iteration {it + 1}" + (f", {in_a_row} times in a row" if in_a_row > 1 else "")
-                    then = after_divergence(work, ours=not around.earlier)
+                    then = after_divergence(work, ours=around.settled)
                     raise DanetError(f"loss became {loss} {when}; lower schedule.lr (now {sch.lr:g}){hint} and {then}")
                 _copy_all(buffers, saved)  # the skipped step's forward changed no statistics either
                 skipped += 1

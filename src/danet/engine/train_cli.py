@@ -90,6 +90,11 @@ def resolve_args(args) -> tuple[RunConfig, Path | None]:
         here = Path(args.config).parent if is_yaml and args.work_dir is None and set_dir is None else None
         if args.resume == "auto" and here and (here / "last.pth").exists():
             cfg.work_dir = str(here)
+        elif args.resume == "auto" and here and (here / "log.jsonl").exists():  # a work dir, but no checkpoint yet
+            raise DanetError(
+                f"cannot resume: {here} holds no last.pth (its run stopped before its first epoch ended); start it "
+                f"again: danet train {args.config}"
+            )
         if args.resume:
             resume = _resume_file(Path(cfg.work_dir) / "last.pth" if args.resume == "auto" else Path(args.resume))
         # NOTE: a torchrun restart (--max-restarts) continues this run's own last.pth: train.restart_source

@@ -266,3 +266,39 @@ def test_image_formats_become_rgb_uint8(tmp_path):
     with pytest.raises(DanetError, match=r"label .*g\.txt is corrupt"):
         (tmp_path / "g.txt").write_text("hello")
         read_label(tmp_path / "g.txt")
+
+
+def test_voc_own_splits_read_voc_masks_and_train_names_vocs_own_list(tmp_path):
+    """VOC's train.txt is reached as "train" where it exists (the preset trains on trainaug, which "train" names
+    where it does not); VOC's own lists read SegmentationClass only: a missing val mask is an error, not the SBD
+    mask of the same id (no 255 boundaries, another annotation)."""
+    base = tmp_path / "VOC2012"
+    ids = ["2007_000032", "2007_000039"]
+    for i, name in enumerate(ids):
+        write_image(base / "JPEGImages" / f"{name}.jpg", 30, 40, i)
+        write_label(base / "SegmentationClassAug" / f"{name}.png", np.full((30, 40), 7))
+    write_label(base / "SegmentationClass" / f"{ids[0]}.png", np.full((30, 40), 3), palette=True)
+    sets = base / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True)
+    (sets / "trainaug.txt").write_text(f"{ids[0]}\n{ids[1]}\n")
+    (sets / "train.txt").write_text(f"{ids[0]}\n")
+    (sets / "val.txt").write_text(f"{ids[1]}\n")
+    preset = small("danet_r50-d8_voc12aug")
+    train = build_dataset(preset, tmp_path, "train", train=False)
+    assert train.split == "train" and len(train) == 1
+    assert build_dataset(preset, tmp_path, "trainaug", train=False)[1][1].unique().tolist() == [7]  # SBD's
+    with pytest.raises(DanetError, match=rf"label .*SegmentationClass/{ids[1]}\.png .* does not exist"):
+        build_dataset(preset, tmp_path, "val")
+
+
+def test_hidden_files_beside_ade20k_and_cityscapes_images_are_not_images(tmp_path):
+    """macOS's AppleDouble files (`._name`) beside each image of a dataset copied from a Mac."""
+    root = make_ade(tmp_path / "ade", {"validation": 2})
+    (root / "ADEChallengeData2016/images/validation/._ADE_000.jpg").write_bytes(b"\x00\x05\x16\x07")
+    assert len(build_dataset(small("danet_r50-d8_ade20k"), root, "val")) == 2
+    city = tmp_path / "cs" / "leftImg8bit" / "val" / "lindau"
+    write_image(city / "lindau_000000_000019_leftImg8bit.png", 32, 64)
+    (city / "._lindau_000000_000019_leftImg8bit.png").write_bytes(b"\x00\x05\x16\x07")
+    write_label(tmp_path / "cs/gtFine/val/lindau/lindau_000000_000019_gtFine_labelTrainIds.png", np.zeros((32, 64)))
+    preset = small("danet_r50-d8_cityscapes", base=(128, 64), crop=(32, 64))
+    assert len(build_dataset(preset, tmp_path / "cs", "val")) == 1

@@ -57,7 +57,7 @@ def test_prepare_voc_aug(tmp_path, capsys):
         f"{i}.png" for i in ("a2", "s1", "s2", "s3", "v1")
     ]
     assert "5 written" not in capsys.readouterr().out  # 5 masks + the list
-    ds = build_dataset(get_preset("danet_r50-d8_voc12aug"), voc, "train", train=False)
+    ds = build_dataset(get_preset("danet_r50-d8_voc12aug"), voc, "trainaug", train=False)
     assert len(ds) == 5
     assert int(ds[1][1][0, 0]) == 5  # a2: the official VOC mask wins over SBD's
     assert int(ds[2][1][0, 0]) == 1  # s1: from SBD

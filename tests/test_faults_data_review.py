@@ -220,7 +220,7 @@ def test_danet_test_on_labels_without_a_labelled_pixel_is_one_line(tmp_path, cap
     save_checkpoint(ck, tiny_model(), PRESET)
     out = tmp_path / "m.json"
     line = cli_error(capsys, "test", PRESET, "--checkpoint", ck, "--data-root", root, "--no-progress", "--json", out)
-    assert "the label of split 'val' has no labelled pixel (all ignore 255), so mIoU is undefined" in line
+    assert "the label of split 'validation' has no labelled pixel (all ignore 255), so mIoU is undefined" in line
     assert not out.exists()
 
 

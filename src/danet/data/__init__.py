@@ -57,9 +57,17 @@ def family(info: DatasetInfo) -> ModuleType:
     return FAMILIES[info.name]
 
 
-def resolve_split(info: DatasetInfo, split: str) -> str:
-    """ "train" / "val" -> the dataset's own split names; any other name is taken literally."""
-    return {"train": info.train_split, "val": info.val_split}.get(split, split)
+def resolve_split(info: DatasetInfo, split: str, root: Path | None = None) -> str:
+    """ "train" / "val" -> the dataset's own split names, unless the data at `root` has a split of that very name
+    (VOC's train.txt, where the preset trains on trainaug); any other name is taken literally."""
+    alias = {"train": info.train_split, "val": info.val_split}.get(split, split)
+    if alias != split and root is not None:
+        try:
+            find_files(info, root, split)
+            return split
+        except DanetError:
+            pass
+    return alias
 
 
 def data_root(info: DatasetInfo, root: str | os.PathLike | None) -> Path:
@@ -117,7 +125,7 @@ def build_dataset(
     """
     info: DatasetInfo = preset.dataset
     root = data_root(info, root)
-    name = resolve_split(info, split)
+    name = resolve_split(info, split, root)
     if train is None:
         train = name == info.train_split
     fam = family(info)

@@ -30,7 +30,8 @@ def list_files(root: Path, split: str) -> list[tuple[Path, Path]]:
     for d in (image_dir, label_dir):
         if not d.is_dir():
             raise DanetError(f"ADE20K folder {d} does not exist (splits: {', '.join(SPLITS)})")
-    images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    # NOTE: not hidden files (macOS's ._name copies beside each image)
+    images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.name[0] != ".")
     return [(p, label_dir / f"{p.stem}.png") for p in images]
 
 

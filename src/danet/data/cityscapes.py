@@ -49,7 +49,7 @@ def list_files(root: Path, split: str) -> list[tuple[Path, Path]]:
     for d in (image_dir, label_dir):
         if not d.is_dir():
             raise DanetError(f"Cityscapes folder {d} does not exist (splits: {', '.join(SPLITS)})")
-    images = sorted(image_dir.glob(f"*/*{IMAGE_SUFFIX}"))
+    images = sorted(p for p in image_dir.glob(f"*/*{IMAGE_SUFFIX}") if p.name[0] != ".")  # NOTE: not macOS's ._name
     return [(p, label_dir / p.parent.name / (p.name[: -len(IMAGE_SUFFIX)] + LABEL_SUFFIX)) for p in images]
 
 

@@ -4,8 +4,9 @@ Layout: ROOT/VOC2012/{JPEGImages,SegmentationClass,SegmentationClassAug,ImageSet
 (ROOT may also be a VOCdevkit folder or the VOC2012 folder itself). `danet data prepare voc-aug` makes
 SegmentationClassAug (SBD masks as PNG) and ImageSets/Segmentation/trainaug.txt (10,582 ids).
 
-A label is read from SegmentationClass (the official VOC masks, index PNGs) when it has the id, otherwise from
-SegmentationClassAug (as mmsegmentation's voc12aug: VOC masks where they exist, SBD for the rest).
+A label of VOC's own splits (train, val, trainval) is read from SegmentationClass (the official VOC masks, index
+PNGs), as both toolboxes evaluate; of any other list (trainaug) from SegmentationClass when it has the id, otherwise
+from SegmentationClassAug (as mmsegmentation's voc12aug: VOC masks where they exist, SBD for the rest).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from ..errors import DanetError
 from .io import read_text
 
 LABEL_DIRS = ("SegmentationClass", "SegmentationClassAug")
+VOC_SPLITS = ("train", "val", "trainval")  # VOC's own lists: their masks are VOC's, never SBD's
 
 
 def base_dir(root: Path) -> Path:
@@ -41,11 +43,12 @@ def list_files(root: Path, split: str) -> list[tuple[Path, Path]]:
             " (make it with `danet data prepare voc-aug --voc DIR --sbd DIR`)" if split in ("trainaug", "aug") else ""
         )
         raise DanetError(f"VOC split list {list_file} does not exist{hint}")
-    present = {d: _names(base / d) for d in LABEL_DIRS}
+    dirs = LABEL_DIRS[:1] if split in VOC_SPLITS else LABEL_DIRS  # NOTE: a missing VOC val mask is no SBD mask
+    present = {d: _names(base / d) for d in dirs}
     pairs = []
     for i in read_ids(list_file):
         name = f"{i}.png"
-        label = next((base / d / name for d in LABEL_DIRS if name in present[d]), base / LABEL_DIRS[0] / name)
+        label = next((base / d / name for d in dirs if name in present[d]), base / LABEL_DIRS[0] / name)
         pairs.append((base / "JPEGImages" / f"{i}.jpg", label))
     return pairs
 
@@ -55,4 +58,4 @@ def _names(d: Path) -> set[str]:
 
 
 def missing_hint(label: Path) -> str:
-    return f" (nor in {label.parent.parent / LABEL_DIRS[1]})"
+    return f" (VOC's own splits read SegmentationClass; trainaug also {label.parent.parent / LABEL_DIRS[1]})"

@@ -207,11 +207,11 @@ def run_test(args) -> dict:
         )
         metrics = cm.compute()
         n = len(dataset) if args.limit is None else min(args.limit, len(dataset))
-        cm.check_labelled(n, args.split, preset.dataset)
+        cm.check_labelled(n, dataset.split, preset.dataset)
         metrics["settings"] = {
             "preset": preset.name,
             "checkpoint": str(args.checkpoint),
-            "split": args.split,
+            "split": dataset.split,  # the dataset's own name of it ("val" -> "validation" for ADE20K)
             "images": n,
             "mode": mode,
             "crop": list(crop) if mode == "slide" else None,

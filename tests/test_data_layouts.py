@@ -93,6 +93,15 @@ def test_cityscapes_layout_and_prepare_hint(tmp_path):
         build_dataset(preset, root, "train")
 
 
+def voc_lists(base: Path, **lists: list[str]) -> Path:
+    """ImageSets/Segmentation/<name>.txt of each list of ids under the VOC2012 folder `base`; the folder."""
+    sets = base / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True)
+    for name, ids in lists.items():
+        (sets / f"{name}.txt").write_text("".join(f"{i}\n" for i in ids))
+    return sets
+
+
 def test_voc_layout_label_dirs_and_palette_pngs(tmp_path):
     base = tmp_path / "VOCdevkit" / "VOC2012"
     ids = ["2007_000032", "2007_000039", "2008_000001"]
@@ -104,10 +113,7 @@ def test_voc_layout_label_dirs_and_palette_pngs(tmp_path):
     write_label(base / "SegmentationClassAug" / f"{ids[0]}.png", np.full((30, 40), 7))  # SBD: not used
     write_label(base / "SegmentationClassAug" / f"{ids[1]}.png", np.full((30, 40), 20))
     write_label(base / "SegmentationClass" / f"{ids[2]}.png", np.full((30, 40), 1), palette=True)
-    sets = base / "ImageSets" / "Segmentation"
-    sets.mkdir(parents=True)
-    (sets / "trainaug.txt").write_text(f"{ids[0]}\n{ids[1]}\n")
-    (sets / "val.txt").write_text(f"{ids[2]}\n")
+    sets = voc_lists(base, trainaug=ids[:2], val=ids[2:])
     preset = small("danet_r50-d8_voc12aug")
     train = build_dataset(preset, tmp_path / "VOCdevkit", "train", train=False)
     assert train.split == "trainaug" and len(train) == 2
@@ -278,11 +284,7 @@ def test_voc_own_splits_read_voc_masks_and_train_names_vocs_own_list(tmp_path):
         write_image(base / "JPEGImages" / f"{name}.jpg", 30, 40, i)
         write_label(base / "SegmentationClassAug" / f"{name}.png", np.full((30, 40), 7))
     write_label(base / "SegmentationClass" / f"{ids[0]}.png", np.full((30, 40), 3), palette=True)
-    sets = base / "ImageSets" / "Segmentation"
-    sets.mkdir(parents=True)
-    (sets / "trainaug.txt").write_text(f"{ids[0]}\n{ids[1]}\n")
-    (sets / "train.txt").write_text(f"{ids[0]}\n")
-    (sets / "val.txt").write_text(f"{ids[1]}\n")
+    voc_lists(base, trainaug=ids, train=ids[:1], val=ids[1:])
     preset = small("danet_r50-d8_voc12aug")
     train = build_dataset(preset, tmp_path, "train", train=False)
     assert train.split == "train" and len(train) == 1

@@ -109,3 +109,26 @@ def saved_tiny_checkpoint(folder: Path, name: str = "model.pth") -> Path:
     path = folder / name
     save_checkpoint(path, tiny_model(), "danet_tiny_synthetic")
     return path
+
+
+def train_argv(work: Path, data: Path, *extra: str, epochs: int = 2, **settings) -> list[str]:
+    """`danet train` of the synthetic preset at tiny widths on `data`: 2 iterations of batch 2 an epoch, 32 px crops,
+    2 val images, on the CPU without loader processes; `settings`: more --set values (dots as double underscores)."""
+    base = {
+        "schedule.epochs": epochs, "schedule.iters_per_epoch": 2, "schedule.batch_size": 2,
+        "data.crop_size": "[32,32]", "data.num_workers": 0, "data.val_limit": 2, "progress": "false",
+        "device": "cpu", "model.base_channels": 8, "model.stem_channels": 8, "model.head_channels": 16,
+    }  # fmt: skip
+    base.update({k.replace("__", "."): v for k, v in settings.items()})
+    sets = [a for k, v in base.items() for a in ("--set", f"{k}={v}")]
+    return ["train", "danet_tiny_synthetic", "--data-root", str(data), "--work-dir", str(work), *sets, *extra]
+
+
+def interrupt_validation(monkeypatch) -> None:
+    """Ctrl-C while `danet train` validates (undone by `monkeypatch.undo()` or the test's end)."""
+    import danet.engine.train as T
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "validate", interrupted)

@@ -17,7 +17,7 @@ import torch
 from danet.cli import main
 from danet.data import ensure_synthetic
 from danet.engine.run_files import recorded_iter
-from test_faults_common import cli_error, digest
+from test_faults_common import cli_error, digest, interrupt_validation, train_argv
 
 PRESET = "danet_tiny_synthetic"
 
@@ -28,14 +28,7 @@ def data_root(tmp_path_factory) -> Path:
 
 
 def train(work: Path, data: Path, *extra: str, epochs: int = 3) -> list[str]:
-    settings = {
-        "schedule.epochs": epochs, "schedule.iters_per_epoch": 2, "schedule.batch_size": 2,
-        "data.crop_size": "[32,32]", "data.num_workers": 0, "data.val_limit": 2, "progress": "false",
-        "device": "cpu", "model.base_channels": 8, "model.stem_channels": 8, "model.head_channels": 16,
-        "schedule.save_interval": 1, "schedule.eval_interval": 1,
-    }  # fmt: skip
-    sets = [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
-    return ["train", PRESET, "--data-root", str(data), "--work-dir", str(work), *sets, *extra]
+    return train_argv(work, data, *extra, epochs=epochs, schedule__save_interval=1, schedule__eval_interval=1)
 
 
 def best_is_one_checkpoint(work: Path) -> None:
@@ -214,17 +207,10 @@ def test_a_resume_failing_before_its_first_checkpoint_leaves_the_folder_as_it_wa
 
 
 def test_a_validation_pending_at_stop_iter_is_done_then_the_run_stops(data_root, tmp_path, monkeypatch):
-    import danet.engine.train as T
-
     work = tmp_path / "P"
-    real = T.validate
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(T, "validate", interrupted)
+    interrupt_validation(monkeypatch)
     assert main(train(work, data_root, "--set", "stop_iter=2")) == 130
-    monkeypatch.setattr(T, "validate", real)
+    monkeypatch.undo()
     assert main(train(work, data_root, "--set", "stop_iter=2", "--resume")) == 0
     assert recorded_iter(work / "last.pth") == 2 and recorded_iter(work / "metrics.json") == 2
 

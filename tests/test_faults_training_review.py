@@ -16,7 +16,7 @@ import yaml
 from danet.checkpoints import read_checkpoint
 from danet.cli import main
 from danet.data import ensure_synthetic
-from test_faults_common import cli_error, digest
+from test_faults_common import cli_error, digest, interrupt_validation, train_argv
 
 PRESET = "danet_tiny_synthetic"
 
@@ -27,14 +27,7 @@ def data_root(tmp_path_factory) -> Path:
 
 
 def argv(work: Path, data: Path, *extra: str, epochs: int = 2) -> list[str]:
-    settings = {
-        "schedule.epochs": epochs, "schedule.iters_per_epoch": 2, "schedule.batch_size": 2,
-        "data.crop_size": "[32,32]", "data.num_workers": 0, "data.val_limit": 2, "progress": "false",
-        "device": "cpu", "log_interval": 1, "model.base_channels": 8, "model.stem_channels": 8,
-        "model.head_channels": 16,
-    }  # fmt: skip
-    sets = [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
-    return ["train", PRESET, "--data-root", str(data), "--work-dir", str(work), *sets, *extra]
+    return train_argv(work, data, *extra, epochs=epochs, log_interval=1)
 
 
 def records(work: Path, kind: str) -> list[dict]:
@@ -125,19 +118,12 @@ def test_a_run_failing_before_its_first_epoch_can_run_again(data_root, tmp_path,
 
 
 def test_a_stop_while_validating_is_validated_on_resume(data_root, tmp_path, monkeypatch, capsys):
-    from danet.engine import train as train_mod
-
     work = tmp_path / "w"
-    real = train_mod.validate
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod, "validate", interrupted)
+    interrupt_validation(monkeypatch)
     assert main(argv(work, data_root, "--set", "schedule.eval_interval=1")) == 130
     assert read_checkpoint(work / "last.pth").train_state["validation_pending"] is True
     assert not records(work, "val") and not (work / "best.pth").exists()
-    monkeypatch.setattr(train_mod, "validate", real)
+    monkeypatch.undo()
     capsys.readouterr()
     assert main(argv(work, data_root, "--set", "schedule.eval_interval=1", "--resume")) == 0
     assert "done: 4 iterations (2 of them in " in capsys.readouterr().out  # this call's share, not the run's

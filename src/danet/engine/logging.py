@@ -32,7 +32,8 @@ class RunLogger:
     ) -> None:
         """resume_iter: drop the records after this iteration (a resume); revalidate: also its validation, which
         the resumed run does again (it stopped before the checkpoint said it was done); staged: write to
-        `.log.jsonl.next` until `commit` moves it in place of log.jsonl (a run replacing an earlier one's)."""
+        `.log.jsonl.next` until `commit` moves it in place of log.jsonl (a run that leaves the folder as it was until
+        its first checkpoint: overwrite=true, a resume from an earlier checkpoint, a fork)."""
         self.final = Path(work_dir) / "log.jsonl"
         self.path = self.final.with_name(self.STAGED) if staged else self.final
         self.enabled = enabled

@@ -77,7 +77,7 @@ def train(cfg: RunConfig, resume: str | Path | None = None) -> dict:
     try:
         return _train(cfg.resolve().validate(), restart_source(cfg, resume, info), info)
     except BaseException:
-        if info.is_main:  # an overwrite=true run that failed before its first checkpoint: its staged config and log
+        if info.is_main:  # a staged run (overwrite, resume of an earlier checkpoint, fork) failing before it landed
             for name in STAGED:
                 (Path(cfg.work_dir) / name).unlink(missing_ok=True)
         raise

@@ -102,12 +102,12 @@ def one_line(e) -> str:
     return msg
 
 
-def saved_tiny_checkpoint(folder: Path, name: str = "model.pth") -> Path:
-    """`tiny_model()` saved in our format for the synthetic preset, as `folder / name`."""
+def saved_tiny_checkpoint(folder: Path, name: str = "model.pth", **overrides) -> Path:
+    """`tiny_model(**overrides)` saved in our format for the synthetic preset, as `folder / name`."""
     from danet.checkpoints import save_checkpoint
 
     path = folder / name
-    save_checkpoint(path, tiny_model(), "danet_tiny_synthetic")
+    save_checkpoint(path, tiny_model(**overrides), "danet_tiny_synthetic")
     return path
 
 

@@ -131,3 +131,15 @@ def test_predictor_refuses_what_it_would_ignore(checkpoint):
 def test_create_model_refuses_a_string_for_a_switch(field):
     with pytest.raises(DanetError, match=f"{field}"):
         danet.create_model(PRESET, **{field: "false"})
+
+
+def test_the_metrics_file_records_the_output_stride_that_ran(data, tmp_path):
+    """A D16 file tested under a D8 preset runs at the preset's stride (the weights do not depend on it; load_model
+    warns), and the metrics file records the stride that ran."""
+    from test_faults_common import saved_tiny_checkpoint
+
+    ck = saved_tiny_checkpoint(tmp_path, "d16.pth", output_stride=16)
+    out = tmp_path / "m.json"
+    with pytest.warns(UserWarning, match="saved with output_stride=16; running it at output_stride=8"):
+        assert main([*map(str, test(ck, data)), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["settings"]["output_stride"] == 8

@@ -172,6 +172,7 @@ def run_test(args) -> dict:
     try:
         remedy = "data" if args.dataset == "folder" else "test"
         model = load_model(ck, preset.model, remedy=remedy).to(info.device).eval()
+        output_stride = model.cfg.output_stride  # NOTE: the preset's (load_model warns of a file's other one)
         set_inference_conv(model, args.conv)
         set_inference_norm(model, args.norm)
         attention = set_inference_attention(model, args.attention, args.amp)  # what runs (the settings record it)
@@ -222,6 +223,7 @@ def run_test(args) -> dict:
             "tta_views": tta_views if tta else None,
             "resize_logits": resize_logits if mode != "slide" else None,
             "base_size": list(preset.base_size),
+            "output_stride": output_stride,
             "amp": args.amp,
             "conv": args.conv,
             "norm": args.norm if args.norm == "native" or why_unused(info.device) is None else "native",

@@ -4,6 +4,7 @@ disk, a kill) leaves the previous file and no partial one. `replace_target` says
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -58,3 +59,16 @@ def atomic_write_text(path: Path, text: str) -> None:
         if isinstance(e, OSError):
             e.filename = str(path)
         raise
+
+
+def atomic_copy(src: Path, dst: Path) -> None:
+    """`src` to `dst` (a link there replaced, not written through) through a temporary file beside it: a full disk
+    leaves no partial copy; one-line DanetError."""
+    dst = replace_target(dst, follow=False)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DanetError(f"cannot copy {src} to {dst}: {e.strerror or e}; free some space, then run again") from None

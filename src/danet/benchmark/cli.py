@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..engine.logging import check_output_file, write_json
 from ..errors import DanetError
+from ..models.danet import ATTENTIONS
 from . import BenchSpec, check_spec, release, run_case
 
 
@@ -40,7 +41,7 @@ def add_cli(parser) -> None:
     parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms")
     parser.add_argument(
         "--attention",
-        choices=["fused", "explicit", "triton"],
+        choices=ATTENTIONS,
         default="fused",
         help="position attention (triton: one kernel, inference on CUDA in bf16 / fp16)",
     )

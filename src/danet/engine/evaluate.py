@@ -74,23 +74,26 @@ class OriginalViews:
         counts as 1, so the view keeps its other side as `rescale` does, rather than becoming 1 x 1."""
         from ..data.transforms import keep_ratio_size
 
-        h, w = self.image.shape[:2]
-        target = (int(self.base[0] * s), int(self.base[1] * s)) if self.base else (int(w * s + 0.5), int(h * s + 0.5))
-        new_w, new_h = keep_ratio_size(h, w, (max(1, target[0]), max(1, target[1])))
+        new_w, new_h = keep_ratio_size(*self.image.shape[:2], self._target(s))
         return new_h, new_w
 
-    def view(self, s: float) -> torch.Tensor:
-        import cv2
-
-        from ..data.transforms import normalize
-
+    def _target(self, s: float) -> tuple[int, int]:
+        """The (long, short) or (w, h) size mmcv's Resize is given for scale `s`, at least 1 x 1."""
         h, w = self.image.shape[:2]
-        new_h, new_w = self.size(s)
-        image = self.image
-        if (new_h, new_w) != (h, w):
-            image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+        target = (int(self.base[0] * s), int(self.base[1] * s)) if self.base else (int(w * s + 0.5), int(h * s + 0.5))
+        return max(1, target[0]), max(1, target[1])
+
+    def view(self, s: float) -> torch.Tensor:
+        from ..data.transforms import normalize, resize_keep_ratio
+
+        image = resize_keep_ratio(self.image, None, self._target(s))[0]
         x = normalize(image, self.mean, self.std)[None].to(self.device, self.dtype)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def is_tta(scales: Sequence[float], flip: bool) -> bool:
+    """Whether these views are a multi-scale / flip test (else the one view of the image)."""
+    return flip or tuple(scales) != (1.0,)
 
 
 @torch.inference_mode()
@@ -120,7 +123,7 @@ def segment(
         raise DanetError(f"TTA merge must be one of {', '.join(TTA_MERGES)}, got {merge!r}")
     if resize_logits not in RESIZES:
         raise DanetError(f"logits resize must be one of {', '.join(RESIZES)}, got {resize_logits!r}")
-    tta = len(scales) > 1 or flip or tuple(scales) != (1.0,)
+    tta = is_tta(scales, flip)
     corners = align_corners(model)
     total = None
     views = 0
@@ -178,7 +181,7 @@ def evaluate(
 
     if views not in TTA_VIEWS:
         raise DanetError(f"TTA views must be one of {', '.join(TTA_VIEWS)}, got {views!r}")
-    original = views != "resized" and (len(scales) > 1 or flip or tuple(scales) != (1.0,))
+    original = views != "resized" and is_tta(scales, flip)
     rank, world = _rank_world()
     was_training = model.training
     model.eval()

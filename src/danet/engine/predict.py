@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from ..errors import DanetError, os_hint
 from .graphed import with_forward_graphs
-from .test_cli import add_speed_options, add_view_options
+from .test_cli import add_speed_options, add_view_options, check_view_options
 
 DEFAULT_MAX_PIXELS = 2048 * 1024
 # labels as `danet test` computes them (logits resized to the original size; --tta: the views merged there, as the
@@ -171,12 +171,17 @@ def preset_from_filename(name: str) -> str | None:
     return ALIASES[max(hits, key=len)] if hits else None
 
 
+def _run_of(ck, preset: str | None) -> bool:
+    """Whether the `danet train` run that wrote checkpoint `ck` is of `preset` (None: any; an alias names it too)."""
+    from ..presets import get_preset
+
+    return preset is None or ck.meta.get("preset") == get_preset(preset).name
+
+
 def run_sizes(ck, preset: str | None = None) -> dict[str, tuple[int, int]]:
     """The base and crop sizes of the `danet train` run that wrote checkpoint `ck`, where it set them; none if
     `preset` names another preset than the run's."""
-    from ..presets import get_preset
-
-    if preset is not None and ck.meta.get("preset") != get_preset(preset).name:  # NOTE: an alias names it too
+    if not _run_of(ck, preset):
         return {}
     out = {}
     for key in ("base_size", "crop_size"):
@@ -191,10 +196,7 @@ def run_eval_mode(ck, preset: str | None = None) -> str | None:
     `preset` names another preset than the run's."""
     config = ck.meta.get("config")
     mode = config.get("eval_mode") if isinstance(config, dict) else None
-    from ..presets import get_preset
-
-    ours = preset is None or ck.meta.get("preset") == get_preset(preset).name
-    return mode if mode in ("whole", "slide") and ours else None
+    return mode if mode in ("whole", "slide") and _run_of(ck, preset) else None
 
 
 class Predictor:
@@ -326,9 +328,7 @@ def run_cli(args) -> int:
     from ..viz import label_image, legend_image, overlay
     from .distributed import cpu_threads
 
-    for flag, value, verb in (("--tta-merge", args.tta_merge, "merges"), ("--tta-views", args.tta_views, "makes")):
-        if value and not args.tta:
-            raise DanetError(f"{flag} {value} {verb} the views of --tta; add --tta")
+    check_view_options(args, args.tta)
     if not 0 <= args.alpha <= 1:
         raise DanetError(f"--alpha {args.alpha} is outside 0..1 (0: the photo only, 1: the labels only)")
     if args.max_pixels < 1:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DanetError
+from ..files import atomic_copy
 from .logging import RunLogger, read_log, write_json
 
 
@@ -96,14 +96,13 @@ class FilesAround:
     `best` at once: the run's best.pth in a fork's source folder, which may change meanwhile) move into place,
     the best.pth unless this run has written its own."""
 
-    def __init__(self, work: Path, earlier: list[Path], resumed: Resumed | None, config_file: Path, logger,
-                 is_main: bool) -> None:  # fmt: skip
+    def __init__(self, work: Path, earlier: list[Path], resumed: Resumed | None, staged: bool, config_file: Path,
+                 logger, is_main: bool) -> None:  # fmt: skip
         self.work, self.earlier, self.later = work, earlier, resumed.later if resumed else []
-        self.staged = bool(earlier) or bool(resumed and resumed.staged)
-        self.config_file, self.logger = config_file, logger
+        self.staged, self.config_file, self.logger = staged, config_file, logger
         self.best = work / STAGED[2] if resumed and resumed.best else None
         if self.best and is_main:
-            copy_file(resumed.best, self.best)
+            atomic_copy(resumed.best, self.best)
 
     @property
     def settled(self) -> bool:
@@ -127,17 +126,6 @@ class FilesAround:
             else:
                 os.replace(self.best, self.work / "best.pth")
         self.earlier, self.later, self.best, self.staged = [], [], None, False
-
-
-def copy_file(src: Path, dst: Path) -> None:
-    """`src` to `dst` through a temporary file beside it (a full disk leaves no partial copy); one-line DanetError."""
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise DanetError(f"cannot copy {src} to {dst}: {e.strerror or e}; free some space, then run again") from None
 
 
 def write_metrics(work: Path, metrics: dict, best: float, best_iter, it: int, epoch: int, seconds: float) -> None:

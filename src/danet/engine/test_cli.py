@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from ..errors import DanetError, short
+from ..models.danet import ATTENTIONS
+from .evaluate import TTA_MERGES, TTA_VIEWS
 from .graphed import CUDA_GRAPHS_HELP, GraphedForward, with_forward_graphs
 from .logging import check_output_file, write_json
 
@@ -83,24 +85,31 @@ def add_speed_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
 
+def check_view_options(args, tta: bool, what: str = "--tta") -> None:
+    """DanetError for --tta-merge or --tta-views without the views of TTA (`what` makes them)."""
+    for flag, value, verb in (("--tta-merge", args.tta_merge, "merges"), ("--tta-views", args.tta_views, "makes")):
+        if value and not tta:
+            raise DanetError(f"{flag} {value} {verb} the views of {what}; add --tta")
+
+
 def add_view_options(parser: argparse.ArgumentParser) -> None:
     """--tta-merge, --tta-views and --attention, as `danet test` and `danet predict` take them."""
     parser.add_argument(
         "--tta-merge",
-        choices=("logits", "probs"),
+        choices=TTA_MERGES,
         help="TTA: average the views' logits (sssegmentation's test) or their softmax probabilities (mmsegmentation's "
         "rule); default: probs for an mmsegmentation checkpoint, else logits",
     )
     parser.add_argument(
         "--tta-views",
-        choices=("resized", "original", "base"),
+        choices=TTA_VIEWS,
         help="TTA: rescale the test-resized image (sssegmentation's test), the original image (mmsegmentation's "
         "tta_pipeline), or resize the original to the base size times each scale (mmsegmentation 0.x, its published "
         "ms+flip figures); default: original for an mmsegmentation checkpoint, else resized",
     )
     parser.add_argument(
         "--attention",
-        choices=("fused", "explicit", "triton"),
+        choices=ATTENTIONS,
         help="position attention (default: the model's, fused; triton: one kernel over the whole value, CUDA with "
         "--amp bf16 / fp16)",
     )
@@ -132,9 +141,7 @@ def run_test(args) -> dict:
     if args.scales and not all(math.isfinite(s) and 0 < s <= MAX_SCALE for s in args.scales):
         raise DanetError(f"--scales must be factors in (0, {MAX_SCALE:g}] (e.g. 0.75 1 1.25), got {args.scales}")
     tta = args.tta or bool(args.scales)
-    for flag, value, verb in (("--tta-merge", args.tta_merge, "merges"), ("--tta-views", args.tta_views, "makes")):
-        if value and not tta:
-            raise DanetError(f"{flag} {value} {verb} the views of --tta (or --scales); add --tta")
+    check_view_options(args, tta, "--tta (or --scales)")
     if args.no_flip and not tta:
         raise DanetError("--no-flip drops the flipped views of --tta (or --scales); add --tta, or leave it out")
     if args.limit is not None and args.limit < 1:

@@ -222,7 +222,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     if info.is_main:
         recorded.save(config_file)
         logger.log("start", iter=it, total_iters=total, iters_per_epoch=ipe, world=info.world, device=str(dev))
-    around = FilesAround(work, earlier, resumed, config_file, logger, info.is_main)  # settled by the first checkpoint
+    around = FilesAround(work, earlier, resumed, staged, config_file, logger, info.is_main)  # settled at 1st checkpoint
 
     def save(name: str, epoch: int, with_state: bool = True, validation_pending: bool = False) -> None:
         if not info.is_main:

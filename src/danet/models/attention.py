@@ -24,7 +24,8 @@ class PositionAttention(nn.Module):
 
     With `triton=True` (`DANet.set_attention("triton")`) a forward without gradients on CUDA in bf16 / fp16 (under
     autocast) runs one Triton kernel over the whole 512-wide value instead (`models/triton_attention.py`: q k^T
-    twice, not 8 times); anything else (training, float32, the CPU) takes the path above.
+    twice, not 8 times); anything else (training, float32, the CPU unless TRITON_INTERPRET=1 runs the kernel through
+    Triton's interpreter, as the tests do) takes the path above.
 
     Args:
         channels: input/value channels C.

@@ -11,8 +11,10 @@
 # Before: `bash benchmarks/gpu_prepare.sh` here (wheels + peer scripts into .whl/, carried with carry=[".whl"]).
 # Device:  bash benchmarks/gpu_bench.sh   (BUDGET_S=420: seconds after which no case starts; ANCHORS=0 skips the
 #          peers, whose figures then come from an earlier run on the same kind of card: PEERS_DIR=that run's folder;
+#          ANCHORS=infer runs mmseg's inference cases alone, ~30 s: benchmarks/gpu_mmseg_infer.py;
 #          GROUPS_CORE="sys loss train profile" and COMPILE=0 shorten it, ONLY="a b" keeps the train / infer / e2e /
-#          compile cases whose label contains a or b; E2E_ITERS=50, E2E_WARMUP=10 and
+#          compile cases whose label contains a or b; PROFILE_CASES="label ..." the profile group's cases;
+#          E2E_ITERS=50, E2E_WARMUP=10 and
 #          E2E_WORKERS=8 size the e2e runs: ~10-25 s in all after the train group, ~1 min alone (cuDNN autotuning
 #          and the compiled loss then happen in its first run's warm-up))
 # Here:    bash benchmarks/gpu_bench.sh --cpu-smoke     (tiny sizes on the CPU: checks every step of the script)
@@ -50,7 +52,11 @@ SMOKE_ARG=(); QUICK=()
 # the Triton loss on the CPU: Triton's interpreter (needs the triton package: the [test] extra)
 [[ $SMOKE == 1 ]] && export TRITON_INTERPRET=1
 lim() { local t=$1; ((t > $(left))) && t=$(left); ((t < 5)) && t=5; echo $t; }  # seconds, capped by the budget
-if ((ANCHORS)); then
+if [[ $ANCHORS == infer ]]; then
+  stage "anchor: mmsegmentation, inference cases only"
+  timeout $(lim 90) $PEER_PY benchmarks/gpu_mmseg_infer.py --out "$OUT" "${QUICK[@]}" \
+    || echo "WARNING: mmseg inference anchor exited $?"
+elif ((ANCHORS)); then
   stage "anchor: mmsegmentation"
   (cd .whl/peer_scripts && timeout $(lim 150) $PEER_PY gpu_anchor_mmseg.py --cudnn-benchmark --skip-pam "${QUICK[@]}" \
     --out "$OUT") || echo "WARNING: mmseg anchor exited $?"
@@ -60,6 +66,7 @@ fi
 stage "ours: $GROUPS_CORE"
 ONLY_ARG=()
 [[ -n "${ONLY:-}" ]] && read -ra ONLY_WORDS <<< "$ONLY" && ONLY_ARG=(--only "${ONLY_WORDS[@]}")
+[[ -n "${PROFILE_CASES:-}" ]] && read -ra PROFILE_WORDS <<< "$PROFILE_CASES" && ONLY_ARG+=(--profile "${PROFILE_WORDS[@]}")
 timeout $(lim $(($(left) - 5))) $PY benchmarks/gpu_suite.py $GROUPS_CORE "${SMOKE_ARG[@]}" "${ONLY_ARG[@]}" \
   --budget-s $(($(left) - 60 * COMPILE)) || echo "WARNING: gpu_suite core exited $?"
 if ((COMPILE)) && { (($(left) > 60)) || ((SMOKE)); }; then

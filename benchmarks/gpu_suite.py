@@ -19,6 +19,8 @@ Groups (the default order; each case starts only while the time budget lasts):
            and whole 1024x2048 (Cityscapes): dtypes, CUDA graphs
   compile  torch.compile cases (slow to build: last)
   pam      (on request) the PAM core softmax(q k^T) v, q/k 64 wide, v 512 wide: explicit vs SDPA variants
+  head     (on request) the head's branches on two CUDA streams (the default in inference) against one after the
+           other: the same logits? (eager and graph-replayed; 512x512 and whole 1024x2048, bf16 and float32)
 
 --smoke runs every group on the CPU at tiny sizes (checks the script, not the speed).
 """
@@ -380,6 +382,17 @@ def cases(a, group: str) -> list[BenchSpec]:
                 norm="triton",
                 attention="triton",
             ),  # fmt: skip
+            # the head's branches one after the other (before the 4th H200 session, 2026-11-26; since then they share
+            # the GPU on two streams in CUDA inference, the default): 512x512 b1 1.95 -> 1.83 ms there
+            spec(
+                i5,
+                "infer512_bf16_cl_graphs_tritonbn_tritonpam_serial",
+                **bf,
+                cuda_graphs=gpu,
+                norm="triton",
+                attention="triton",
+                head="serial",
+            ),  # fmt: skip
             spec(i5, "infer512_fp16_graphs", amp="fp16", cuda_graphs=gpu),
             spec(wh, "whole_fp32"),
             spec(wh, "whole_bf16_cl", **bf),
@@ -387,6 +400,15 @@ def cases(a, group: str) -> list[BenchSpec]:
             spec(wh, "whole_bf16_cl_graphs_tritonbn", **bf, cuda_graphs=gpu, norm="triton"),
             spec(
                 wh, "whole_bf16_cl_graphs_tritonbn_tritonpam", **bf, cuda_graphs=gpu, norm="triton", attention="triton"
+            ),  # fmt: skip
+            spec(
+                wh,
+                "whole_bf16_cl_graphs_tritonbn_tritonpam_serial",
+                **bf,
+                cuda_graphs=gpu,
+                norm="triton",
+                attention="triton",
+                head="serial",
             ),  # fmt: skip
             spec(wh, "whole_fp16_graphs", amp="fp16", cuda_graphs=gpu),
         ]
@@ -446,8 +468,9 @@ def group_profile(a) -> None:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     out = []
-    chosen = {"train_bf16_cl_tritonloss", "train_bf16_cl_tritonloss_tritonbn"}
+    chosen = set(a.profile)
     for spec in [s for s in cases(a, "train") + cases(a, "infer") if s.label in chosen]:
+        spec.cuda_graphs = False  # NOTE: the profiler sees the kernels of eager runs; a replay runs the same ones
         if time.time() - T0 > a.budget_s:
             break
         model, x, y = build(spec, dev)
@@ -620,6 +643,69 @@ def group_eval(a) -> None:
     emit(rec)
 
 
+# ------------------------------------------------------------------------------------------------- head
+def _logits(model, x: torch.Tensor, amp: str, graph: bool) -> torch.Tensor:
+    """The model's "out" logits in float32, from an eager forward or from a CUDA graph's replay."""
+
+    def fwd():
+        ctx = torch.autocast(x.device.type, torch.bfloat16) if amp == "bf16" else contextlib.nullcontext()
+        with torch.inference_mode(), ctx:
+            return model(x)["out"].float()
+
+    if not graph or x.device.type != "cuda":
+        return fwd()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fwd()
+    torch.cuda.current_stream().wait_stream(side)
+    gr = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(gr):
+        out = fwd()
+    gr.replay()
+    return out.clone()
+
+
+def group_head(a) -> None:
+    """The head's branches on two CUDA streams (`DAHead.branch_streams`, the default) against one after the other,
+    on the models the infer cases time (random weights, the attention's gamma and the batch norms perturbed so that
+    every branch counts): relative difference of the logits and the fraction of pixels whose class changes, eager
+    and replayed as a CUDA graph (the same kernels: 0 expected)."""
+    from danet.benchmark import build, resolve_device
+
+    sm = a.smoke
+    dev = resolve_device("cpu" if sm else "auto")
+    for case in [c for c in cases(a, "infer") if c.label in ("infer512_bf16_cl_graphs_tritonbn_tritonpam",
+                                                            "whole_bf16_cl_graphs_tritonbn_tritonpam")]:  # fmt: skip
+        for amp in ("bf16", "none"):
+            if time.time() - T0 > a.budget_s:
+                return
+            case.amp, case.attention = amp, "triton" if amp == "bf16" else "fused"
+            model, x, _ = build(case, dev)
+            g = torch.Generator().manual_seed(3)
+            with torch.no_grad():
+                for m in model.modules():
+                    if isinstance(m, torch.nn.BatchNorm2d):
+                        m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                        m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                    if hasattr(m, "gamma"):
+                        m.gamma.fill_(0.5)
+            model.eval()
+            rec = {"group": "head", "case": case.label, "amp": amp}
+            for gph in (False, True):
+                name = "graph" if gph else "eager"
+                model.head.branch_streams = False
+                r = _logits(model, x, amp, gph)
+                model.head.branch_streams = True
+                o = _logits(model, x, amp, gph)
+                rec[f"streams_{name}_rel"] = float((o - r).norm() / r.norm())
+                rec[f"streams_{name}_changed"] = float((o.argmax(1) != r.argmax(1)).float().mean())
+            emit(rec)
+            del model, x
+            release()
+
+
 # ------------------------------------------------------------------------------------------------- fidelity
 def group_fidelity(a) -> None:
     """Issue 5's check on the GPU itself: 20 SGD steps from the same weights over the same 4 batches (random labels,
@@ -675,11 +761,14 @@ def group_fidelity(a) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     groups = ["sys", "loss", "norm", "train", "fidelity", "e2e", "profile", "eval", "infer", "compile"]
-    p.add_argument("groups", nargs="*", default=groups, help=f"of: {' '.join(groups)} pam")
+    p.add_argument("groups", nargs="*", default=groups, help=f"of: {' '.join(groups)} pam head")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: check that every case runs")
     p.add_argument("--budget-s", type=float, default=float(os.environ.get("BUDGET_S", 1e9)),
                    help="skip the cases that would start after this many seconds")  # fmt: skip
     p.add_argument("--only", nargs="*", help="only the cases whose label contains one of these")
+    p.add_argument("--profile", nargs="*", metavar="LABEL", help="the profile group's cases (train or infer labels; "
+                   "graph-replayed cases run eagerly there)",
+                   default=["train_bf16_cl_tritonloss", "train_bf16_cl_tritonloss_tritonbn"])  # fmt: skip
     env_int = lambda k, d: int(os.environ.get(k, d))  # noqa: E731
     p.add_argument("--e2e-iters", type=int, default=env_int("E2E_ITERS", 50), help="e2e: iterations a run (--smoke: 3)")
     p.add_argument("--e2e-warmup", type=int, default=env_int("E2E_WARMUP", 10),
@@ -699,7 +788,7 @@ def main(argv=None) -> int:
         try:
             special = {"sys": group_sys, "pam": group_pam, "loss": group_loss, "norm": group_norm,
                        "profile": group_profile, "e2e": group_e2e, "eval": group_eval,
-                       "fidelity": group_fidelity}  # fmt: skip
+                       "fidelity": group_fidelity, "head": group_head}  # fmt: skip
             special.get(g, lambda a, g=g: group_model(a, g))(a)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()

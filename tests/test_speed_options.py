@@ -194,6 +194,63 @@ def test_channels_last_and_explicit_attention_match_float32():
     assert rel(cl, ref) < 1e-5
 
 
+class FakeStream:
+    """Stands in for a CUDA stream on the CPU: records who waits for whom."""
+
+    def __init__(self, name: str, log: list) -> None:
+        self.name, self.log = name, log
+
+    def wait_stream(self, other: FakeStream) -> None:
+        self.log.append(f"{self.name} waits {other.name}")
+
+
+def test_branch_streams_fork_and_join_in_inference_only(monkeypatch):
+    """The CAM branch goes to the side stream after that stream waits for the caller's, and the caller's waits for it
+    before the sum; its output is marked as used on the caller's stream. Training, gradients and `branch_streams` off
+    keep one stream. The values are the serial head's (streams change no arithmetic; the GPU suite's `head` group
+    compares them bit for bit on CUDA)."""
+    import danet.models.heads as H
+
+    log: list = []
+    main_s, side_s = FakeStream("main", log), FakeStream("side", log)
+    monkeypatch.setattr(H, "_on_cuda", lambda x: True)
+    monkeypatch.setattr(H, "_side_stream", lambda device: side_s)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main_s)
+
+    class Enter:
+        def __init__(self, s):
+            self.s = s
+
+        def __enter__(self):
+            log.append(f"on {self.s.name}")
+
+        def __exit__(self, *exc):
+            log.append(f"off {self.s.name}")
+
+    monkeypatch.setattr(torch.cuda, "stream", Enter)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: log.append(f"record {s.name}"), raising=False)
+    cam_calls = []
+    model = narrow_model().eval()
+    orig = model.head._cam_branch
+    monkeypatch.setattr(model.head, "_cam_branch", lambda x: (cam_calls.append(list(log)), orig(x))[1])
+    x, _ = batch()
+    with torch.no_grad():
+        model.head.branch_streams = False
+        ref = model(x)["out"]
+        assert log == []
+        model.head.branch_streams = True
+        out = model(x)["out"]
+    assert torch.equal(out, ref)
+    assert log == ["side waits main", "on side", "off side", "main waits side", "record main"]
+    assert cam_calls[-1] == ["side waits main", "on side"]  # the branch ran inside the side stream's context
+    log.clear()
+    model(x)  # gradients on: one stream
+    model.train()
+    with torch.no_grad():
+        model(x)
+    assert log == []
+
+
 def test_channels_last_train_step_gradients_match():
     """In float64 (so that only a real difference of the computed function shows): NCHW vs NHWC train step."""
     x, y = batch()

@@ -63,6 +63,7 @@ class BenchSpec:
     attention: str = "fused"  # "fused" (SDPA) | "explicit" (softmax(QK^T)V in memory) | "triton" (inference kernel)
     conv: str = "direct"  # "direct" | "winograd" (models.winograd: CPU float32, F(4x4, 3x3))
     norm: str = "native"  # "native" | "triton" (models.fused_norm: batch norm + residual + ReLU fused, CUDA)
+    head: str = "streams"  # "streams": the head's branches side by side in CUDA inference (DAHead) | "serial"
     loss: str = "reference"  # "reference" (engine.losses, full-size logits) | "fused" | "compiled" | "triton"
     cuda_graphs: bool = False  # capture the forward (train: forward, loss, backward; SGD eager) once, replay it
     slide: tuple[int, int] | None = None  # inference only: sliding windows of this size (H, W) instead of whole
@@ -144,6 +145,7 @@ def build(spec: BenchSpec, dev: torch.device):
     model.set_attention(spec.attention)
     use_winograd(model, spec.conv == "winograd")
     use_fused_norm(model, spec.norm == "triton")
+    model.head.branch_streams = spec.head == "streams"  # NOTE: no effect in training or on the CPU
     g = torch.Generator().manual_seed(spec.seed)
     x = torch.randn(spec.batch, 3, h, w, generator=g)
     y = torch.randint(0, model.num_classes, (spec.batch, h, w), generator=g)
@@ -267,6 +269,7 @@ def environment(dev: torch.device) -> dict:
     return env
 
 
+HEADS = ("streams", "serial")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -282,6 +285,8 @@ def check_spec(spec: BenchSpec) -> torch.device:
         raise DanetError(f"unknown --conv {spec.conv!r}; use direct or winograd")
     if spec.norm not in ("native", "triton"):
         raise DanetError(f"unknown --norm {spec.norm!r}; use native or triton")
+    if spec.head not in HEADS:
+        raise DanetError(f"unknown --head {spec.head!r}; use {', '.join(HEADS)}")
     if spec.loss not in ("reference", "fused", "compiled", "triton"):
         raise DanetError(f"unknown --loss {spec.loss!r}; use reference, fused, compiled or triton")
     if spec.slide and spec.mode != "infer":

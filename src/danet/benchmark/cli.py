@@ -8,7 +8,7 @@ from pathlib import Path
 from ..engine.logging import check_output_file, write_json
 from ..errors import DanetError
 from ..models.danet import ATTENTIONS
-from . import BenchSpec, check_spec, release, run_case
+from . import HEADS, BenchSpec, check_spec, release, run_case
 
 
 def _parse_override(text: str) -> tuple[str, object]:
@@ -58,6 +58,13 @@ def add_cli(parser) -> None:
         help="batch norm: PyTorch's kernels, or batch norm + residual add + ReLU fused in Triton kernels (CUDA)",
     )
     parser.add_argument(
+        "--head",
+        choices=HEADS,
+        default="streams",
+        help="the head's two branches side by side on two CUDA streams in inference (streams: the default, as in "
+        "danet test / predict; no effect in training or on the CPU), or one after the other (serial)",
+    )
+    parser.add_argument(
         "--loss",
         choices=["reference", "fused", "compiled", "triton"],
         default="reference",
@@ -97,6 +104,7 @@ def format_record(r: dict) -> str:
     opts += [f"compile={r['compile']}"] if r["compile"] else []
     opts += [f"attention={r['attention']}"] + ([f"conv={r['conv']}"] if r.get("conv", "direct") != "direct" else [])
     opts += [f"norm={r['norm']}"] if r.get("norm", "native") != "native" else []
+    opts += [f"head={r['head']}"] if r.get("head", "streams") != "streams" else []
     opts += [f"loss={r['loss']}"] if r["mode"] == "train" else []
     if r.get("slide"):
         stride = "x".join(map(str, r["stride"])) if r["stride"] else "2/3"
@@ -132,6 +140,7 @@ def run_cli(args) -> int:
             attention=args.attention,
             conv=args.conv,
             norm=args.norm,
+            head=args.head,
             loss=args.loss,
             cuda_graphs=args.cuda_graphs,
             slide=tuple(args.slide) if args.slide else None,

@@ -21,6 +21,7 @@ Groups (the default order; each case starts only while the time budget lasts):
   pam      (on request) the PAM core softmax(q k^T) v, q/k 64 wide, v 512 wide: explicit vs SDPA variants
   head     (on request) the head's branches on two CUDA streams (the default in inference) against one after the
            other: the same logits? (eager and graph-replayed; 512x512 and whole 1024x2048, bf16 and float32)
+  resize   (on request) the logits' final bilinear resize: PyTorch's NHWC kernel vs `upsample_logits` (NCHW): ms, bits
 
 --smoke runs every group on the CPU at tiny sizes (checks the script, not the speed).
 """
@@ -706,6 +707,32 @@ def group_head(a) -> None:
             release()
 
 
+# ------------------------------------------------------------------------------------------------- resize
+def group_resize(a) -> None:
+    """The final bilinear resize of the logits, channels_last: PyTorch's NHWC kernel (the path before 2026-11-27)
+    against `upsample_logits` (the NCHW kernel after a copy of the small logits): median ms of each and whether the
+    values are the same bits, for ADE20K's 150 classes 64x64 -> 512x512 and Cityscapes' 19 classes 128x256 ->
+    1024x2048, bf16 and float32."""
+    from danet.models.danet import upsample_logits
+
+    dev = "cpu" if a.smoke else "cuda"
+    shapes = [(150, (8, 8), (64, 64))] if a.smoke else [(150, (64, 64), (512, 512)), (19, (128, 256), (1024, 2048))]
+    for k, (h, w), size in shapes:
+        for dtype in (torch.bfloat16, torch.float32):
+            x = torch.randn(1, k, h, w, device=dev, dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+            def nhwc(x=x, size=size):
+                return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+            def nchw(x=x, size=size):
+                return upsample_logits(x, size, False, nchw=True)
+
+            rec = {"group": "resize", "classes": k, "from": [h, w], "to": list(size), "dtype": str(dtype)[6:]}
+            rec.update(same_bits=bool(torch.equal(nhwc(), nchw())), ms_nhwc=round(1e3 * bench(nhwc, 3, 20), 4),
+                       ms_nchw=round(1e3 * bench(nchw, 3, 20), 4))  # fmt: skip
+            emit(rec)
+
+
 # ------------------------------------------------------------------------------------------------- fidelity
 def group_fidelity(a) -> None:
     """Issue 5's check on the GPU itself: 20 SGD steps from the same weights over the same 4 batches (random labels,
@@ -761,7 +788,7 @@ def group_fidelity(a) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     groups = ["sys", "loss", "norm", "train", "fidelity", "e2e", "profile", "eval", "infer", "compile"]
-    p.add_argument("groups", nargs="*", default=groups, help=f"of: {' '.join(groups)} pam head")
+    p.add_argument("groups", nargs="*", default=groups, help=f"of: {' '.join(groups)} pam head resize")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: check that every case runs")
     p.add_argument("--budget-s", type=float, default=float(os.environ.get("BUDGET_S", 1e9)),
                    help="skip the cases that would start after this many seconds")  # fmt: skip
@@ -788,7 +815,8 @@ def main(argv=None) -> int:
         try:
             special = {"sys": group_sys, "pam": group_pam, "loss": group_loss, "norm": group_norm,
                        "profile": group_profile, "e2e": group_e2e, "eval": group_eval,
-                       "fidelity": group_fidelity, "head": group_head}  # fmt: skip
+                       "fidelity": group_fidelity, "head": group_head,
+                       "resize": group_resize}  # fmt: skip
             special.get(g, lambda a, g=g: group_model(a, g))(a)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()

@@ -251,6 +251,23 @@ def test_branch_streams_fork_and_join_in_inference_only(monkeypatch):
     assert log == []
 
 
+@pytest.mark.parametrize("corners", [False, True])
+def test_upsample_logits_through_nchw_gives_the_same_values(corners):
+    """`upsample_logits`'s CUDA path (a channels_last input resized through the NCHW kernel) on the CPU's kernels:
+    the same function as resizing the channels_last tensor itself (in float64; the CPU's two kernels round in other
+    orders), an NCHW result. On CUDA both kernels evaluate one expression: the GPU suite's `head` group compares
+    them bit for bit."""
+    from danet.models.danet import upsample_logits
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 9, 11, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    ref = F.interpolate(x, size=(72, 88), mode="bilinear", align_corners=corners)
+    out = upsample_logits(x, (72, 88), corners, nchw=True)
+    assert out.is_contiguous() and not ref.is_contiguous()
+    assert rel(out, ref) < 1e-14
+    assert upsample_logits(x, (72, 88), corners).is_contiguous(memory_format=torch.channels_last)  # CPU: as it was
+
+
 def test_channels_last_train_step_gradients_match():
     """In float64 (so that only a real difference of the computed function shows): NCHW vs NHWC train step."""
     x, y = batch()

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from ..errors import DanetError
+from ..models.danet import upsample_logits
 from .inference import align_corners, infer, rescale
 from .transfer import labels_fit_uint8, loader_items
 
@@ -138,8 +138,8 @@ def segment(
             if flipped:
                 logits = logits.flip(-1)
             if resize_logits == "twice" and logits.shape[-2:] != x.shape[-2:]:
-                logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=corners)
-            logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=corners)
+                logits = upsample_logits(logits, x.shape[-2:], corners)
+            logits = upsample_logits(logits, out_size, corners)
             score = logits.softmax(dim=1) if tta and merge == "probs" else logits
             total = score if total is None else total + score
             views += 1

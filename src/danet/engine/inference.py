@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DanetError
-from ..models.danet import unwrap
+from ..models.danet import unwrap, upsample_logits
 
 
 def autocast(device: torch.device, amp: str = "none"):
@@ -155,7 +155,7 @@ def upsample_argmax(
     k, h, w = logits.shape
     out_h, out_w = out_size
     if k * out_h * out_w <= max_elems:
-        return F.interpolate(logits[None], size=out_size, mode="bilinear", align_corners=corners)[0].argmax(0)
+        return upsample_logits(logits[None], out_size, corners)[0].argmax(0)
     # NOTE: PyTorch's source coordinate: align_corners=False (dst + 0.5) * in / out - 0.5, clamped at 0;
     # align_corners=True dst * (in - 1) / (out - 1) (0 for one output row)
     dst = torch.arange(out_h, dtype=torch.float64)
@@ -172,6 +172,6 @@ def upsample_argmax(
         sl = slice(start, min(start + rows_per_strip, out_h))
         a, b, t = logits[:, y0[sl]], logits[:, y1[sl]], wy[sl].to(logits.device)[None, :, None]
         strip = a + (b - a) * t  # (K, rows, w): rows interpolated
-        strip = F.interpolate(strip[None], size=(strip.shape[1], out_w), mode="bilinear", align_corners=corners)[0]
+        strip = upsample_logits(strip[None], (strip.shape[1], out_w), corners)[0]
         result[sl] = strip.argmax(0)
     return result

@@ -213,6 +213,25 @@ def summarize(out: Path, peers_dir: Path | None = None) -> str:
                   "float32 | first / last loss fast |", "|---|---|---|---|---|",
                   f"| {r['max_rel_dev']} | {r['mean_rel_dev']} | {r['within_bf16_bound']} | "
                   f"{ref[0]} / {ref[-1]} | {fast[0]} / {fast[-1]} |"]  # fmt: skip
+    heads = [r for r in ours if r.get("group") == "head" and "streams_eager_rel" in r]
+    if heads:
+        lines += [
+            "",
+            "The head's branches on two CUDA streams against one after the other (relative difference of "
+            "the logits; share of pixels whose class changed):",
+            "",
+            "| case | amp | eager rel | eager changed | graph rel | graph changed |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [f"| {r['case']} | {r['amp']} | {r['streams_eager_rel']:.1e} | {r['streams_eager_changed']} | "
+                  f"{r['streams_graph_rel']:.1e} | {r['streams_graph_changed']} |" for r in heads]  # fmt: skip
+    resize = [r for r in ours if r.get("group") == "resize" and "ms_nhwc" in r]
+    if resize:
+        lines += ["", "The logits' bilinear resize, channels_last input: PyTorch's NHWC kernel vs `upsample_logits` "
+                  "(NCHW), ms:", "", "| classes | from | to | dtype | NHWC ms | NCHW ms | same bits |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {r['classes']} | {r['from'][0]}x{r['from'][1]} | {r['to'][0]}x{r['to'][1]} | {r['dtype']} | "
+                  f"{r['ms_nhwc']} | {r['ms_nchw']} | {r['same_bits']} |" for r in resize]  # fmt: skip
     bad = [r for r in ours if "error" in r and r.get("group") != "pam"] + [r for r in ours if "skipped" in r]
     if bad:
         lines += ["", "Errors / skipped:", ""] + [f"- {json.dumps(r)[:300]}" for r in bad]

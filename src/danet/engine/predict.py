@@ -298,24 +298,25 @@ class Predictor:
             )
         h, w = image.shape[:2]
         small = resize_keep_ratio(image, None, self.base_size)[0] if resize and self.base_size else image
-        x = normalize(small, self.mean, self.std)[None].to(self.device)
+        resized = tuple(small.shape[:2])  # the size the logits are merged at when K x H x W would be too large
         scales = self.tta_scales if tta else (1.0,)
-        source = x
-        if tta and views != "resized":
+        if tta and views != "resized":  # NOTE: the views are made from `image`; `small` gives only its size
             base = tuple(self.base_size) if views == "base" else None
-            source = OriginalViews(image, self.mean, self.std, self.device, x.dtype, base=base)
+            source = OriginalViews(image, self.mean, self.std, self.device, torch.float32, base=base)
+        else:
+            source = normalize(small, self.mean, self.std)[None].to(self.device)
         if mode is None and self.mode == "slide":  # as the run (or preset) validates
             mode = "slide"
         if mode is None:  # NOTE: views of the original image may be much larger than the resized one
-            largest = max(math.prod(source.size(s)) for s in scales) if source is not x else x.shape[-2] * x.shape[-1]
-            mode = "slide" if largest > max_pixels else "whole"
+            sizes = [source.size(s) for s in scales] if isinstance(source, OriginalViews) else [resized]
+            mode = "slide" if max(math.prod(hw) for hw in sizes) > max_pixels else "whole"
         if self.model.num_classes * h * w <= FULL_SIZE_ELEMS:
             # as `danet test`: the logits resized to the original size (with TTA, before each view's softmax)
             scores = segment(self.model, source, (h, w), mode, self.crop, None, scales, tta, amp, merge,
                              self.resize_logits)  # fmt: skip
             labels = scores[0].argmax(0)
         else:  # at the resized size, then upsampled in strips: K x H x W floats never exist
-            scores = segment(self.model, source, tuple(x.shape[-2:]), mode, self.crop, None, scales, tta, amp, merge)
+            scores = segment(self.model, source, resized, mode, self.crop, None, scales, tta, amp, merge)
             labels = upsample_argmax(scores[0], (h, w), corners=align_corners(self.model))
         return labels.to(torch.uint8).cpu().numpy()
 

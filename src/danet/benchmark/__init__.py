@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import os
 import platform
 import resource
 import statistics
@@ -41,6 +40,7 @@ from ..engine.schedule import build_optimizer
 from ..errors import DanetError
 from ..models.danet import ATTENTIONS
 from ..models.fused_norm import use_fused_norm, why_unused
+from ..models.norm_kernels import interpreted
 from ..models.registry import create_model
 from ..models.winograd import use_winograd
 from ..presets import get_preset
@@ -332,7 +332,7 @@ def check_spec(spec: BenchSpec) -> torch.device:
         why = why or ("is not traced by --compile" if spec.compile else None)
         if why := why or attention_unused(dev, spec.amp):
             raise DanetError(f"--attention triton {why}; drop --attention triton")
-    if spec.loss == "triton" and train_mode and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if spec.loss == "triton" and train_mode and dev.type != "cuda" and not interpreted():
         raise DanetError("--loss triton runs on CUDA only; on the CPU time --loss fused (the same values)")
     return dev
 

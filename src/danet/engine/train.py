@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from functools import partial
 from pathlib import Path
@@ -31,6 +30,7 @@ from ..config import RunConfig, to_dict
 from ..errors import DanetError, short
 from ..models.danet import DANet
 from ..models.fused_norm import use_fused_norm, why_unused
+from ..models.norm_kernels import interpreted
 from ..models.winograd import use_winograd
 from . import distributed
 from .evaluate import evaluate
@@ -141,7 +141,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     if why and info.is_main:  # NOTE: then plain BatchNorm2d, so torchrun on GPUs converts it to SyncBatchNorm
         print(f"note: norm=triton {why}; PyTorch's batch norm runs")
     loss_impl = cfg.fused_loss_impl
-    if cfg.fused_loss and loss_impl == "triton" and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if cfg.fused_loss and loss_impl == "triton" and dev.type != "cuda" and not interpreted():
         loss_impl = "chunked"  # the same values (to rounding) without Triton
         if info.is_main:
             print("note: fused_loss_impl=triton runs on CUDA only; the chunked fused loss runs")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .norm_kernels import triton
+from .norm_kernels import interpreted, triton
 
 
 class PositionAttention(nn.Module):
@@ -64,7 +62,7 @@ def triton_runs(v: torch.Tensor) -> bool:
     CUDA (or through Triton's CPU interpreter, TRITON_INTERPRET=1, as the tests run it)."""
     if triton is None or torch.is_grad_enabled() or v.dtype not in (torch.bfloat16, torch.float16):
         return False
-    return v.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return v.is_cuda or interpreted()
 
 
 def attend_explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

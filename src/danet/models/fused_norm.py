@@ -30,24 +30,18 @@ dbias stay local, as in `nn.SyncBatchNorm` (DDP averages them).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..errors import DanetError
-from .norm_kernels import triton
+from .norm_kernels import interpreted, triton
 
 if triton is not None:  # NOTE: the kernels exist where Triton does
     from .norm_kernels import bn_apply, bn_backward_apply, bn_backward_reduce, bn_combine_stats, bn_partial_stats
 
 TARGET_PROGRAMS = 2048  # statistics / reductions: rows per program grow until about this many programs run
 MAX_ITERS = 32
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _layout(x: torch.Tensor) -> bool | None:
@@ -278,7 +272,7 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
             return False
         if triton is None or not self.affine or not self.track_running_stats or self.running_mean is None:
             return False
-        if not (x.is_cuda or _interpreted()) or x.dim() != 4 or x.dtype not in DTYPES or x.numel() == 0:
+        if not (x.is_cuda or interpreted()) or x.dim() != 4 or x.dtype not in DTYPES or x.numel() == 0:
             return False
         if x.numel() >= 2**31 or _layout(x) is None:
             return False
@@ -329,7 +323,7 @@ def bn_relu(bn: nn.Module, x: torch.Tensor, relu: nn.Module, residual: torch.Ten
 
 def why_unused(device: torch.device, compiled: bool = False) -> str | None:
     """Why `norm="triton"` would leave a run on PyTorch's batch norm (None: its kernels run)."""
-    if device.type != "cuda" and not _interpreted():
+    if device.type != "cuda" and not interpreted():
         return "runs on CUDA only"
     if compiled:
         return "has no effect under compile (inductor fuses batch norm itself)"

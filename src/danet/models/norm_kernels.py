@@ -13,11 +13,18 @@ Defined only where Triton is installed (`triton` is None otherwise: CPU builds o
 
 from __future__ import annotations
 
+import os
+
 try:  # NOTE: module level (see engine/triton_loss.py)
     import triton
     import triton.language as tl
 except ImportError:  # CPU builds of PyTorch come without it
     triton = None
+
+
+def interpreted() -> bool:
+    """TRITON_INTERPRET=1: Triton's interpreter runs the kernels on the CPU (the tests' way to check them)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if triton is not None:

@@ -20,11 +20,9 @@ Prediction for the H200 (not yet measured): the attention of a whole Cityscapes 
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .norm_kernels import triton
+from .norm_kernels import interpreted, triton
 
 if triton is not None:
     import triton.language as tl
@@ -103,7 +101,7 @@ def attend_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
         return out
     bs = blocks(d, c)
     grid = (triton.cdiv(n, bs["BLOCK_M"]), triton.cdiv(c, bs["BLOCK_C"]), b)
-    upcast = v.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    upcast = v.dtype == torch.bfloat16 and interpreted()
     strides = (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2])
     pam_forward[grid](q, k, v, out, n, d, c, *strides, **bs,
                       F64=v.dtype == torch.float64, UPCAST=upcast, num_warps=NUM_WARPS)  # fmt: skip
@@ -114,7 +112,7 @@ def why_unused(device: torch.device, amp: str) -> str | None:
     """Why `--attention triton` would leave an inference on PyTorch's fused attention (None: its kernel runs)."""
     if triton is None:
         return "needs the triton package (part of PyTorch's CUDA builds)"
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device.type != "cuda" and not interpreted():
         return "runs on CUDA only"
     if amp not in ("bf16", "fp16"):
         return "runs in bf16 / fp16 (add --amp bf16)"

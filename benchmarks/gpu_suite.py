@@ -385,6 +385,12 @@ def cases(a, group: str) -> list[BenchSpec]:
             ),  # fmt: skip
             # the head's branches one after the other (before the 4th H200 session, 2026-11-26; since then they share
             # the GPU on two streams in CUDA inference, the default): 512x512 b1 1.95 -> 1.83 ms there
+            # batch norm folded into the convolutions, each run with its bias, residual and ReLU in one cuDNN call
+            # (models/folded.py): predicted 512x512 1.77 -> ~1.55 ms, whole 10.15 -> ~8.7 ms (the 1.65 ms
+            # normalise-and-ReLU pass gone, if cuDNN's fused kernels are as fast as its plain ones)
+            spec(
+                i5, "infer512_bf16_cl_graphs_folded_tritonpam", **bf, cuda_graphs=gpu, norm="folded", attention="triton"
+            ),  # fmt: skip
             spec(
                 i5,
                 "infer512_bf16_cl_graphs_tritonbn_tritonpam_serial",
@@ -402,6 +408,7 @@ def cases(a, group: str) -> list[BenchSpec]:
             spec(
                 wh, "whole_bf16_cl_graphs_tritonbn_tritonpam", **bf, cuda_graphs=gpu, norm="triton", attention="triton"
             ),  # fmt: skip
+            spec(wh, "whole_bf16_cl_graphs_folded_tritonpam", **bf, cuda_graphs=gpu, norm="folded", attention="triton"),
             spec(
                 wh,
                 "whole_bf16_cl_graphs_tritonbn_tritonpam_serial",
@@ -470,6 +477,9 @@ def group_profile(a) -> None:
     sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     out = []
     chosen = set(a.profile)
+    known = {s.label for s in cases(a, "train") + cases(a, "infer")}
+    for label in sorted(chosen - known):
+        emit({"group": "profile", "error": f"no train or infer case is labelled {label!r}"})
     for spec in [s for s in cases(a, "train") + cases(a, "infer") if s.label in chosen]:
         spec.cuda_graphs = False  # NOTE: the profiler sees the kernels of eager runs; a replay runs the same ones
         if time.time() - T0 > a.budget_s:
@@ -672,8 +682,10 @@ def group_head(a) -> None:
     """The head's branches on two CUDA streams (`DAHead.branch_streams`, the default) against one after the other,
     on the models the infer cases time (random weights, the attention's gamma and the batch norms perturbed so that
     every branch counts): relative difference of the logits and the fraction of pixels whose class changes, eager
-    and replayed as a CUDA graph (the same kernels: 0 expected)."""
+    and replayed as a CUDA graph (the same kernels: 0 expected); then the same model with its batch norms folded into
+    the convolutions (`--norm folded`: rounding differences expected)."""
     from danet.benchmark import build, resolve_device
+    from danet.models.folded import fold_batch_norm
 
     sm = a.smoke
     dev = resolve_device("cpu" if sm else "auto")
@@ -694,14 +706,26 @@ def group_head(a) -> None:
                         m.gamma.fill_(0.5)
             model.eval()
             rec = {"group": "head", "case": case.label, "amp": amp}
+            refs = {}
             for gph in (False, True):
                 name = "graph" if gph else "eager"
                 model.head.branch_streams = False
-                r = _logits(model, x, amp, gph)
+                r = refs[gph] = _logits(model, x, amp, gph)
                 model.head.branch_streams = True
                 o = _logits(model, x, amp, gph)
                 rec[f"streams_{name}_rel"] = float((o - r).norm() / r.norm())
                 rec[f"streams_{name}_changed"] = float((o.argmax(1) != r.argmax(1)).float().mean())
+            # the batch norms folded into the convolutions (`--norm folded`): rounding, not bits
+            fold_batch_norm(model, torch.bfloat16 if amp == "bf16" else torch.float32)
+            for gph in (False, True):
+                name = "graph" if gph else "eager"
+                try:
+                    o, r = _logits(model, x, amp, gph), refs[gph]
+                    rec[f"folded_{name}_rel"] = float((o - r).norm() / r.norm())
+                    rec[f"folded_{name}_changed"] = float((o.argmax(1) != r.argmax(1)).float().mean())
+                except Exception as e:  # noqa: BLE001  (cuDNN's fused ops refused: record it, the rest goes on)
+                    first = str(e).splitlines()[0][:160] if str(e) else ""
+                    rec[f"folded_{name}_error"] = f"{type(e).__name__}: {first}"
             emit(rec)
             del model, x
             release()
@@ -728,8 +752,9 @@ def group_resize(a) -> None:
                 return upsample_logits(x, size, False, nchw=True)
 
             rec = {"group": "resize", "classes": k, "from": [h, w], "to": list(size), "dtype": str(dtype)[6:]}
-            rec.update(same_bits=bool(torch.equal(nhwc(), nchw())), ms_nhwc=round(1e3 * bench(nhwc, 3, 20), 4),
-                       ms_nchw=round(1e3 * bench(nchw, 3, 20), 4))  # fmt: skip
+            rec["same_bits"] = bool(torch.equal(nhwc(), nchw()))
+            for name, fn in (("nhwc", nhwc), ("nchw", nchw)):  # 20 calls a synchronisation: the kernels, not the sync
+                rec[f"ms_{name}"] = round(1e3 * bench(lambda fn=fn: [fn() for _ in range(20)], 3, 10) / 20, 4)
             emit(rec)
 
 

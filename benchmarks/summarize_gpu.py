@@ -31,16 +31,19 @@ def _json_lines(path: Path, prefix: str) -> list[dict]:
 
 
 def load(out: Path, peers: Path | None = None):
-    """(our records, mmseg records, ssseg records); the peers' from `peers` (an earlier run) when given. A peer's
-    JSON file is missing when its anchor ran out of time: its lines are then read back from log.txt."""
+    """(our records, mmseg records, ssseg records); a peer's from this run's folder, else from `peers` (an earlier
+    run) when given. A peer's JSON file is missing when its anchor ran out of time: its lines are then read back from
+    log.txt."""
     ours = [json.loads(x) for x in (out / "ours.jsonl").read_text().splitlines() if x.strip()] if (
         out / "ours.jsonl").exists() else []  # fmt: skip
-    src = peers or out
-    mm = json.loads((src / "anchor_gpu.json").read_text()) if (src / "anchor_gpu.json").exists() else []
-    ss = json.loads((src / "anchor_ssseg.json").read_text()) if (src / "anchor_ssseg.json").exists() else []
-    mm = mm or _json_lines(src / "log.txt", "mmseg_")
-    ss = ss or _json_lines(src / "log.txt", "ssseg_")
-    return ours, mm, ss
+
+    def peer(name: str, prefix: str) -> list:  # this run's file first (ANCHORS=infer writes mmseg's), else `peers`
+        for src in (out, peers) if peers else (out,):
+            if (src / name).exists():
+                return json.loads((src / name).read_text())
+        return _json_lines((peers or out) / "log.txt", prefix)
+
+    return ours, peer("anchor_gpu.json", "mmseg_"), peer("anchor_ssseg.json", "ssseg_")
 
 
 def peer_cases(mm: list, ss: list) -> dict:
@@ -138,7 +141,7 @@ def summarize(out: Path, peers_dir: Path | None = None) -> str:
     lines = [f"Device: {env.get('device', '?')}, torch {env.get('torch', '?')}, CUDA {env.get('cuda', '?')}, "
              f"cuDNN {env.get('cudnn', '?')}. bf16 matmul 8192^3: {fmt(rate, '.0f')} TFLOP/s; device copy "
              f"{fmt(sys_.get('copy', {}).get('tb_s'), '.2f')} TB/s (read + write)."]  # fmt: skip
-    where = f"from {peers_dir}" if peers_dir else "on this card, this run"
+    where = f"this run's where it ran them, else from {peers_dir}" if peers_dir else "on this card, this run"
     lines += ["", f"Peers ({where}):", "", "| toolbox | case | precision | ms/batch | img/s | peak GiB |",
               "|---|---|---|---|---|---|"]  # fmt: skip
     for (tool, kind, prec), v in sorted(peers.items()):
@@ -215,16 +218,20 @@ def summarize(out: Path, peers_dir: Path | None = None) -> str:
                   f"{ref[0]} / {ref[-1]} | {fast[0]} / {fast[-1]} |"]  # fmt: skip
     heads = [r for r in ours if r.get("group") == "head" and "streams_eager_rel" in r]
     if heads:
-        lines += [
-            "",
-            "The head's branches on two CUDA streams against one after the other (relative difference of "
-            "the logits; share of pixels whose class changed):",
-            "",
-            "| case | amp | eager rel | eager changed | graph rel | graph changed |",
-            "|---|---|---|---|---|---|",
-        ]
-        lines += [f"| {r['case']} | {r['amp']} | {r['streams_eager_rel']:.1e} | {r['streams_eager_changed']} | "
-                  f"{r['streams_graph_rel']:.1e} | {r['streams_graph_changed']} |" for r in heads]  # fmt: skip
+        lines += ["", "The head's branches on two CUDA streams, and the batch norms folded into the convolutions, "
+                  "against the serial unfolded network (relative difference of the logits; share of pixels whose "
+                  "class changed):", "",
+                  "| case | amp | variant | eager rel | eager changed | graph rel | graph changed |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in heads:
+            for v in ("streams", "folded"):
+                err = r.get(f"{v}_eager_error") or r.get(f"{v}_graph_error")
+                if f"{v}_eager_rel" not in r:
+                    lines += [f"| {r['case']} | {r['amp']} | {v} | {err} | | | |"] if err else []
+                    continue
+                lines.append(f"| {r['case']} | {r['amp']} | {v} | {r[f'{v}_eager_rel']:.1e} | "
+                             f"{r[f'{v}_eager_changed']} | {fmt(r.get(f'{v}_graph_rel'), '.1e')} | "
+                             f"{r.get(f'{v}_graph_changed', err or '-')} |")  # fmt: skip
     resize = [r for r in ours if r.get("group") == "resize" and "ms_nhwc" in r]
     if resize:
         lines += ["", "The logits' bilinear resize, channels_last input: PyTorch's NHWC kernel vs `upsample_logits` "

@@ -233,29 +233,41 @@ def test_branch_streams_fork_and_join_in_inference_only(monkeypatch):
     model = narrow_model().eval()
     orig = model.head._cam_branch
     monkeypatch.setattr(model.head, "_cam_branch", lambda x: (cam_calls.append(list(log)), orig(x))[1])
+    classify = model.head.cls.forward
+    monkeypatch.setattr(model.head.cls, "forward", lambda x: (log.append("sum classified"), classify(x))[1])
     x, _ = batch()
     with torch.no_grad():
         model.head.branch_streams = False
         ref = model(x)["out"]
-        assert log == []
+        assert log == ["sum classified"]
+        log.clear()
         model.head.branch_streams = True
         out = model(x)["out"]
     assert torch.equal(out, ref)
-    assert log == ["side waits main", "on side", "off side", "main waits side", "record main"]
-    assert cam_calls[-1] == ["side waits main", "on side"]  # the branch ran inside the side stream's context
+    # the input is marked as read on the side stream; the sum waits for the join
+    assert log == ["side waits main", "record side", "on side", "off side", "main waits side", "record main",
+                   "sum classified"]  # fmt: skip
+    assert cam_calls[-1] == ["side waits main", "record side", "on side"]  # the branch ran in the side's context
+    log.clear()
+    pam_in = model.head.pam_in.forward
+    monkeypatch.setattr(model.head.pam_in, "forward", lambda x: (_ for _ in ()).throw(MemoryError("PAM")))
+    with torch.no_grad(), pytest.raises(MemoryError):
+        model(x)
+    assert log[-2:] == ["main waits side", "record main"]  # joined even though the PAM branch raised
+    monkeypatch.setattr(model.head.pam_in, "forward", pam_in)
     log.clear()
     model(x)  # gradients on: one stream
     model.train()
     with torch.no_grad():
         model(x)
-    assert log == []
+    assert log == ["sum classified"] * 2
 
 
 @pytest.mark.parametrize("corners", [False, True])
 def test_upsample_logits_through_nchw_gives_the_same_values(corners):
     """`upsample_logits`'s CUDA path (a channels_last input resized through the NCHW kernel) on the CPU's kernels:
     the same function as resizing the channels_last tensor itself (in float64; the CPU's two kernels round in other
-    orders), an NCHW result. On CUDA both kernels evaluate one expression: the GPU suite's `head` group compares
+    orders), an NCHW result. On CUDA both kernels evaluate one expression: the GPU suite's `resize` group compares
     them bit for bit."""
     from danet.models.danet import upsample_logits
 
@@ -266,6 +278,66 @@ def test_upsample_logits_through_nchw_gives_the_same_values(corners):
     assert out.is_contiguous() and not ref.is_contiguous()
     assert rel(out, ref) < 1e-14
     assert upsample_logits(x, (72, 88), corners).is_contiguous(memory_format=torch.channels_last)  # CPU: as it was
+
+
+@pytest.mark.parametrize("variant", ["d8", "d16_channels_last", "single_stem"])
+def test_folded_batch_norm_gives_the_same_logits(variant):
+    """`norm="folded"`: every batch norm folded into the convolution before it (the projection shortcut's shift into
+    the block's last convolution) gives the unfolded network's logits in float64, to 1e-12; a folded model refuses to
+    train, and folding refuses a model in training mode."""
+    from danet.models.folded import FoldedConv2d, fold_batch_norm
+
+    kw = {"stem": "single"} if variant == "single_stem" else {}
+    preset = "danet_r50-d16_ade20k" if variant.startswith("d16") else "danet_r50-d8_ade20k"
+    torch.manual_seed(0)
+    model = perturb(danet.create_model(preset, **NARROW, **kw), 1).double().eval()
+    x, _ = batch()
+    x = x.double()
+    if "channels_last" in variant:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = model(x)["out"]
+        folded = copy.deepcopy(model)
+        n = fold_batch_norm(folded, torch.float64)
+        out = folded(x)["out"]
+    convs = sum(isinstance(m, FoldedConv2d) for m in folded.modules())
+    assert n == convs == sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert rel(out, ref) < 1e-12
+    with pytest.raises(danet.DanetError, match="inference only"):
+        folded.train()
+    with pytest.raises(danet.DanetError, match="eval mode"):
+        fold_batch_norm(model.train(), torch.float64)
+
+
+def test_folded_convolutions_call_cudnns_fused_ops_with_the_right_arguments(monkeypatch):
+    """On CUDA the folded convolutions run `torch.cudnn_convolution_relu` / `cudnn_convolution_add_relu` (bias, residual
+    and ReLU in the convolution's epilogue). Stand-ins with those ops' documented meaning (relu(conv(x, w) + alpha *
+    z + bias)) check on the CPU that every call passes its arguments in the schema's order; the logits stay those of
+    the unfolded network."""
+    import danet.models.folded as Fo
+
+    calls = []
+
+    def conv_relu(x, w, b, stride, padding, dilation, groups):
+        calls.append("relu")
+        return torch.relu(F.conv2d(x, w, b, stride, padding, dilation, groups))
+
+    def conv_add_relu(x, w, z, alpha, b, stride, padding, dilation, groups):
+        calls.append("add_relu")
+        return torch.relu(F.conv2d(x, w, b, stride, padding, dilation, groups) + alpha * z)
+
+    monkeypatch.setattr(torch, "cudnn_convolution_relu", conv_relu)
+    monkeypatch.setattr(torch, "cudnn_convolution_add_relu", conv_add_relu)
+    monkeypatch.setattr(Fo, "_cudnn_fuses", lambda x: True)
+    torch.manual_seed(0)
+    model = perturb(danet.create_model("danet_r50-d8_ade20k", **NARROW), 1).double().eval()
+    x, _ = batch()
+    with torch.no_grad():
+        ref = model(x.double())["out"]
+        Fo.fold_batch_norm(model, torch.float64)
+        out = model(x.double())["out"]
+    assert rel(out, ref) < 1e-12
+    assert calls.count("add_relu") == 16 and calls.count("relu") == 3 + 32 + 4  # blocks; stem, conv1/2, head
 
 
 def test_channels_last_train_step_gradients_match():
@@ -448,9 +520,12 @@ def test_benchmark_cli_user_errors(capsys):
     train_graphs = ["--cuda-graphs", "--device", "cpu", "--train", "--size", "32", "32", "--no-flops"]
     assert main(["benchmark", "danet_tiny_synthetic", *train_graphs]) == 2
     assert main(["benchmark", "danet_tiny_synthetic", *train_graphs, "--amp", "fp16"]) == 2
+    assert main(["benchmark", "danet_tiny_synthetic", *train_graphs[1:], "--norm", "folded"]) == 2
     err = capsys.readouterr().err
-    assert err.count("error:") == 5
-    assert "--cuda-graphs needs a CUDA device" in err and "GradScaler" in err
+    assert err.count("error:") == 6
+    assert "--cuda-graphs needs a CUDA device" in err and "GradScaler" in err and "--norm folded" in err
+    with pytest.raises(B.DanetError, match="unknown --head"):
+        B.check_spec(B.BenchSpec(preset="danet_tiny_synthetic", head="sideways", device="cpu"))
 
 
 def test_benchmark_slide_counts_every_window(tmp_path, capsys):

@@ -39,6 +39,7 @@ from ..engine.losses import danet_loss
 from ..engine.schedule import build_optimizer
 from ..errors import DanetError
 from ..models.danet import ATTENTIONS
+from ..models.folded import fold_batch_norm
 from ..models.fused_norm import use_fused_norm, why_unused
 from ..models.norm_kernels import interpreted
 from ..models.registry import create_model
@@ -62,7 +63,7 @@ class BenchSpec:
     cudnn_benchmark: bool = False
     attention: str = "fused"  # "fused" (SDPA) | "explicit" (softmax(QK^T)V in memory) | "triton" (inference kernel)
     conv: str = "direct"  # "direct" | "winograd" (models.winograd: CPU float32, F(4x4, 3x3))
-    norm: str = "native"  # "native" | "triton" (models.fused_norm: batch norm + residual + ReLU fused, CUDA)
+    norm: str = "native"  # "native" | "triton" (models.fused_norm, CUDA) | "folded" (models.folded, inference)
     head: str = "streams"  # "streams": the head's branches side by side in CUDA inference (DAHead) | "serial"
     loss: str = "reference"  # "reference" (engine.losses, full-size logits) | "fused" | "compiled" | "triton"
     cuda_graphs: bool = False  # capture the forward (train: forward, loss, backward; SGD eager) once, replay it
@@ -154,6 +155,8 @@ def build(spec: BenchSpec, dev: torch.device):
     if spec.channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
+    if spec.norm == "folded":  # after the memory format: the folded weights keep it
+        fold_batch_norm(model.eval(), {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.amp, torch.float32))
     return model, x, y
 
 
@@ -283,8 +286,10 @@ def check_spec(spec: BenchSpec) -> torch.device:
         raise DanetError(f"unknown --attention {spec.attention!r}; use {', '.join(ATTENTIONS)}")
     if spec.conv not in ("direct", "winograd"):
         raise DanetError(f"unknown --conv {spec.conv!r}; use direct or winograd")
-    if spec.norm not in ("native", "triton"):
-        raise DanetError(f"unknown --norm {spec.norm!r}; use native or triton")
+    if spec.norm not in ("native", "triton", "folded"):
+        raise DanetError(f"unknown --norm {spec.norm!r}; use native, triton or folded")
+    if spec.norm == "folded" and spec.mode != "infer":
+        raise DanetError("--norm folded folds the running statistics into the convolutions (inference); drop --train")
     if spec.head not in HEADS:
         raise DanetError(f"unknown --head {spec.head!r}; use {', '.join(HEADS)}")
     if spec.loss not in ("reference", "fused", "compiled", "triton"):

@@ -53,9 +53,11 @@ def add_cli(parser) -> None:
     )
     parser.add_argument(
         "--norm",
-        choices=["native", "triton"],
+        choices=["native", "triton", "folded"],
         default="native",
-        help="batch norm: PyTorch's kernels, or batch norm + residual add + ReLU fused in Triton kernels (CUDA)",
+        help="batch norm: PyTorch's kernels, or batch norm + residual add + ReLU fused in Triton kernels (CUDA), or "
+        "folded into the convolutions, which on CUDA run with their bias, residual and ReLU in one cuDNN call "
+        "(inference; the same function, rounded once in the compute dtype)",
     )
     parser.add_argument(
         "--head",

@@ -26,9 +26,10 @@ def upsample_logits(
     the same, but the NHWC kernel, one thread per output element with three integer divisions each, took 0.36 ms of a
     1.8 ms 512x512 forward on an H200 (150 classes; the same for 19 classes at 1024x2048; benchmarks/RESULTS.md);
     the NCHW kernel (one thread per output pixel, looping over the classes) should take well under 0.1 ms. The copy
-    to NCHW reads the small 1/8-size logits once. The result is NCHW. `nchw`: take that path or not (None: on CUDA)."""
+    to NCHW reads the small 1/8-size logits once. The result is NCHW. `nchw`: take that path or not (None: on CUDA
+    without gradients, i.e. in inference; training keeps the layout its backward was measured with)."""
     if nchw is None:
-        nchw = x.is_cuda
+        nchw = x.is_cuda and not torch.is_grad_enabled()
     if nchw and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         x = x.contiguous()
     return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)

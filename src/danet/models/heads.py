@@ -83,7 +83,9 @@ class DAHead(nn.Module):
         self.cls = Classifier(channels, num_classes, dropout)
         self.cls_pam = Classifier(channels, num_classes, dropout)
         self.cls_cam = Classifier(channels, num_classes, dropout)
-        self.branch_streams = True  # inference on CUDA: the CAM branch on a second stream beside the PAM branch
+        # inference on CUDA: the CAM branch on a second stream beside the PAM branch (not under torch.compile; a CUDA
+        # graph keeps the setting it was captured with)
+        self.branch_streams = True
 
     def _cam_branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.cam_out(self.cam(self.cam_in(x)))
@@ -102,6 +104,7 @@ class DAHead(nn.Module):
             return None
         side = _side_stream(x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
+        x.record_stream(side)  # NOTE: x's memory stays x's until the side stream is done, even if a branch raises
         with torch.cuda.stream(side):
             return self._cam_branch(x)
 
@@ -112,11 +115,13 @@ class DAHead(nn.Module):
 
     def forward(self, x: torch.Tensor, branches: bool = True) -> dict[str, torch.Tensor]:
         cam = self._cam_beside(x)
-        pam = self.pam_out(self.pam(self.pam_in(x)))
+        try:
+            pam = self.pam_out(self.pam(self.pam_in(x)))
+        finally:  # NOTE: also when the PAM branch raises (out of memory, caught by a caller who retries)
+            if cam is not None:
+                self._join(cam)
         if cam is None:
             cam = self._cam_branch(x)
-        else:
-            self._join(cam)
         out = {"out": self.cls(pam + cam)}
         if branches:
             out["pam"] = self.cls_pam(pam)

@@ -61,6 +61,8 @@ class Bottleneck(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         y = bn_relu(self.bn1, self.conv1(x), self.relu)
         y = bn_relu(self.bn2, self.conv2(y), self.relu)
+        if getattr(self.bn3, "folded", False):  # models/folded.py: conv3 + bias + residual + ReLU in one call
+            return self.conv3(y, residual=identity)
         return bn_relu(self.bn3, self.conv3(y), self.relu, residual=identity)
 
 

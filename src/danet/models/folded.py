@@ -1,0 +1,127 @@
+"""Batch norm folded into the convolution before it, for inference (`norm="folded"`; `danet benchmark --norm folded`).
+
+In evaluation a batch norm is a per-channel affine map of the convolution's output, so it folds into that
+convolution: weight * s and a bias b - mean * s, s = weight_bn / sqrt(running_var + eps). On CUDA the folded
+convolution then runs with its bias, the residual add and the ReLU in one cuDNN call (`torch.cudnn_convolution_relu`,
+`torch.cudnn_convolution_add_relu`: the convolution's epilogue), so the separate normalise-and-ReLU pass over each
+activation disappears. On an H200 that pass took 1.65 ms of a whole 1024x2048 image's 10.2 ms and 0.27 of a 512x512
+image's 1.8 (bf16, the fused Triton batch norm, benchmarks/RESULTS.md); the convolutions themselves took 4.6 and 0.8.
+
+The same function; the values change by rounding: the folded weights and bias are rounded once to the compute dtype
+(`dtype`: bf16 under bf16 autocast) where the unfolded network rounds the convolution's output and normalises it in
+float32. In a ResNet bottleneck the projection shortcut's bias joins the last convolution's, so the shortcut is a
+plain convolution. Elsewhere (the CPU, a FLOP count or another dispatch mode, torch.compile) the same folded weights
+run through `F.conv2d`, + residual, ReLU.
+
+Inference only: `fold_batch_norm` refuses a model in training mode, and a folded model refuses `.train()`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from ..errors import DanetError
+
+
+class FoldedNorm(nn.BatchNorm2d):
+    """A batch norm whose work the convolution before it does (same parameters and buffers, unused): the identity."""
+
+    folded = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise DanetError("this model's batch norms are folded into its convolutions (norm=folded): inference only")
+        return super().train(False)
+
+
+class FoldedConv2d(nn.Conv2d):
+    """A convolution with its batch norm folded in (`bias` holds the shift); `act`: ReLU after the optional residual."""
+
+    act = False
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        w, b = self.weight, self.bias
+        if x.dtype != w.dtype:  # the image into the first convolution; later layers give w's dtype already
+            x = x.to(w.dtype)
+        if residual is not None and residual.dtype != w.dtype:
+            residual = residual.to(w.dtype)
+        if self.act and _cudnn_fuses(x):
+            args = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
+            if residual is not None:
+                return torch.cudnn_convolution_add_relu(x, w, residual, 1.0, b, *args)
+            return torch.cudnn_convolution_relu(x, w, b, *args)
+        with torch.autocast(x.device.type, enabled=False):  # NOTE: w's dtype is the compute dtype already
+            y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+        if residual is not None:
+            y = y + residual
+        return torch.relu_(y) if self.act else y
+
+
+def _cudnn_fuses(x: torch.Tensor) -> bool:
+    if not x.is_cuda or torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False
+    return _get_current_dispatch_mode() is None  # NOTE: a FlopCounterMode counts F.conv2d, not cuDNN's fused ops
+
+
+def _fold(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm, act: bool, dtype: torch.dtype, bias: bool = True):
+    """Fold `bn` into `conv` (in float64, then rounded once to `dtype`), in place; `bn` becomes the identity.
+    Returns the folded shift (float64) where `bias` is False (the caller puts it elsewhere)."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise DanetError("norm=folded needs batch norms with running statistics")
+    with torch.no_grad():
+        scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+        if bn.affine:
+            scale = scale * bn.weight.double()
+        shift = -bn.running_mean.double() * scale + (bn.bias.double() if bn.affine else 0.0)
+        if conv.bias is not None:
+            shift = shift + conv.bias.double() * scale
+        w = conv.weight
+        folded = (w.double() * scale.view(-1, 1, 1, 1)).to(dtype)  # NOTE: keeps w's memory format
+        conv.weight = nn.Parameter(folded, requires_grad=False)
+        conv.bias = nn.Parameter(shift.to(dtype), requires_grad=False) if bias else None
+    conv.__class__ = FoldedConv2d
+    conv.act = act
+    bn.__class__ = FoldedNorm
+    return None if bias else shift
+
+
+def fold_batch_norm(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
+    """Fold every batch norm of `model` (an eval-mode DANet) into the convolution before it; returns how many.
+    `dtype`: the folded convolutions' weights (the compute dtype: bf16 / fp16 under that autocast)."""
+    from .heads import ConvBNReLU
+    from .resnet import Bottleneck, ResNet, Stem
+
+    if model.training:
+        raise DanetError("norm=folded folds the running statistics: put the model in eval mode (inference only)")
+    count = 0
+    for mod in list(model.modules()):
+        if isinstance(mod, Stem):
+            for i in range(0, len(mod), 3):
+                _fold(mod[i], mod[i + 1], True, dtype)
+                count += 1
+        elif isinstance(mod, ResNet) and mod.stem_type == "single":
+            _fold(mod.conv1, mod.bn1, True, dtype)
+            count += 1
+        elif isinstance(mod, Bottleneck):
+            _fold(mod.conv1, mod.bn1, True, dtype)
+            _fold(mod.conv2, mod.bn2, True, dtype)
+            shift = _fold(mod.conv3, mod.bn3, True, dtype, bias=False)
+            count += 3
+            if mod.downsample is not None:  # the shortcut's shift joins conv3's bias: one bias, one fused call
+                shift = shift + _fold(mod.downsample[0], mod.downsample[1], False, dtype, bias=False)
+                count += 1
+            mod.conv3.bias = nn.Parameter(shift.to(dtype), requires_grad=False)
+        elif isinstance(mod, ConvBNReLU):
+            _fold(mod.conv, mod.bn, True, dtype)
+            count += 1
+    left = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and not isinstance(m, FoldedNorm)]  # fmt: skip
+    if left:
+        raise DanetError(f"norm=folded: no convolution to fold {left[0]} into")
+    return count

@@ -120,14 +120,17 @@ def pam_impls():
     import danet.models.triton_attention as TA
     from danet.models.attention import attend, attend_explicit
 
-    def triton_blocks(block_m, block_c, warps):  # the kernel at other blocks than the model's (forward only)
+    def triton_blocks(block_m, block_c, warps, block_n=TA.BLOCK_N, stages=None):  # other blocks (forward only)
         def run(q, k, v):
-            saved = TA.BLOCK_M, TA.MAX_BLOCK_C, TA.NUM_WARPS
-            TA.BLOCK_M, TA.MAX_BLOCK_C, TA.NUM_WARPS = block_m, block_c, warps
+            names = ("BLOCK_M", "MAX_BLOCK_C", "NUM_WARPS", "BLOCK_N", "NUM_STAGES")
+            saved = [getattr(TA, n) for n in names]
+            for n, value in zip(names, (block_m, block_c, warps, block_n, stages), strict=True):
+                setattr(TA, n, value)
             try:
                 return TA.attend_triton(q, k, v)
             finally:
-                TA.BLOCK_M, TA.MAX_BLOCK_C, TA.NUM_WARPS = saved
+                for n, value in zip(names, saved, strict=True):
+                    setattr(TA, n, value)
 
         return run
 
@@ -153,6 +156,13 @@ def pam_impls():
         "triton": TA.attend_triton,
         "triton_m64_c512": triton_blocks(64, 512, 8),
         "triton_m128_c128": triton_blocks(128, 128, 8),
+        # the model's blocks with other key steps, pipelining depths and warps (the whole image's attention: 2.92 ms,
+        # ~470 TFLOP/s, in the 4th H200 session; 600 would take 0.6 ms off)
+        "triton_n128": triton_blocks(128, 256, 8, block_n=128),
+        "triton_n32": triton_blocks(128, 256, 8, block_n=32),
+        "triton_s2": triton_blocks(128, 256, 8, stages=2),
+        "triton_s4": triton_blocks(128, 256, 8, stages=4),
+        "triton_w4_m64": triton_blocks(64, 256, 4),
     }
 
 

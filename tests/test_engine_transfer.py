@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch.utils.data import default_collate
@@ -127,7 +129,7 @@ def test_narrow_labels_change_nothing_in_training(tmp_path, monkeypatch):
     ],
 )
 def test_loader_workers(monkeypatch, requested, device, cores, local_world, want):
-    monkeypatch.setattr(T.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
     assert T.loader_workers(requested, torch.device(device)) == want
 

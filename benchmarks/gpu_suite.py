@@ -353,6 +353,7 @@ def cases(a, group: str) -> list[BenchSpec]:
     wh = dict(common, preset=city, mode="infer", batch=1, size=(64, 128) if sm else (1024, 2048),
               warmup=1 if sm else 3, iters=1 if sm else 10)  # fmt: skip
     bf, cl = dict(amp="bf16", channels_last=True), dict(amp="fp16", channels_last=True)
+    tp = dict(bf, cuda_graphs=gpu, attention="triton")  # the fastest inference settings (with a norm)
     spec = lambda base, label, **kw: BenchSpec(**{**base, **kw}, label=label)  # noqa: E731
     if group == "train":
         return [
@@ -384,50 +385,22 @@ def cases(a, group: str) -> list[BenchSpec]:
             spec(i5, "infer512_fp32_graphs", cuda_graphs=gpu),
             spec(i5, "infer512_bf16_cl_graphs", **bf, cuda_graphs=gpu),
             spec(i5, "infer512_bf16_cl_graphs_tritonbn", **bf, cuda_graphs=gpu, norm="triton"),
-            # the attention's Triton kernel (q k^T twice, not 8 times): predicted whole image 11.96 -> ~10 ms
-            spec(
-                i5,
-                "infer512_bf16_cl_graphs_tritonbn_tritonpam",
-                **bf,
-                cuda_graphs=gpu,
-                norm="triton",
-                attention="triton",
-            ),  # fmt: skip
-            # the head's branches one after the other (before the 4th H200 session, 2026-11-26; since then they share
-            # the GPU on two streams in CUDA inference, the default): 512x512 b1 1.95 -> 1.83 ms there
-            # batch norm folded into the convolutions, each run with its bias, residual and ReLU in one cuDNN call
-            # (models/folded.py): predicted 512x512 1.77 -> ~1.55 ms, whole 10.15 -> ~8.7 ms (the 1.65 ms
-            # normalise-and-ReLU pass gone, if cuDNN's fused kernels are as fast as its plain ones)
-            spec(
-                i5, "infer512_bf16_cl_graphs_folded_tritonpam", **bf, cuda_graphs=gpu, norm="folded", attention="triton"
-            ),  # fmt: skip
-            spec(
-                i5,
-                "infer512_bf16_cl_graphs_tritonbn_tritonpam_serial",
-                **bf,
-                cuda_graphs=gpu,
-                norm="triton",
-                attention="triton",
-                head="serial",
-            ),  # fmt: skip
+            # the attention's Triton kernel (q k^T twice, not 8 times): measured whole image 11.96 -> 10.28 ms (4th
+            # H200 session); the head's branches there on two CUDA streams (the default in CUDA inference since then;
+            # `_serial`: one after the other, 512x512 b1 1.83 vs 1.95 ms); batch norm folded into the convolutions,
+            # each run with its bias, residual and ReLU in one cuDNN call (`folded`, models/folded.py): predicted with
+            # the NCHW resize 512x512 ~1.2 ms, whole ~8.5 ms, if cuDNN's fused kernels are as fast as its plain ones
+            spec(i5, "infer512_bf16_cl_graphs_tritonbn_tritonpam", **tp, norm="triton"),
+            spec(i5, "infer512_bf16_cl_graphs_folded_tritonpam", **tp, norm="folded"),
+            spec(i5, "infer512_bf16_cl_graphs_tritonbn_tritonpam_serial", **tp, norm="triton", head="serial"),
             spec(i5, "infer512_fp16_graphs", amp="fp16", cuda_graphs=gpu),
             spec(wh, "whole_fp32"),
             spec(wh, "whole_bf16_cl", **bf),
             spec(wh, "whole_bf16_cl_graphs", **bf, cuda_graphs=gpu),
             spec(wh, "whole_bf16_cl_graphs_tritonbn", **bf, cuda_graphs=gpu, norm="triton"),
-            spec(
-                wh, "whole_bf16_cl_graphs_tritonbn_tritonpam", **bf, cuda_graphs=gpu, norm="triton", attention="triton"
-            ),  # fmt: skip
-            spec(wh, "whole_bf16_cl_graphs_folded_tritonpam", **bf, cuda_graphs=gpu, norm="folded", attention="triton"),
-            spec(
-                wh,
-                "whole_bf16_cl_graphs_tritonbn_tritonpam_serial",
-                **bf,
-                cuda_graphs=gpu,
-                norm="triton",
-                attention="triton",
-                head="serial",
-            ),  # fmt: skip
+            spec(wh, "whole_bf16_cl_graphs_tritonbn_tritonpam", **tp, norm="triton"),
+            spec(wh, "whole_bf16_cl_graphs_folded_tritonpam", **tp, norm="folded"),
+            spec(wh, "whole_bf16_cl_graphs_tritonbn_tritonpam_serial", **tp, norm="triton", head="serial"),
             spec(wh, "whole_fp16_graphs", amp="fp16", cuda_graphs=gpu),
         ]
     if group == "compile":

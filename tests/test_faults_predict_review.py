@@ -76,6 +76,20 @@ def test_predictor_options_are_checked(checkpoint, option, value):
         predictor(np.zeros((16, 16, 3), np.uint8), **{option: value})
 
 
+@pytest.mark.parametrize("value", [0, -1, "x", 2.5, True])
+def test_predictor_max_pixels_is_checked(checkpoint, value):
+    with pytest.raises(DanetError, match=r"Predictor max_pixels=.*: give a whole number of pixels, at least 1"):
+        danet.Predictor(checkpoint)(np.zeros((16, 16, 3), np.uint8), max_pixels=value)
+    assert danet.Predictor(checkpoint)(np.zeros((16, 16, 3), np.uint8), max_pixels=np.int64(64)).shape == (16, 16)
+
+
+def test_base_views_without_resizing_get_the_cli_words(checkpoint, tmp_path, capsys):
+    argv = ["predict", "--checkpoint", checkpoint, photo(tmp_path / "a.png"), "--out", tmp_path / "o", "--tta"]
+    line = cli_error(capsys, *argv, "--tta-views", "base", "--no-resize")
+    assert "--tta-views base resizes the image to the base size times each scale, which --no-resize turns off" in line
+    assert not (tmp_path / "o").exists()
+
+
 def test_an_output_that_is_a_folder_gets_the_right_hint(checkpoint, tmp_path, capsys):
     src = photo(tmp_path / "in" / "a.png")
     out = tmp_path / "o"

@@ -305,6 +305,11 @@ def test_folded_batch_norm_gives_the_same_logits(variant):
     assert rel(out, ref) < 1e-12
     with pytest.raises(danet.DanetError, match="inference only"):
         folded.train()
+    assert not any(m.training for m in folded.modules())  # refused before any module's flag moved
+    with pytest.raises(danet.DanetError, match="folded already"):
+        fold_batch_norm(folded, torch.float64)
+    with torch.no_grad():
+        assert torch.equal(folded(x)["out"], out)  # the refused calls changed nothing
     with pytest.raises(danet.DanetError, match="eval mode"):
         fold_batch_norm(model.train(), torch.float64)
 
@@ -512,7 +517,7 @@ def test_benchmark_cli_writes_json(tmp_path, capsys):
     assert "img/s" in capsys.readouterr().out
 
 
-def test_benchmark_cli_user_errors(capsys):
+def test_benchmark_cli_user_errors(capsys, tmp_path):
     assert main(["benchmark", "no_such_preset", "--iters", "1"]) == 2
     assert main(["benchmark", "danet_tiny_synthetic", "--set", "widht=3", "--iters", "1"]) == 2
     cpu_graphs = ["--cuda-graphs", "--device", "cpu", "--infer", "--size", "32", "32", "--no-flops"]
@@ -521,11 +526,34 @@ def test_benchmark_cli_user_errors(capsys):
     assert main(["benchmark", "danet_tiny_synthetic", *train_graphs]) == 2
     assert main(["benchmark", "danet_tiny_synthetic", *train_graphs, "--amp", "fp16"]) == 2
     assert main(["benchmark", "danet_tiny_synthetic", *train_graphs[1:], "--norm", "folded"]) == 2
+    small = ["--device", "cpu", "--size", "32", "32", "--no-flops", "--iters", "1", "--warmup", "0"]
+    for bad in (["--seed", str(2**64)], ["--threads", str(5 * 10**9)], ["--batch", str(10**20)],
+                ["--size", str(10**20), "16"], ["--norm", "folded", "--conv", "winograd"], ["--json", ""],
+                ["--json", str(tmp_path / "nowhere") + "/"]):  # fmt: skip
+        assert main(["benchmark", "danet_tiny_synthetic", *small, *bad]) == 2
+    assert not (tmp_path / "nowhere").exists()
     err = capsys.readouterr().err
-    assert err.count("error:") == 6
+    assert err.count("error:") == 13 and "Traceback" not in err
     assert "--cuda-graphs needs a CUDA device" in err and "GradScaler" in err and "--norm folded" in err
+    assert "--seed must be in 0 .. 2**63 - 1" in err and "give one of them" in err and "--json needs a file" in err
     with pytest.raises(B.DanetError, match="unknown --head"):
         B.check_spec(B.BenchSpec(preset="danet_tiny_synthetic", head="sideways", device="cpu"))
+
+
+def test_benchmark_folded_runs_inference_and_the_models_attention_is_kept(tmp_path, capsys):
+    """`--norm folded` without --infer / --train times inference (as --slide); without --attention the model's
+    `--set fused_attention=false` holds (the explicit product), where --attention names one it wins."""
+    small = ["--device", "cpu", "--size", "32", "32", "--iters", "1", "--warmup", "0"]
+    out = tmp_path / "r.json"
+    assert main(["benchmark", "danet_tiny_synthetic", *small, "--norm", "folded", "--json", str(out)]) == 0
+    (rec,) = json.loads(out.read_text())
+    assert rec["mode"] == "infer" and rec["norm"] == "folded" and rec["gflop_per_img"] > 0
+    sets = ["--infer", "--set", "fused_attention=false", "--json", str(out)]
+    assert main(["benchmark", "danet_tiny_synthetic", *small, *sets]) == 0
+    assert json.loads(out.read_text())[0]["attention"] == "explicit"
+    assert main(["benchmark", "danet_tiny_synthetic", *small, *sets, "--attention", "fused"]) == 0
+    assert json.loads(out.read_text())[0]["attention"] == "fused"
+    assert "GFLOP/img" in capsys.readouterr().out
 
 
 def test_benchmark_slide_counts_every_window(tmp_path, capsys):

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config_checks import MAX_SIZE
 from ..engine.distributed import pick_device
 from ..engine.fused_loss import fused_danet_loss
 from ..engine.graphed import WARMUP, CudaGraphs, GraphedStep
@@ -273,6 +274,7 @@ def environment(dev: torch.device) -> dict:
 
 
 HEADS = ("streams", "serial")
+MAX_BATCH, MAX_THREADS = 65536, 4096  # past these a case cannot run on any machine: one line, not an overflow
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -289,7 +291,9 @@ def check_spec(spec: BenchSpec) -> torch.device:
     if spec.norm not in ("native", "triton", "folded"):
         raise DanetError(f"unknown --norm {spec.norm!r}; use native, triton or folded")
     if spec.norm == "folded" and spec.mode != "infer":
-        raise DanetError("--norm folded folds the running statistics into the convolutions (inference); drop --train")
+        raise DanetError("--norm folded folds the running statistics into the convolutions (inference); use --infer")
+    if spec.norm == "folded" and spec.conv == "winograd":
+        raise DanetError("--norm folded replaces the convolutions that --conv winograd would switch; give one of them")
     if spec.head not in HEADS:
         raise DanetError(f"unknown --head {spec.head!r}; use {', '.join(HEADS)}")
     if spec.loss not in ("reference", "fused", "compiled", "triton"):
@@ -299,10 +303,19 @@ def check_spec(spec: BenchSpec) -> torch.device:
     for name, v in (("--batch", spec.batch), ("--iters", spec.iters)):
         if v < 1:
             raise DanetError(f"{name} must be at least 1, got {v}")
+    if spec.batch > MAX_BATCH:
+        raise DanetError(f"--batch {spec.batch} is past {MAX_BATCH} images; give a smaller batch")
+    if not 0 <= spec.seed < 2**63:
+        raise DanetError(f"--seed must be in 0 .. 2**63 - 1, got {spec.seed}")
+    if spec.threads is not None and spec.threads > MAX_THREADS:
+        raise DanetError(f"--threads {spec.threads} is past {MAX_THREADS}; give at most the machine's cores")
     if spec.warmup < 0:
         raise DanetError(f"--warmup must be 0 or more, got {spec.warmup}")
     if spec.size is not None and (len(spec.size) != 2 or min(spec.size) < 1):
         raise DanetError(f"--size needs two positive sizes H W, got {list(spec.size)}")
+    for name, v in (("--size", spec.size), ("--slide", spec.slide), ("--stride", spec.stride)):
+        if v is not None and max(v) > MAX_SIZE:
+            raise DanetError(f"{name} {list(v)}: sides past {MAX_SIZE} px; give smaller sizes")
     preset = get_preset(spec.preset)
     stride = spec.overrides.get("output_stride", preset.model.output_stride)
     size = spec.size or preset.crop_size
@@ -385,7 +398,7 @@ def run_case(spec: BenchSpec) -> dict:
         img_s=round(spec.batch / med, 3),
         peak_gib=round(peak, 3),
         mem_kind=("cuda_max_reserved" if pooled else "cuda_max_allocated") if dev.type == "cuda" else "rss_high_water",
-        gflop_per_img=round(flops / 1e9, 2),
+        gflop_per_img=round(flops / 1e9, 4),
         tflop_s=round(flops * spec.batch / med / 1e12, 3),
         **environment(dev),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from ..engine.logging import check_output_file, write_json
@@ -42,8 +43,9 @@ def add_cli(parser) -> None:
     parser.add_argument(
         "--attention",
         choices=ATTENTIONS,
-        default="fused",
-        help="position attention (triton: one kernel, inference on CUDA in bf16 / fp16)",
+        default=None,
+        help="position attention (default: fused, or the model's --set fused_attention; triton: one kernel, inference "
+        "on CUDA in bf16 / fp16)",
     )
     parser.add_argument(
         "--conv",
@@ -116,7 +118,7 @@ def format_record(r: dict) -> str:
     line = (
         f"{r['mode']:5s} {r['preset']} b{r['batch']} {h}x{w} [{' '.join(opts)}] on {r['device_name']}: "
         f"{r['ms']:.1f} ms/batch (median of {len(r['ms_all'])}; host {r['host_ms']:.1f}), {r['img_s']:.2f} img/s, "
-        f"peak {r['peak_gib']:.2f} GiB ({r['mem_kind']}), {r['gflop_per_img']:.1f} GFLOP/img, "
+        f"peak {r['peak_gib']:.2f} GiB ({r['mem_kind']}), {r['gflop_per_img']:.4g} GFLOP/img, "
         f"{r['tflop_s']:.3f} TFLOP/s"
     )
     return line + (f", loss {r['loss_value']:.5f}" if "loss_value" in r else "")
@@ -124,11 +126,15 @@ def format_record(r: dict) -> str:
 
 def run_cli(args) -> int:
     overrides = dict(_parse_override(o) for o in args.overrides)
-    modes = args.modes or (["infer"] if args.slide else ["infer", "train"])
+    modes = args.modes or (["infer"] if args.slide or args.norm == "folded" else ["infer", "train"])
     if "train" not in modes and args.loss != "reference":
         raise DanetError(f"--loss {args.loss} times the training loss; add --train (and no --infer or --slide)")
-    if args.json:  # before the timing, not after it
+    if args.json is not None:  # before the timing, not after it
+        if not args.json or args.json.endswith(("/", os.sep)):
+            raise DanetError(f"--json needs a file name, got {args.json!r}")
         check_output_file(Path(args.json), "--json")
+    # NOTE: without --attention, the model's own setting (--set fused_attention=false: the explicit product)
+    attention = args.attention or ("explicit" if overrides.get("fused_attention") is False else "fused")
     specs = [
         BenchSpec(
             preset=args.preset,
@@ -139,7 +145,7 @@ def run_cli(args) -> int:
             channels_last=args.channels_last,
             compile=args.compile,
             cudnn_benchmark=args.cudnn_benchmark,
-            attention=args.attention,
+            attention=attention,
             conv=args.conv,
             norm=args.norm,
             head=args.head,
@@ -166,6 +172,6 @@ def run_cli(args) -> int:
         print(format_record(rec), flush=True)
         results.append(rec)
         release(compiled=bool(spec.compile))
-    if args.json:
+    if args.json is not None:
         write_json(args.json, results)  # atomic; a missing figure (--no-flops) as null, not NaN
     return 0

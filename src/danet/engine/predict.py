@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import glob
 import math
+import numbers
 import os
 from pathlib import Path
 
@@ -281,6 +282,8 @@ class Predictor:
                 raise DanetError(
                     f"Predictor {what}={value!r} {verb} the views of tta=True; add tta=True, or leave it out"
                 )
+        if isinstance(max_pixels, bool) or not isinstance(max_pixels, numbers.Integral) or max_pixels < 1:
+            raise DanetError(f"Predictor max_pixels={max_pixels!r}: give a whole number of pixels, at least 1")
         merge, views = merge or self.tta_merge, views or self.tta_views
         if tta and views == "base" and not (resize and self.base_size):
             raise DanetError(
@@ -335,6 +338,9 @@ def run_cli(args) -> int:
     if args.max_pixels < 1:
         raise DanetError(f"--max-pixels must be at least 1 (images above it are segmented in windows), got "
                          f"{args.max_pixels}")  # fmt: skip
+    if args.tta and args.tta_views == "base" and args.no_resize:
+        raise DanetError("--tta-views base resizes the image to the base size times each scale, which --no-resize "
+                         "turns off: drop one of them (or take --tta-views original)")  # fmt: skip
     out = Path(args.out)
     renames: list[str] = []
     files = collect_inputs(args.inputs, out, renames)

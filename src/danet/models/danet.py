@@ -151,6 +151,11 @@ class DANet(nn.Module):
     def num_classes(self) -> int:
         return self.cfg.num_classes
 
+    def train(self, mode: bool = True):
+        if mode and any(getattr(m, "folded", False) for m in self.modules()):  # NOTE: before any module's flag moves
+            raise DanetError("this model's batch norms are folded into its convolutions (norm=folded): inference only")
+        return super().train(mode)
+
     def set_fused_attention(self, fused: bool) -> None:
         """Switch the position attention between fused (SDPA) and explicit softmax(QK^T)V."""
         self.head.pam.fused = fused

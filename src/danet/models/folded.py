@@ -93,12 +93,15 @@ def _fold(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm, act: bool, dtype
 
 def fold_batch_norm(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
     """Fold every batch norm of `model` (an eval-mode DANet) into the convolution before it; returns how many.
-    `dtype`: the folded convolutions' weights (the compute dtype: bf16 / fp16 under that autocast)."""
+    `dtype`: the folded convolutions' weights, the compute dtype: a model folded in bf16 / fp16 runs under that
+    autocast (its other layers keep float32 weights, which autocast casts), one folded in float32 without."""
     from .heads import ConvBNReLU
     from .resnet import Bottleneck, ResNet, Stem
 
     if model.training:
         raise DanetError("norm=folded folds the running statistics: put the model in eval mode (inference only)")
+    if any(isinstance(m, (FoldedConv2d, FoldedNorm)) for m in model.modules()):
+        raise DanetError("this model's batch norms are folded already (norm=folded): fold a model once")
     count = 0
     for mod in list(model.modules()):
         if isinstance(mod, Stem):

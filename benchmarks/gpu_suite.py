@@ -668,6 +668,7 @@ def group_head(a) -> None:
     and replayed as a CUDA graph (the same kernels: 0 expected); then the same model with its batch norms folded into
     the convolutions (`--norm folded`: rounding differences expected)."""
     from danet.benchmark import build, resolve_device
+    from danet.engine.inference import AMP_DTYPES
     from danet.models.folded import fold_batch_norm
 
     sm = a.smoke
@@ -699,7 +700,7 @@ def group_head(a) -> None:
                 rec[f"streams_{name}_rel"] = float((o - r).norm() / r.norm())
                 rec[f"streams_{name}_changed"] = float((o.argmax(1) != r.argmax(1)).float().mean())
             # the batch norms folded into the convolutions (`--norm folded`): rounding, not bits
-            fold_batch_norm(model, torch.bfloat16 if amp == "bf16" else torch.float32)
+            fold_batch_norm(model, AMP_DTYPES.get(amp, torch.float32))
             for gph in (False, True):
                 name = "graph" if gph else "eager"
                 try:

@@ -35,7 +35,7 @@ from ..config_checks import MAX_SIZE
 from ..engine.distributed import pick_device
 from ..engine.fused_loss import fused_danet_loss
 from ..engine.graphed import WARMUP, CudaGraphs, GraphedStep
-from ..engine.inference import default_stride, slide_logits, slide_windows
+from ..engine.inference import AMP_DTYPES, autocast, default_stride, slide_logits, slide_windows
 from ..engine.losses import danet_loss
 from ..engine.schedule import build_optimizer
 from ..errors import DanetError
@@ -84,12 +84,6 @@ class BenchSpec:
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-
-
-def _autocast(dev: torch.device, amp: str):
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=dev.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 def _reset_peak(dev: torch.device) -> None:
@@ -157,7 +151,7 @@ def build(spec: BenchSpec, dev: torch.device):
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     if spec.norm == "folded":  # after the memory format: the folded weights keep it
-        fold_batch_norm(model.eval(), {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.amp, torch.float32))
+        fold_batch_norm(model.eval(), AMP_DTYPES.get(spec.amp, torch.float32))
     return model, x, y
 
 
@@ -192,7 +186,7 @@ def make_infer_fn(spec: BenchSpec, model, x: torch.Tensor, dev: torch.device):
     net = torch.compile(model, mode=spec.compile) if spec.compile else model
 
     def fwd():
-        with torch.inference_mode(), _autocast(dev, spec.amp):
+        with torch.inference_mode(), autocast(dev, spec.amp):
             if spec.slide:
                 return slide_logits(net, x, spec.slide, spec.stride or default_stride(spec.slide), spec.amp,
                                     spec.window_batch)  # fmt: skip
@@ -223,7 +217,7 @@ def make_train_fn(spec: BenchSpec, model, x: torch.Tensor, y: torch.Tensor, dev:
     last = {}
 
     def losses_of(x, y) -> dict:
-        with _autocast(dev, spec.amp):
+        with autocast(dev, spec.amp):
             if spec.loss in ("fused", "compiled", "triton"):
                 impl = "chunked" if spec.loss == "fused" else spec.loss
                 return fused_danet_loss(net(x, resize=False), y, ignore_index=ignore, impl=impl)
@@ -274,6 +268,7 @@ def environment(dev: torch.device) -> dict:
 
 
 HEADS = ("streams", "serial")
+NORMS = ("native", "triton", "folded")
 MAX_BATCH, MAX_THREADS = 65536, 4096  # past these a case cannot run on any machine: one line, not an overflow
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -288,8 +283,8 @@ def check_spec(spec: BenchSpec) -> torch.device:
         raise DanetError(f"unknown --attention {spec.attention!r}; use {', '.join(ATTENTIONS)}")
     if spec.conv not in ("direct", "winograd"):
         raise DanetError(f"unknown --conv {spec.conv!r}; use direct or winograd")
-    if spec.norm not in ("native", "triton", "folded"):
-        raise DanetError(f"unknown --norm {spec.norm!r}; use native, triton or folded")
+    if spec.norm not in NORMS:
+        raise DanetError(f"unknown --norm {spec.norm!r}; use {', '.join(NORMS)}")
     if spec.norm == "folded" and spec.mode != "infer":
         raise DanetError("--norm folded folds the running statistics into the convolutions (inference); use --infer")
     if spec.norm == "folded" and spec.conv == "winograd":

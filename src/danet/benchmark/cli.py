@@ -9,7 +9,7 @@ from pathlib import Path
 from ..engine.logging import check_output_file, write_json
 from ..errors import DanetError
 from ..models.danet import ATTENTIONS
-from . import HEADS, BenchSpec, check_spec, release, run_case
+from . import HEADS, NORMS, BenchSpec, check_spec, release, run_case
 
 
 def _parse_override(text: str) -> tuple[str, object]:
@@ -55,7 +55,7 @@ def add_cli(parser) -> None:
     )
     parser.add_argument(
         "--norm",
-        choices=["native", "triton", "folded"],
+        choices=NORMS,
         default="native",
         help="batch norm: PyTorch's kernels, or batch norm + residual add + ReLU fused in Triton kernels (CUDA), or "
         "folded into the convolutions, which on CUDA run with their bias, residual and ReLU in one cuDNN call "

@@ -17,13 +17,14 @@ from torch import nn
 from ..errors import DanetError
 from ..models.danet import unwrap, upsample_logits
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # --amp / amp= -> the autocast's dtype
+
 
 def autocast(device: torch.device, amp: str = "none"):
     """The autocast context for "none" | "bf16" | "fp16"."""
     if amp == "none":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
 
 
 def forward_logits(model: nn.Module, image: torch.Tensor, amp: str = "none", resize: bool = True) -> torch.Tensor:

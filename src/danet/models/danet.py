@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DanetError
+from .folded import TRAIN_REFUSED
 from .heads import DAHead, FCNHead
 from .resnet import ResNet
 
@@ -153,7 +154,7 @@ class DANet(nn.Module):
 
     def train(self, mode: bool = True):
         if mode and any(getattr(m, "folded", False) for m in self.modules()):  # NOTE: before any module's flag moves
-            raise DanetError("this model's batch norms are folded into its convolutions (norm=folded): inference only")
+            raise DanetError(TRAIN_REFUSED)
         return super().train(mode)
 
     def set_fused_attention(self, fused: bool) -> None:

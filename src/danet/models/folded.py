@@ -25,6 +25,8 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..errors import DanetError
 
+TRAIN_REFUSED = "this model's batch norms are folded into its convolutions (norm=folded): inference only"
+
 
 class FoldedNorm(nn.BatchNorm2d):
     """A batch norm whose work the convolution before it does (same parameters and buffers, unused): the identity."""
@@ -36,7 +38,7 @@ class FoldedNorm(nn.BatchNorm2d):
 
     def train(self, mode: bool = True):
         if mode:
-            raise DanetError("this model's batch norms are folded into its convolutions (norm=folded): inference only")
+            raise DanetError(TRAIN_REFUSED)
         return super().train(False)
 
 

@@ -120,17 +120,11 @@ def pam_impls():
     import danet.models.triton_attention as TA
     from danet.models.attention import attend, attend_explicit
 
-    def triton_blocks(block_m, block_c, warps, block_n=TA.BLOCK_N, stages=None):  # other blocks (forward only)
-        def run(q, k, v):
-            names = ("BLOCK_M", "MAX_BLOCK_C", "NUM_WARPS", "BLOCK_N", "NUM_STAGES")
-            saved = [getattr(TA, n) for n in names]
-            for n, value in zip(names, (block_m, block_c, warps, block_n, stages), strict=True):
-                setattr(TA, n, value)
-            try:
+    def triton_blocks(block_m, block_c, warps, block_n=TA.BLOCK_N, stages=None, exp2=False, lazy=False):
+        def run(q, k, v):  # other blocks and flags (forward only)
+            with pam_kernel(BLOCK_M=block_m, MAX_BLOCK_C=block_c, NUM_WARPS=warps, BLOCK_N=block_n,
+                            NUM_STAGES=stages, EXP2_FMA=exp2, LAZY_RESCALE=lazy):  # fmt: skip
                 return TA.attend_triton(q, k, v)
-            finally:
-                for n, value in zip(names, saved, strict=True):
-                    setattr(TA, n, value)
 
         return run
 
@@ -163,7 +157,31 @@ def pam_impls():
         "triton_s2": triton_blocks(128, 256, 8, stages=2),
         "triton_s4": triton_blocks(128, 256, 8, stages=4),
         "triton_w4_m64": triton_blocks(64, 256, 4),
+        # the exponentials as exp2 of one fused multiply-add (-1 of ~4 FP32 operations an element) and the
+        # accumulator rescaled only when a row's maximum grows by more than e^5.5 (-32,768 multiplications a key
+        # step of ~5.2 MFLOP of MMA): the model's blocks, then all 512 channels a program (q k^T and its exponentials
+        # once; 240 registers, no spills, 229 KB of shared memory on sm_90)
+        "triton_exp2": triton_blocks(128, 256, 8, exp2=True),
+        "triton_lazy": triton_blocks(128, 256, 8, lazy=True),
+        "triton_lazy_exp2": triton_blocks(128, 256, 8, exp2=True, lazy=True),
+        "triton_m64_c512_lazy_exp2": triton_blocks(64, 512, 8, exp2=True, lazy=True),
     }
+
+
+@contextlib.contextmanager
+def pam_kernel(**settings):
+    """The attention kernel's module settings (`models.triton_attention`: blocks, warps, EXP2_FMA, LAZY_RESCALE)
+    for the duration: for the `pam` group's variants and the model cases PAM_KERNEL names."""
+    import danet.models.triton_attention as TA
+
+    saved = {n: getattr(TA, n) for n in settings}
+    for n, value in settings.items():
+        setattr(TA, n, value)
+    try:
+        yield
+    finally:
+        for n, value in saved.items():
+            setattr(TA, n, value)
 
 
 def pam_shape(dev: str, b: int, n: int, dtype: torch.dtype, smoke: bool) -> None:
@@ -401,6 +419,9 @@ def cases(a, group: str) -> list[BenchSpec]:
             spec(wh, "whole_bf16_cl_graphs_tritonbn_tritonpam", **tp, norm="triton"),
             spec(wh, "whole_bf16_cl_graphs_folded_tritonpam", **tp, norm="folded"),
             spec(wh, "whole_bf16_cl_graphs_tritonbn_tritonpam_serial", **tp, norm="triton", head="serial"),
+            # the attention's kernel with exp2 and lazy rescaling (PAM_KERNEL; the `pam` group times it alone)
+            spec(wh, "whole_bf16_cl_graphs_folded_tritonpam_lazyexp2", **tp, norm="folded"),
+            spec(wh, "whole_bf16_cl_graphs_tritonbn_tritonpam_lazyexp2", **tp, norm="triton"),
             spec(wh, "whole_fp16_graphs", amp="fp16", cuda_graphs=gpu),
         ]
     if group == "compile":
@@ -413,6 +434,10 @@ def cases(a, group: str) -> list[BenchSpec]:
             spec(i5, "infer512_bf16_cl_compile_graphs", **bf, compile="default", cuda_graphs=gpu),
         ]
     raise ValueError(group)
+
+
+# model cases whose label ends so: the attention kernel's settings (pam_kernel) while they are built, captured and run
+PAM_KERNEL = {"_lazyexp2": dict(EXP2_FMA=True, LAZY_RESCALE=True)}
 
 
 def group_model(a, group: str) -> None:
@@ -430,7 +455,8 @@ def group_model(a, group: str) -> None:
             spec.device = "cpu"
         t = time.time()
         try:
-            rec = run_case(spec)
+            with pam_kernel(**next((v for k, v in PAM_KERNEL.items() if spec.label.endswith(k)), {})):
+                rec = run_case(spec)
             if spec.flops:
                 flops_seen[key] = rec["gflop_per_img"]
             else:
@@ -665,8 +691,9 @@ def group_head(a) -> None:
     """The head's branches on two CUDA streams (`DAHead.branch_streams`, the default) against one after the other,
     on the models the infer cases time (random weights, the attention's gamma and the batch norms perturbed so that
     every branch counts): relative difference of the logits and the fraction of pixels whose class changes, eager
-    and replayed as a CUDA graph (the same kernels: 0 expected); then the same model with its batch norms folded into
-    the convolutions (`--norm folded`: rounding differences expected)."""
+    and replayed as a CUDA graph (the same kernels: 0 expected); the attention kernel's exp2 and lazy rescaling
+    (PAM_KERNEL, eager); then the same model with its batch norms folded into the convolutions (`--norm folded`):
+    rounding differences expected in those two."""
     from danet.benchmark import build, resolve_device
     from danet.engine.inference import AMP_DTYPES
     from danet.models.folded import fold_batch_norm
@@ -699,6 +726,11 @@ def group_head(a) -> None:
                 o = _logits(model, x, amp, gph)
                 rec[f"streams_{name}_rel"] = float((o - r).norm() / r.norm())
                 rec[f"streams_{name}_changed"] = float((o.argmax(1) != r.argmax(1)).float().mean())
+            if case.attention == "triton":  # the attention kernel's exp2 and lazy rescaling: rounding, not bits
+                with pam_kernel(**PAM_KERNEL["_lazyexp2"]):
+                    o = _logits(model, x, amp, False)
+                rec["lazyexp2_eager_rel"] = float((o - refs[False]).norm() / refs[False].norm())
+                rec["lazyexp2_eager_changed"] = float((o.argmax(1) != refs[False].argmax(1)).float().mean())
             # the batch norms folded into the convolutions (`--norm folded`): rounding, not bits
             fold_batch_norm(model, AMP_DTYPES.get(amp, torch.float32))
             for gph in (False, True):

@@ -79,13 +79,19 @@ def cases():
                dict(z_ptr="*fp32", t_ptr="*i64", loss_ptr="*fp32", g_ptr="*fp32", h=i32, w=i32, H=i32, W=i32, K=i32,
                     ignore=i32),
                dict(S=s, BLOCK_S=triton.next_power_of_2(s), BLOCK_K=triton.next_power_of_2(k)))  # fmt: skip
-    # the position attention's kernel as DANet launches it: q / k 64 wide, v 512; positions N a multiple of 16 or not
-    for dt, n_any in (("bf16", False), ("fp16", False), ("bf16", True)):
-        strides = ("s_qb", "s_qn", "s_kb", "s_kn", "s_vb", "s_vn", "s_ob", "s_on")
-        yield (f"pam_forward/{dt}" + ("/N-any" if n_any else ""), TA.pam_forward,
+    # the position attention's kernel as DANet launches it: q / k 64 wide, v 512; positions N a multiple of 16 or not;
+    # then the variants benchmarks/gpu_suite.py times (exp2, lazy rescaling; all 512 channels a program)
+    strides = ("s_qb", "s_qn", "s_kb", "s_kn", "s_vb", "s_vn", "s_ob", "s_on")
+    model = dict(TA.blocks(64, 512), num_warps=TA.NUM_WARPS, EXP2=False, LAZY=False)
+    for dt, n_any, name, extra in (("bf16", False, "", {}), ("fp16", False, "", {}), ("bf16", True, "", {}),
+                                   ("bf16", False, "/exp2", dict(EXP2=True)), ("bf16", False, "/lazy", dict(LAZY=True)),
+                                   ("fp16", False, "/lazy_exp2", dict(EXP2=True, LAZY=True)),
+                                   ("bf16", False, "/m64_c512_lazy_exp2",
+                                    dict(BLOCK_M=64, BLOCK_C=512, EXP2=True, LAZY=True))):  # fmt: skip
+        yield (f"pam_forward/{dt}" + ("/N-any" if n_any else "") + name, TA.pam_forward,
                dict(q_ptr=PTR[dt], k_ptr=PTR[dt], v_ptr=PTR[dt], o_ptr=PTR[dt], N=i32, D=i32, C=i32,
                     **dict.fromkeys(strides, i32)),
-               dict(TA.blocks(64, 512), F64=False, UPCAST=False))  # fmt: skip
+               dict(model, F64=False, UPCAST=False) | extra)  # fmt: skip
 
 
 def ptxas_info(ptx: str) -> tuple[int, int]:
@@ -104,14 +110,14 @@ def ptxas_info(ptx: str) -> tuple[int, int]:
 def main() -> int:
     done, failed, scalar, spills = 0, [], [], []
     for name, kernel, sig, consts in cases():
+        # NOTE: Triton's default 4 warps, as the code launches every kernel but the attention's (num_warps)
+        options = {"num_warps": consts.pop("num_warps")} if "num_warps" in consts else {}
         signature = {**sig, **dict.fromkeys(consts, "constexpr")}
         multiples = ("C", "M", "HW") if kernel is not TL.upsampled_ce_tiles else ()
         if kernel is TA.pam_forward:  # every size and stride a multiple of 16 (64 and 512 wide), N too unless N-any
             multiples = tuple(n for n, t in sig.items() if t == "i32" and not (n == "N" and "N-any" in name))
         aligned = [n for n, t in sig.items() if t.startswith("*") or n in multiples]
         attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-        # NOTE: Triton's default 4 warps, as the code launches every kernel but the attention's (NUM_WARPS)
-        options = {"num_warps": TA.NUM_WARPS} if kernel is TA.pam_forward else {}
         try:
             compiled = triton.compile(
                 ASTSource(kernel, signature, constexprs=consts, attrs=attrs), target=TARGET, options=options

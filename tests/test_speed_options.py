@@ -194,6 +194,38 @@ def test_channels_last_and_explicit_attention_match_float32():
     assert rel(cl, ref) < 1e-5
 
 
+def test_attention_modules_keep_channels_last_and_compute_the_same():
+    """Both attention modules on a channels-last map (the CAM's product computed transposed, so that its output is
+    written in that layout, and the residual x + gamma * out in one pass): float64 to rounding of the NCHW
+    forward and of the formula, output channels last, and gradients (gamma's included) alike."""
+    from danet.models.attention import ChannelAttention, PositionAttention
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 32, 7, 9, generator=g, dtype=torch.float64)
+    for module in (ChannelAttention(), PositionAttention(32, 8)):
+        module = module.double()
+        with torch.no_grad():
+            module.gamma.fill_(0.7)
+        outs, grads = [], []
+        for cl in (False, True):
+            xx = (x.contiguous(memory_format=torch.channels_last) if cl else x.clone()).requires_grad_()
+            m = module.to(memory_format=torch.channels_last) if cl else module
+            out = m(xx)
+            assert out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+            (out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(x)).sum().backward()
+            outs.append(out.detach())
+            grads.append(torch.cat([xx.grad.flatten(), *[p.grad.flatten() for p in m.parameters()]]))
+            m.zero_grad()
+        assert rel(outs[1], outs[0]) < 1e-13 and rel(grads[1], grads[0]) < 1e-12
+    q = x.flatten(2)
+    e = q @ q.transpose(1, 2)
+    ref = 0.7 * (torch.softmax(e.amax(-1, keepdim=True) - e, -1) @ q).view_as(x) + x
+    cam = ChannelAttention().double()
+    with torch.no_grad():
+        cam.gamma.fill_(0.7)
+        assert rel(cam(x.contiguous(memory_format=torch.channels_last)), ref) < 1e-14
+
+
 class FakeStream:
     """Stands in for a CUDA stream on the CPU: records who waits for whom."""
 
@@ -548,6 +580,10 @@ def test_benchmark_folded_runs_inference_and_the_models_attention_is_kept(tmp_pa
     assert main(["benchmark", "danet_tiny_synthetic", *small, "--norm", "folded", "--json", str(out)]) == 0
     (rec,) = json.loads(out.read_text())
     assert rec["mode"] == "infer" and rec["norm"] == "folded" and rec["gflop_per_img"] > 0
+    # folded in bf16 (the model's other layers float32): the FLOP count runs under the timed run's autocast too
+    assert main(["benchmark", "danet_tiny_synthetic", *small, "--norm", "folded", "--amp", "bf16", "--json",
+                 str(out)]) == 0  # fmt: skip
+    assert json.loads(out.read_text())[0]["gflop_per_img"] == rec["gflop_per_img"]
     sets = ["--infer", "--set", "fused_attention=false", "--json", str(out)]
     assert main(["benchmark", "danet_tiny_synthetic", *small, *sets]) == 0
     assert json.loads(out.read_text())[0]["attention"] == "explicit"

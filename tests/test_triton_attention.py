@@ -61,6 +61,36 @@ def test_half_precision_is_no_further_off_than_the_explicit_product(dtype):
     assert rel(ours, attend(q, k, v)) < 1e-2
 
 
+@pytest.mark.parametrize(("exp2", "lazy"), [(True, False), (False, True), (True, True)])
+def test_exp2_and_lazy_rescaling_compute_the_same_function(monkeypatch, exp2, lazy):
+    """The kernel's EXP2 / LAZY variants (timed on a GPU by benchmarks/gpu_suite.py), float64 to rounding: one query
+    repeated, with energies laid out over the key steps (64 keys a step) so that every row's maximum grows by less
+    than RESCALE_AT (+2: no rescale, exponentials up to e^2), then by far more (+20: a rescale), then not at all,
+    in a partial last step; and random queries of two scales. bf16: no further from float64 than the default
+    kernel plus one rounding; fp16 on the laid-out energies: finite (a rescale bounds the exponentials)."""
+    import danet.models.triton_attention as TA
+
+    g = torch.Generator().manual_seed(1)
+    b, n, d, c = 2, 64 * 4 + 9, 16, 48
+    q = torch.randn(b, n, d, generator=g, dtype=torch.float64)
+    k = 0.05 * torch.randn(b, n, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, n, c, generator=g, dtype=torch.float64)
+    q1 = q[:, :1].expand(b, n, d).contiguous()
+    step = torch.tensor([0.0, 2.0, 22.0, 22.0, 5.0], dtype=torch.float64).repeat_interleave(64)[:n]
+    k1 = k + step[None, :, None] * q1 / q1.pow(2).sum(-1, keepdim=True)  # energies q1 . k1_j = q1 . k_j + step_j
+    qb, kb, vb = (t.bfloat16() for t in (3 * q, 20 * k, v))
+    ref = attend_explicit(qb.double(), kb.double(), vb.double())
+    default_err = rel(TA.attend_triton(qb, kb, vb), ref)
+    monkeypatch.setattr(TA, "EXP2_FMA", exp2)
+    monkeypatch.setattr(TA, "LAZY_RESCALE", lazy)
+    for qq, kk in ((q1, k1), (3 * q, 20 * k), (0.3 * q, 2 * k)):
+        assert rel(TA.attend_triton(qq, kk, v), attend_explicit(qq, kk, v)) < 1e-12
+    assert rel(TA.attend_triton(qb, kb, vb), ref) <= default_err + 2**-8
+    qh, kh, vh = (t.half() for t in (q1, k1, v))  # fp16 (largest 65,504): the exponentials stay bounded (not e^22)
+    ours = TA.attend_triton(qh, kh, vh)
+    assert torch.isfinite(ours).all() and rel(ours, attend_explicit(qh.double(), kh.double(), vh.double())) < 1e-2
+
+
 def narrow_model():
     torch.manual_seed(0)
     model = danet.create_model("danet_tiny_synthetic", base_channels=8, stem_channels=8, head_channels=32,

@@ -155,8 +155,9 @@ def build(spec: BenchSpec, dev: torch.device):
     return model, x, y
 
 
-def count_flops(model, x: torch.Tensor, train: bool) -> float:
-    """FLOPs per image of the forward (eval) or forward + backward (train) with explicit attention, batch 1."""
+def count_flops(model, x: torch.Tensor, train: bool, amp: str = "none") -> float:
+    """FLOPs per image of the forward (eval) or forward + backward (train) with explicit attention, batch 1, under
+    the timed run's autocast (the same count; a model folded in bf16 runs only under it)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     pam = model.head.pam
@@ -168,7 +169,7 @@ def count_flops(model, x: torch.Tensor, train: bool) -> float:
         m.eval()  # the timed model's running statistics stay as they were
     x1 = x[:1].detach()
     try:
-        with FlopCounterMode(display=False) as fc:
+        with FlopCounterMode(display=False) as fc, autocast(x.device, amp):
             if train:
                 out = model(x1, resize=False)
                 sum(v.float().sum() for v in out.values()).backward()
@@ -364,9 +365,9 @@ def run_case(spec: BenchSpec) -> dict:
         if spec.flops and spec.slide:  # every window's forward
             boxes = slide_windows(tuple(x.shape[-2:]), spec.slide, spec.stride or default_stride(spec.slide))
             y1, y2, x1, x2 = boxes[0]
-            flops = count_flops(model, x[..., y1:y2, x1:x2], False) * len(boxes)
+            flops = count_flops(model, x[..., y1:y2, x1:x2], False, spec.amp) * len(boxes)
         elif spec.flops:
-            flops = count_flops(model, x, train)
+            flops = count_flops(model, x, train, spec.amp)
         last: dict = {}
         if train:
             fn, last = make_train_fn(spec, model, x, y, dev)

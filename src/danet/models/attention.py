@@ -54,7 +54,15 @@ class PositionAttention(nn.Module):
             out = attend_triton(q, k, v)
         else:
             out = attend(q, k, v) if self.fused else attend_explicit(q, k, v)  # (B, N, C)
-        return self.gamma * out.transpose(1, 2).reshape(b, c, h, w) + x
+        return residual(x, self.gamma, out.transpose(1, 2).reshape(b, c, h, w))
+
+
+def residual(x: torch.Tensor, gamma: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """x + gamma * out, both modules' output, in one elementwise pass (`addcmul`; gamma in out's dtype, as
+    `gamma * out` computes it: a 0-dim tensor takes the other operand's dtype) where `gamma * out + x` took two, the
+    first of them casting gamma for each element (on an H200 0.12 ms of a whole 1024x2048 image's attention
+    modules). The same values but the rounding of the product, which is no longer rounded apart from the sum."""
+    return torch.addcmul(x, out, gamma.to(out.dtype))
 
 
 def triton_runs(v: torch.Tensor) -> bool:
@@ -110,10 +118,23 @@ class ChannelAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
+        if x.is_contiguous(memory_format=torch.channels_last):
+            # NOTE: channels last: (attn x)^T = x^T attn^T, written (B, N, C), which is x's own layout; attn x
+            # written (B, C, N) was an NCHW map beside a channels-last x: the residual's add ran on two layouts and
+            # the next convolution copied its input to channels last (the same products, each value its own dot
+            # product)
+            xt = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view
+            attn = self._attention(xt.transpose(1, 2))
+            out = torch.bmm(xt, attn.transpose(1, 2)).reshape(b, h, w, c).permute(0, 3, 1, 2)
+            return residual(x, self.gamma, out)
         q = x.reshape(b, c, h * w)
+        out = torch.bmm(self._attention(q), q).reshape(b, c, h, w)
+        return residual(x, self.gamma, out)
+
+    @staticmethod
+    def _attention(q: torch.Tensor) -> torch.Tensor:
+        """softmax(rowmax(E) - E), E = q q^T: `(B, C, N)` -> `(B, C, C)`."""
         energy = torch.bmm(q, q.transpose(1, 2))  # (B, C, C)
         # NOTE: both toolboxes subtract the energy from its row maximum before the softmax (kept for parity).
         energy = torch.amax(energy, dim=-1, keepdim=True).expand_as(energy) - energy
-        attn = torch.softmax(energy, dim=-1)
-        out = torch.bmm(attn, q).reshape(b, c, h, w)
-        return self.gamma * out + x
+        return torch.softmax(energy, dim=-1)

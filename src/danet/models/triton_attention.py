@@ -28,14 +28,34 @@ from .norm_kernels import interpreted, triton
 if triton is not None:
     import triton.language as tl
 
+    LOG2E = tl.constexpr(1.4426950408889634)
+    RESCALE_AT = tl.constexpr(5.5)  # LAZY: the exponentials stay <= e^5.5 ~ 245 (fp16's largest value is 65,504)
+
+    @triton.jit
+    def _exp(x, EXP2: tl.constexpr):
+        return tl.math.exp2(x * LOG2E) if EXP2 else tl.exp(x)
+
+    @triton.jit
+    def _exp_minus(s, row_max, EXP2: tl.constexpr):
+        """exp(s - row_max[:, None]); EXP2: exp2 of one fused multiply-add."""
+        if EXP2:
+            return tl.math.exp2(tl.fma(s, LOG2E, -(row_max * LOG2E)[:, None]))
+        return tl.exp(s - row_max[:, None])
+
     @triton.jit
     def pam_forward(q_ptr, k_ptr, v_ptr, o_ptr, N, D, C, s_qb, s_qn, s_kb, s_kn, s_vb, s_vn, s_ob, s_on,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-                    F64: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+                    F64: tl.constexpr, UPCAST: tl.constexpr, EXP2: tl.constexpr = False,
+                    LAZY: tl.constexpr = False):  # fmt: skip
         """o[b, m, c] = sum_n softmax_n(q[b, m] . k[b, n]) v[b, n, c] for one block of queries x channels (each
         tensor's last dimension contiguous: 128-bit loads).
         UPCAST: the products' operands in float32 (Triton's interpreter multiplies bf16 matrices wrongly; float32
-        products of bf16 values, accumulated in float32, are what the GPU's bf16 MMA computes)."""
+        products of bf16 values, accumulated in float32, are what the GPU's bf16 MMA computes).
+        EXP2: exp(s - m) as exp2(s * log2(e) - m * log2(e)), one fused multiply-add before the exponential unit's
+        exp2 where exp takes a subtraction and a multiplication (as flash attention does).
+        LAZY: the accumulator (BLOCK_M x BLOCK_C multiplications a key step) is rescaled only when some row's
+        maximum grows by more than RESCALE_AT; meanwhile the exponentials use the older maximum (each at most
+        e^RESCALE_AT; the sum and the accumulator use the same one, so the quotient is the same function)."""
         acc_t = tl.float64 if F64 else tl.float32
         b = tl.program_id(2).to(tl.int64)  # NOTE: b * batch stride passes 2^31 from (B - 1) * N * C on
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -58,17 +78,31 @@ if triton is not None:
                 k = k.to(tl.float32)
             s = tl.dot(q, k, out_dtype=acc_t)
             s = tl.where(n_mask[None, :], s, float("-inf"))
-            new_max = tl.maximum(row_max, tl.max(s, 1))
-            alpha = tl.exp(row_max - new_max)
-            p = tl.exp(s - new_max[:, None])
-            row_sum = row_sum * alpha + tl.sum(p, 1)
+            block_max = tl.max(s, 1)
+            if LAZY:
+                if tl.max(block_max - row_max, 0) > RESCALE_AT:  # always in the first step (row_max -inf)
+                    new_max = tl.maximum(row_max, block_max)
+                    alpha = _exp(row_max - new_max, EXP2)
+                    acc = acc * alpha[:, None]
+                    row_sum = row_sum * alpha
+                    row_max = new_max
+                p = _exp_minus(s, row_max, EXP2)
+                row_sum = row_sum + tl.sum(p, 1)
+            else:
+                new_max = tl.maximum(row_max, block_max)
+                alpha = _exp(row_max - new_max, EXP2)
+                p = _exp_minus(s, new_max, EXP2)
+                row_sum = row_sum * alpha + tl.sum(p, 1)
             v = tl.load(v_ptr + b * s_vb + offs_n[:, None] * s_vn + offs_c[None, :],
                         mask=n_mask[:, None] & c_mask[None, :], other=0.0)  # fmt: skip
             p = p.to(v.dtype)  # NOTE: as flash attention, the probabilities in the value's dtype for the product
             if UPCAST:
                 p, v = p.to(tl.float32), v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p, v, out_dtype=acc_t)
-            row_max = new_max
+            if LAZY:
+                acc = acc + tl.dot(p, v, out_dtype=acc_t)
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p, v, out_dtype=acc_t)
+                row_max = new_max
         out = acc / row_sum[:, None]
         tl.store(o_ptr + b * s_ob + offs_m[:, None] * s_on + offs_c[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & c_mask[None, :])  # fmt: skip
@@ -78,6 +112,7 @@ if triton is not None:
 # with 8 warps, tests/compile_kernels_sm90.py)
 BLOCK_M, BLOCK_N, MAX_BLOCK_C, NUM_WARPS = 128, 64, 256, 8
 NUM_STAGES = None  # Triton's default software pipelining (the GPU suite's pam group times others)
+EXP2_FMA, LAZY_RESCALE = False, False  # the kernel's EXP2 / LAZY (not yet timed on a GPU: the pam group times them)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
@@ -106,7 +141,8 @@ def attend_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     upcast = v.dtype == torch.bfloat16 and interpreted()
     strides = (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2])
     launch = {"num_warps": NUM_WARPS} | ({"num_stages": NUM_STAGES} if NUM_STAGES else {})
-    pam_forward[grid](q, k, v, out, n, d, c, *strides, **bs, F64=v.dtype == torch.float64, UPCAST=upcast, **launch)
+    flags = {"F64": v.dtype == torch.float64, "UPCAST": upcast, "EXP2": EXP2_FMA, "LAZY": LAZY_RESCALE}
+    pam_forward[grid](q, k, v, out, n, d, c, *strides, **bs, **flags, **launch)
     return out
 
 

@@ -17,7 +17,8 @@
 #          E2E_ITERS=50, E2E_WARMUP=10 and
 #          E2E_WORKERS=8 size the e2e runs: ~10-25 s in all after the train group, ~1 min alone (cuDNN autotuning
 #          and the compiled loss then happen in its first run's warm-up))
-# Here:    bash benchmarks/gpu_bench.sh --cpu-smoke     (tiny sizes on the CPU: checks every step of the script)
+# Here:    bash benchmarks/gpu_bench.sh --cpu-smoke     (tiny sizes on the CPU: checks every step of the script; exits 1
+#          if a case recorded an error)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SMOKE=0
@@ -79,3 +80,9 @@ stage "summary"
 $PY benchmarks/summarize_gpu.py "$OUT" --md "$OUT/summary.md" ${PEERS_DIR:+--peers "$PEERS_DIR"} \
   || echo "WARNING: summary failed"
 echo "done in $(($(date +%s) - T0)) s"
+if ((SMOKE)); then  # on the CPU every case must run: an error recorded there is a bug (on a GPU it is data)
+  if grep -E '"[a-z0-9_]*error"' "$OUT/ours.jsonl"; then
+    echo "CPU SMOKE FAILED: the cases above recorded errors"
+    exit 1
+  fi
+fi

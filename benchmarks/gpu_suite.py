@@ -18,10 +18,13 @@ Groups (the default order; each case starts only while the time budget lasts):
   infer    R50-D8 inference: sliding windows over 1024x2048 (one per forward vs stacked), 512x512 batch 1 (ADE20K)
            and whole 1024x2048 (Cityscapes): dtypes, CUDA graphs
   compile  torch.compile cases (slow to build: last)
-  pam      (on request) the PAM core softmax(q k^T) v, q/k 64 wide, v 512 wide: explicit vs SDPA variants
+  pam      (on request) the PAM core softmax(q k^T) v, q/k 64 wide, v 512 wide: explicit vs SDPA vs Triton variants
   head     (on request) the head's branches on two CUDA streams (the default in inference) against one after the
-           other: the same logits? (eager and graph-replayed; 512x512 and whole 1024x2048, bf16 and float32)
+           other: the same logits? (eager and graph-replayed; 512x512 and whole 1024x2048, bf16 and float32); the
+           attention kernel's exp2 + lazy rescaling and the folded network: how far their logits move
   resize   (on request) the logits' final bilinear resize: PyTorch's NHWC kernel vs `upsample_logits` (NCHW): ms, bits
+  convs    (on request) each distinct convolution of the folded network on a whole image, with its batch norm's work
+           run each way (plain + Triton batch norm, folded + bias/ReLU, cuDNN's fused call, cuBLASLt's epilogue)
 
 --smoke runs every group on the CPU at tiny sizes (checks the script, not the speed).
 """
@@ -30,7 +33,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -774,6 +779,124 @@ def group_resize(a) -> None:
             emit(rec)
 
 
+# ------------------------------------------------------------------------------------------------- convs
+def group_convs(a) -> None:
+    """Every distinct convolution of the folded network (`--norm folded`) on a whole 1024x2048 Cityscapes image, bf16,
+    channels last (smoke: the narrow model at 64x128 on the CPU), with its batch norm's work, run each way (median ms
+    of 5 calls a synchronisation), times the number of such layers; to choose per layer if cuDNN's fused calls are
+    slower than the rest somewhere:
+    - conv: the convolution alone (F.conv2d, no bias), as the unfolded network runs it;
+    - conv_bn: that + the fused Triton batch norm pass (+ residual, ReLU): `norm=triton`, the fastest measured so far;
+    - conv_bias_act: the folded convolution (F.conv2d with its bias), then add_ / relu_ (folded, not fused);
+    - cudnn_fused: torch.cudnn_convolution_relu / add_relu, what `--norm folded` runs on CUDA;
+    - gemm_epilogue (1x1, stride 1, ReLU without residual): torch._addmm_activation, cuBLASLt's bias + ReLU epilogue,
+      on the (N*H*W, C) view of the channels-last map (the same products).
+    Then one record with each way's total over the network and the total of the per-layer fastest."""
+    from danet.benchmark import build, resolve_device
+    from danet.models.folded import FoldedConv2d
+
+    sm = a.smoke
+    dev = resolve_device("cpu" if sm else "auto")
+    spec = next(c for c in cases(a, "infer") if c.label == "whole_bf16_cl_graphs_folded_tritonpam")
+    model, x, _ = build(dataclasses.replace(spec, attention="fused"), dev)
+    seen: dict[tuple, int] = {}
+
+    def record(conv, args, kwargs):
+        residual = kwargs.get("residual", args[1] if len(args) > 1 else None)
+        key = (tuple(args[0].shape), tuple(conv.weight.shape), conv.stride, conv.padding, conv.dilation, conv.act,
+               residual is not None)  # fmt: skip
+        seen[key] = seen.get(key, 0) + 1
+
+    hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in model.modules()
+             if isinstance(m, FoldedConv2d)]  # fmt: skip
+    with torch.inference_mode(), torch.autocast(dev.type, torch.bfloat16):
+        model(x)
+    for h in hooks:
+        h.remove()
+    del model, x
+    release()
+    bench_before, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, True  # as the infer cases
+    try:
+        _time_convs(a, dev, seen)
+    finally:
+        torch.backends.cudnn.benchmark = bench_before
+    release()
+
+
+def _time_convs(a, dev: torch.device, seen: dict) -> None:
+    g = torch.Generator().manual_seed(0)
+    totals: dict[str, float] = {}
+    best_total = 0.0
+    for (shape, wshape, stride, padding, dilation, act, has_res), count in seen.items():
+        if time.time() - T0 > a.budget_s:
+            emit({"group": "convs", "skipped": "time budget"})
+            return
+        ways = _conv_ways(dev, g, shape, wshape, stride, padding, dilation, act, has_res)
+        rec = {"group": "convs", "input": list(shape), "weight": list(wshape), "stride": stride[0],
+               "dilation": dilation[0], "act": act, "residual": has_res, "count": count}  # fmt: skip
+        with torch.inference_mode():
+            for name, fn in ways.items():
+                try:
+                    if name in ("cudnn_fused", "gemm_epilogue"):  # the folded convolution's values, to rounding
+                        ref = ways["conv_bias_act"]().float()
+                        rec[f"rel_{name}"] = float((fn().float() - ref).norm() / ref.norm())
+                    rec[f"ms_{name}"] = round(1e3 * bench(lambda fn=fn: [fn() for _ in range(5)], 2, 5) / 5, 4)
+                    totals[name] = totals.get(name, 0.0) + count * rec[f"ms_{name}"]
+                except Exception as e:  # noqa: BLE001  (a cuDNN fused call refused: data on a GPU)
+                    rec[f"{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        # the shortcut's bias joins its block's last convolution: folded, it is the plain convolution
+        folded = [n for n in ("conv_bias_act", "cudnn_fused", "gemm_epilogue") if f"ms_{n}" in rec] if act else ["conv"]
+        if folded:
+            rec["fastest_folded"] = min(folded, key=lambda n: rec[f"ms_{n}"])
+            best_total += count * rec[f"ms_{rec['fastest_folded']}"]
+        emit(rec)
+        del ways
+    # NOTE: gemm_epilogue's total covers only the layers it can run (1x1, stride 1, no residual)
+    emit({"group": "convs", "total_ms": {k: round(v, 3) for k, v in totals.items()},
+          "total_ms_fastest_folded_per_layer": round(best_total, 3), "layers": sum(seen.values())})  # fmt: skip
+
+
+def _conv_ways(dev, g, shape, wshape, stride, padding, dilation, act: bool, has_res: bool) -> dict:
+    """The ways of running one convolution with its batch norm's work (group_convs), on random bf16 channels-last
+    tensors of its shapes."""
+    from danet.models.fused_norm import FusedBatchNorm2d
+
+    cl = dict(memory_format=torch.channels_last)
+    x = torch.randn(shape, generator=g).to(dev, torch.bfloat16).contiguous(**cl)
+    w = (torch.randn(wshape, generator=g) / math.sqrt(wshape[1] * wshape[2] * wshape[3])).to(dev, torch.bfloat16)
+    w = w.contiguous(**cl)
+    b = torch.randn(wshape[0], generator=g).to(dev, torch.bfloat16)
+    out_shape = F.conv2d(x, w, None, stride, padding, dilation).shape
+    res = torch.randn(out_shape, generator=g).to(dev, torch.bfloat16).contiguous(**cl) if has_res else None
+    bn = FusedBatchNorm2d(wshape[0]).to(dev).eval()
+    args = (list(stride), list(padding), list(dilation), 1)
+
+    def conv():
+        return F.conv2d(x, w, None, stride, padding, dilation)
+
+    def conv_bn():
+        y = conv()
+        return bn.forward_act(y, res) if act else bn(y)
+
+    def conv_bias_act():
+        y = F.conv2d(x, w, b, stride, padding, dilation)
+        if res is not None:
+            y.add_(res)
+        return torch.relu_(y) if act else y
+
+    ways = {"conv": conv, "conv_bn": conv_bn, "conv_bias_act": conv_bias_act}
+    if act and dev.type == "cuda":
+        if has_res:
+            ways["cudnn_fused"] = lambda: torch.cudnn_convolution_add_relu(x, w, res, 1.0, b, *args)
+        else:
+            ways["cudnn_fused"] = lambda: torch.cudnn_convolution_relu(x, w, b, *args)
+    if act and not has_res and tuple(wshape[2:]) == (1, 1) and tuple(stride) == (1, 1):
+        x2d, w2d = x.permute(0, 2, 3, 1).reshape(-1, wshape[1]), w.reshape(wshape[0], wshape[1])
+        n, _, h, w_ = out_shape
+        ways["gemm_epilogue"] = lambda: torch._addmm_activation(b, x2d, w2d.t()).view(n, h, w_, -1).permute(0, 3, 1, 2)
+    return ways
+
+
 # ------------------------------------------------------------------------------------------------- fidelity
 def group_fidelity(a) -> None:
     """Issue 5's check on the GPU itself: 20 SGD steps from the same weights over the same 4 batches (random labels,
@@ -829,7 +952,7 @@ def group_fidelity(a) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     groups = ["sys", "loss", "norm", "train", "fidelity", "e2e", "profile", "eval", "infer", "compile"]
-    p.add_argument("groups", nargs="*", default=groups, help=f"of: {' '.join(groups)} pam head resize")
+    p.add_argument("groups", nargs="*", default=groups, help=f"of: {' '.join(groups)} pam head resize convs")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: check that every case runs")
     p.add_argument("--budget-s", type=float, default=float(os.environ.get("BUDGET_S", 1e9)),
                    help="skip the cases that would start after this many seconds")  # fmt: skip
@@ -857,7 +980,7 @@ def main(argv=None) -> int:
             special = {"sys": group_sys, "pam": group_pam, "loss": group_loss, "norm": group_norm,
                        "profile": group_profile, "e2e": group_e2e, "eval": group_eval,
                        "fidelity": group_fidelity, "head": group_head,
-                       "resize": group_resize}  # fmt: skip
+                       "resize": group_resize, "convs": group_convs}  # fmt: skip
             special.get(g, lambda a, g=g: group_model(a, g))(a)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()

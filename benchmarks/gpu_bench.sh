@@ -47,6 +47,7 @@ $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade
   || echo "WARNING: wheel install failed; the anchors will fail"
 export PYTHONPATH="$PWD/src:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 rm -f "$OUT/ours.jsonl"
+SUITE_RC=0
 
 SMOKE_ARG=(); QUICK=()
 [[ $SMOKE == 1 ]] && SMOKE_ARG=(--smoke) && QUICK=(--quick)
@@ -69,19 +70,23 @@ ONLY_ARG=()
 [[ -n "${ONLY:-}" ]] && read -ra ONLY_WORDS <<< "$ONLY" && ONLY_ARG=(--only "${ONLY_WORDS[@]}")
 [[ -n "${PROFILE_CASES:-}" ]] && read -ra PROFILE_WORDS <<< "$PROFILE_CASES" && ONLY_ARG+=(--profile "${PROFILE_WORDS[@]}")
 timeout $(lim $(($(left) - 5))) $PY benchmarks/gpu_suite.py $GROUPS_CORE "${SMOKE_ARG[@]}" "${ONLY_ARG[@]}" \
-  --budget-s $(($(left) - 60 * COMPILE)) || echo "WARNING: gpu_suite core exited $?"
+  --budget-s $(($(left) - 60 * COMPILE)) || { SUITE_RC=$?; echo "WARNING: gpu_suite core exited $SUITE_RC"; }
 if ((COMPILE)) && { (($(left) > 60)) || ((SMOKE)); }; then
   stage "ours: torch.compile"
   timeout $(lim $(left)) $PY benchmarks/gpu_suite.py compile "${SMOKE_ARG[@]}" "${ONLY_ARG[@]}" \
     --budget-s $(($(left) - 50)) \
-    || echo "WARNING: gpu_suite compile exited $?"
+    || { SUITE_RC=$?; echo "WARNING: gpu_suite compile exited $SUITE_RC"; }
 fi
 stage "summary"
 $PY benchmarks/summarize_gpu.py "$OUT" --md "$OUT/summary.md" ${PEERS_DIR:+--peers "$PEERS_DIR"} \
   || echo "WARNING: summary failed"
 echo "done in $(($(date +%s) - T0)) s"
 if ((SMOKE)); then  # on the CPU every case must run: an error recorded there is a bug (on a GPU it is data)
-  if grep -E '"[a-z0-9_]*error"' "$OUT/ours.jsonl"; then
+  if ((SUITE_RC)) || [[ ! -s $OUT/ours.jsonl ]]; then
+    echo "CPU SMOKE FAILED: gpu_suite.py exited $SUITE_RC, $OUT/ours.jsonl has $(wc -l < "$OUT/ours.jsonl" 2>/dev/null || echo no) lines"
+    exit 1
+  fi
+  if grep -iE '"[a-z0-9_-]*error"' "$OUT/ours.jsonl"; then
     echo "CPU SMOKE FAILED: the cases above recorded errors"
     exit 1
   fi

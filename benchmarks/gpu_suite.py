@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -163,9 +164,9 @@ def pam_impls():
         "triton_s4": triton_blocks(128, 256, 8, stages=4),
         "triton_w4_m64": triton_blocks(64, 256, 4),
         # the exponentials as exp2 of one fused multiply-add (-1 of ~4 FP32 operations an element) and the
-        # accumulator rescaled only when a row's maximum grows by more than e^5.5 (-32,768 multiplications a key
-        # step of ~5.2 MFLOP of MMA): the model's blocks, then all 512 channels a program (q k^T and its exponentials
-        # once; 240 registers, no spills, 229 KB of shared memory on sm_90)
+        # accumulator rescaled only when a row's maximum grows by more than 5.5, a factor e^5.5 (-32,768
+        # multiplications a key step of ~5.2 MFLOP of MMA): the model's blocks, then all 512 channels a program (q k^T
+        # and its exponentials once; 240 registers, no spills, 229 KB of shared memory on sm_90)
         "triton_exp2": triton_blocks(128, 256, 8, exp2=True),
         "triton_lazy": triton_blocks(128, 256, 8, lazy=True),
         "triton_lazy_exp2": triton_blocks(128, 256, 8, exp2=True, lazy=True),
@@ -618,7 +619,8 @@ def group_eval(a) -> None:
     """Evaluation over an ADE20K-layout val split (JPEGs at 512x683, whole-image bf16 channels_last, R50-D8 at random
     weights): images read one by one in this process (workers 0, as both toolboxes' single-GPU test) vs read ahead
     by `eval_workers` processes (the GPU default), then also with the forward replayed as a CUDA graph (`danet test
-    --cuda-graphs`; the images share one size); images/s of each and whether the confusion matrices agree."""
+    --cuda-graphs`; the images share one size), and that with the batch norms folded (`--norm folded`); images/s of
+    each and whether the confusion matrices agree."""
     from e2e_data import make_ade_like  # benchmarks/ (this script's folder is on sys.path)
 
     from danet.data import build_dataset
@@ -648,6 +650,20 @@ def group_eval(a) -> None:
         sync()
         rec[f"img_s_{name}"] = round(n_val / (time.perf_counter() - t), 2)
     rec["same_confusion_matrix"] = all(torch.equal(mats[0], m) for m in mats[1:])
+    # `danet test --norm folded --cuda-graphs`: the batch norms folded into the convolutions (bf16, as the run's
+    # autocast): images/s and how far the confusion matrix moves (half its absolute difference over the pixels: at
+    # least that share of pixels changed class)
+    from danet.models.folded import fold_batch_norm
+
+    folded = copy.deepcopy(model)
+    fold_batch_norm(folded, torch.bfloat16)
+    sync()
+    t = time.perf_counter()
+    mat = evaluate(with_forward_graphs(folded, dev), ds, preset.num_classes, workers=auto, **kw).mat
+    sync()
+    rec["img_s_workers_auto_graphs_folded"] = round(n_val / (time.perf_counter() - t), 2)
+    rec["folded_confusion_moved"] = float((mat - mats[0]).abs().sum() / 2 / mats[0].sum())
+    del folded
     # the graphs on many layouts: sliding windows under multi-scale + flip (a layout per scale), eager vs replayed
     tta = dict(
         kw,

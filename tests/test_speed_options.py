@@ -609,3 +609,45 @@ def test_benchmark_slide_counts_every_window(tmp_path, capsys):
     assert main([*common, "--slide", "32", "32", "--window-batch", "0"]) == 2
     assert main([*common, "--slide", "0", "32"]) == 2
     assert capsys.readouterr().err.count("error:") == 3
+
+
+def test_test_and_predict_take_norm_folded(checkpoint, tmp_path, capsys, monkeypatch):
+    """`danet test` / `danet predict --norm folded` fold the batch norms (in the run's dtype: float32, bf16 under
+    --amp bf16) and give the unfolded run's metrics and labels (float32 rounding); the JSON records the setting;
+    --conv winograd beside it is refused in one line."""
+    import numpy as np
+    from PIL import Image
+
+    import danet.models.folded as FD
+    from danet.cli import main
+    from danet.data import ensure_synthetic
+
+    dtypes = []
+    real = FD.fold_batch_norm
+    monkeypatch.setattr(FD, "fold_batch_norm", lambda m, dtype=torch.float32: dtypes.append(dtype) or real(m, dtype))
+    root = ensure_synthetic(tmp_path / "data")
+    base = ["test", "danet_tiny_synthetic", "--checkpoint", str(checkpoint), "--data-root", str(root), "--limit", "3",
+            "--no-progress"]  # fmt: skip
+    runs = {"native": [], "folded": ["--norm", "folded"], "folded_bf16": ["--norm", "folded", "--amp", "bf16"]}
+    res = {}
+    for name, extra in runs.items():
+        assert main([*base, *extra, "--json", str(tmp_path / f"{name}.json")]) == 0
+        res[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert dtypes == [torch.float32, torch.bfloat16]
+    assert [res[n]["settings"]["norm"] for n in runs] == ["native", "folded", "folded"]
+    assert abs(res["folded"]["aAcc"] - res["native"]["aAcc"]) < 0.05
+    assert abs(res["folded_bf16"]["aAcc"] - res["native"]["aAcc"]) < 2.0
+    image = sorted((root / "images" / "validation").glob("*.jpg"))[0]
+    labels = {}
+    for name, extra in (("native", []), ("folded", ["--norm", "folded"])):
+        out = tmp_path / f"pred_{name}"
+        assert main(["predict", "--checkpoint", str(checkpoint), str(image), "--out", str(out), "--no-progress",
+                     *extra]) == 0  # fmt: skip
+        labels[name] = np.asarray(Image.open(next(out.glob("*.png"))))
+    assert len(dtypes) == 3 and (labels["folded"] == labels["native"]).mean() > 0.99
+    capsys.readouterr()
+    for cmd in (base, ["predict", "--checkpoint", str(checkpoint), str(image), "--out", str(tmp_path / "p")]):
+        assert main([*cmd, "--norm", "folded", "--conv", "winograd"]) == 2
+        err = capsys.readouterr().err
+        assert "--norm folded replaces the convolutions that --conv winograd would switch" in err
+        assert len(err.strip().splitlines()) == 1

@@ -67,7 +67,8 @@ def test_exp2_and_lazy_rescaling_compute_the_same_function(monkeypatch, exp2, la
     repeated, with energies laid out over the key steps (64 keys a step) so that every row's maximum grows by less
     than RESCALE_AT (+2: no rescale, exponentials up to e^2), then by far more (+20: a rescale), then not at all,
     in a partial last step; and random queries of two scales. bf16: no further from float64 than the default
-    kernel plus one rounding; fp16 on the laid-out energies: finite (a rescale bounds the exponentials)."""
+    kernel plus one rounding; fp16 on the laid-out energies, also where only half the rows of a block grow: finite
+    (a rescale bounds the exponentials)."""
     import danet.models.triton_attention as TA
 
     g = torch.Generator().manual_seed(1)
@@ -89,6 +90,18 @@ def test_exp2_and_lazy_rescaling_compute_the_same_function(monkeypatch, exp2, la
     qh, kh, vh = (t.half() for t in (q1, k1, v))  # fp16 (largest 65,504): the exponentials stay bounded (not e^22)
     ours = TA.attend_triton(qh, kh, vh)
     assert torch.isfinite(ours).all() and rel(ours, attend_explicit(qh.double(), kh.double(), vh.double())) < 1e-2
+    # rows of one block apart: half of every 128 queries grow by +22 (q1's), the other half (orthogonal to q1) not
+    # at all; ANY row's growth must rescale (fp16: e^22 would overflow), N a multiple of the blocks
+    n2 = 256
+    other = (
+        q[:, 1:2] - (q[:, 1:2] * q1[:, :1]).sum(-1, keepdim=True) / q1[:, :1].pow(2).sum(-1, keepdim=True) * q1[:, :1]
+    )
+    rows = torch.arange(n2) % 128 < 64
+    q2 = torch.where(rows[None, :, None], q1[:, :1], other).expand(b, n2, d)
+    k2, v2 = k1[:, :n2], v[:, :n2]
+    ours = TA.attend_triton(*(t.half() for t in (q2, k2, v2)))
+    ref2 = attend_explicit(*(t.half().double() for t in (q2, k2, v2)))
+    assert torch.isfinite(ours).all() and rel(ours, ref2) < 1e-2
 
 
 def narrow_model():

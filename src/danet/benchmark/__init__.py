@@ -40,7 +40,7 @@ from ..engine.losses import danet_loss
 from ..engine.schedule import build_optimizer
 from ..errors import DanetError
 from ..models.danet import ATTENTIONS
-from ..models.folded import fold_batch_norm
+from ..models.folded import WINOGRAD_REFUSED, fold_batch_norm
 from ..models.fused_norm import use_fused_norm, why_unused
 from ..models.norm_kernels import interpreted
 from ..models.registry import create_model
@@ -289,7 +289,7 @@ def check_spec(spec: BenchSpec) -> torch.device:
     if spec.norm == "folded" and spec.mode != "infer":
         raise DanetError("--norm folded folds the running statistics into the convolutions (inference); use --infer")
     if spec.norm == "folded" and spec.conv == "winograd":
-        raise DanetError("--norm folded replaces the convolutions that --conv winograd would switch; give one of them")
+        raise DanetError(WINOGRAD_REFUSED)
     if spec.head not in HEADS:
         raise DanetError(f"unknown --head {spec.head!r}; use {', '.join(HEADS)}")
     if spec.loss not in ("reference", "fused", "compiled", "triton"):

@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from ..errors import DanetError, os_hint
 from .graphed import with_forward_graphs
-from .test_cli import add_speed_options, add_view_options, check_view_options
+from .inference import AMP_DTYPES
+from .test_cli import add_speed_options, add_view_options, check_speed_options, check_view_options
 
 DEFAULT_MAX_PIXELS = 2048 * 1024
 # labels as `danet test` computes them (logits resized to the original size; --tta: the views merged there, as the
@@ -333,6 +334,7 @@ def run_cli(args) -> int:
     from .distributed import cpu_threads
 
     check_view_options(args, args.tta)
+    check_speed_options(args)
     if not 0 <= args.alpha <= 1:
         raise DanetError(f"--alpha {args.alpha} is outside 0..1 (0: the photo only, 1: the labels only)")
     if args.max_pixels < 1:
@@ -357,7 +359,7 @@ def run_cli(args) -> int:
     if predictor.device.type == "cpu":  # NOTE: the command's threads; the Python API leaves the process's as they are
         torch.set_num_threads(cpu_threads(None))
     set_inference_conv(predictor.model, args.conv)
-    set_inference_norm(predictor.model, args.norm)
+    set_inference_norm(predictor.model, args.norm, AMP_DTYPES.get(args.amp, torch.float32))
     set_inference_attention(predictor.model, args.attention, args.amp)
     if args.channels_last:
         predictor.model = predictor.model.to(memory_format=torch.channels_last)

@@ -21,6 +21,7 @@ from ..errors import DanetError, short
 from ..models.danet import ATTENTIONS
 from .evaluate import TTA_MERGES, TTA_VIEWS
 from .graphed import CUDA_GRAPHS_HELP, GraphedForward, with_forward_graphs
+from .inference import AMP_DTYPES
 from .logging import check_output_file, write_json
 
 
@@ -76,13 +77,25 @@ def add_speed_options(parser: argparse.ArgumentParser) -> None:
         "--conv", choices=("direct", "winograd"), default="direct", help="3x3 convolutions (winograd: faster on CPU)"
     )
     parser.add_argument(
-        "--norm", choices=("native", "triton"), default="native", help="batch norm + ReLU (triton: fused kernels, CUDA)"
+        "--norm",
+        choices=("native", "triton", "folded"),
+        default="native",
+        help="batch norm + ReLU (triton: fused kernels, CUDA; folded: into the convolutions, on CUDA one cuDNN call "
+        "each with bias, residual and ReLU: not yet timed on a GPU, no faster on the CPU)",
     )
     parser.add_argument(
         "--channels-last", action="store_true", help="NHWC memory format (with --amp bf16 the fast layout on a GPU)"
     )
     parser.add_argument("--cuda-graphs", action="store_true", help=CUDA_GRAPHS_HELP)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+
+def check_speed_options(args) -> None:
+    """DanetError for speed options that exclude each other."""
+    if args.norm == "folded" and args.conv == "winograd":
+        from ..models.folded import WINOGRAD_REFUSED
+
+        raise DanetError(WINOGRAD_REFUSED)
 
 
 def check_view_options(args, tta: bool, what: str = "--tta") -> None:
@@ -129,6 +142,7 @@ def run_test(args) -> dict:
     from .inference import check_slide, default_stride
     from .predict import run_eval_mode
 
+    check_speed_options(args)
     preset = get_preset(args.preset)
     if args.dataset == "folder":
         preset = with_own_classes(preset, args.data_root)
@@ -181,7 +195,7 @@ def run_test(args) -> dict:
         model = load_model(ck, preset.model, remedy=remedy).to(info.device).eval()
         output_stride = model.cfg.output_stride  # NOTE: the preset's (load_model warns of a file's other one)
         set_inference_conv(model, args.conv)
-        set_inference_norm(model, args.norm)
+        set_inference_norm(model, args.norm, AMP_DTYPES.get(args.amp, torch.float32))
         attention = set_inference_attention(model, args.attention, args.amp)  # what runs (the settings record it)
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -233,7 +247,7 @@ def run_test(args) -> dict:
             "output_stride": output_stride,
             "amp": args.amp,
             "conv": args.conv,
-            "norm": args.norm if args.norm == "native" or why_unused(info.device) is None else "native",
+            "norm": "native" if args.norm == "triton" and why_unused(info.device) else args.norm,
             "attention": attention,
             "channels_last": args.channels_last,
             "cuda_graphs": isinstance(model, GraphedForward),

@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from ..errors import DanetError
 
 TRAIN_REFUSED = "this model's batch norms are folded into its convolutions (norm=folded): inference only"
+WINOGRAD_REFUSED = "--norm folded replaces the convolutions that --conv winograd would switch; give one of them"
 
 
 class FoldedNorm(nn.BatchNorm2d):

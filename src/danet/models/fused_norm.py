@@ -359,10 +359,16 @@ def sync_fused_norm(model: nn.Module, group=None) -> int:
     return len(mods)
 
 
-def set_inference_norm(model: nn.Module, norm: str) -> nn.Module:
-    """`danet test` / `predict` `--norm`: "triton" swaps the batch norms (with a note where its kernels cannot run)."""
+def set_inference_norm(model: nn.Module, norm: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """`danet test` / `predict` `--norm`: "triton" swaps the batch norms (with a note where its kernels cannot run);
+    "folded" folds them into the convolutions before them (models/folded.py; `dtype`: the run's compute dtype, bf16 /
+    fp16 under that autocast, else float32)."""
     if norm == "triton":
         use_fused_norm(model)
         if why := why_unused(next(model.parameters()).device):
             print(f"note: --norm triton {why}; PyTorch's batch norm runs")
+    elif norm == "folded":
+        from .folded import fold_batch_norm
+
+        fold_batch_norm(model.eval(), dtype)
     return model

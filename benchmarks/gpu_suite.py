@@ -24,7 +24,8 @@ Groups (the default order; each case starts only while the time budget lasts):
            attention kernel's exp2 + lazy rescaling and the folded network: how far their logits move
   resize   (on request) the logits' final bilinear resize: PyTorch's NHWC kernel vs `upsample_logits` (NCHW): ms, bits
   convs    (on request) each distinct convolution of the folded network on a whole image, with its batch norm's work
-           run each way (plain + Triton batch norm, folded + bias/ReLU, cuDNN's fused call, cuBLASLt's epilogue)
+           run each way (plain + Triton batch norm, folded + bias/ReLU, cuDNN's fused call, cuBLASLt's epilogue); the
+           stem's max pooling, PyTorch's vs the Triton kernel
 
 --smoke runs every group on the CPU at tiny sizes (checks the script, not the speed).
 """
@@ -128,8 +129,9 @@ def pam_impls():
 
     def triton_blocks(block_m, block_c, warps, block_n=TA.BLOCK_N, stages=None, exp2=False, lazy=False):
         def run(q, k, v):  # other blocks and flags (forward only)
-            with pam_kernel(BLOCK_M=block_m, MAX_BLOCK_C=block_c, NUM_WARPS=warps, BLOCK_N=block_n,
-                            NUM_STAGES=stages, EXP2_FMA=exp2, LAZY_RESCALE=lazy):  # fmt: skip
+            settings = dict(BLOCK_M=block_m, MAX_BLOCK_C=block_c, NUM_WARPS=warps, BLOCK_N=block_n,
+                            NUM_STAGES=stages, EXP2_FMA=exp2, LAZY_RESCALE=lazy)  # fmt: skip
+            with module_settings("triton_attention", **settings):
                 return TA.attend_triton(q, k, v)
 
         return run
@@ -175,19 +177,21 @@ def pam_impls():
 
 
 @contextlib.contextmanager
-def pam_kernel(**settings):
-    """The attention kernel's module settings (`models.triton_attention`: blocks, warps, EXP2_FMA, LAZY_RESCALE)
-    for the duration: for the `pam` group's variants and the model cases PAM_KERNEL names."""
-    import danet.models.triton_attention as TA
+def module_settings(module: str, **settings):
+    """`danet.models.<module>`'s module-level settings for the duration (the attention kernel's blocks, warps,
+    EXP2_FMA, LAZY_RESCALE; the pooling kernel's ENABLED): for the `pam` group's variants and the model cases that
+    CASE_SETTINGS names."""
+    import importlib
 
-    saved = {n: getattr(TA, n) for n in settings}
+    mod = importlib.import_module(f"danet.models.{module}")
+    saved = {n: getattr(mod, n) for n in settings}
     for n, value in settings.items():
-        setattr(TA, n, value)
+        setattr(mod, n, value)
     try:
         yield
     finally:
         for n, value in saved.items():
-            setattr(TA, n, value)
+            setattr(mod, n, value)
 
 
 def pam_shape(dev: str, b: int, n: int, dtype: torch.dtype, smoke: bool) -> None:
@@ -425,9 +429,13 @@ def cases(a, group: str) -> list[BenchSpec]:
             spec(wh, "whole_bf16_cl_graphs_tritonbn_tritonpam", **tp, norm="triton"),
             spec(wh, "whole_bf16_cl_graphs_folded_tritonpam", **tp, norm="folded"),
             spec(wh, "whole_bf16_cl_graphs_tritonbn_tritonpam_serial", **tp, norm="triton", head="serial"),
-            # the attention's kernel with exp2 and lazy rescaling (PAM_KERNEL; the `pam` group times it alone)
+            # the attention's kernel with exp2 and lazy rescaling, the stem's pooling kernel (CASE_SETTINGS; the `pam`
+            # and `convs` groups time them alone)
             spec(wh, "whole_bf16_cl_graphs_folded_tritonpam_lazyexp2", **tp, norm="folded"),
             spec(wh, "whole_bf16_cl_graphs_tritonbn_tritonpam_lazyexp2", **tp, norm="triton"),
+            spec(wh, "whole_bf16_cl_graphs_folded_tritonpam_tritonpool", **tp, norm="folded"),
+            spec(wh, "whole_bf16_cl_graphs_folded_tritonpam_lazyexp2_tritonpool", **tp, norm="folded"),
+            spec(i5, "infer512_bf16_cl_graphs_folded_tritonpam_lazyexp2_tritonpool", **tp, norm="folded"),
             spec(wh, "whole_fp16_graphs", amp="fp16", cuda_graphs=gpu),
         ]
     if group == "compile":
@@ -442,8 +450,19 @@ def cases(a, group: str) -> list[BenchSpec]:
     raise ValueError(group)
 
 
-# model cases whose label ends so: the attention kernel's settings (pam_kernel) while they are built, captured and run
-PAM_KERNEL = {"_lazyexp2": dict(EXP2_FMA=True, LAZY_RESCALE=True)}
+# model cases whose label contains a key: those module settings (module_settings) while they are built, captured, run
+CASE_SETTINGS = {
+    "_lazyexp2": ("triton_attention", dict(EXP2_FMA=True, LAZY_RESCALE=True)),
+    "_tritonpool": ("triton_pool", dict(ENABLED=True)),
+}
+
+
+def case_settings(label: str) -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    for key, (module, settings) in CASE_SETTINGS.items():
+        if key in label:
+            stack.enter_context(module_settings(module, **settings))
+    return stack
 
 
 def group_model(a, group: str) -> None:
@@ -461,7 +480,7 @@ def group_model(a, group: str) -> None:
             spec.device = "cpu"
         t = time.time()
         try:
-            with pam_kernel(**next((v for k, v in PAM_KERNEL.items() if spec.label.endswith(k)), {})):
+            with case_settings(spec.label):
                 rec = run_case(spec)
             if spec.flops:
                 flops_seen[key] = rec["gflop_per_img"]
@@ -713,8 +732,8 @@ def group_head(a) -> None:
     on the models the infer cases time (random weights, the attention's gamma and the batch norms perturbed so that
     every branch counts): relative difference of the logits and the fraction of pixels whose class changes, eager
     and replayed as a CUDA graph (the same kernels: 0 expected); the attention kernel's exp2 and lazy rescaling
-    (PAM_KERNEL, eager); then the same model with its batch norms folded into the convolutions (`--norm folded`):
-    rounding differences expected in those two."""
+    with the pooling kernel (CASE_SETTINGS, eager); then the same model with its batch norms folded into the
+    convolutions (`--norm folded`): rounding differences expected in those two."""
     from danet.benchmark import build, resolve_device
     from danet.engine.inference import AMP_DTYPES
     from danet.models.folded import fold_batch_norm
@@ -747,11 +766,12 @@ def group_head(a) -> None:
                 o = _logits(model, x, amp, gph)
                 rec[f"streams_{name}_rel"] = float((o - r).norm() / r.norm())
                 rec[f"streams_{name}_changed"] = float((o.argmax(1) != r.argmax(1)).float().mean())
-            if case.attention == "triton":  # the attention kernel's exp2 and lazy rescaling: rounding, not bits
-                with pam_kernel(**PAM_KERNEL["_lazyexp2"]):
+            if case.attention == "triton":  # the attention kernel's exp2 and lazy rescaling (rounding, not bits) and
+                # the pooling kernel (the same bits)
+                with case_settings("_lazyexp2_tritonpool"):
                     o = _logits(model, x, amp, False)
-                rec["lazyexp2_eager_rel"] = float((o - refs[False]).norm() / refs[False].norm())
-                rec["lazyexp2_eager_changed"] = float((o.argmax(1) != refs[False].argmax(1)).float().mean())
+                rec["lazyexp2_tritonpool_eager_rel"] = float((o - refs[False]).norm() / refs[False].norm())
+                rec["lazyexp2_tritonpool_eager_changed"] = float((o.argmax(1) != refs[False].argmax(1)).float().mean())
             # the batch norms folded into the convolutions (`--norm folded`): rounding, not bits
             fold_batch_norm(model, AMP_DTYPES.get(amp, torch.float32))
             for gph in (False, True):
@@ -806,7 +826,9 @@ def group_convs(a) -> None:
     - conv_bias_act: the folded convolution (F.conv2d with its bias), then add_ / relu_ (folded, not fused);
     - cudnn_fused: torch.cudnn_convolution_relu / add_relu, what `--norm folded` runs on CUDA;
     - gemm_epilogue (1x1, stride 1, ReLU without residual): torch._addmm_activation, cuBLASLt's bias + ReLU epilogue,
-      on the (N*H*W, C) view of the channels-last map (the same products).
+      on the (N*H*W, C) view of the channels-last map (the same products);
+    - padded8 (the image's 3 channels): the input and weights padded with zero channels to 8, the copy included, then
+      cuDNN's fused call (PyTorch's profile shows a generic non-tensor-core engine for 3 channels: 81 us a forward).
     Then one record with each way's total over the network and the total of the per-layer fastest."""
     from danet.benchmark import build, resolve_device
     from danet.models.folded import FoldedConv2d
@@ -825,6 +847,8 @@ def group_convs(a) -> None:
 
     hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in model.modules()
              if isinstance(m, FoldedConv2d)]  # fmt: skip
+    pooled: list = []
+    hooks.append(model.backbone.maxpool.register_forward_pre_hook(lambda m, args: pooled.append(args[0].shape)))
     with torch.inference_mode(), torch.autocast(dev.type, torch.bfloat16):
         model(x)
     for h in hooks:
@@ -837,6 +861,17 @@ def group_convs(a) -> None:
     finally:
         torch.backends.cudnn.benchmark = bench_before
     release()
+    # the stem's max pooling: PyTorch's (which writes int64 indices too) vs the Triton kernel (models/triton_pool.py)
+    import danet.models.triton_pool as TP
+
+    pool = torch.nn.MaxPool2d(3, stride=2, padding=1)
+    x = torch.randn(pooled[0]).to(dev, torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    rec = {"group": "convs", "pool_input": list(pooled[0])}
+    with torch.inference_mode():
+        rec["pool_same_bits"] = bool(torch.equal(TP.max_pool(pool, x), pool(x)))
+        for name, fn in (("torch", lambda: pool(x)), ("triton", lambda: TP.max_pool(pool, x))):
+            rec[f"pool_ms_{name}"] = round(1e3 * bench(lambda fn=fn: [fn() for _ in range(5)], 2, 5) / 5, 4)
+    emit(rec)
 
 
 def _time_convs(a, dev: torch.device, seen: dict) -> None:
@@ -853,7 +888,7 @@ def _time_convs(a, dev: torch.device, seen: dict) -> None:
         with torch.inference_mode():
             for name, fn in ways.items():
                 try:
-                    if name in ("cudnn_fused", "gemm_epilogue"):  # the folded convolution's values, to rounding
+                    if name in ("cudnn_fused", "gemm_epilogue", "padded8"):  # the folded convolution's values
                         ref = ways["conv_bias_act"]().float()
                         rec[f"rel_{name}"] = float((fn().float() - ref).norm() / ref.norm())
                     rec[f"ms_{name}"] = round(1e3 * bench(lambda fn=fn: [fn() for _ in range(5)], 2, 5) / 5, 4)
@@ -861,7 +896,8 @@ def _time_convs(a, dev: torch.device, seen: dict) -> None:
                 except Exception as e:  # noqa: BLE001  (a cuDNN fused call refused: data on a GPU)
                     rec[f"{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         # the shortcut's bias joins its block's last convolution: folded, it is the plain convolution
-        folded = [n for n in ("conv_bias_act", "cudnn_fused", "gemm_epilogue") if f"ms_{n}" in rec] if act else ["conv"]
+        ways_folded = ("conv_bias_act", "cudnn_fused", "gemm_epilogue", "padded8")
+        folded = [n for n in ways_folded if f"ms_{n}" in rec] if act else ["conv"]
         if folded:
             rec["fastest_folded"] = min(folded, key=lambda n: rec[f"ms_{n}"])
             best_total += count * rec[f"ms_{rec['fastest_folded']}"]
@@ -906,6 +942,20 @@ def _conv_ways(dev, g, shape, wshape, stride, padding, dilation, act: bool, has_
             ways["cudnn_fused"] = lambda: torch.cudnn_convolution_add_relu(x, w, res, 1.0, b, *args)
         else:
             ways["cudnn_fused"] = lambda: torch.cudnn_convolution_relu(x, w, b, *args)
+    if act and not has_res and wshape[1] == 3:  # the image's 3 channels padded with zeros to 8 (weights too): the
+        wp = torch.zeros(wshape[0], 8, *wshape[2:], device=dev, dtype=w.dtype)  # same sums, a tensor-core layout
+        wp[:, :3] = w
+        wp = wp.contiguous(**cl)
+
+        def padded8():
+            xp = x.new_zeros(shape[0], shape[2], shape[3], 8)
+            xp[..., :3] = x.permute(0, 2, 3, 1)
+            xp = xp.permute(0, 3, 1, 2)
+            if dev.type == "cuda":
+                return torch.cudnn_convolution_relu(xp, wp, b, *args)
+            return torch.relu_(F.conv2d(xp, wp, b, stride, padding, dilation))
+
+        ways["padded8"] = padded8
     if act and not has_res and tuple(wshape[2:]) == (1, 1) and tuple(stride) == (1, 1):
         x2d, w2d = x.permute(0, 2, 3, 1).reshape(-1, wshape[1]), w.reshape(wshape[0], wshape[1])
         n, _, h, w_ = out_shape

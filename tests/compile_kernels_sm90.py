@@ -32,6 +32,7 @@ from triton.compiler import ASTSource  # noqa: E402
 import danet.engine.triton_loss as TL  # noqa: E402
 import danet.models.fused_norm as FN  # noqa: E402
 import danet.models.triton_attention as TA  # noqa: E402
+import danet.models.triton_pool as TP  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "fp64": "*fp64"}
@@ -94,6 +95,17 @@ def cases():
                dict(model, F64=False, UPCAST=False) | extra)  # fmt: skip
 
 
+def pool_cases():
+    """The stem's max pooling (3x3, stride 2, padding 1) as ResNet runs it, channels last: C, W * C, H * W * C
+    multiples of 16, so that every access can be 128 bits."""
+    i32 = "i32"
+    for dt in ("bf16", "fp16"):
+        yield (f"max_pool/{dt}/cl=True", TP.max_pool_nhwc,
+               dict(x_ptr=PTR[dt], y_ptr=PTR[dt], H=i32, W=i32, OH=i32, OW=i32, C=i32, s_xb=i32, s_xh=i32, s_xw=i32,
+                    s_yb=i32, s_yh=i32, s_yw=i32),
+               dict(K=3, S=2, P=1, F64=False, BLOCK_P=TP.BLOCK_P, BLOCK_C=TP.BLOCK_C))  # fmt: skip
+
+
 def ptxas_info(ptx: str) -> tuple[int, int]:
     """(registers, bytes of spill stores) a thread, from ptxas -v on the PTX (the same ptxas Triton uses)."""
     from triton.backends.nvidia.compiler import get_ptxas
@@ -109,13 +121,15 @@ def ptxas_info(ptx: str) -> tuple[int, int]:
 
 def main() -> int:
     done, failed, scalar, spills = 0, [], [], []
-    for name, kernel, sig, consts in cases():
+    for name, kernel, sig, consts in [*cases(), *pool_cases()]:
         # NOTE: Triton's default 4 warps, as the code launches every kernel but the attention's (num_warps)
         options = {"num_warps": consts.pop("num_warps")} if "num_warps" in consts else {}
         signature = {**sig, **dict.fromkeys(consts, "constexpr")}
         multiples = ("C", "M", "HW") if kernel is not TL.upsampled_ce_tiles else ()
         if kernel is TA.pam_forward:  # every size and stride a multiple of 16 (64 and 512 wide), N too unless N-any
             multiples = tuple(n for n, t in sig.items() if t == "i32" and not (n == "N" and "N-any" in name))
+        if kernel is TP.max_pool_nhwc:
+            multiples = ("C", "s_xb", "s_xh", "s_xw", "s_yb", "s_yh", "s_yw")
         aligned = [n for n, t in sig.items() if t.startswith("*") or n in multiples]
         attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
         try:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from . import triton_pool
 from .fused_norm import bn_relu
 
 NormLayer = Callable[[int], nn.Module]
@@ -154,7 +155,7 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         x = self.stem(x) if self.stem_type == "deep" else bn_relu(self.bn1, self.conv1(x), self.relu)
-        x = self.maxpool(x)
+        x = triton_pool.max_pool(self.maxpool, x) if triton_pool.ENABLED else self.maxpool(x)
         c1 = self.layer1(x)
         c2 = self.layer2(c1)
         c3 = self.layer3(c2)

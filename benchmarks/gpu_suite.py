@@ -168,7 +168,7 @@ def pam_impls():
         # the exponentials as exp2 of one fused multiply-add (-1 of ~4 FP32 operations an element) and the
         # accumulator rescaled only when a row's maximum grows by more than 5.5, a factor e^5.5 (-32,768
         # multiplications a key step of ~5.2 MFLOP of MMA): the model's blocks, then all 512 channels a program (q k^T
-        # and its exponentials once; 240 registers, no spills, 229 KB of shared memory on sm_90)
+        # and its exponentials once; 240-254 registers, no spills, 229 KB of shared memory on sm_90)
         "triton_exp2": triton_blocks(128, 256, 8, exp2=True),
         "triton_lazy": triton_blocks(128, 256, 8, lazy=True),
         "triton_lazy_exp2": triton_blocks(128, 256, 8, exp2=True, lazy=True),

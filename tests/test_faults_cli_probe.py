@@ -27,6 +27,30 @@ def test_a_device_is_refused_as_an_output_before_anything_is_written():
         replace_target("/dev/null")  # NOTE: only looked at: as root, os.replace would swap the device for a file
 
 
+def test_stdout_redirected_to_a_file_is_refused_as_an_output_before_the_work(tmp_path, checkpoint):
+    """`danet test --json /dev/stdout > log.txt`: /dev/stdout leads to log.txt, which the atomic write would replace
+    (the table printed before lost); refused in one line before the evaluation, log.txt keeps what was printed. Any
+    path through /proc/<pid>/fd or /dev/fd is refused so; a file of another name is not."""
+    import subprocess
+    import sys
+
+    for path in ("/dev/stdout", "/dev/stderr", "/proc/self/fd/1", "/dev/fd/2"):
+        with pytest.raises(DanetError, match="is a stream of this process .*give a file path"):
+            replace_target(path)
+    assert replace_target(tmp_path / "fd" / "1.json") == tmp_path / "fd" / "1.json"
+    log = tmp_path / "log.txt"
+    log.write_text("before\n")
+    argv = ["test", PRESET, "--checkpoint", str(checkpoint), "--json", "/dev/stdout"]
+    code = f"import sys; from danet.cli import main; print('printed', flush=True); sys.exit(main({argv!r}))"
+    with open(log, "a") as out:
+        run = subprocess.run([sys.executable, "-c", code], stdout=out, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert run.returncode == 2 and log.read_text() == "before\nprinted\n"
+    assert run.stderr.strip().splitlines() == [
+        "danet test: error: /dev/stdout is a stream of this process (as /dev/stdout, /dev/fd/N), not a file: an "
+        "output written there would replace the file the stream is redirected to; give a file path"
+    ]
+
+
 def test_outputs_through_a_link_update_its_file_and_keep_the_link(tmp_path):
     """A --json or picture path that is a link writes its file; a checkpoint replaces the link itself (a link in a work
     dir may point to the run's own input, such as a downloaded init_checkpoint, which must keep its bytes)."""

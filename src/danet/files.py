@@ -20,9 +20,15 @@ def replace_target(path: str | Path, follow: bool = True) -> Path:
     (the link stays a link and its file gets the content: a --json or picture the user pointed somewhere); else the
     link itself (checkpoints, downloads and dataset files: a link in a work dir may point to the run's own input).
     DanetError where `path` is (or, following, leads to) a device, a named pipe or a socket, which os.replace would
-    swap for a regular file (as root, /dev/full or /dev/stdout themselves). Folders are left to the callers' own
+    swap for a regular file (as root, /dev/full or /dev/stdout themselves), and where it is a process's open file
+    (/dev/stdout redirected to a file: the write would replace that file). Folders are left to the callers' own
     one-line refusals."""
     link = Path(path).is_symlink()
+    if _open_file_link(path):
+        raise DanetError(
+            f"{path} is a stream of this process (as /dev/stdout, /dev/fd/N), not a file: an output written there "
+            "would replace the file the stream is redirected to; give a file path"
+        )
     try:
         mode = os.stat(path, follow_symlinks=follow).st_mode  # NOTE: a link into /proc (/dev/stdout) too
     except OSError:
@@ -31,6 +37,21 @@ def replace_target(path: str | Path, follow: bool = True) -> Path:
     if kind is not None:
         raise DanetError(f"{path} is {kind}, not a file: an output written there would replace it; give a file path")
     return Path(os.path.realpath(path)) if follow and link else Path(path)
+
+
+def _open_file_link(path: str | Path) -> bool:
+    """Whether `path` is, or its chain of links passes through, /proc/<pid>/fd or /dev/fd (/dev/stdout, /dev/stderr):
+    following it leads to whatever the stream is redirected to, which an atomic write would replace with a new file
+    (a shell's `> log.txt` losing what was printed before)."""
+    p = os.path.abspath(path)
+    for _ in range(40):  # NOTE: the kernel's own limit on a chain of links
+        parts = Path(p).parts
+        if parts[:3] == ("/", "dev", "fd") or (parts[:2] == ("/", "proc") and "fd" in parts[3:4]):
+            return True
+        if not os.path.islink(p):
+            return False
+        p = os.path.join(os.path.dirname(p), os.readlink(p))
+    return False
 
 
 def _umask() -> int:

@@ -60,8 +60,8 @@ class PositionAttention(nn.Module):
 def residual(x: torch.Tensor, gamma: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """x + gamma * out, both modules' output, in one elementwise pass (`addcmul`; gamma in out's dtype, as
     `gamma * out` computes it: a 0-dim tensor takes the other operand's dtype) where `gamma * out + x` took two, the
-    first of them casting gamma for each element (on an H200 0.12 ms of a whole 1024x2048 image's attention
-    modules). The same values but the rounding of the product, which is no longer rounded apart from the sum."""
+    first of them casting gamma for each element (a whole 1024x2048 image on an H200: 64 us each multiply, 54 each
+    add). The same values but the rounding of the product, which is no longer rounded apart from the sum."""
     return torch.addcmul(x, out, gamma.to(out.dtype))
 
 

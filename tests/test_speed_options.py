@@ -346,6 +346,21 @@ def test_folded_batch_norm_gives_the_same_logits(variant):
         fold_batch_norm(model.train(), torch.float64)
 
 
+def test_a_model_folded_in_bf16_says_how_to_run_it():
+    """Folded in bf16 (its other layers float32) and run without autocast: one DanetError naming the autocast to use
+    (it was PyTorch's dtype-mismatch error from a later layer); under that autocast it runs."""
+    from danet.models.folded import fold_batch_norm
+
+    model = narrow_model().eval()
+    fold_batch_norm(model, torch.bfloat16)
+    x, _ = batch()
+    with torch.no_grad():
+        with pytest.raises(danet.DanetError, match=r"in bfloat16.*torch.autocast\('cpu', dtype=torch.bfloat16\)"):
+            model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model(x)["out"].dtype == torch.bfloat16
+
+
 def test_folded_convolutions_call_cudnns_fused_ops_with_the_right_arguments(monkeypatch):
     """On CUDA the folded convolutions run `torch.cudnn_convolution_relu` / `cudnn_convolution_add_relu` (bias, residual
     and ReLU in the convolution's epilogue). Stand-ins with those ops' documented meaning (relu(conv(x, w) + alpha *

@@ -13,7 +13,9 @@ float32. In a ResNet bottleneck the projection shortcut's bias joins the last co
 plain convolution. Elsewhere (the CPU, a FLOP count or another dispatch mode, torch.compile) the same folded weights
 run through `F.conv2d`, + residual, ReLU.
 
-Inference only: `fold_batch_norm` refuses a model in training mode, and a folded model refuses `.train()`.
+Inference only: `fold_batch_norm` refuses a model in training mode, and a folded model refuses `.train()`. A model
+folded in bf16 / fp16 runs under that autocast (its other layers keep float32 weights); without it, its first
+convolution refuses the image in one line.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from ..errors import DanetError
 
 TRAIN_REFUSED = "this model's batch norms are folded into its convolutions (norm=folded): inference only"
+FOLDED_HALF_ALONE = ("this model's batch norms were folded in {dtype}, and its other layers keep float32 weights: run "
+                     "it under torch.autocast('{device}', dtype=torch.{dtype}) (as danet test --amp does), or fold it "
+                     "in float32")  # fmt: skip
 WINOGRAD_REFUSED = "--norm folded replaces the convolutions that --conv winograd would switch; give one of them"
 
 
@@ -51,6 +56,8 @@ class FoldedConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         w, b = self.weight, self.bias
         if x.dtype != w.dtype:  # the image into the first convolution; later layers give w's dtype already
+            if w.dtype in (torch.float16, torch.bfloat16) and not _autocast_on(x.device.type):
+                raise DanetError(FOLDED_HALF_ALONE.format(dtype=str(w.dtype)[6:], device=x.device.type))
             x = x.to(w.dtype)
         if residual is not None and residual.dtype != w.dtype:
             residual = residual.to(w.dtype)
@@ -64,6 +71,13 @@ class FoldedConv2d(nn.Conv2d):
         if residual is not None:
             y = y + residual
         return torch.relu_(y) if self.act else y
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # NOTE: torch < 2.4 takes no device type
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
 def _cudnn_fuses(x: torch.Tensor) -> bool:

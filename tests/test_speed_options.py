@@ -365,7 +365,7 @@ def test_folded_convolutions_call_cudnns_fused_ops_with_the_right_arguments(monk
     """On CUDA the folded convolutions run `torch.cudnn_convolution_relu` / `cudnn_convolution_add_relu` (bias, residual
     and ReLU in the convolution's epilogue). Stand-ins with those ops' documented meaning (relu(conv(x, w) + alpha *
     z + bias)) check on the CPU that every call passes its arguments in the schema's order; the logits stay those of
-    the unfolded network."""
+    the unfolded network. A convolution whose channels are not a multiple of 8 (the image's) keeps F.conv2d."""
     import danet.models.folded as Fo
 
     calls = []
@@ -382,14 +382,16 @@ def test_folded_convolutions_call_cudnns_fused_ops_with_the_right_arguments(monk
     monkeypatch.setattr(torch, "cudnn_convolution_add_relu", conv_add_relu)
     monkeypatch.setattr(Fo, "_cudnn_fuses", lambda x: True)
     torch.manual_seed(0)
-    model = perturb(danet.create_model("danet_r50-d8_ade20k", **NARROW), 1).double().eval()
+    widths = dict(NARROW, base_channels=8, stem_channels=16)  # every channel count a multiple of 8 but the image's
+    model = perturb(danet.create_model("danet_r50-d8_ade20k", **widths), 1).double().eval()
     x, _ = batch()
     with torch.no_grad():
         ref = model(x.double())["out"]
         Fo.fold_batch_norm(model, torch.float64)
         out = model(x.double())["out"]
     assert rel(out, ref) < 1e-12
-    assert calls.count("add_relu") == 16 and calls.count("relu") == 3 + 32 + 4  # blocks; stem, conv1/2, head
+    # blocks; stem (its first convolution, of the image's 3 channels, through F.conv2d), conv1/2, head
+    assert calls.count("add_relu") == 16 and calls.count("relu") == 2 + 32 + 4
 
 
 def test_channels_last_train_step_gradients_match():

@@ -61,7 +61,9 @@ class FoldedConv2d(nn.Conv2d):
             x = x.to(w.dtype)
         if residual is not None and residual.dtype != w.dtype:
             residual = residual.to(w.dtype)
-        if self.act and _cudnn_fuses(x):
+        # NOTE: cuDNN's fused calls only where every channel count is a multiple of 8 (16-byte rows in channels last:
+        # the image's 3 channels go through F.conv2d, for which cuDNN keeps engines for any count)
+        if self.act and self.in_channels % 8 == 0 and self.out_channels % 8 == 0 and _cudnn_fuses(x):
             args = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
             if residual is not None:
                 return torch.cudnn_convolution_add_relu(x, w, residual, 1.0, b, *args)

@@ -394,6 +394,50 @@ def test_folded_convolutions_call_cudnns_fused_ops_with_the_right_arguments(monk
     assert calls.count("add_relu") == 16 and calls.count("relu") == 2 + 32 + 4
 
 
+def test_a_folded_layer_that_cudnn_refuses_runs_unfused(monkeypatch):
+    """cuDNN without an engine for a fused call (here: the dilated layers, as a stand-in): that layer warns, runs
+    F.conv2d + bias (+ residual) + ReLU from then on, and is not asked again; the logits stay the unfolded network's.
+    Out of memory is not taken for a refusal."""
+    import danet.models.folded as Fo
+
+    calls = []
+
+    def conv_relu(x, w, b, stride, padding, dilation, groups):
+        calls.append(dilation[0])
+        if dilation[0] > 1:
+            raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED\nmore")
+        return torch.relu(F.conv2d(x, w, b, stride, padding, dilation, groups))
+
+    def conv_add_relu(x, w, z, alpha, b, stride, padding, dilation, groups):
+        return torch.relu(F.conv2d(x, w, b, stride, padding, dilation, groups) + alpha * z)
+
+    monkeypatch.setattr(torch, "cudnn_convolution_relu", conv_relu)
+    monkeypatch.setattr(torch, "cudnn_convolution_add_relu", conv_add_relu)
+    monkeypatch.setattr(Fo, "_cudnn_fuses", lambda x: True)
+    torch.manual_seed(0)
+    model = perturb(danet.create_model("danet_r50-d8_ade20k", **dict(NARROW, base_channels=8, stem_channels=16)), 1)
+    model = model.double().eval()
+    x, _ = batch()
+    with torch.no_grad():
+        ref = model(x.double())["out"]
+        Fo.fold_batch_norm(model, torch.float64)
+        with pytest.warns(UserWarning, match=r"fused convolution \(cuDNN error: CUDNN_STATUS_NOT_SUPPORTED\); that"):
+            out = model(x.double())["out"]
+        first = len(calls)
+        again = model(x.double())["out"]
+    refused = [m for m in model.modules() if getattr(m, "unfused", None)]
+    assert rel(out, ref) < 1e-12 and torch.equal(again, out)
+    assert len(refused) == calls.count(2) + calls.count(4) > 0  # each refused once, never asked again
+    assert len(calls) - first == first - len(refused)
+
+    def oom(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torch, "cudnn_convolution_relu", oom)
+    with torch.no_grad(), pytest.raises(torch.cuda.OutOfMemoryError):
+        model(x.double())
+
+
 def test_channels_last_train_step_gradients_match():
     """In float64 (so that only a real difference of the computed function shows): NCHW vs NHWC train step."""
     x, y = batch()

@@ -10,8 +10,9 @@ image's 1.8 (bf16, the fused Triton batch norm, benchmarks/RESULTS.md); the conv
 The same function; the values change by rounding: the folded weights and bias are rounded once to the compute dtype
 (`dtype`: bf16 under bf16 autocast) where the unfolded network rounds the convolution's output and normalises it in
 float32. In a ResNet bottleneck the projection shortcut's bias joins the last convolution's, so the shortcut is a
-plain convolution. Elsewhere (the CPU, a FLOP count or another dispatch mode, torch.compile) the same folded weights
-run through `F.conv2d`, + residual, ReLU.
+plain convolution. Elsewhere (the CPU, a FLOP count or another dispatch mode, torch.compile; channel counts that are
+not multiples of 8, as the image's 3; a layer whose fused call cuDNN refused, with a warning, as having no engine for
+its shape) the same folded weights run through `F.conv2d`, + residual, ReLU.
 
 Inference only: `fold_batch_norm` refuses a model in training mode, and a folded model refuses `.train()`. A model
 folded in bf16 / fp16 runs under that autocast (its other layers keep float32 weights); without it, its first
@@ -19,6 +20,8 @@ convolution refuses the image in one line.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +55,7 @@ class FoldedConv2d(nn.Conv2d):
     """A convolution with its batch norm folded in (`bias` holds the shift); `act`: ReLU after the optional residual."""
 
     act = False
+    unfused: str | None = None  # why cuDNN refused this layer's fused call (it then runs F.conv2d + bias, add, ReLU)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         w, b = self.weight, self.bias
@@ -63,11 +67,22 @@ class FoldedConv2d(nn.Conv2d):
             residual = residual.to(w.dtype)
         # NOTE: cuDNN's fused calls only where every channel count is a multiple of 8 (16-byte rows in channels last:
         # the image's 3 channels go through F.conv2d, for which cuDNN keeps engines for any count)
-        if self.act and self.in_channels % 8 == 0 and self.out_channels % 8 == 0 and _cudnn_fuses(x):
+        if self.act and self.unfused is None and self.in_channels % 8 == 0 and self.out_channels % 8 == 0 \
+                and _cudnn_fuses(x):  # fmt: skip
             args = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
-            if residual is not None:
-                return torch.cudnn_convolution_add_relu(x, w, residual, 1.0, b, *args)
-            return torch.cudnn_convolution_relu(x, w, b, *args)
+            try:
+                if residual is not None:
+                    return torch.cudnn_convolution_add_relu(x, w, residual, 1.0, b, *args)
+                return torch.cudnn_convolution_relu(x, w, b, *args)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except RuntimeError as e:  # NOTE: no engine for this shape (found at the first, eager call: a CUDA
+                if x.is_cuda and torch.cuda.is_current_stream_capturing():  # graph is captured after warm-ups)
+                    raise
+                self.unfused = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                warnings.warn(
+                    f"cuDNN refused a fused convolution ({self.unfused}); that layer runs unfused", stacklevel=2
+                )
         with torch.autocast(x.device.type, enabled=False):  # NOTE: w's dtype is the compute dtype already
             y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
         if residual is not None:

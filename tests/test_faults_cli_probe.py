@@ -51,6 +51,18 @@ def test_stdout_redirected_to_a_file_is_refused_as_an_output_before_the_work(tmp
     ]
 
 
+def test_json_dash_and_train_norm_folded_are_refused_in_one_line(tmp_path, checkpoint, capsys, monkeypatch):
+    """`--json -` (danet test, danet benchmark) would have written a file named '-' (and '-_confusion.png'): refused
+    before the work; `danet train --set norm=folded` says that folded is for inference."""
+    monkeypatch.chdir(tmp_path)
+    for argv in (["test", PRESET, "--checkpoint", checkpoint, "--json", "-"],
+                 ["benchmark", PRESET, "--device", "cpu", "--size", "32", "32", "--json", "-"]):  # fmt: skip
+        assert "--json - would write a file named '-'; give a file name" in cli_error(capsys, *argv)
+    assert list(tmp_path.iterdir()) == []
+    err = cli_error(capsys, "train", PRESET, "--data-root", tmp_path, "--set", "norm=folded")
+    assert "got 'folded' (folded is for inference: danet test / predict --norm folded)" in err
+
+
 def test_outputs_through_a_link_update_its_file_and_keep_the_link(tmp_path):
     """A --json or picture path that is a link writes its file; a checkpoint replaces the link itself (a link in a work
     dir may point to the run's own input, such as a downloaded init_checkpoint, which must keep its bytes)."""

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from .config_checks import CHOICES, check_run, chosen
+from .config_checks import CHOICES, check_run, chosen, not_chosen
 from .errors import DanetError
 from .files import atomic_write_text
 from .models.danet import ModelConfig
@@ -290,7 +290,7 @@ def coerce(name: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, str):
             raise DanetError(f"setting {name!r} must be a string, got {value!r}")
         if name in CHOICES and not chosen(name, value):
-            raise DanetError(f"setting {name!r} must be one of {', '.join(CHOICES[name])}, got {value!r}")
+            raise DanetError(not_chosen(name, value))
         return value
     return value
 

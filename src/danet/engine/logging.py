@@ -155,6 +155,8 @@ def check_output_file(path: Path, flag: str) -> None:
     and its folder exists or can be made and takes a new file; else a one-line DanetError."""
     if path.is_dir():
         raise DanetError(f"{flag} {path} is a folder; give a file name")
+    if str(path) == "-":  # NOTE: not stdout (the table goes there): a file named "-" would be a surprise
+        raise DanetError(f"{flag} - would write a file named '-'; give a file name (e.g. {flag} metrics.json)")
     target = replace_target(path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

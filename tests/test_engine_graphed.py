@@ -291,7 +291,7 @@ def test_cuda_graphs_setting_errors_and_notes(data_root, tmp_path, monkeypatch, 
     argv += [a for s in [*SETS, "schedule.epochs=1", "schedule.iters_per_epoch=1", "cuda_graphs=true"]
              for a in ("--set", s)]  # fmt: skip
     assert main(argv) == 0
-    assert "note: cuda_graphs needs a CUDA device; eager steps run" in capsys.readouterr().out
+    assert "note: cuda_graphs needs a CUDA device; eager steps run" in capsys.readouterr().err
     assert graphed.CudaGraphs.why_unused(torch.device("cuda"), 2).startswith("runs in one process")
 
 

@@ -222,7 +222,7 @@ def test_export_names_the_output_stride_it_used(capsys):
     from danet.export import load_for_export
 
     model, _ = load_for_export(FIXTURES / "mmseg_d16.pth")
-    assert model.cfg.output_stride == 16 and "exported at output stride 16 (from its config)" in capsys.readouterr().out
+    assert model.cfg.output_stride == 16 and "exported at output stride 16 (from its config)" in capsys.readouterr().err
 
 
 def test_mmseg_769x769_model_resizes_with_align_corners():

@@ -170,11 +170,11 @@ def test_export_of_a_file_without_a_preset_guesses_it_or_says_so(tmp_path, capsy
     torch.save(model.state_dict(), named)
     got, meta = export.load_for_export(named)
     assert got.cfg.output_stride == 16 and json.loads(meta["danet.mean"]) == list(danet.get_preset(PRESET).mean)
-    assert "records no preset" not in capsys.readouterr().out
+    assert "records no preset" not in capsys.readouterr().err
     plain = tmp_path / "weights.pth"
     torch.save(model.state_dict(), plain)
     got, meta = export.load_for_export(plain)
-    assert "records no preset: exported at output stride 8" in capsys.readouterr().out
+    assert "records no preset: exported at output stride 8" in capsys.readouterr().err
     assert got.cfg.output_stride == 8 and "danet.mean" not in meta
 
 

@@ -31,13 +31,14 @@ NARROW_MODEL_SETS = [
 
 
 def cli_error(capsys, *argv: str) -> str:
-    """Run `danet ARGV` in this process; assert exit 2 and a one-line error on stderr; return the line."""
+    """Run `danet ARGV` in this process; assert exit 2 and a one-line error on stderr (besides `note: ` lines, which
+    say what the command did before it stopped); return the line."""
     from danet.cli import main
 
     capsys.readouterr()
     rc = main([str(a) for a in argv])
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("note: ")]
     assert rc == 2, f"expected exit status 2, got {rc}; stderr: {err}"
     assert "Traceback" not in err, err
     assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}: {err}"

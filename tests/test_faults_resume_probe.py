@@ -60,8 +60,8 @@ def test_a_resume_from_an_earlier_epoch_drops_the_abandoned_later_files(run_a, t
     argv = ["train", "--resume", str(work / "epoch_1.pth"), "--set", "schedule.lr=0.0001", "--set", "schedule.epochs=2"]
     capsys.readouterr()
     assert main(argv) == 0
-    out = capsys.readouterr().out
-    assert "the files of this work dir from after it (" in out and "epoch_2.pth, epoch_3.pth" in out
+    err = capsys.readouterr().err
+    assert "note: " in err and "the files of this work dir from after it (" in err and "epoch_2.pth, epoch_3.pth" in err
     assert not (work / "epoch_3.pth").exists() and recorded_iter(work / "epoch_2.pth") == 4
     best_is_one_checkpoint(work)
     assert recorded_iter(work / "last.pth") == 4
@@ -134,7 +134,7 @@ def test_predict_says_what_a_bare_state_dict_leaves_out(checkpoint, tmp_path, ca
     torch.save(torch.load(checkpoint, weights_only=True)["model"], bare)
     Image.new("RGB", (20, 16)).save(tmp_path / "a.png")
     assert main(["predict", "--checkpoint", str(bare), str(tmp_path / "a.png"), "--out", str(tmp_path / "o")]) == 0
-    assert "records no preset" in capsys.readouterr().out
+    assert "records no preset" in capsys.readouterr().err
 
 
 # ---- found by a review of the fixes above ---------------------------------------------------------------------------

@@ -170,7 +170,7 @@ def test_the_triton_loss_on_the_cpu_runs_the_chunked_one(data_root, tmp_path, ca
     work = tmp_path / "w"
     extra = ("--set", "fused_loss=true", "--set", "fused_loss_impl=triton", "--set", "stop_iter=1")
     assert main(argv(work, data_root, *extra)) == 0
-    assert "note: fused_loss_impl=triton runs on CUDA only; the chunked fused loss runs" in capsys.readouterr().out
+    assert "note: fused_loss_impl=triton runs on CUDA only; the chunked fused loss runs" in capsys.readouterr().err
     assert math.isfinite(records(work, "train")[0]["loss"])
 
 
@@ -197,7 +197,7 @@ def test_loss_groups_are_recorded_and_checked_before_training(data_root, tmp_pat
     assert yaml.safe_load((work / "config.yaml").read_text())["schedule"]["loss_images"] == 1
     assert math.isfinite(records(work, "train")[0]["loss"])
     assert main(argv(tmp_path / "big", data_root, "--set", "schedule.loss_images=4", "--set", "stop_iter=1")) == 0
-    assert "schedule.loss_images=4 but each of the 1 processes has 2 image(s)" in capsys.readouterr().out
+    assert "schedule.loss_images=4 but each of the 1 processes has 2 image(s)" in capsys.readouterr().err
     bad = argv(tmp_path / "b", data_root, "--set", "schedule.batch_size=3", "--set", "schedule.loss_images=2")
     line = cli_error(capsys, *bad)
     assert "a batch of 3 images per process does not split into loss groups of schedule.loss_images=2" in line

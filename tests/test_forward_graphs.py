@@ -156,7 +156,7 @@ def test_danet_test_with_cuda_graphs_gives_the_same_metrics(checkpoint, tmp_path
             "--device", "cpu"]  # fmt: skip
     assert main([*argv, "--json", str(tmp_path / "eager.json")]) == 0
     assert main([*argv, "--cuda-graphs", "--json", str(tmp_path / "cpu.json")]) == 0  # no CUDA here: eager, a note
-    assert "note: --cuda-graphs needs a CUDA device; eager forwards run" in capsys.readouterr().out
+    assert "note: --cuda-graphs needs a CUDA device; eager forwards run" in capsys.readouterr().err
     monkeypatch.setattr(graphed, "FORWARD_BACKEND", ReplayGraphs)
     ReplayGraphs.made.clear()
     assert main([*argv, "--cuda-graphs", "--json", str(tmp_path / "graphs.json")]) == 0
@@ -195,6 +195,6 @@ def test_danet_predict_with_cuda_graphs_writes_the_same_labels(checkpoint, tmp_p
 def test_forward_graphs_refuse_nothing_on_the_cpu_but_say_so(capsys):
     model = tiny_model()
     assert graphed.with_forward_graphs(model, torch.device("cpu")) is model
-    assert "eager forwards run" in capsys.readouterr().out
+    assert "eager forwards run" in capsys.readouterr().err
     with pytest.raises(AttributeError):
         GraphedForward(model, ReplayGraphs(torch.device("cpu"))).no_such_attribute  # noqa: B018

@@ -383,9 +383,9 @@ def test_danet_train_with_norm_triton(tmp_path, monkeypatch, capsys):
     n_bn = sum(type(m) is nn.BatchNorm2d for m in danet.create_model("danet_tiny_synthetic").modules())
     assert calls == {"train": 2 * n_bn, "eval": n_bn - 1}  # two steps; one validation image (no auxiliary head)
     assert first["triton"] == pytest.approx(first["native"], rel=1e-5)
-    out = capsys.readouterr().out
-    assert "note: norm=triton" not in out  # the interpreter runs the kernels here
-    assert out.count("note: without cuda_graphs=true the fused batch norm") == 1  # eager steps: slower on a GPU
+    err = capsys.readouterr().err  # NOTE: notes go to stderr
+    assert "note: norm=triton" not in err  # the interpreter runs the kernels here
+    assert err.count("note: without cuda_graphs=true the fused batch norm") == 1  # eager steps: slower on a GPU
     # where the kernels cannot run (here: the CPU without the interpreter), the run says so and keeps PyTorch's
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     T.train(
@@ -394,7 +394,7 @@ def test_danet_train_with_norm_triton(tmp_path, monkeypatch, capsys):
             [*sets, "norm=triton"],
         )  # fmt: skip
     )
-    assert "note: norm=triton runs on CUDA only; PyTorch's batch norm runs" in capsys.readouterr().out
+    assert "note: norm=triton runs on CUDA only; PyTorch's batch norm runs" in capsys.readouterr().err
     assert calls == {"train": 2 * n_bn, "eval": n_bn - 1}  # no more kernel calls
 
 

@@ -153,7 +153,7 @@ def test_fine_tuning_a_checkpoint_of_another_class_count(run, tmp_path, capsys):
     own = cfg.effective_preset()
     cfg.init_checkpoint = str(tmp_path / "five.pth")
     model = build_model(cfg, own)
-    assert "new classifiers" in capsys.readouterr().out
+    assert "new classifiers" in capsys.readouterr().err
     assert model.num_classes == 3 and "num_classes" not in cfg.model
     old, new = source.state_dict(), model.state_dict()
     reshaped = sorted(k for k in new if new[k].shape != old[k].shape)
@@ -188,10 +188,10 @@ def test_a_fine_tuning_run_resumes_without_its_init_checkpoint(run, tmp_path, ca
     work = tmp_path / "work"
     argv = ["train", PRESET, "--data-root", str(run["data"]), "--work-dir", str(work)]
     assert main([*argv, *sets(f"init_checkpoint={tmp_path / 'five.pth'}", "stop_iter=1")]) == 0
-    assert "new classifiers" in capsys.readouterr().out
+    assert "new classifiers" in capsys.readouterr().err
     (tmp_path / "five.pth").unlink()  # a resume reads its own weights, not the init checkpoint again
     assert main(["train", str(work / "config.yaml"), "--resume"]) == 0
-    assert "new classifiers" not in capsys.readouterr().out
+    assert "new classifiers" not in capsys.readouterr().err
     assert read_checkpoint(work / "last.pth").train_state["iter"] == 4
 
 
@@ -213,7 +213,7 @@ def test_renamed_classes_are_refused_on_resume_and_test_and_start_new_classifier
     cfg = apply_overrides(RunConfig(preset=PRESET, data_root=str(data), work_dir=str(tmp_path / "w2")), RUN_SETS)
     cfg.init_checkpoint = str(work / "last.pth")
     model = build_model(cfg, cfg.effective_preset())
-    assert "names other classes than the data's: new classifiers" in capsys.readouterr().out
+    assert "names other classes than the data's: new classifiers" in capsys.readouterr().err
     old = read_checkpoint(work / "last.pth").state_dict
     changed = sorted(k for k, v in model.state_dict().items() if not torch.equal(v, old[k]))
     assert len(changed) == 8 and all(k.startswith(CLASSIFIERS) for k in changed)

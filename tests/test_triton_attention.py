@@ -172,7 +172,7 @@ def test_test_and_benchmark_commands_take_it_or_say_why_not(checkpoint, tmp_path
         calls.clear()
         assert main([*base, *extra, "--json", str(tmp_path / f"{name}.json")]) == 0
         results[name], ran[name] = json.loads((tmp_path / f"{name}.json").read_text()), bool(calls)
-    assert "note: --attention triton runs in bf16 / fp16 (add --amp bf16)" in capsys.readouterr().out
+    assert "note: --attention triton runs in bf16 / fp16 (add --amp bf16)" in capsys.readouterr().err
     assert ran == {"fused": False, "triton": True, "f32": False, "explicit": False}
     assert [results[n]["settings"]["attention"] for n in ran] == ["fused", "triton", "fused", "explicit"]
     assert abs(results["triton"]["aAcc"] - results["fused"]["aAcc"]) < 1.0

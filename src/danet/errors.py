@@ -2,6 +2,7 @@
 say about an OSError (a full disk, a permission), and how a message names a list of classes."""
 
 import errno
+import sys
 
 
 class DanetError(Exception):
@@ -34,3 +35,8 @@ def short(names) -> str:
     """The first class names, for a one-line message: ['a', 'b', 'c', 'd', ...]."""
     names = [str(n) for n in names]
     return str(names) if len(names) <= 4 else str(names[:4])[:-1] + ", ...]"
+
+
+def note(message: str) -> None:
+    """A one-line note on stderr (stdout keeps a command's results: tables, metrics): "note: <message>"."""
+    print(f"note: {message}", file=sys.stderr, flush=True)

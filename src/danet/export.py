@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import DanetError
+from .errors import DanetError, note
 from .files import replace_target
 
 DEFAULT_OPSET = 17  # SDPA with an explicit scale exports from opset 14; 17 has LayerNormalization etc.
@@ -266,8 +266,8 @@ def load_for_export(checkpoint: str | os.PathLike, preset: str | None = None) ->
     model = load_model(ck, p.model if p else None, remedy="--preset" if named else "").eval().cpu()
     if p is None and not ck.meta.get("model_cfg"):
         told = "from its config" if "output_stride" in ck.meta.get("toolbox_model", {}) else "the default"
-        print(
-            f"note: {Path(checkpoint).name} records no preset: exported at output stride {model.cfg.output_stride} "
+        note(
+            f"{Path(checkpoint).name} records no preset: exported at output stride {model.cfg.output_stride} "
             f"({told}) and without the normalisation metadata; pass --preset NAME if it is another"
         )
     meta = ck.meta

@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from ..errors import note
+
 WARMUP = 3  # eager steps before the capture (cuDNN benchmark picks, Triton compiles, optimiser state)
 
 
@@ -207,6 +209,6 @@ CUDA_GRAPHS_HELP = (
 def with_forward_graphs(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """`model` wrapped in a GraphedForward (`--cuda-graphs`); where graphs cannot run, `model` itself, with a note."""
     if why := FORWARD_BACKEND.why_unused(device, 1):
-        print(f"note: --cuda-graphs {why}; eager forwards run")
+        note(f"--cuda-graphs {why}; eager forwards run")
         return model
     return GraphedForward(model, FORWARD_BACKEND(device))

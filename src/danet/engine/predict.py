@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..errors import DanetError, os_hint
+from ..errors import DanetError, note, os_hint
 from .graphed import with_forward_graphs
 from .inference import AMP_DTYPES
 from .test_cli import add_speed_options, add_view_options, check_speed_options, check_view_options
@@ -352,8 +352,8 @@ def run_cli(args) -> int:
         print(f"inputs of one name, written apart: {'; '.join(renames[:5])}{more}")
     predictor = Predictor(args.checkpoint, args.preset, args.device)
     if predictor.preset is None:  # NOTE: a bare state dict: nothing says how its run resized or named things
-        print(
-            f"note: {Path(args.checkpoint).name} records no preset: images are segmented at their own size, classes "
+        note(
+            f"{Path(args.checkpoint).name} records no preset: images are segmented at their own size, classes "
             "are numbered and coloured as VOC's; give --preset NAME for the run's sizes, names and colours"
         )
     if predictor.device.type == "cpu":  # NOTE: the command's threads; the Python API leaves the process's as they are

@@ -11,7 +11,7 @@ import torch
 
 from .. import checkpoints
 from ..config import RunConfig, from_dict, to_dict
-from ..errors import DanetError, short
+from ..errors import DanetError, note, short
 from ..models.danet import DANet
 from . import distributed
 
@@ -84,7 +84,7 @@ def build_model(
             if main:
                 k = preset.num_classes
                 why = f"has {n} classes, the data {k}" if n != k else "names other classes than the data's"
-                print(f"note: init_checkpoint {why}: new classifiers, the rest from the checkpoint")
+                note(f"init_checkpoint {why}: new classifiers, the rest from the checkpoint")
     else:
         model = DANet(preset.model)
     if backbone is not None:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .. import checkpoints
 from ..config import RunConfig, to_dict
-from ..errors import DanetError, short
+from ..errors import DanetError, note, short
 from ..models.danet import DANet
 from ..models.fused_norm import use_fused_norm, why_unused
 from ..models.norm_kernels import interpreted
@@ -109,8 +109,8 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
         remedy = f"raise schedule.batch_size to 2 per process or data.crop_size above {preset.model.output_stride}"
         preset.model.check_norm_values(sch.batch_size // info.world, preset.crop_size, " per process", remedy)
     if sch.loss_images > sch.batch_size // info.world and info.is_main:
-        print(
-            f"note: schedule.loss_images={sch.loss_images} but each of the {info.world} processes has "
+        note(
+            f"schedule.loss_images={sch.loss_images} but each of the {info.world} processes has "
             f"{sch.batch_size // info.world} image(s): the loss is reduced over each process's batch"
         )
     ckpt = read_resume(resume, cfg, preset, info.is_main) if resume else None
@@ -139,12 +139,12 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     why = why_unused(dev, cfg.compile) if cfg.norm == "triton" else None
     use_fused_norm(model, cfg.norm == "triton" and why is None)  # the same again; under torchrun synchronised itself
     if why and info.is_main:  # NOTE: then plain BatchNorm2d, so torchrun on GPUs converts it to SyncBatchNorm
-        print(f"note: norm=triton {why}; PyTorch's batch norm runs")
+        note(f"norm=triton {why}; PyTorch's batch norm runs")
     loss_impl = cfg.fused_loss_impl
     if cfg.fused_loss and loss_impl == "triton" and dev.type != "cuda" and not interpreted():
         loss_impl = "chunked"  # the same values (to rounding) without Triton
         if info.is_main:
-            print("note: fused_loss_impl=triton runs on CUDA only; the chunked fused loss runs")
+            note("fused_loss_impl=triton runs on CUDA only; the chunked fused loss runs")
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt.state_dict)
@@ -208,8 +208,8 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
         if resumed.best_lost and best_iter is not None:  # NOTE: so that best.pth and the best mIoU stay one file
             best, best_iter = -math.inf, None
         if info.is_main and resumed.later:
-            print(
-                f"note: {resume} is at iteration {it}; the files of this work dir from after it ("
+            note(
+                f"{resume} is at iteration {it}; the files of this work dir from after it ("
                 f"{', '.join(p.name for p in resumed.later)}) go with this run's first checkpoint"
             )
 
@@ -267,7 +267,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
     graphed = None
     no_graphs = GRAPH_BACKEND.why_unused(dev, info.world) if cfg.cuda_graphs else None
     if no_graphs and info.is_main:
-        print(f"note: cuda_graphs {no_graphs}; eager steps run")
+        note(f"cuda_graphs {no_graphs}; eager steps run")
     if cfg.cuda_graphs and not no_graphs:
 
         def forward_backward(images: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -279,8 +279,8 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
 
         graphed = GraphedStep(forward_backward, raw.parameters(), GRAPH_BACKEND(dev))
     if cfg.norm == "triton" and why is None and graphed is None and info.is_main:
-        print(
-            "note: without cuda_graphs=true the fused batch norm's extra kernel launches can make a step slower (on "
+        note(
+            "without cuda_graphs=true the fused batch norm's extra kernel launches can make a step slower (on "
             "an H200, R50-D8 512x512 batch 8: 124.6 img/s eager vs 161.5 with PyTorch's, 196.2 replayed)"
         )
 

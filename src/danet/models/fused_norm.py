@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import DanetError
+from ..errors import DanetError, note
 from .norm_kernels import interpreted, triton
 
 if triton is not None:  # NOTE: the kernels exist where Triton does
@@ -366,7 +366,7 @@ def set_inference_norm(model: nn.Module, norm: str, dtype: torch.dtype = torch.f
     if norm == "triton":
         use_fused_norm(model)
         if why := why_unused(next(model.parameters()).device):
-            print(f"note: --norm triton {why}; PyTorch's batch norm runs")
+            note(f"--norm triton {why}; PyTorch's batch norm runs")
     elif norm == "folded":
         from .folded import fold_batch_norm
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import note
 from .norm_kernels import interpreted, triton
 
 if triton is not None:
@@ -166,7 +167,7 @@ def set_inference_attention(model, attention: str | None, amp: str = "none") -> 
     pam = model.head.pam
     why = why_unused(next(model.parameters()).device, amp) if pam.triton else None
     if why and attention == "triton":
-        print(f"note: --attention triton {why}; PyTorch's fused attention runs")
+        note(f"--attention triton {why}; PyTorch's fused attention runs")
     if not pam.fused:
         return "explicit"
     return "triton" if pam.triton and why is None else "fused"

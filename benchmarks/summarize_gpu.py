@@ -132,6 +132,37 @@ def e2e_table(ours: list) -> list[str]:
     return out
 
 
+CONV_WAYS = ("conv", "conv_bn", "conv_bias_act", "cudnn_fused", "gemm_epilogue", "padded8")
+
+
+def convs_table(ours: list) -> list[str]:
+    """Group convs: each distinct convolution of the folded network run each way (ms; a way's error instead), the
+    network's totals and the stem's pooling."""
+    layers = [r for r in ours if r.get("group") == "convs" and "count" in r]
+    if not layers:
+        return []
+    lines = ["", "The folded network's convolutions on a whole image, each way (ms a call; relative difference of the "
+             "fused ways' values from the folded convolution's; the fastest folded way):", "",
+             "| input | weight | stride | dilation | residual | layers | " + " | ".join(CONV_WAYS) +
+             " | rel fused / gemm / padded | fastest folded |", "|" + "---|" * (8 + len(CONV_WAYS))]  # fmt: skip
+    for r in layers:
+        ways = [fmt(r.get(f"ms_{w}"), ".4f") if f"ms_{w}" in r else (r.get(f"{w}_error", "-")[:40] or "-")
+                for w in CONV_WAYS]  # fmt: skip
+        rels = " / ".join(fmt(r.get(f"rel_{w}"), ".1e") for w in ("cudnn_fused", "gemm_epilogue", "padded8"))
+        lines.append(f"| {'x'.join(map(str, r['input']))} | {'x'.join(map(str, r['weight']))} | {r['stride']} | "
+                     f"{r['dilation']} | {r['residual']} | {r['count']} | " + " | ".join(ways) +
+                     f" | {rels} | {r.get('fastest_folded', '-')} |")  # fmt: skip
+    for r in (r for r in ours if r.get("group") == "convs" and "total_ms" in r):
+        totals = ", ".join(f"{k} {v}" for k, v in r["total_ms"].items())
+        lines += ["", f"Totals over the {r['layers']} layers, ms: {totals}; the fastest folded way per layer: "
+                  f"{r['total_ms_fastest_folded_per_layer']} (gemm_epilogue's and padded8's totals cover only the "
+                  "layers they can run)."]  # fmt: skip
+    for r in (r for r in ours if r.get("group") == "convs" and "pool_input" in r):
+        lines += ["", f"The stem's max pooling of {'x'.join(map(str, r['pool_input']))}: PyTorch {r['pool_ms_torch']} "
+                  f"ms, Triton {r['pool_ms_triton']} ms, same bits: {r['pool_same_bits']}."]  # fmt: skip
+    return lines
+
+
 def summarize(out: Path, peers_dir: Path | None = None) -> str:
     ours, mm, ss = load(out, peers_dir)
     peers = peer_cases(mm, ss)
@@ -198,10 +229,12 @@ def summarize(out: Path, peers_dir: Path | None = None) -> str:
         lines += ["", f"Evaluation, {r['images']} ADE20K-layout val images of {r['image_hw'][0]}x{r['image_hw'][1]} "
                   "(whole, bf16, channels_last), images/s:", "",
                   "| read in the process | read ahead by reader processes | the same + `--cuda-graphs` | processes | "
-                  "same confusion matrix |",
-                  "|---|---|---|---|---|",
+                  "same confusion matrix | + `--norm folded` | its confusion matrix moved |",
+                  "|---|---|---|---|---|---|---|",
                   f"| {r['img_s_workers0']} | {r['img_s_workers_auto']} | {r.get('img_s_workers_auto_graphs', '-')} | "
-                  f"{r['workers_auto']} | {r['same_confusion_matrix']} |"]  # fmt: skip
+                  f"{r['workers_auto']} | {r['same_confusion_matrix']} | "
+                  f"{r.get('img_s_workers_auto_graphs_folded', '-')} | "
+                  f"{fmt(r.get('folded_confusion_moved'), '.1e')} |"]  # fmt: skip
         if "img_s_slide_tta_eager" in r:
             lines += ["", "Sliding windows + multi-scale (0.75, 1, 1.25) + flip, the first 8 of those images, "
                       "images/s:", "",
@@ -218,13 +251,13 @@ def summarize(out: Path, peers_dir: Path | None = None) -> str:
                   f"{ref[0]} / {ref[-1]} | {fast[0]} / {fast[-1]} |"]  # fmt: skip
     heads = [r for r in ours if r.get("group") == "head" and "streams_eager_rel" in r]
     if heads:
-        lines += ["", "The head's branches on two CUDA streams, and the batch norms folded into the convolutions, "
-                  "against the serial unfolded network (relative difference of the logits; share of pixels whose "
-                  "class changed):", "",
+        lines += ["", "The head's branches on two CUDA streams, the attention kernel's exp2 + lazy rescaling with the "
+                  "pooling kernel, and the batch norms folded into the convolutions, against the serial unfolded "
+                  "network (relative difference of the logits; share of pixels whose class changed):", "",
                   "| case | amp | variant | eager rel | eager changed | graph rel | graph changed |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in heads:
-            for v in ("streams", "folded"):
+            for v in ("streams", "lazyexp2_tritonpool", "folded"):
                 err = r.get(f"{v}_eager_error") or r.get(f"{v}_graph_error")
                 if f"{v}_eager_rel" not in r:
                     lines += [f"| {r['case']} | {r['amp']} | {v} | {err} | | | |"] if err else []
@@ -239,6 +272,7 @@ def summarize(out: Path, peers_dir: Path | None = None) -> str:
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
         lines += [f"| {r['classes']} | {r['from'][0]}x{r['from'][1]} | {r['to'][0]}x{r['to'][1]} | {r['dtype']} | "
                   f"{r['ms_nhwc']} | {r['ms_nchw']} | {r['same_bits']} |" for r in resize]  # fmt: skip
+    lines += convs_table(ours)
     bad = [r for r in ours if "error" in r and r.get("group") != "pam"] + [r for r in ours if "skipped" in r]
     if bad:
         lines += ["", "Errors / skipped:", ""] + [f"- {json.dumps(r)[:300]}" for r in bad]

@@ -640,7 +640,7 @@ def test_benchmark_folded_runs_inference_and_the_models_attention_is_kept(tmp_pa
     out = tmp_path / "r.json"
     assert main(["benchmark", "danet_tiny_synthetic", *small, "--norm", "folded", "--json", str(out)]) == 0
     (rec,) = json.loads(out.read_text())
-    assert rec["mode"] == "infer" and rec["norm"] == "folded" and rec["gflop_per_img"] > 0
+    assert rec["mode"] == "infer" and rec["norm"] == "folded" and rec["gflop_per_img"] > 0 and rec["loss"] is None
     # folded in bf16 (the model's other layers float32): the FLOP count runs under the timed run's autocast too
     assert main(["benchmark", "danet_tiny_synthetic", *small, "--norm", "folded", "--amp", "bf16", "--json",
                  str(out)]) == 0  # fmt: skip

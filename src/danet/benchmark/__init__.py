@@ -384,6 +384,8 @@ def run_case(spec: BenchSpec) -> dict:
         torch.backends.cudnn.benchmark = old_bench
     med = statistics.median(times)
     rec = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("overrides", "flops")}
+    if not train:
+        rec["loss"] = None  # NOTE: no loss is computed in inference (the spec's default would read as one)
     rec.update(
         size=list(x.shape[-2:]),
         device=dev.type,

@@ -361,62 +361,53 @@ def test_a_model_folded_in_bf16_says_how_to_run_it():
             assert model(x)["out"].dtype == torch.bfloat16
 
 
-def test_folded_convolutions_call_cudnns_fused_ops_with_the_right_arguments(monkeypatch):
-    """On CUDA the folded convolutions run `torch.cudnn_convolution_relu` / `cudnn_convolution_add_relu` (bias, residual
-    and ReLU in the convolution's epilogue). Stand-ins with those ops' documented meaning (relu(conv(x, w) + alpha *
-    z + bias)) check on the CPU that every call passes its arguments in the schema's order; the logits stay those of
-    the unfolded network. A convolution whose channels are not a multiple of 8 (the image's) keeps F.conv2d."""
+def fake_cudnn(monkeypatch, calls: list, refuse=lambda dilation: False):
+    """Stand-ins for `torch.cudnn_convolution_relu` / `cudnn_convolution_add_relu` with those ops' documented meaning
+    (relu(conv(x, w) + alpha * z + bias)), taken on the CPU (`_cudnn_fuses`), recording ("relu" | "add_relu",
+    dilation) in `calls`; `refuse(dilation)`: raise as cuDNN without an engine. Returns the folded module and a
+    perturbed float64 R50-D8 whose channel counts are multiples of 8 but the image's."""
     import danet.models.folded as Fo
 
-    calls = []
+    def conv(kind, x, w, b, stride, padding, dilation, groups, z=None, alpha=0.0):
+        calls.append((kind, dilation[0]))
+        if refuse(dilation[0]):
+            raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED\nmore")
+        y = F.conv2d(x, w, b, stride, padding, dilation, groups)
+        return torch.relu(y if z is None else y + alpha * z)
 
-    def conv_relu(x, w, b, stride, padding, dilation, groups):
-        calls.append("relu")
-        return torch.relu(F.conv2d(x, w, b, stride, padding, dilation, groups))
-
-    def conv_add_relu(x, w, z, alpha, b, stride, padding, dilation, groups):
-        calls.append("add_relu")
-        return torch.relu(F.conv2d(x, w, b, stride, padding, dilation, groups) + alpha * z)
-
-    monkeypatch.setattr(torch, "cudnn_convolution_relu", conv_relu)
-    monkeypatch.setattr(torch, "cudnn_convolution_add_relu", conv_add_relu)
+    monkeypatch.setattr(torch, "cudnn_convolution_relu", lambda x, w, b, *args: conv("relu", x, w, b, *args))
+    add_relu = lambda x, w, z, alpha, b, *args: conv("add_relu", x, w, b, *args, z=z, alpha=alpha)  # noqa: E731
+    monkeypatch.setattr(torch, "cudnn_convolution_add_relu", add_relu)
     monkeypatch.setattr(Fo, "_cudnn_fuses", lambda x: True)
     torch.manual_seed(0)
-    widths = dict(NARROW, base_channels=8, stem_channels=16)  # every channel count a multiple of 8 but the image's
-    model = perturb(danet.create_model("danet_r50-d8_ade20k", **widths), 1).double().eval()
+    widths = dict(NARROW, base_channels=8, stem_channels=16)
+    return Fo, perturb(danet.create_model("danet_r50-d8_ade20k", **widths), 1).double().eval()
+
+
+def test_folded_convolutions_call_cudnns_fused_ops_with_the_right_arguments(monkeypatch):
+    """On CUDA the folded convolutions run `torch.cudnn_convolution_relu` / `cudnn_convolution_add_relu` (bias, residual
+    and ReLU in the convolution's epilogue). Stand-ins check on the CPU that every call passes its arguments in the
+    schema's order; the logits stay those of the unfolded network. A convolution whose channels are not a multiple of
+    8 (the image's) keeps F.conv2d."""
+    calls = []
+    Fo, model = fake_cudnn(monkeypatch, calls)
     x, _ = batch()
     with torch.no_grad():
         ref = model(x.double())["out"]
         Fo.fold_batch_norm(model, torch.float64)
         out = model(x.double())["out"]
     assert rel(out, ref) < 1e-12
+    kinds = [kind for kind, _ in calls]
     # blocks; stem (its first convolution, of the image's 3 channels, through F.conv2d), conv1/2, head
-    assert calls.count("add_relu") == 16 and calls.count("relu") == 2 + 32 + 4
+    assert kinds.count("add_relu") == 16 and kinds.count("relu") == 2 + 32 + 4
 
 
 def test_a_folded_layer_that_cudnn_refuses_runs_unfused(monkeypatch):
     """cuDNN without an engine for a fused call (here: the dilated layers, as a stand-in): that layer warns, runs
     F.conv2d + bias (+ residual) + ReLU from then on, and is not asked again; the logits stay the unfolded network's.
     Out of memory is not taken for a refusal."""
-    import danet.models.folded as Fo
-
     calls = []
-
-    def conv_relu(x, w, b, stride, padding, dilation, groups):
-        calls.append(dilation[0])
-        if dilation[0] > 1:
-            raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED\nmore")
-        return torch.relu(F.conv2d(x, w, b, stride, padding, dilation, groups))
-
-    def conv_add_relu(x, w, z, alpha, b, stride, padding, dilation, groups):
-        return torch.relu(F.conv2d(x, w, b, stride, padding, dilation, groups) + alpha * z)
-
-    monkeypatch.setattr(torch, "cudnn_convolution_relu", conv_relu)
-    monkeypatch.setattr(torch, "cudnn_convolution_add_relu", conv_add_relu)
-    monkeypatch.setattr(Fo, "_cudnn_fuses", lambda x: True)
-    torch.manual_seed(0)
-    model = perturb(danet.create_model("danet_r50-d8_ade20k", **dict(NARROW, base_channels=8, stem_channels=16)), 1)
-    model = model.double().eval()
+    Fo, model = fake_cudnn(monkeypatch, calls, refuse=lambda dilation: dilation > 1)
     x, _ = batch()
     with torch.no_grad():
         ref = model(x.double())["out"]
@@ -426,8 +417,9 @@ def test_a_folded_layer_that_cudnn_refuses_runs_unfused(monkeypatch):
         first = len(calls)
         again = model(x.double())["out"]
     refused = [m for m in model.modules() if getattr(m, "unfused", None)]
+    dilated = sum(d > 1 for _, d in calls)
     assert rel(out, ref) < 1e-12 and torch.equal(again, out)
-    assert len(refused) == calls.count(2) + calls.count(4) > 0  # each refused once, never asked again
+    assert len(refused) == dilated > 0  # each refused once, never asked again
     assert len(calls) - first == first - len(refused)
 
     def oom(*args):

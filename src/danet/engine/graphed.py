@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from ..errors import note
+from ..models.amp import autocast_dtype
 
 WARMUP = 3  # eager steps before the capture (cuDNN benchmark picks, Triton compiles, optimiser state)
 
@@ -164,7 +165,7 @@ class GraphedForward(torch.nn.Module):
 
     def forward(self, image: torch.Tensor, resize: bool = True) -> dict:
         dev = image.device.type
-        amp = _autocast_dtype(dev)
+        amp = autocast_dtype(dev)
         key = (tuple(image.shape), image.stride(), image.dtype, resize, amp, torch.is_grad_enabled(),
                torch.is_inference_mode_enabled(), self.module.training)  # fmt: skip
         if key not in self.graphs:
@@ -191,13 +192,6 @@ class GraphedForward(torch.nn.Module):
         x.copy_(image)
         replay()
         return {"out": out["out"].clone()}
-
-
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The autocast dtype in force for `device_type`, None when autocast is off."""
-    if not hasattr(torch, "get_autocast_dtype"):  # NOTE: torch < 2.4 (CUDA only: graphs run nowhere else)
-        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 FORWARD_BACKEND = CudaGraphs  # what `with_forward_graphs` captures with (the tests put a CPU stand-in here)

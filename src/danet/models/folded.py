@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..errors import DanetError
+from .amp import autocast_dtype
 
 TRAIN_REFUSED = "this model's batch norms are folded into its convolutions (norm=folded): inference only"
 FOLDED_HALF_ALONE = ("this model's batch norms were folded in {dtype}, and its other layers keep float32 weights: run "
@@ -60,7 +61,7 @@ class FoldedConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         w, b = self.weight, self.bias
         if x.dtype != w.dtype:  # the image into the first convolution; later layers give w's dtype already
-            if w.dtype in (torch.float16, torch.bfloat16) and not _autocast_on(x.device.type):
+            if w.dtype in (torch.float16, torch.bfloat16) and autocast_dtype(x.device.type) is None:
                 raise DanetError(FOLDED_HALF_ALONE.format(dtype=str(w.dtype)[6:], device=x.device.type))
             x = x.to(w.dtype)
         if residual is not None and residual.dtype != w.dtype:
@@ -88,13 +89,6 @@ class FoldedConv2d(nn.Conv2d):
         if residual is not None:
             y = y + residual
         return torch.relu_(y) if self.act else y
-
-
-def _autocast_on(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # NOTE: torch < 2.4 takes no device type
-        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
 def _cudnn_fuses(x: torch.Tensor) -> bool:

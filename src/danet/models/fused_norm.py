@@ -313,11 +313,12 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
 
 def bn_relu(bn: nn.Module, x: torch.Tensor, relu: nn.Module, residual: torch.Tensor | None = None) -> torch.Tensor:
     """relu(bn(x) [+ residual]): one fused pass with `FusedBatchNorm2d`, the modules one by one otherwise; `x` as it
-    is after a convolution that did the norm and the ReLU itself (models/folded.py)."""
+    is after a convolution that did the norm and the ReLU itself (models/folded.py; with a residual, the folded norm
+    is the identity and the modules below add it)."""
     if type(bn) is FusedBatchNorm2d:
         return bn.forward_act(x, residual)
-    if getattr(bn, "folded", False):
-        return x if residual is None else torch.relu_(x + residual)
+    if residual is None and getattr(bn, "folded", False):
+        return x
     y = bn(x)
     if residual is not None:
         y = y + residual

@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .amp import autocast_dtype
+
 MIN_CHANNELS = 256  # below this the transforms cost more than the multiplications they save (measured, 1 thread)
 M = 4  # output tile size: F(4x4, 3x3)
 A = M + 2  # input tile size
@@ -260,7 +262,7 @@ class WinogradConv2d(nn.Conv2d):
             x.device.type == "cpu"
             and x.dtype in (torch.float32, torch.float64)
             and self.weight.dtype == x.dtype
-            and not torch.is_autocast_enabled("cpu")
+            and autocast_dtype("cpu") is None
             and x.dim() == 4
             and not torch.compiler.is_compiling()  # NOTE: dynamo cannot trace this autograd.Function (torch 2.13)
         )

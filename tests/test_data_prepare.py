@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +105,24 @@ def test_prepare_cityscapes(tmp_path, capsys):
 def test_prepare_cityscapes_errors(tmp_path, capsys, args):
     assert main(["data", "prepare", *[a.format(tmp=tmp_path) for a in args]]) == 2
     assert "gtFine" in capsys.readouterr().err
+
+
+def test_training_a_voc_preset_reads_trainaug_where_voc_s_own_train_list_is_there_too(tmp_path, monkeypatch):
+    """Every VOC 2012 has ImageSets/Segmentation/train.txt (1,464 ids) beside the trainaug.txt prepared from SBD:
+    `danet train` reads trainaug with the training pipeline (it read train.txt through the evaluation pipeline,
+    whose labels keep their own size, and crashed in the loss), and `build_dataset(..., "train")` gives training
+    crops of whatever split "train" names."""
+    voc, sbd = make_voc_and_sbd(tmp_path)
+    main(["data", "prepare", "voc-aug", "--voc", str(voc), "--sbd", str(sbd), "--no-progress"])
+    preset = get_preset("danet_r50-d8_voc12aug")
+    ds = build_dataset(preset, voc, "train")
+    assert (ds.split, ds.train, len(ds)) == ("train", True, 2)  # VOC's own list, as --split train names it
+    monkeypatch.setenv("DANET_CACHE", str(tmp_path / "cache"))
+    tiny = ["backbone_weights=none", "data.crop_size=[32,32]", "data.base_size=[48,32]", "schedule.batch_size=2",
+            "schedule.loss_images=0", "model.depth=26", "model.base_channels=8", "model.stem_channels=8",
+            "model.head_channels=16", "schedule.epochs=1", "data.num_workers=0", "progress=false"]  # fmt: skip
+    work = tmp_path / "run"
+    sets = [a for s in tiny for a in ("--set", s)]
+    assert main(["train", preset.name, "--data-root", str(voc), "--work-dir", str(work), *sets]) == 0
+    start = next(r for r in map(json.loads, (work / "log.jsonl").read_text().splitlines()) if r["type"] == "start")
+    assert start["iters_per_epoch"] == 2  # trainaug's 5 ids in batches of 2 (train.txt's 2 would make 1)

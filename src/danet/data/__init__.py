@@ -119,7 +119,9 @@ def build_dataset(
 
     split: "train" / "val" (the preset's train / val split) or a literal split name (e.g. "training", "trainaug").
     train: the training pipeline (random crops at the crop size, padded) or the evaluation one (image resized to
-    the base size, label at the original size); default: split is the train split.
+    the base size, label at the original size); default: split is "train" or the preset's train split. ("train"
+    names a split of that very name where the data has one, as VOC's own train.txt beside the trainaug the preset
+    trains on: pass `preset.dataset.train_split` for the preset's.)
     root: the data root; None is allowed for the synthetic preset (the bundled data, generated on first use).
     seed: the augmentation seed (item i of epoch e draws from default_rng([seed, e, i])).
     """
@@ -127,7 +129,7 @@ def build_dataset(
     root = data_root(info, root)
     name = resolve_split(info, split, root)
     if train is None:
-        train = name == info.train_split
+        train = split == "train" or name == info.train_split
     fam = family(info)
     pairs = find_files(info, root, name)
     if not pairs:

@@ -123,8 +123,11 @@ def build_datasets(cfg: RunConfig, preset, seed: int):
     """(train, val) datasets of the run; the synthetic preset generates its data when no root is given."""
     from .. import data  # NOTE: lazy, so `danet train --help` does not import the data readers
 
-    train_ds = data.build_dataset(preset, cfg.data_root, "train", seed=seed)
-    val_ds = data.build_dataset(preset, cfg.data_root, "val", seed=seed)
+    # NOTE: the preset's own split names: "train" would name VOC's train.txt where the data has one (trainaug is
+    # what the preset trains on; `danet test --split train` is how VOC's own list is reached)
+    info = preset.dataset
+    train_ds = data.build_dataset(preset, cfg.data_root, info.train_split, train=True, seed=seed)
+    val_ds = data.build_dataset(preset, cfg.data_root, info.val_split, train=False, seed=seed)
     return train_ds, val_ds
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from danet.cli import main
 from danet.data import ensure_synthetic
 from test_faults_common import NARROW_MODEL_SETS
@@ -56,3 +58,67 @@ def test_fused_loss_trains_like_the_reference_loss(tmp_path):
         assert abs(first_fused[key] - first_ref[key]) <= 1e-5 * abs(first_ref[key]) + 1e-5, key
     for ref, fused in zip(logs["false"][1:], logs["true"][1:], strict=True):
         assert abs(fused["loss"] - ref["loss"]) <= 0.02 * abs(ref["loss"])
+
+
+def test_a_second_run_in_a_work_dir_that_a_running_run_holds_is_refused(tmp_path, capsys):
+    """Two runs started in one work dir interleaved their logs and replaced each other's checkpoints (both printed
+    "done"): the running one holds the work dir's lock (here another process), so the second is refused in one line
+    before it writes anything, and the holder's staged files stay; a run whose holder has ended goes ahead."""
+    import subprocess
+    import sys
+
+    root = ensure_synthetic(tmp_path / "data")
+    work = tmp_path / "run"
+    work.mkdir()
+    staged = work / ".config.yaml.next"  # the running run's (an overwrite=true run's config until its checkpoint)
+    staged.write_text("theirs")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from danet.engine.run_files import WorkDirLock; "
+         "lock = WorkDirLock(); lock.acquire(Path(sys.argv[1])); print('held', flush=True); sys.stdin.read()",
+         str(work)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        argv = ["train", "danet_tiny_synthetic", "--data-root", str(root), "--work-dir", str(work)]
+        sets = [a for s in SETS for a in ("--set", s)]
+        assert main([*argv, *sets]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"danet train: error: another danet train is running in {work} (process {holder.pid}); wait "
+                       "for it to end, or pick another --work-dir")  # fmt: skip
+        assert (
+            sorted(p.name for p in work.iterdir()) == [".config.yaml.next", ".lock"] and staged.read_text() == "theirs"
+        )
+    finally:
+        holder.communicate("")
+    assert main([*argv, *sets]) == 0  # the holder has ended: its lock went with it
+
+
+def test_a_work_dir_that_is_a_file_and_a_killed_writer_s_leftovers(tmp_path, capsys):
+    """A --work-dir that is a file gets one line naming it (it named a staged file of the run's own: 'afile/.config
+    .yaml.next: Not a directory'); a checkpoint's temporary file that a writer killed hard left is removed by the
+    next run there, one a running writer is still writing is not."""
+    import subprocess
+    import sys
+
+    root = ensure_synthetic(tmp_path / "data")
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    sets = [a for s in SETS for a in ("--set", s)]
+    assert main(["train", "danet_tiny_synthetic", "--data-root", str(root), "--work-dir", str(afile), *sets]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.endswith(f"the work dir {afile} is a file, not a folder; pick another --work-dir")
+        and afile.read_text() == "mine"
+    )
+
+    work = tmp_path / "run"
+    work.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = work / f".last.pth.tmp-{int(dead.stdout)}"
+    live = work / f".epoch_1.pth.tmp-{os.getppid()}"  # a process that runs
+    other = work / f".notes.txt.tmp-{int(dead.stdout)}"  # not a run's file
+    for p in (leftover, live, other):
+        p.write_bytes(b"partial")
+    assert main(["train", "danet_tiny_synthetic", "--data-root", str(root), "--work-dir", str(work), *sets]) == 0
+    assert not leftover.exists() and live.exists() and other.exists()

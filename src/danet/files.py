@@ -93,3 +93,14 @@ def atomic_copy(src: Path, dst: Path) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise DanetError(f"cannot copy {src} to {dst}: {e.strerror or e}; free some space, then run again") from None
+
+
+def pid_running(pid: int) -> bool:
+    """Whether a process of that id runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but is another user's
+        return True
+    return True

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DanetError, os_hint
-from ..files import replace_target
+from ..files import pid_running, replace_target
 
 # NOTE: OpenCV logs decoder warnings ("PNG input buffer is incomplete") straight to stderr; a bad file is reported
 # once, as the DanetError below, so that a CLI error stays one line.
@@ -236,7 +236,7 @@ def remove_stale_temporaries(folders) -> int:
     for folder in folders:
         for tmp in Path(folder).glob(".*.tmp*"):
             m = re.fullmatch(r"\..*\.tmp(\d+)(\.\w+)?", tmp.name)
-            if m is None or _running(int(m.group(1))):
+            if m is None or pid_running(int(m.group(1))):
                 continue
             try:
                 if time.time() - tmp.stat().st_mtime < STALE_S:
@@ -249,16 +249,6 @@ def remove_stale_temporaries(folders) -> int:
             except OSError:
                 pass  # NOTE: a leftover that cannot be removed harms nothing: it is hidden and never read
     return removed
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # it exists but is another user's
-        return True
-    return True
 
 
 def write_atomic(path: Path, write) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DanetError
-from ..files import atomic_copy
+from ..files import atomic_copy, pid_running
 from .logging import RunLogger, read_log, write_json
 
 
@@ -47,6 +48,74 @@ def recorded_iter(path: Path) -> int | None:
         return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["meta"]["iter"])
     except Exception:  # noqa: BLE001 - missing, foreign or damaged: nothing known about it
         return None
+
+
+class WorkDirBusy(DanetError):
+    """Another run holds the work dir (`WorkDirLock`)."""
+
+
+class WorkDirLock:
+    """Hold a work dir for one run: an exclusive lock on its `.lock` file (which names the holder's process id), kept
+    until `release()` or the end of the process, however it ends. A second run started in the same work dir
+    meanwhile is refused in one line (two runs there would interleave their logs and replace each other's
+    checkpoints). Where the system has no `flock` (Windows) nothing is locked."""
+
+    def __init__(self) -> None:
+        self.handle = None
+        self.held = False  # this run may change the work dir's files
+
+    def acquire(self, work: Path) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            self.held = True
+            return
+        try:
+            handle = open(work / ".lock", "a+")
+        except OSError as e:
+            raise DanetError(
+                f"cannot write in the work dir {work}: {e.strerror or e}; pick another --work-dir"
+            ) from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            pid = handle.read().strip()
+            handle.close()
+            who = f" (process {pid})" if pid.isdigit() else ""
+            raise WorkDirBusy(
+                f"another danet train is running in {work}{who}; wait for it to end, or pick another --work-dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self.handle, self.held = handle, True
+        remove_dead_writers_files(work)
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+        self.handle, self.held = None, False
+
+
+def remove_dead_writers_files(work: Path) -> list[Path]:
+    """Remove the temporary files (`.<name>.tmp-<pid>`) of a run's checkpoints, metrics and pictures that a writer
+    killed hard (SIGKILL) left in `work`, where that process no longer runs; called holding the work dir's lock, so
+    no other run is writing there. Returns what was removed."""
+    removed = []
+    for tmp in work.glob(".*.tmp-*"):
+        m = re.fullmatch(r"\.(.+)\.tmp-(\d+)", tmp.name)
+        if m is None or not (m.group(1) in RUN_FILES or re.fullmatch(r"epoch_\d+\.pth", m.group(1))):
+            continue
+        if int(m.group(2)) == os.getpid() or pid_running(int(m.group(2))):
+            continue
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            pass  # NOTE: hidden and never read: a leftover that cannot be removed harms nothing
+    return removed
 
 
 # an overwrite=true run's, a resume's from an earlier checkpoint and a fork's config, log and best.pth until its first

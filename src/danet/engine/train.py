@@ -42,6 +42,7 @@ from .losses import danet_loss, groups
 from .run_files import (
     STAGED,
     FilesAround,
+    WorkDirLock,
     after_divergence,
     draw_missing_pictures,
     draw_pictures,
@@ -74,20 +75,22 @@ def train(cfg: RunConfig, resume: str | Path | None = None) -> dict:
     threads = torch.get_num_threads()
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = cfg.tf32  # NOTE: cuDNN's default is on
+    lock = WorkDirLock()
     try:
-        return _train(cfg.resolve().validate(), restart_source(cfg, resume, info), info)
+        return _train(cfg.resolve().validate(), restart_source(cfg, resume, info), info, lock)
     except BaseException:
-        if info.is_main:  # a staged run (overwrite, resume of an earlier checkpoint, fork) failing before it landed
-            for name in STAGED:
+        if info.is_main and lock.held:  # a staged run (overwrite, resume of an earlier checkpoint, fork) failing
+            for name in STAGED:  # before it landed (not another run's files: this one holds the work dir)
                 (Path(cfg.work_dir) / name).unlink(missing_ok=True)
         raise
     finally:
+        lock.release()
         torch.set_num_threads(threads)
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
         distributed.cleanup()
 
 
-def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa: C901 - the loop, in one place
+def _train(cfg: RunConfig, resume, info: distributed.DistInfo, lock: WorkDirLock) -> dict:  # noqa: C901 - the loop, in one place
     preset = cfg.effective_preset()
     sch = cfg.schedule
     work = Path(cfg.work_dir)
@@ -123,10 +126,13 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo) -> dict:  # noqa:
         )
     train_ds, val_ds = build_datasets(cfg, preset, cfg.seed)  # first: a wrong data root fails at once
     if info.is_main:
+        if work.exists() and not work.is_dir():
+            raise DanetError(f"the work dir {work} is a file, not a folder; pick another --work-dir")
         try:
             work.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise DanetError(f"cannot create the work dir {work}: {e.strerror or e}; pick another --work-dir") from None
+        lock.acquire(work)  # NOTE: released by train() when the run ends, however it ends
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
     backbone = backbone_source(cfg, preset, info) if ckpt is None else None  # NOTE: a resume has its weights
     model = build_model(cfg, preset, backbone, info.is_main, resuming=ckpt is not None).to(dev)

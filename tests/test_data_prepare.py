@@ -126,3 +126,24 @@ def test_training_a_voc_preset_reads_trainaug_where_voc_s_own_train_list_is_ther
     assert main(["train", preset.name, "--data-root", str(voc), "--work-dir", str(work), *sets]) == 0
     start = next(r for r in map(json.loads, (work / "log.jsonl").read_text().splitlines()) if r["type"] == "start")
     assert start["iters_per_epoch"] == 2  # trainaug's 5 ids in batches of 2 (train.txt's 2 would make 1)
+
+
+def test_prepare_voc_aug_refuses_incomplete_sbd_before_writing_anything(tmp_path, capsys):
+    """An id of the lists with no mask anywhere (a .mat missing) or an empty SBD list: one line, exit 1, nothing
+    written (it wrote every mask and a trainaug.txt naming the id, with a warning, and exited 0: training then failed
+    on the missing label)."""
+    voc, sbd = make_voc_and_sbd(tmp_path)
+    argv = ["data", "prepare", "voc-aug", "--voc", str(voc), "--sbd", str(sbd), "--no-progress"]
+    (sbd / "dataset" / "cls" / "s3.mat").unlink()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.endswith("1 of the 5 trainaug ids have neither a SegmentationClass PNG nor an SBD cls/*.mat mask "
+                        "(first: s3); extract VOC2012 and SBD's benchmark.tgz again")  # fmt: skip
+    base = voc / "VOC2012"
+    assert not (base / "SegmentationClassAug").exists() and not (base / "ImageSets/Segmentation/trainaug.txt").exists()
+    write_sbd_mat(sbd / "dataset" / "cls" / "s3.mat", np.full((20, 30), 2))
+    (sbd / "dataset" / "val.txt").write_text("\n")
+    assert (
+        main(argv) == 2 and "SBD val list" in capsys.readouterr().err and not (base / "SegmentationClassAug").exists()
+    )

@@ -96,6 +96,20 @@ def prepare_voc_aug(voc_root: str | Path, sbd_root: str | Path, *, overwrite: bo
         if not path.is_file():
             raise DanetError(f"{name} list {path} does not exist")
         lists[name] = voc.read_ids(path)
+        if not lists[name]:
+            raise DanetError(f"{name} list {path} is empty; extract SBD's benchmark.tgz again")
+    mats = sorted((sbd / "cls").glob("*.mat"))
+    if not mats:
+        raise DanetError(f"no .mat masks in {sbd / 'cls'}")
+    val = set(lists["VOC val"])
+    ids = sorted(set(lists["VOC train"] + lists["SBD train"] + lists["SBD val"]) - val)
+    have = {p.stem for p in mats}
+    have |= {p.stem for d in ("SegmentationClass", "SegmentationClassAug") for p in (base / d).glob("*.png")}
+    if missing := [i for i in ids if i not in have]:  # NOTE: before anything is written
+        raise DanetError(
+            f"{len(missing)} of the {len(ids)} trainaug ids have neither a SegmentationClass PNG nor an SBD "
+            f"cls/*.mat mask (first: {missing[0]}); extract VOC2012 and SBD's benchmark.tgz again"
+        )
     out_dir = base / "SegmentationClassAug"
     try:
         out_dir.mkdir(exist_ok=True)
@@ -103,9 +117,6 @@ def prepare_voc_aug(voc_root: str | Path, sbd_root: str | Path, *, overwrite: bo
         raise write_error(out_dir, e) from None
     report = PrepareReport()
     remove_stale_temporaries([out_dir])
-    mats = sorted((sbd / "cls").glob("*.mat"))
-    if not mats:
-        raise DanetError(f"no .mat masks in {sbd / 'cls'}")
     palette = _voc_palette()
     for mat in tqdm(mats, desc="SBD -> PNG", unit="mask", disable=not progress):
         out = out_dir / f"{mat.stem}.png"
@@ -114,8 +125,6 @@ def prepare_voc_aug(voc_root: str | Path, sbd_root: str | Path, *, overwrite: bo
             continue
         _save_png(out, read_sbd_mat(mat), palette)
         report.written += 1
-    val = set(lists["VOC val"])
-    ids = sorted(set(lists["VOC train"] + lists["SBD train"] + lists["SBD val"]) - val)
     list_file = sets / "trainaug.txt"
     text = "".join(f"{i}\n" for i in ids)
     if list_file.exists() and not overwrite and list_file.read_text("utf-8", errors="replace") != text:
@@ -126,11 +135,7 @@ def prepare_voc_aug(voc_root: str | Path, sbd_root: str | Path, *, overwrite: bo
     else:
         write_atomic(list_file, lambda tmp: tmp.write_text(text))
         report.written += 1
-    have = {p.stem for p in out_dir.glob("*.png")} | {p.stem for p in (base / "SegmentationClass").glob("*.png")}
-    missing = [i for i in ids if i not in have]
     report.notes.append(f"trainaug: {len(ids)} ids (10,582 on the full VOC 2012 + SBD)")
-    if missing:
-        report.notes.append(f"warning: {len(missing)} trainaug ids have no mask (first: {missing[0]})")
     return report
 
 

@@ -244,3 +244,22 @@ def test_predict_missing_input_is_one_line(runs, tmp_path, capsys):
     rc = main(["predict", "--checkpoint", str(runs["resumed"] / "best.pth"), str(tmp_path / "nope.jpg"), "--out", "x"])
     assert rc == 2
     assert "nope.jpg does not exist" in capsys.readouterr().err
+
+
+def test_the_log_after_a_resume_averages_the_same_steps_as_an_uninterrupted_run(data_root, tmp_path):
+    """With log_interval > 1 a log line averages the steps since the previous one: the checkpoint holds that window,
+    so the first line after a resume is the uninterrupted run's (it averaged only the resumed steps)."""
+    lines = {}
+    for name, stops in (("reference", []), ("resumed", ["stop_iter=2", "stop_iter=3"])):
+        work = tmp_path / name
+        argv = ["train", PRESET, "--data-root", str(data_root), "--work-dir", str(work)]
+        argv += [a for s in [*SETS, "log_interval=4", "schedule.epochs=3"] for a in ("--set", s)]
+        for i, stop in enumerate(stops):  # stopped at an epoch's end, then mid-epoch
+            assert main([*argv, "--set", stop, *(["--resume"] if i else [])]) == 0
+        assert main([*argv, *(["--resume"] if stops else [])]) == 0
+        lines[name] = [r for r in read_log(work / "log.jsonl") if r["type"] == "train"]
+    assert [r["iter"] for r in lines["reference"]] == [r["iter"] for r in lines["resumed"]] == [4, 6]
+    for ref, resumed in zip(lines["reference"], lines["resumed"], strict=True):
+        assert {k: v for k, v in ref.items() if k.startswith("loss")} == {
+            k: v for k, v in resumed.items() if k.startswith("loss")
+        }

@@ -77,7 +77,8 @@ class RunLogger:
 
 
 class LossWindow:
-    """The losses and speed of the steps since the last log line."""
+    """The losses and speed of the steps since the last log line. A checkpoint holds the window's sums (`state`), so
+    that the first line after a resume averages the same steps as a run that was never stopped."""
 
     def __init__(self, batch_size: int, device) -> None:
         self.batch_size, self.device = batch_size, device
@@ -85,12 +86,31 @@ class LossWindow:
 
     def reset(self) -> None:
         self.sums: dict[str, float] = {}
-        self.steps, self.since = 0, time.time()
+        self.steps, self.timed, self.since = 0, 0, time.time()  # timed: the steps of this process (the speed's)
 
     def add(self, values: dict[str, float]) -> None:
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.steps += 1
+        self.timed += 1
+
+    def state(self) -> dict:
+        """The window for a checkpoint: its sums (the mean over the ranks: a collective, every rank calls it at the
+        same step) and steps."""
+        from .distributed import mean_over_ranks
+
+        return {"sums": mean_over_ranks(self.sums, self.device), "steps": self.steps}
+
+    def restore(self, state: dict | None) -> None:
+        """Continue a checkpoint's window (None, from a checkpoint written before windows were saved, or one not
+        readable as a window: a new one; only the log's next line depends on it)."""
+        self.reset()
+        try:
+            sums, steps = {str(k): float(v) for k, v in state["sums"].items()}, int(state["steps"])
+        except (TypeError, ValueError, KeyError, AttributeError):
+            return
+        if steps > 0:
+            self.sums, self.steps = sums, steps
 
     def record(self) -> tuple[dict[str, float], float, float]:
         """(the mean losses, images/s, steps/s) of the window, which starts again. NOTE: each rank's loss is that of
@@ -100,7 +120,7 @@ class LossWindow:
 
         dt = max(time.time() - self.since, 1e-9)
         means = {k: round(v / self.steps, 5) for k, v in mean_over_ranks(self.sums, self.device).items()}
-        img_s, steps_s = self.steps * self.batch_size / dt, self.steps / dt
+        img_s, steps_s = self.timed * self.batch_size / dt, self.timed / dt
         self.reset()
         return means, img_s, steps_s
 

@@ -56,12 +56,13 @@ class WorkDirBusy(DanetError):
 
 class WorkDirLock:
     """Hold a work dir for one run: an exclusive lock on its `.lock` file (which names the holder's process id), kept
-    until `release()` or the end of the process, however it ends. A second run started in the same work dir
-    meanwhile is refused in one line (two runs there would interleave their logs and replace each other's
-    checkpoints). Where the system has no `flock` (Windows) nothing is locked."""
+    until `release()` (which removes the file) or the end of the process, however it ends (a file left by a killed
+    run is taken over by the next). A second run started in the same work dir meanwhile is refused in one line (two
+    runs there would interleave their logs and replace each other's checkpoints). Where the system has no `flock`
+    (Windows) nothing is locked."""
 
     def __init__(self) -> None:
-        self.handle = None
+        self.handle, self.path = None, None
         self.held = False  # this run may change the work dir's files
 
     def acquire(self, work: Path) -> None:
@@ -70,33 +71,48 @@ class WorkDirLock:
         except ImportError:  # pragma: no cover - Windows
             self.held = True
             return
-        try:
-            handle = open(work / ".lock", "a+")
-        except OSError as e:
-            raise DanetError(
-                f"cannot write in the work dir {work}: {e.strerror or e}; pick another --work-dir"
-            ) from None
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            pid = handle.read().strip()
+        path = work / ".lock"
+        for _ in range(10):  # NOTE: a holder that released removed the file it locked: lock the file at the path
+            try:
+                handle = open(path, "a+")
+            except OSError as e:
+                raise DanetError(
+                    f"cannot write in the work dir {work}: {e.strerror or e}; pick another --work-dir"
+                ) from None
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                pid = handle.read().strip()
+                handle.close()
+                who = f" (process {pid})" if pid.isdigit() else ""
+                raise WorkDirBusy(
+                    f"another danet train is running in {work}{who}; wait for it to end, or pick another --work-dir"
+                ) from None
+            try:
+                same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+            except OSError:
+                same = False
+            if same:
+                break
             handle.close()
-            who = f" (process {pid})" if pid.isdigit() else ""
-            raise WorkDirBusy(
-                f"another danet train is running in {work}{who}; wait for it to end, or pick another --work-dir"
-            ) from None
+        else:
+            raise WorkDirBusy(f"cannot lock the work dir {work}: its .lock file keeps changing; try again")
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
         handle.flush()
-        self.handle, self.held = handle, True
+        self.handle, self.path, self.held = handle, path, True
         remove_dead_writers_files(work)
 
     def release(self) -> None:
         if self.handle is not None:
+            try:
+                self.path.unlink(missing_ok=True)  # NOTE: while still locked (see acquire)
+            except OSError:
+                pass  # a read-only or vanished work dir: the file stays, and the next run takes it over
             self.handle.close()
-        self.handle, self.held = None, False
+        self.handle, self.path, self.held = None, None, False
 
 
 def remove_dead_writers_files(work: Path) -> list[Path]:

@@ -231,6 +231,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo, lock: WorkDirLock
     around = FilesAround(work, earlier, resumed, staged, config_file, logger, info.is_main)  # settled at 1st checkpoint
 
     def save(name: str, epoch: int, with_state: bool = True, validation_pending: bool = False) -> None:
+        losses = window.state() if with_state else None  # NOTE: a collective: every rank saves at the same steps
         if not info.is_main:
             return
         bad = [k for k, v in raw.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -243,6 +244,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo, lock: WorkDirLock
         if with_state:
             state = capture_state(optimizer, scheduler, scaler, it, epoch, ipe, best, best_iter, validation_pending)
             state["run"] = info.run  # which torchrun invocation wrote it (restart_source)
+            state["loss_window"] = losses  # the steps since the last log line
         meta = {"config": to_dict(recorded), "epoch": epoch, "iter": it, "best_miou": best}
         checkpoints.save_checkpoint(work / name, raw, preset, train_state=state, extra_meta=meta)
         around.landed(work / name)
@@ -259,6 +261,8 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo, lock: WorkDirLock
         disable=not (cfg.progress and info.is_main),
     )
     window = LossWindow(sch.batch_size, dev)
+    if ckpt is not None:
+        window.restore(ckpt.train_state.get("loss_window"))
     stopped = False
     loss_args = dict(variant=cfg.loss, aux_weight=cfg.aux_weight, ignore_index=preset.dataset.ignore_index,
                      images=sch.loss_images)  # fmt: skip

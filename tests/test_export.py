@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -209,3 +210,29 @@ def test_readme_onnxruntime_example_runs(checkpoint, reference, tmp_path, monkey
     with torch.no_grad():
         expected = reference(x)["out"][0].argmax(0).numpy()
     assert (labels == expected).mean() > 0.999
+
+
+@pytest.mark.parametrize("kind", ["--onnx", "--torch-export"])
+def test_export_to_a_name_that_is_not_utf8_or_is_very_long(checkpoint, tmp_path, capsys, kind):
+    """The temporary file's name went to torch's C++ writers, which cannot take a name that is not valid UTF-8 (a
+    22,000-line traceback; for .pt2 an abort), and a 250-byte name with the temporary's additions passed the file
+    system's 255: the temporary takes a hash of such a name."""
+    suffix = ".onnx" if kind == "--onnx" else ".pt2"
+    for name in (os.fsdecode(b"caf\xe9") + suffix, "x" * (251 - len(suffix)) + suffix):
+        out = tmp_path / name
+        assert main(["export", str(checkpoint), kind, str(out), "--size", "32", "32", "--no-verify"]) == 0, name[:20]
+        assert out.stat().st_size > 1000 and [p.name for p in tmp_path.iterdir()] == [name]
+        out.unlink()
+    capsys.readouterr()
+
+
+def test_temporary_names_fit_and_keep_the_folder():
+    from danet.files import NAME_MAX, temp_beside
+
+    for name in ("a.png", "é" * 100 + ".png", "b" * 251 + ".png", os.fsdecode(b"\xff\xfe.png")):
+        for keep in (False, True):
+            tmp = temp_beside(Path("/x/y") / name, "tmp-", keep_suffix=keep)
+            assert tmp.parent == Path("/x/y") and tmp.name.startswith(".") and tmp.name != name
+            assert len(os.fsencode(tmp.name)) <= NAME_MAX and tmp.name.encode("utf-8")
+            assert tmp.suffix == (".png" if keep else tmp.suffix)
+    assert temp_beside(Path("a.png"), "tmp-") == Path(f".a.png.tmp-{os.getpid()}")  # short names read as before

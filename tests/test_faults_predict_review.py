@@ -134,3 +134,20 @@ def test_a_checkpoint_written_onto_a_folder_or_under_a_file_says_which(tmp_path,
     (tmp_path / "a-file").write_text("x")
     line = cli_error(capsys, "convert", src, tmp_path / "a-file" / "out.pth")
     assert "a-file is a file, not a folder: give another path" in line and "free disk space" not in line
+
+
+def test_predict_writes_outputs_whose_names_are_long_or_not_utf8(checkpoint, tmp_path, capsys):
+    """A legal 252-byte name failed on its temporary file's ('File name too long; pick another --out', after the
+    model had run), and a name that is not valid UTF-8 stopped the run with a UnicodeEncodeError where stdout's
+    encoding is strict (capsys': the names are printed escaped)."""
+    import os
+
+    long_stem, odd_stem = "b" * 240, os.fsdecode(b"bad\xffname")
+    for stem in (long_stem, odd_stem):
+        photo(tmp_path / "in" / f"{stem}.png")
+    out = tmp_path / odd_stem  # printed in the last line
+    assert main(["predict", "--checkpoint", str(checkpoint), str(tmp_path / "in"), "--out", str(out), "--overlay"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["legend.png", *(f"{s}{end}" for s in (long_stem, odd_stem) for end in (".png", "_overlay.jpg"))]
+    )
+    assert "bad\\udcffname" in capsys.readouterr().out

@@ -25,7 +25,7 @@ from .checkpoint_formats import Checkpoint as Checkpoint  # the reading side, pu
 from .checkpoint_formats import file_key as file_key
 from .checkpoint_formats import read_checkpoint as read_checkpoint
 from .errors import DanetError, os_hint
-from .files import replace_target
+from .files import replace_target, temp_beside
 from .models.danet import DANet, ModelConfig, unwrap
 from .models.resnet import DEPTH_LAYERS
 
@@ -85,7 +85,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     path = replace_target(path, follow=False)
     if path.is_dir():  # NOTE: before anything is written beside it
         raise DanetError(f"could not write checkpoint {path}: it is a folder; give a file name")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_beside(path, "tmp-")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:

@@ -68,6 +68,9 @@ def _on_sigterm(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # NOTE: a file name that is not valid UTF-8 is printed escaped, not
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):  # a UnicodeEncodeError
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .errors import DanetError, note
-from .files import replace_target
+from .files import replace_target, temp_beside
 
 DEFAULT_OPSET = 17  # SDPA with an explicit scale exports from opset 14; 17 has LayerNormalization etc.
 MIN_SIZE = 32  # smallest input side that survives the stride-8 backbone with room to spare
@@ -46,7 +46,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary name next to `path` (`replace_target`); rename it onto `path` if the block succeeds, delete
     it otherwise."""
     path = replace_target(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")  # same suffix: .pt2 loaders check it
+    tmp = temp_beside(path, "tmp", keep_suffix=True)  # same suffix: .pt2 loaders check it
     try:
         yield tmp
         os.replace(tmp, path)

@@ -3,6 +3,7 @@ disk, a kill) leaves the previous file and no partial one. `replace_target` says
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import stat
@@ -54,6 +55,28 @@ def _open_file_link(path: str | Path) -> bool:
     return False
 
 
+NAME_MAX = 255  # bytes of one file name (Linux, macOS)
+
+
+def temp_beside(path: Path, tag: str, keep_suffix: bool = False, reserve: int = 0) -> Path:
+    """A temporary name beside `path` for an atomic write: `.<name>.<tag><pid>` (`keep_suffix`: `.<stem>.<tag><pid>
+    <suffix>`, for writers that choose a format by it). Where that name would pass the file system's 255 bytes (a
+    legal name that long) or `path`'s name is not valid UTF-8 (which the C++ writers of torch cannot take), a hash
+    of the name stands for it: `.danet-<12 hex>.<tag><pid>`. `reserve`: bytes a caller adds to the name."""
+    suffix = path.suffix if keep_suffix else ""
+    name = path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    tmp = f".{name}.{tag}{os.getpid()}{suffix}"
+    try:
+        fits = len(tmp.encode("utf-8")) + reserve <= NAME_MAX
+    except UnicodeEncodeError:  # NOTE: undecodable bytes of the name (surrogate escapes)
+        fits = False
+    if not fits:
+        digest = hashlib.sha1(os.fsencode(path.name)).hexdigest()[:12]
+        suffix = suffix if suffix.isascii() and len(suffix) <= 16 else ""
+        tmp = f".danet-{digest}.{tag}{os.getpid()}{suffix}"
+    return path.with_name(tmp)
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -66,7 +89,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path = replace_target(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_beside(path, "", reserve=12).name, suffix=".tmp")
     except OSError as e:
         e.filename = str(path)
         raise
@@ -86,7 +109,7 @@ def atomic_copy(src: Path, dst: Path) -> None:
     """`src` to `dst` (a link there replaced, not written through) through a temporary file beside it: a full disk
     leaves no partial copy; one-line DanetError."""
     dst = replace_target(dst, follow=False)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp = temp_beside(dst, "tmp-")
     try:
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)

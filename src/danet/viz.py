@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .files import replace_target
+from .files import replace_target, temp_beside
 
 IGNORE_COLOR = (224, 224, 192)  # the VOC boundary colour, for label 255
 SERIES_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
@@ -394,7 +394,7 @@ def save_picture(img: Image.Image, path: str | Path, **save_args) -> Path:
     picture and keeps the previous one; the OSError, naming `path`, goes up (the commands turn it into one line).
     A symbolic link keeps pointing to the new picture; a device or pipe is refused (`files.replace_target`)."""
     path = replace_target(path)
-    tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
+    tmp = temp_beside(path, "part-")
     try:
         img.save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"), **save_args)
         os.replace(tmp, path)

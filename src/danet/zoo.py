@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 from tqdm import tqdm
 
 from .errors import DanetError
-from .files import replace_target
+from .files import replace_target, temp_beside
 from .presets import PRESETS, Preset, get_preset
 
 CHUNK = 1 << 20
@@ -93,7 +93,7 @@ def fetch(url: str, dest: Path, progress: bool = True, check=None) -> Path:
             f"cannot create download folder {dest.parent}: {e.strerror or e}; give another --cache"
         ) from None
     dest = replace_target(dest, follow=False)
-    tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
+    tmp = temp_beside(dest, "part-")
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as resp, open(tmp, "wb") as f:
             size = int(resp.headers.get("Content-Length") or 0) or None

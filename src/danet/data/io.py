@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DanetError, os_hint
-from ..files import pid_running, replace_target
+from ..files import pid_running, replace_target, temp_beside
 
 # NOTE: OpenCV logs decoder warnings ("PNG input buffer is incomplete") straight to stderr; a bad file is reported
 # once, as the DanetError below, so that a CLI error stays one line.
@@ -258,7 +258,7 @@ def write_atomic(path: Path, write) -> None:
     naming `path`. A symbolic link is replaced by the file (not written through); a device or pipe is refused.
     """
     path = replace_target(path, follow=False)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    tmp = temp_beside(path, "tmp", keep_suffix=True)
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -200,3 +200,31 @@ def test_sigterm_keeps_its_default_under_torchrun(monkeypatch):
     assert cli.main(["zoo"]) == 0 and seen == [signal.SIG_DFL]
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert cli.main(["zoo"]) == 0 and seen[-1] is cli._on_sigterm
+
+
+def test_sigterm_drops_torch_s_worker_check_before_the_frames_unwind(monkeypatch, capsys):
+    """A SIGTERM to the process group ends the data loader's workers too; torch's SIGCHLD handler then raised in
+    the iterators' __del__ as Terminated unwound their frames (20 lines of "Exception ignored"): it is gone first."""
+    import signal
+    import time
+
+    from danet import cli, zoo
+
+    seen = []
+
+    def run_until_terminated(args):
+        signal.signal(signal.SIGCHLD, lambda *a: None)  # stands for torch's (_set_SIGCHLD_handler)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+        finally:
+            seen.append(signal.getsignal(signal.SIGCHLD))  # where a loader's __del__ would run
+        return 0
+
+    monkeypatch.setattr(zoo, "run_cli", run_until_terminated)
+    sigchld = signal.getsignal(signal.SIGCHLD)
+    try:
+        assert cli.main(["zoo"]) == 143
+    finally:
+        signal.signal(signal.SIGCHLD, sigchld)
+    assert seen == [signal.SIG_DFL] and capsys.readouterr().err == "danet zoo: stopped (SIGTERM)\n"

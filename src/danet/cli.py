@@ -64,6 +64,10 @@ class Terminated(KeyboardInterrupt):
 
 
 def _on_sigterm(signum, frame) -> None:
+    # NOTE: torch's SIGCHLD handler raises when a data loader's worker dies of a signal; a SIGTERM sent to the
+    # process group ends the workers too, and the iterators' __del__ met that error while Terminated unwound their
+    # frames ("Exception ignored in ... __del__", 20 lines): the process is ending, so it is dropped from here on
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     raise Terminated
 
 
@@ -137,9 +141,7 @@ def _run(args) -> int:
 
 def terminated(command: str) -> int:
     """The end of a command stopped by SIGTERM: one line, exit status 143 (128 + SIGTERM, as a shell reports it)."""
-    # NOTE: torch's SIGCHLD handler would raise again, as "Exception ignored in ... __del__", when the data loader's
-    # iterator shuts down its workers that the same SIGTERM ended; the process is ending, so it is dropped
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # NOTE: see _on_sigterm (a Terminated raised elsewhere)
     say(f"danet {command}: stopped (SIGTERM)")
     return 143
 

@@ -24,7 +24,7 @@ from danet.cli import main
 from danet.data import build_dataset, folder_info
 from danet.data.check import CheckReport, format_report
 from danet.data.folder import list_files, load_classes
-from danet.data.io import read_image, read_pair, remove_stale_temporaries
+from danet.data.io import read_image, read_label, read_pair, remove_stale_temporaries
 from danet.data.prepare import prepare_voc_aug
 from danet.data.voc import list_files as voc_list_files
 from danet.errors import DanetError
@@ -283,3 +283,26 @@ def test_a_float_tiff_image_is_named_for_what_it_is(tmp_path, capfd):
     (tmp_path / "bad.png").write_bytes(b"not an image at all")
     with pytest.raises(DanetError, match="is corrupt or not an image format OpenCV can decode"):
         read_image(tmp_path / "bad.png")
+
+
+def test_an_image_or_label_too_large_to_decode_is_called_so_not_corrupt(tmp_path):
+    """A valid image past OpenCV's 2^30 pixels was called 'corrupt ...; replace or remove it', and a label past
+    Pillow's decompression-bomb limit 'corrupt or not an image (...)': both now say their size and the limit."""
+    import struct
+    import zlib
+
+    def header_only_png(path: Path, w: int, h: int) -> Path:
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+        ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 99))
+                         + chunk(b"IEND", b""))  # fmt: skip
+        return path
+
+    with pytest.raises(DanetError, match=r"has 1,600,000,000 pixels, more than OpenCV decodes \(1,073,741,824\)"):
+        read_image(header_only_png(tmp_path / "big.png", 40000, 40000))
+    with pytest.raises(DanetError, match=r"has 196,000,000 pixels, more than Pillow opens .*decompression-bomb"):
+        read_label(header_only_png(tmp_path / "mask.png", 14000, 14000))
+    with pytest.raises(DanetError, match="is corrupt"):  # a small image with the same broken data is corrupt
+        read_image(header_only_png(tmp_path / "small.png", 64, 64))

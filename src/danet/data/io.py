@@ -50,8 +50,32 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
                 f"image {path} holds floating-point samples ({raw.dtype}), which OpenCV (as both toolboxes) reads "
                 "only as 8- or 16-bit; save it as an 8-bit PNG or JPEG"
             )
+        if (pixels := _declared_pixels(buf)) and pixels > CV_MAX_PIXELS:
+            raise DanetError(
+                f"image {path} has {pixels:,} pixels, more than OpenCV decodes ({CV_MAX_PIXELS:,}); shrink it"
+            )
         raise DanetError(f"image {path} is corrupt or not an image format OpenCV can decode; replace or remove it")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+CV_MAX_PIXELS = 1 << 30  # OpenCV's default limit on an image it decodes (OPENCV_IO_MAX_IMAGE_PIXELS)
+
+
+def _declared_pixels(buf: np.ndarray) -> int | None:
+    """The pixel count an image file's header declares (None where Pillow cannot tell), for the message only."""
+    import io
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NOTE: Pillow's DecompressionBombWarning
+            with Image.open(io.BytesIO(buf.tobytes())) as im:
+                return im.size[0] * im.size[1]
+    except Image.DecompressionBombError as e:  # "Image size (N pixels) exceeds limit ..."
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        return int(m.group(1)) if m else None
+    except Exception:  # noqa: BLE001 - not an image Pillow knows: nothing to say
+        return None
 
 
 def _decode(buf: np.ndarray, flags: int) -> np.ndarray | None:
@@ -86,7 +110,14 @@ def read_label(path: str | os.PathLike, palette: np.ndarray | None = None) -> np
             im.load()
             mode = im.mode
             arr = np.asarray(im)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(m.group(1)):,} pixels" if m else "more pixels than Pillow opens"
+        raise DanetError(
+            f"label {path} has {size}, more than Pillow opens ({2 * Image.MAX_IMAGE_PIXELS:,}: its "
+            "decompression-bomb limit); shrink the image and its label"
+        ) from None
+    except (OSError, ValueError) as e:
         raise DanetError(f"label {path} is corrupt or not an image ({e}); replace or remove it") from None
     if mode == "1":
         return arr.astype(np.uint8)

@@ -151,3 +151,17 @@ def test_predict_writes_outputs_whose_names_are_long_or_not_utf8(checkpoint, tmp
         ["legend.png", *(f"{s}{end}" for s in (long_stem, odd_stem) for end in (".png", "_overlay.jpg"))]
     )
     assert "bad\\udcffname" in capsys.readouterr().out
+
+
+def test_predict_on_a_folder_skips_hidden_files_and_folders(checkpoint, tmp_path):
+    """A macOS '._b.png' beside b.png stopped the whole run as a corrupt image, and files under .git/ were
+    segmented: a folder's hidden files and folders are skipped, as the datasets skip them; one named itself is read."""
+    photo(tmp_path / "in" / "b.png")
+    (tmp_path / "in" / "._b.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+    photo(tmp_path / "in" / ".git" / "logo.png")
+    out = tmp_path / "o"
+    assert main(["predict", "--checkpoint", str(checkpoint), str(tmp_path / "in"), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["b.png", "legend.png"]
+    hidden = photo(tmp_path / "x" / ".named.png")
+    assert main(["predict", "--checkpoint", str(checkpoint), str(hidden), "--out", str(out)]) == 0
+    assert (out / ".named.png").is_file()

@@ -60,7 +60,8 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
 def collect_inputs(
     inputs: list[str], out: str | Path | None = None, renamed: list[str] | None = None
 ) -> list[tuple[Path, str]]:
-    """(file, output stem) for every image named by files, folders (recursive) or glob patterns; sorted, unique.
+    """(file, output stem) for every image named by files, folders (recursive, without hidden files and folders) or
+    glob patterns; sorted, unique.
 
     out: the output folder; a folder walked here skips what lies under it when it is inside that folder (the outputs
     of an earlier run are not inputs).
@@ -73,7 +74,13 @@ def collect_inputs(
     for item in inputs:
         p = Path(item).expanduser()
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            files = sorted(
+                f
+                for f in p.rglob("*")
+                if f.is_file()
+                and f.suffix.lower() in IMAGE_EXTENSIONS
+                and not any(part.startswith(".") for part in f.relative_to(p).parts)  # NOTE: as the datasets do
+            )  # (hidden: macOS's ._name copies, a .git folder; a hidden file named itself is read)
             where = ""
             if out_r is not None and out_r != p.resolve() and out_r.is_relative_to(p.resolve()):
                 files = [f for f in files if not f.resolve().is_relative_to(out_r)]

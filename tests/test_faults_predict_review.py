@@ -165,3 +165,16 @@ def test_predict_on_a_folder_skips_hidden_files_and_folders(checkpoint, tmp_path
     hidden = photo(tmp_path / "x" / ".named.png")
     assert main(["predict", "--checkpoint", str(checkpoint), str(hidden), "--out", str(out)]) == 0
     assert (out / ".named.png").is_file()
+
+
+def test_a_warning_on_the_command_line_is_one_line(tmp_path):
+    """A checkpoint of another output stride than the preset asked for warns; on the command line that was Python's
+    'predict.py:236: UserWarning: ...' and the line of source code after it: one line now, as a note is."""
+    from test_faults_common import run_cli, saved_tiny_checkpoint
+
+    ck = saved_tiny_checkpoint(tmp_path, "d16.pth", output_stride=16)
+    src = photo(tmp_path / "in" / "a.png")
+    proc = run_cli("predict", "--checkpoint", ck, "--preset", PRESET, src, "--out", tmp_path / "o", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines == [f"warning: {ck.name} was saved with output_stride=16; running it at output_stride=8 as requested"]

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 
 from .errors import DanetError, os_hint
 
@@ -91,11 +92,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     if ours:
         signal.signal(signal.SIGTERM, _on_sigterm)
+    shown = warnings.formatwarning
+    if not args.debug:  # NOTE: a warning is one line, as a note is (not "file:line: UserWarning:" and a source line)
+        warnings.formatwarning = _one_line_warning
     try:
         return _run(args)
     finally:
+        warnings.formatwarning = shown
         if ours:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {' '.join(str(message).split())}\n"
 
 
 def _run(args) -> int:

@@ -210,6 +210,14 @@ def test_readme_onnxruntime_example_runs(checkpoint, reference, tmp_path, monkey
     with torch.no_grad():
         expected = reference(x)["out"][0].argmax(0).numpy()
     assert (labels == expected).mean() > 0.999
+    # a photo whose EXIF tag turns it (orientation 6: 90 degrees clockwise) is read turned, as danet reads it
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).save(tmp_path / "photo.jpg", quality=95, exif=exif)
+    exec(compile(_readme_snippet(), "README snippet", "exec"), namespace)
+    from danet.data.io import read_image
+
+    assert namespace["labels"].shape == read_image(tmp_path / "photo.jpg").shape[:2] == (70, 45)
 
 
 @pytest.mark.parametrize("kind", ["--onnx", "--torch-export"])

@@ -335,3 +335,17 @@ def test_verify_archive_accepts_files_without_checksums(tmp_path):
     assert verify_archive(unchecked) == unchecked
     with pytest.raises(DanetError, match="not found"):
         verify_archive(tmp_path / "missing.pth")
+
+
+def test_a_long_library_message_is_cut_between_sentences():
+    """A truncated checkpoint's reason read '... If you are seeing this error, there is a high); download or save it
+    again': a long first line keeps the sentences that fit, a line with none gets '...'."""
+    from danet.safe_load import first_line
+
+    miniz = RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory. This is an "
+                         "internal miniz error. If you are seeing this error, there is a high likelihood that your "
+                         "checkpoint file is corrupted.\nmore")  # fmt: skip
+    assert first_line(miniz) == ("PytorchStreamReader failed reading zip archive: failed finding central directory. "
+                                 "This is an internal miniz error.")  # fmt: skip
+    assert first_line(RuntimeError("x" * 300)) == "x" * 157 + "..."
+    assert first_line(RuntimeError("short.\nsecond")) == "short." and first_line(RuntimeError("")) == "RuntimeError"

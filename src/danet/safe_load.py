@@ -123,9 +123,17 @@ def load_file(path: Path) -> Any:
         raise _unreadable(path, is_zip, e) from e
 
 
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (at most 160 characters), or its type name if it has none."""
-    return str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message, or its type name if it has none; past `limit` characters, the
+    sentences that fit (a sentence is not cut in its middle: "...; there is a high"), else the cut line and "..."."""
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    line = text.splitlines()[0]
+    if len(line) <= limit:
+        return line
+    cut = line[:limit].rfind(". ")
+    return line[: cut + 1] if cut > limit // 4 else line[: limit - 3].rstrip() + "..."
 
 
 # what a file that is not a checkpoint is, by its first bytes

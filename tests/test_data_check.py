@@ -62,6 +62,6 @@ def test_check_one_split_of_a_folder_dataset(tmp_path, capsys):
     (root / "masks/train/sub/im1.png").unlink()
     rc = main(["data", "check", "danet_tiny_synthetic", "--data-root", str(root), "--split", "extra", "--no-progress"])
     out = capsys.readouterr().out
-    assert rc == 1 and "extra: 2 images, 1 readable pairs" in out and "1 faults (1 missing)" in out
+    assert rc == 1 and "extra: 2 images, 1 readable pairs" in out and "1 fault (1 missing)" in out
     assert "[extra] label" in out and "im1.png of image im1.png does not exist" in out
     assert "[validation]" not in out and "[training]" not in out

@@ -46,8 +46,9 @@ def test_stdout_redirected_to_a_file_is_refused_as_an_output_before_the_work(tmp
         run = subprocess.run([sys.executable, "-c", code], stdout=out, stderr=subprocess.PIPE, text=True, timeout=120)
     assert run.returncode == 2 and log.read_text() == "before\nprinted\n"
     assert run.stderr.strip().splitlines() == [
-        "danet test: error: /dev/stdout is a stream of this process (as /dev/stdout, /dev/fd/N), not a file: an "
-        "output written there would replace the file the stream is redirected to; give a file path"
+        "danet test: error: /dev/stdout is a stream of this process (as /dev/stdout, /dev/fd/N), not a file: "
+        "outputs are written whole (a temporary file renamed into place), which would replace a file the stream is "
+        "redirected to and cannot go through a pipe; give a file path"
     ]
 
 

@@ -148,7 +148,7 @@ def test_a_mask_holding_jpeg_data_is_refused_and_listed_as_a_format_fault(tmp_pa
     capsys.readouterr()
     rc = main(["data", "check", "danet_r50-d8_ade20k", "--data-root", str(root), "--no-progress"])
     out = capsys.readouterr().out
-    assert rc == 1 and "1 faults (1 bad label format)" in out
+    assert rc == 1 and "1 fault (1 bad label format)" in out
     assert "holds JPEG data, not PNG; save the masks as PNG files (JPEG's lossy compression" in out
 
 

@@ -178,3 +178,11 @@ def test_a_warning_on_the_command_line_is_one_line(tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines == [f"warning: {ck.name} was saved with output_stride=16; running it at output_stride=8 as requested"]
+
+
+def test_predict_out_that_is_a_file_is_one_line(checkpoint, tmp_path, capsys):
+    src = photo(tmp_path / "in" / "a.png")
+    (tmp_path / "outfile").write_text("mine")
+    line = cli_error(capsys, "predict", "--checkpoint", checkpoint, src, "--out", tmp_path / "outfile")
+    assert line.endswith("is a file, not a folder; give a folder for the predictions")
+    assert (tmp_path / "outfile").read_text() == "mine"

@@ -27,8 +27,9 @@ def replace_target(path: str | Path, follow: bool = True) -> Path:
     link = Path(path).is_symlink()
     if _open_file_link(path):
         raise DanetError(
-            f"{path} is a stream of this process (as /dev/stdout, /dev/fd/N), not a file: an output written there "
-            "would replace the file the stream is redirected to; give a file path"
+            f"{path} is a stream of this process (as /dev/stdout, /dev/fd/N), not a file: outputs are written whole "
+            "(a temporary file renamed into place), which would replace a file the stream is redirected to and "
+            "cannot go through a pipe; give a file path"
         )
     try:
         mode = os.stat(path, follow_symlinks=follow).st_mode  # NOTE: a link into /proc (/dev/stdout) too

@@ -109,7 +109,10 @@ def format_report(report: CheckReport, info: DatasetInfo) -> str:
                 lines.append(f"    classes never labelled: {len(absent)} ({shown})")
     if report.faults:
         kinds = Counter(_kind(f) for f in report.faults)
-        lines.append(f"{len(report.faults)} faults ({', '.join(f'{n} {k}' for k, n in kinds.most_common())}):")
+        n_faults = len(report.faults)
+        lines.append(
+            f"{n_faults} fault{'s' * (n_faults != 1)} ({', '.join(f'{n} {k}' for k, n in kinds.most_common())}):"
+        )
         lines += [f"  {f}" for f in report.faults]
     else:
         lines.append("no faults")

@@ -372,6 +372,8 @@ def run_cli(args) -> int:
         predictor.model = predictor.model.to(memory_format=torch.channels_last)
     if args.cuda_graphs:
         predictor.model = with_forward_graphs(predictor.model, predictor.device)
+    if out.exists() and not out.is_dir():
+        raise DanetError(f"--out {out} is a file, not a folder; give a folder for the predictions")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

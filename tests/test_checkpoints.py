@@ -283,5 +283,8 @@ def test_convert_cli(tmp_path, capsys):
     assert same_output(original, C.load_model(dst))
 
     assert cli_main(["convert", str(FIXTURES / "ssseg_d8.pth"), str(dst), "--preset", "danet_r50-d8_ade20k"]) == 2
+    assert "destination" in capsys.readouterr().err and same_output(original, C.load_model(dst))  # kept
+    argv = ["convert", str(FIXTURES / "ssseg_d8.pth"), str(dst), "--preset", "danet_r50-d8_ade20k", "--force"]
+    assert cli_main(argv) == 2
     err = capsys.readouterr().err
     assert "has 5 classes but preset danet_r50-d8_ade20k has 150" in err and len(err.strip().splitlines()) == 1

@@ -259,7 +259,7 @@ def test_convert_keeps_what_a_file_of_ours_records(synth, image, tmp_path, capsy
     rgb = np.asarray(Image.open(image).convert("RGB"))
     assert np.array_equal(src(rgb), dst(rgb))
     # --preset names the preset to attach: its settings, not the run's
-    assert main(["convert", str(synth), str(out), "--preset", PRESET]) == 0
+    assert main(["convert", str(synth), str(out), "--preset", PRESET, "--force"]) == 0
     meta = read_checkpoint(out).meta
     assert meta["preset"] == PRESET and "config" not in meta
 
@@ -349,3 +349,25 @@ def test_a_long_library_message_is_cut_between_sentences():
                                  "This is an internal miniz error.")  # fmt: skip
     assert first_line(RuntimeError("x" * 300)) == "x" * 157 + "..."
     assert first_line(RuntimeError("short.\nsecond")) == "short." and first_line(RuntimeError("")) == "RuntimeError"
+
+
+def test_convert_refuses_an_existing_destination_and_keeps_a_toolbox_origin(tmp_path, capsys):
+    """convert wrote over any existing DST, a text file too ('wrote notes.txt'): refused without --force. A file
+    converted from mmsegmentation and converted again (with a preset, as the first conversion's output suggests)
+    recorded the origin 'danet', and danet test / predict then resized and merged as sssegmentation does."""
+    from danet.cli import main
+    from danet.engine.evaluate import default_resize, default_tta
+
+    mmseg = Path(__file__).parent / "fixtures" / "models" / "mmseg_d16.pth"
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious")
+    line = cli_error(capsys, "convert", mmseg, notes)
+    assert line.endswith(f"destination {notes} exists; give another file name, or add --force to replace it")
+    assert notes.read_text() == "precious"
+    once, twice = tmp_path / "once.pth", tmp_path / "twice.pth"
+    assert main(["convert", str(mmseg), str(once)]) == 0
+    assert main(["convert", str(once), str(twice)]) == 0
+    for path in (once, twice):
+        ck = read_checkpoint(path)
+        assert ck.meta["source"] == {"format": "mmseg", "file": "mmseg_d16.pth"}
+        assert (default_resize(ck), default_tta(ck)) == ("twice", ("original", "probs"))

@@ -17,6 +17,7 @@ def add_cli(parser) -> None:
     parser.add_argument("src", help="an sssegmentation / mmsegmentation / danet checkpoint (.pth)")
     parser.add_argument("dst", help="where to write this project's checkpoint")
     parser.add_argument("--preset", help="the preset it belongs to (class names, output stride); guessed if omitted")
+    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
 
 
 def _guess_preset(path: Path, found: dict):
@@ -50,6 +51,9 @@ def run_cli(args) -> int:
             f"destination {args.dst} is the source checkpoint: converting in place would drop what the file holds "
             "beyond the weights (a run's training state); give another destination"
         )
+    dst = Path(args.dst).expanduser()
+    if (dst.exists() or dst.is_symlink()) and not dst.is_dir() and not args.force:
+        raise DanetError(f"destination {args.dst} exists; give another file name, or add --force to replace it")
     ck = read_checkpoint(args.src)
     found = infer_config(ck.state_dict, ck.path.name, ck.source)
     # NOTE: a file of ours keeps what its meta records (its preset, classes, a run's settings such as its sizes)
@@ -60,7 +64,10 @@ def run_cli(args) -> int:
     how = "given" if args.preset else "from the file name" if preset else None
     model = load_model(ck, preset.model if preset else None, remedy="--preset")
     meta_cfg = ck.meta.get("model_cfg") or {}
-    extra = {"source": {"format": ck.source, "file": ck.path.name}, **kept}
+    # NOTE: a file of ours converted from a toolbox's keeps that origin (its test resizes and merges as that
+    # toolbox does: engine.evaluate.default_resize), also with --preset
+    origin = ck.meta.get("source") if ck.source == "danet" and isinstance(ck.meta.get("source"), dict) else None
+    extra = {"source": origin or {"format": ck.source, "file": ck.path.name}, **kept}
     if preset is None and "classes" not in extra:
         if ck.meta.get("classes"):
             extra.update(classes=list(ck.meta["classes"]), palette=ck.meta.get("palette"))

@@ -143,3 +143,28 @@ def test_the_metrics_file_records_the_output_stride_that_ran(data, tmp_path):
     with pytest.warns(UserWarning, match="saved with output_stride=16; running it at output_stride=8"):
         assert main([*map(str, test(ck, data)), "--json", str(out)]) == 0
     assert json.loads(out.read_text())["settings"]["output_stride"] == 8
+
+
+def test_a_run_s_own_checkpoint_keeps_its_output_stride_under_its_own_preset(data, tmp_path):
+    """A `danet train` run with model.output_stride=16 of a preset of stride 8: naming that preset (danet test needs
+    one; predict, create_model and Predictor take one) ran the file at 8 with 'running it at output_stride=8 as
+    requested', though nothing was asked: the run's stride, as its sizes. Another preset, or output_stride=, asks."""
+    import warnings
+
+    from danet.checkpoints import save_checkpoint
+    from danet.config import RunConfig, to_dict
+    from danet.engine.predict import Predictor
+    from test_faults_common import tiny_model
+
+    cfg = RunConfig(preset=PRESET, work_dir=str(tmp_path))
+    cfg.model = {"output_stride": 16}
+    ck = tmp_path / "last.pth"
+    save_checkpoint(ck, tiny_model(output_stride=16), PRESET, extra_meta={"config": to_dict(cfg.resolve())})
+    out = tmp_path / "m.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "running it at output_stride=8" warning
+        assert main([*map(str, test(ck, data)), "--json", str(out)]) == 0
+        assert json.loads(out.read_text())["settings"]["output_stride"] == 16
+        assert danet.create_model(PRESET, checkpoint=ck).cfg.output_stride == 16
+        assert Predictor(ck, preset_name=PRESET).model.cfg.output_stride == 16
+    assert danet.create_model(PRESET, checkpoint=ck, output_stride=8).cfg.output_stride == 8  # asked for

@@ -278,7 +278,8 @@ def run_test(args) -> dict:
 
 def run_preset(ck, preset, dataset: str):
     """`preset` as the run that wrote checkpoint `ck` used it: a `danet train` run of this preset tested at the base
-    and crop sizes it trained and validated with; its classes checked against a folder dataset's own (`dataset`)."""
+    and crop sizes and the output stride it trained and validated with; its classes checked against a folder
+    dataset's own (`dataset`)."""
     from .predict import run_sizes
 
     if dataset == "preset" and ck.run_data.get("dataset") == "folder":
@@ -293,6 +294,8 @@ def run_preset(ck, preset, dataset: str):
             f"{preset.num_classes} {short(preset.classes)}; test it on data of its classes"
         )
     sizes = run_sizes(ck, preset.name)
+    if stride := ck.run_output_stride(preset.name):  # NOTE: naming the run's own preset asks for no other stride
+        preset = preset.replace(model=preset.model.replace(output_stride=stride))
     return preset.replace(dataset=dataclasses.replace(preset.dataset, **sizes)) if sizes else preset
 
 

@@ -56,7 +56,10 @@ def create_model(
     from .. import checkpoints  # lazy: models stay importable without the checkpoint readers
 
     if checkpoint is not None:
-        return checkpoints.load_model(checkpoint, cfg, norm_layer=norm_layer, explicit_num_classes=num_classes)
+        ck = checkpoints.read_checkpoint(checkpoint)
+        if "output_stride" not in overrides and (stride := ck.run_output_stride(preset.name)):
+            cfg = cfg.replace(output_stride=stride)  # NOTE: a run of this very preset at another stride: its own
+        return checkpoints.load_model(ck, cfg, norm_layer=norm_layer, explicit_num_classes=num_classes)
     model = DANet(cfg, norm_layer)
     checkpoints.load_backbone(model, backbone_weights)
     return model

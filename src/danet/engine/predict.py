@@ -208,6 +208,19 @@ def run_eval_mode(ck, preset: str | None = None) -> str | None:
     return mode if mode in ("whole", "slide") and _run_of(ck, preset) else None
 
 
+def pil_rgb(image: Image.Image) -> np.ndarray:
+    """A PIL image as RGB uint8 `(H, W, 3)`, as `danet predict` reads its file (OpenCV): 16-bit grayscale keeps its
+    high byte (PIL's convert("RGB") clips such values to 0 or 255); floating-point samples are refused, as there."""
+    if image.mode.startswith("I"):  # I;16, I;16B, I;16L, I (32-bit)
+        values = np.asarray(image).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise DanetError(f"a {image.mode} PIL image with values outside 0..65535: give 8- or 16-bit samples")
+        return np.repeat((values >> 8).astype(np.uint8)[..., None], 3, axis=2)
+    if image.mode == "F":
+        raise DanetError("a PIL image of floating-point samples (mode F), which danet reads only as 8- or 16-bit")
+    return np.asarray(image.convert("RGB"))
+
+
 class Predictor:
     """A loaded checkpoint ready to segment RGB uint8 images of any size, as `danet predict` does.
 
@@ -302,12 +315,12 @@ class Predictor:
             )
 
         if isinstance(image, Image.Image):
-            image = np.asarray(image.convert("RGB"))
+            image = pil_rgb(image)
         image = np.asarray(image)
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or 0 in image.shape:
             raise DanetError(
                 f"Predictor takes an RGB image as a (H, W, 3) uint8 array (0..255) or a PIL image, got a "
-                f"{image.dtype} array of shape {image.shape}; e.g. np.asarray(PIL.Image.open(f).convert('RGB'))"
+                f"{image.dtype} array of shape {image.shape}; e.g. PIL.Image.open(f) itself"
             )
         h, w = image.shape[:2]
         small = resize_keep_ratio(image, None, self.base_size)[0] if resize and self.base_size else image

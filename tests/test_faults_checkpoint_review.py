@@ -371,3 +371,17 @@ def test_convert_refuses_an_existing_destination_and_keeps_a_toolbox_origin(tmp_
         ck = read_checkpoint(path)
         assert ck.meta["source"] == {"format": "mmseg", "file": "mmseg_d16.pth"}
         assert (default_resize(ck), default_tta(ck)) == ("twice", ("original", "probs"))
+
+
+def test_create_model_refuses_structure_options_that_contradict_the_checkpoint(tmp_path):
+    """head_channels=64, key_channels, aux=False, stem='single' beside a checkpoint of other ones were dropped in
+    silence (a contradicting depth or class count was already an error); the checkpoint's own values are fine."""
+    import danet
+    from test_faults_common import saved_tiny_checkpoint
+
+    ck = saved_tiny_checkpoint(tmp_path)
+    own = danet.create_model(PRESET, checkpoint=ck).cfg
+    for key, value in (("head_channels", 64), ("key_channels", 4), ("aux", False), ("stem", "single")):
+        with pytest.raises(DanetError, match=rf"has {key}=.*, but {key}={value!r} was asked for; leave {key} out"):
+            danet.create_model(PRESET, checkpoint=ck, **{key: value})
+    assert danet.create_model(PRESET, checkpoint=ck, head_channels=own.head_channels, dropout=0.0).cfg.dropout == 0.0

@@ -16,6 +16,11 @@ def list_models() -> list[str]:
     return list_presets()
 
 
+# what a checkpoint's weights decide (checkpoints.load_model): an override that contradicts them is an error
+WEIGHTS_DECIDE = {"depth", "stem", "base_channels", "stem_channels", "head_channels", "key_channels", "aux_channels",
+                  "pam_bias", "aux"}  # fmt: skip
+
+
 def create_model(
     name: str,
     *,
@@ -35,7 +40,8 @@ def create_model(
             (PAM projection bias, 256-wide auxiliary head).
         backbone_weights: ImageNet ResNet weights (mmseg `resnet*_v1c` deep stem, or torchvision's single stem,
             which needs `stem="single"`).
-        overrides: any `ModelConfig` field, e.g. `output_stride=16`, `fused_attention=False`.
+        overrides: any `ModelConfig` field, e.g. `output_stride=16`, `fused_attention=False`; with a checkpoint, one
+            its weights decide (`WEIGHTS_DECIDE`: depth, stem, widths, layout, aux head) must agree with them.
 
     Raises DanetError for unknown names, unreadable files and weights that do not fit.
     """
@@ -59,7 +65,14 @@ def create_model(
         ck = checkpoints.read_checkpoint(checkpoint)
         if "output_stride" not in overrides and (stride := ck.run_output_stride(preset.name)):
             cfg = cfg.replace(output_stride=stride)  # NOTE: a run of this very preset at another stride: its own
-        return checkpoints.load_model(ck, cfg, norm_layer=norm_layer, explicit_num_classes=num_classes)
+        model = checkpoints.load_model(ck, cfg, norm_layer=norm_layer, explicit_num_classes=num_classes)
+        for key in WEIGHTS_DECIDE.intersection(overrides):  # NOTE: asked for explicitly, so not dropped in silence
+            if getattr(model.cfg, key) != overrides[key]:
+                raise DanetError(
+                    f"checkpoint {ck.path.name} has {key}={getattr(model.cfg, key)!r}, but {key}={overrides[key]!r} "
+                    f"was asked for; leave {key} out (the weights decide it)"
+                )
+        return model
     model = DANet(cfg, norm_layer)
     checkpoints.load_backbone(model, backbone_weights)
     return model

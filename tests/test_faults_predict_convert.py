@@ -233,3 +233,20 @@ def test_danet_test_checks_a_stride_against_the_run_s_window(tmp_path, capsys):
     settings = json.loads((tmp_path / "m.json").read_text())["settings"]
     assert settings["crop"] == [128, 128]
     assert "at most the window [128, 128]" in cli_error(capsys, *argv, "--stride", "129", "129")
+
+
+def test_predict_s_note_says_where_the_classes_come_from(tmp_path, capsys):
+    """A converted file records its classes and palette without a preset: the note said they were 'numbered and
+    coloured as VOC's' though the labels took the file's colours."""
+    mmseg = Path(__file__).parent / "fixtures" / "models" / "mmseg_d16.pth"
+    conv = tmp_path / "conv.pth"
+    assert main(["convert", str(mmseg), str(conv)]) == 0
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "a.png")
+    notes = {}
+    for ck in (conv, mmseg):
+        capsys.readouterr()
+        assert main(["predict", "--checkpoint", str(ck), str(tmp_path / "a.png"), "--out", str(tmp_path / ck.stem),
+                     "--no-progress"]) == 0  # fmt: skip
+        notes[ck] = capsys.readouterr().err
+    assert "classes are named and coloured as the file records them" in notes[conv]
+    assert "classes are numbered and coloured as VOC's" in notes[mmseg]

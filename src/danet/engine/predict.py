@@ -374,9 +374,11 @@ def run_cli(args) -> int:
         print(f"inputs of one name, written apart: {'; '.join(renames[:5])}{more}")
     predictor = Predictor(args.checkpoint, args.preset, args.device)
     if predictor.preset is None:  # NOTE: a bare state dict: nothing says how its run resized or named things
+        named = predictor.classes != [f"class {i}" for i in range(predictor.model.num_classes)]  # the file's own
+        how = "named and coloured as the file records them" if named else "numbered and coloured as VOC's"
         note(
             f"{Path(args.checkpoint).name} records no preset: images are segmented at their own size, classes "
-            "are numbered and coloured as VOC's; give --preset NAME for the run's sizes, names and colours"
+            f"are {how}; give --preset NAME for the run's sizes, names and colours"
         )
     if predictor.device.type == "cpu":  # NOTE: the command's threads; the Python API leaves the process's as they are
         torch.set_num_threads(cpu_threads(None))

@@ -385,3 +385,17 @@ def test_create_model_refuses_structure_options_that_contradict_the_checkpoint(t
         with pytest.raises(DanetError, match=rf"has {key}=.*, but {key}={value!r} was asked for; leave {key} out"):
             danet.create_model(PRESET, checkpoint=ck, **{key: value})
     assert danet.create_model(PRESET, checkpoint=ck, head_channels=own.head_channels, dropout=0.0).cfg.dropout == 0.0
+
+
+def test_a_negative_batch_norm_variance_is_refused(tmp_path):
+    """It loaded (and converted), and every logit came out NaN; NaN and inf weights were refused already."""
+    from test_faults_common import saved_tiny_checkpoint
+
+    path = saved_tiny_checkpoint(tmp_path)
+    raw = torch.load(path, weights_only=True)
+    key = next(k for k in raw["model"] if k.endswith("running_var"))
+    raw["model"][key][0] = -0.5
+    torch.save(raw, path)
+    with pytest.raises(DanetError, match=r"negative batch-norm variance in .*running_var; the file is damaged") as e:
+        load_model(path)
+    one_line(e)

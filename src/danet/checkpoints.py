@@ -341,6 +341,12 @@ def _load_strict(
             f"{name} holds non-finite weights (NaN or inf) in {key(bad[0])}{more}; use a checkpoint saved before "
             "training diverged, or download / save it again"
         )
+    # NOTE: a negative running variance makes the batch norm's sqrt NaN (every logit of the image NaN)
+    if bad := [k for k in own if k.endswith("running_var") and k in sd and bool((sd[k] < 0).any())]:
+        raise DanetError(
+            f"{name} holds a negative batch-norm variance in {key(bad[0])}; the file is damaged: download or save it "
+            "again"
+        )
     module.load_state_dict(sd, strict=False)  # strict by the checks above (num_batches_tracked may be absent)
 
 

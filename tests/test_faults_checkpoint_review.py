@@ -399,3 +399,15 @@ def test_a_negative_batch_norm_variance_is_refused(tmp_path):
     with pytest.raises(DanetError, match=r"negative batch-norm variance in .*running_var; the file is damaged") as e:
         load_model(path)
     one_line(e)
+
+
+def test_create_model_takes_numpy_scalars_as_python_numbers():
+    """num_classes=np.int64(5) was refused ('must be a positive integer, got np.int64(5)'), dropout=np.float32 too."""
+    import danet
+
+    cfg = danet.create_model(PRESET, num_classes=np.int64(7), dropout=np.float32(0.25), aux=np.bool_(False)).cfg
+    assert (cfg.num_classes, cfg.dropout, cfg.aux) == (7, 0.25, False)
+    assert type(cfg.num_classes) is int and type(cfg.aux) is bool
+    for bad in (np.float64(7.5), np.array([7])):
+        with pytest.raises(DanetError, match="num_classes must be a positive integer"):
+            danet.create_model(PRESET, num_classes=bad)

@@ -65,6 +65,13 @@ class ModelConfig:
         """One-line DanetError for a value no DANet can be built with (create_model(..., depth=34), a bad meta)."""
         from .resnet import DEPTH_LAYERS, STRIDE_PLANS
 
+        for f in dataclasses.fields(self):  # NOTE: NumPy's scalars (np.int64(5), np.float32(0.1)) as Python's
+            v = getattr(self, f.name)
+            if type(v).__module__ == "numpy" and getattr(v, "ndim", None) == 0:  # a NumPy scalar, not an array
+                plain = v.item()
+                if type(plain) in (bool, int, float) and plain == v:
+                    object.__setattr__(self, f.name, plain)
+
         def positive(v) -> bool:
             return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import os
+import re
 import struct
 import sys
 import time
@@ -411,3 +412,19 @@ def test_create_model_takes_numpy_scalars_as_python_numbers():
     for bad in (np.float64(7.5), np.array([7])):
         with pytest.raises(DanetError, match="num_classes must be a positive integer"):
             danet.create_model(PRESET, num_classes=bad)
+
+
+def test_the_api_s_wrong_argument_types_are_one_danet_error():
+    """checkpoint=5, backbone_weights=3, Predictor(None) raised TypeError (expected str, bytes or os.PathLike), a
+    norm_layer string one too; backbone_weights='imagenet', danet train's keyword, read 'checkpoint imagenet not
+    found'."""
+    import danet
+
+    for kw, message in (({"checkpoint": 5}, "a checkpoint is a file path (str or pathlib.Path), got int 5"),
+                        ({"backbone_weights": 3}, "got int 3"),
+                        ({"backbone_weights": "imagenet"}, "danet train's download of the preset's ImageNet weights"),
+                        ({"norm_layer": "bn"}, "norm_layer must be a module class")):  # fmt: skip
+        with pytest.raises(DanetError, match=re.escape(message)):
+            danet.create_model(PRESET, **kw)
+    with pytest.raises(DanetError, match="got NoneType None"):
+        danet.Predictor(None)

@@ -158,7 +158,7 @@ def _our_entries(obj: dict, path: Path) -> tuple[dict[str, torch.Tensor], dict, 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read any supported checkpoint (auto-detected) into our key names, without executing pickled code."""
-    path = Path(path)
+    path = safe_load.check_file(path)
     sd, meta, train_state, ours = _state_dict_of(safe_load.load_file(path), path)
     keys = list(sd)
     if ours:

@@ -9,6 +9,7 @@ are not torch files are refused. `plain` turns placeholders into strings so what
 
 from __future__ import annotations
 
+import os
 import pickle
 import warnings
 import zipfile
@@ -87,7 +88,10 @@ class _RestrictedPickleModule:
 
 
 def check_file(path: str | Path) -> Path:
-    """`path` as a Path if it is a file; else DanetError: not found, or a folder (naming a checkpoint inside it)."""
+    """`path` as a Path if it is a file; else DanetError: not a path, not found, or a folder (naming a checkpoint
+    inside it)."""
+    if not isinstance(path, str | os.PathLike):  # NOTE: Path(5) is a TypeError
+        raise DanetError(f"a checkpoint is a file path (str or pathlib.Path), got {type(path).__name__} {path!r:.60}")
     path = Path(path)
     if path.is_dir():
         try:

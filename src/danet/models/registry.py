@@ -56,6 +56,14 @@ def create_model(
             raise DanetError(f"unknown model option: {e}; valid: {', '.join(ModelConfig.__dataclass_fields__)}") from e
     if isinstance(backbone_weights, str) and backbone_weights.lower() in ("none", ""):  # as --set backbone_weights=none
         backbone_weights = None
+    if isinstance(backbone_weights, str) and backbone_weights.lower() == "imagenet":
+        where = f" ({preset.backbone_url})" if preset.backbone_url else ""
+        raise DanetError(
+            f"backbone_weights='imagenet' is danet train's download of the preset's ImageNet weights{where}; "
+            "create_model takes the file: pass its path"
+        )
+    if not isinstance(norm_layer, type) or not issubclass(norm_layer, nn.Module):
+        raise DanetError(f"norm_layer must be a module class such as nn.BatchNorm2d, got {norm_layer!r:.60}")
     if checkpoint is None and backbone_weights is None:
         return DANet(cfg, norm_layer)
 

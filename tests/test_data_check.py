@@ -65,3 +65,33 @@ def test_check_one_split_of_a_folder_dataset(tmp_path, capsys):
     assert rc == 1 and "extra: 2 images, 1 readable pairs" in out and "1 fault (1 missing)" in out
     assert "[extra] label" in out and "im1.png of image im1.png does not exist" in out
     assert "[validation]" not in out and "[training]" not in out
+
+
+def test_check_reports_every_fault_of_a_pair_each_split_once_and_a_split_with_nothing_labelled(tmp_path, capsys):
+    """A label with a bad value that is also the wrong size, and a corrupt image whose label is missing, reported
+    one fault each (the others showed up only once the first was fixed); --split val --split validation checked
+    the split twice (10 faults for 5); a split whose labels are all ignored passed, though danet test refuses it."""
+    root = make_ade(tmp_path / "ade", {"training": 3, "validation": 2})
+    ade = root / "ADEChallengeData2016"
+    bad = np.ones((37, 60))
+    bad[0, 0] = 200
+    write_label(ade / "annotations/training/ADE_000.png", bad)  # a bad value and 3 rows short
+    (ade / "images/training/ADE_001.jpg").write_bytes(b"garbage")  # corrupt, and its label missing
+    (ade / "annotations/training/ADE_001.png").unlink()
+    for i in range(2):
+        write_label(ade / f"annotations/validation/ADE_00{i}.png", np.zeros((40, 60)))  # 0: ignored (reduce-zero)
+    argv = ["data", "check", "danet_r50-d8_ade20k", "--data-root", str(root), "--no-progress"]
+    assert main([*argv, "--split", "train", "--split", "training", "--split", "val", "--split", "validation"]) == 1
+    out = capsys.readouterr().out
+    assert out.count("training: 3 images") == 1 and out.count("validation: 2 images") == 1
+    faults = [line.strip() for line in out.splitlines() if line.strip().startswith("[")]
+    assert len(faults) == 5 and "5 faults" in out, faults
+    expected = (
+        "ADE_000.png has values [200] outside",
+        "ADE_000.png is 60x37 but image",
+        "ADE_001.jpg is corrupt",
+        "ADE_001.png of image ADE_001.jpg does not exist",
+        "[validation] no labelled pixel in its 2 readable labels (all ignore 255, or 0 under reduce-zero",
+    )
+    for text in expected:  # fmt: skip
+        assert sum(text in f for f in faults) == 1, (text, faults)

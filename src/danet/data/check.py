@@ -15,7 +15,7 @@ from tqdm import tqdm
 from ..errors import DanetError
 from ..presets import DatasetInfo
 from . import family, find_files, folder
-from .io import fork_safe_opencv, label_lut, read_pair
+from .io import fork_safe_opencv, label_lut, map_label, read_image, read_label, size_fault
 
 
 @dataclass
@@ -37,13 +37,33 @@ class CheckReport:
         return not self.faults
 
 
-def _check_pair(args) -> tuple[str | None, np.ndarray | None]:
-    image, label, lut, num_classes, palette = args
-    try:
-        _, mapped = read_pair(image, label, lut, num_classes, palette)
-    except DanetError as e:
-        return str(e), None
-    return None, np.bincount(mapped.ravel(), minlength=256)[:num_classes]
+def _check_pair(args) -> tuple[list[str], np.ndarray | None]:
+    """Every fault of one (image, label) pair (a missing or unreadable image, a missing or unreadable label, label
+    values outside the classes, sizes that differ: each found, not the first only), and the labelled pixels per
+    class where there is none."""
+    image_path, label_path, lut, num_classes, palette, missing_hint = args  # missing_hint: the family's function
+    faults: list[str] = []
+    image = raw = mapped = None
+    if not image_path.is_file():
+        faults.append(f"image {image_path} does not exist")
+    else:
+        try:
+            image = read_image(image_path)
+        except DanetError as e:
+            faults.append(str(e))
+    if not label_path.is_file():
+        faults.append(f"label {label_path} of image {image_path.name} does not exist{missing_hint(label_path)}")
+    else:
+        try:
+            raw = read_label(label_path, palette)
+            mapped = map_label(raw, lut, label_path, num_classes)
+        except DanetError as e:
+            faults.append(str(e))
+    if image is not None and raw is not None and (fault := size_fault(image, raw, image_path, label_path)):
+        faults.append(fault)
+    if faults or mapped is None:
+        return faults, None
+    return [], np.bincount(mapped.ravel(), minlength=256)[:num_classes]
 
 
 def check_dataset(
@@ -73,15 +93,8 @@ def check_dataset(
         if not pairs:
             report.faults.append(f"[{split}] no images")
             continue
-        todo = []
-        for image, label in pairs:
-            if not image.is_file():
-                report.faults.append(f"[{split}] image {image} does not exist")
-            elif not label.is_file():
-                hint = family(info).missing_hint(label)
-                report.faults.append(f"[{split}] label {label} of image {image.name} does not exist{hint}")
-            else:
-                todo.append((image, label, lut, info.num_classes, palette))
+        fam = family(info)
+        todo = [(image, label, lut, info.num_classes, palette, fam.missing_hint) for image, label in pairs]
         bar = dict(total=len(todo), desc=f"check {split}", unit="img", disable=not progress, leave=False)
         if jobs > 1:
             fork_safe_opencv()
@@ -89,12 +102,17 @@ def check_dataset(
                 results = list(tqdm(pool.map(_check_pair, todo, chunksize=16), **bar))
         else:
             results = [_check_pair(t) for t in tqdm(todo, **bar)]
-        for fault, counts in results:
-            if fault is None:
+        for faults, counts in results:
+            if not faults:
                 sr.ok += 1
                 sr.class_pixels += counts
-            else:
-                report.faults.append(f"[{split}] {fault}")
+            report.faults += [f"[{split}] {fault}" for fault in faults]
+        if sr.ok and not sr.class_pixels.any():  # NOTE: danet test refuses such a split (its mIoU is undefined)
+            report.faults.append(
+                f"[{split}] no labelled pixel in its {sr.ok} readable labels (all ignore 255"
+                + (", or 0 under reduce-zero-label" if info.reduce_zero_label else "")
+                + "): nothing to train on or evaluate"
+            )
     return report
 
 
@@ -128,6 +146,7 @@ def _kind(fault: str) -> str:
         ("empty file", "unreadable"),
         ("same size", "size mismatch"),
         ("outside", "bad label values"),
+        ("no labelled pixel", "no labelled pixel"),
         ("colours", "bad label format"),  # colours of an RGB mask that the classes file does not name
         ("one class index per pixel", "bad label format"),
         ("lossy compression", "bad label format"),

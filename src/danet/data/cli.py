@@ -68,7 +68,9 @@ def run_cli(args: argparse.Namespace) -> int:
         if args.dataset == "folder":
             info = own_classes(args.data_root, info)
         root = data_root(info, args.data_root)
-        splits = [resolve_split(info, s, root) for s in args.split] if args.split else None
+        splits = (
+            list(dict.fromkeys(resolve_split(info, s, root) for s in args.split)) if args.split else None
+        )  # once each
         if args.jobs < 1:
             raise DanetError(f"--jobs must be at least 1 (worker processes), got {args.jobs}")
         report = check_dataset(info, root, splits, jobs=args.jobs, progress=not args.no_progress)

@@ -202,12 +202,19 @@ def read_pair(
     """Read an image (RGB uint8 `(H, W, 3)`) and its mapped label (uint8 `(H, W)`), checking that their sizes agree."""
     image = read_image(image_path)
     label = map_label(read_label(label_path, palette), lut, label_path, num_classes)
-    if image.shape[:2] != label.shape:
-        raise DanetError(
-            f"label {label_path} is {label.shape[1]}x{label.shape[0]} but image {image_path} is "
-            f"{image.shape[1]}x{image.shape[0]} (WxH); they must be the same size{_turned_hint(image_path)}"
-        )
+    if fault := size_fault(image, label, image_path, label_path):
+        raise DanetError(fault)
     return image, label
+
+
+def size_fault(image: np.ndarray, label: np.ndarray, image_path, label_path) -> str | None:
+    """What is wrong where a label `(H, W)` is not its image's size `(H, W, 3)` (None where it is)."""
+    if image.shape[:2] == label.shape[:2]:
+        return None
+    return (
+        f"label {label_path} is {label.shape[1]}x{label.shape[0]} but image {image_path} is "
+        f"{image.shape[1]}x{image.shape[0]} (WxH); they must be the same size{_turned_hint(image_path)}"
+    )
 
 
 def _turned_hint(image_path: str | os.PathLike) -> str:

@@ -373,7 +373,7 @@ def cases(a, group: str) -> list[BenchSpec]:
     # smoke: the same R50-D8 structure a few channels wide, so that the CPU gets through every case quickly
     nar = dict(base_channels=4, stem_channels=8, head_channels=32, key_channels=16, aux_channels=16) if sm else {}
     mm = {**nar, "pam_bias": True, "aux_channels": 16 if sm else 256}
-    common = dict(cudnn_benchmark=True, overrides=nar)
+    common = dict(cudnn_benchmark=gpu, overrides=nar)  # (the CPU refuses the CUDA setting)
     tr = dict(common, preset=ade, mode="train", batch=2 if sm else 8, size=(32, 32) if sm else (512, 512),
               warmup=1 if sm else 3, iters=1 if sm else 10)  # fmt: skip
     i5 = dict(common, preset=ade, mode="infer", batch=1, size=(64, 64) if sm else (512, 512),

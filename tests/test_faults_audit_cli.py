@@ -398,3 +398,11 @@ def test_create_model_with_values_no_danet_takes_is_one_line(kw, words):
     with pytest.raises(DanetError) as e:
         danet.create_model(PRESET, **kw)
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_benchmark_refuses_cudnn_benchmark_on_the_cpu(capsys):
+    """It ran and recorded 'cudnn_benchmark' in its result, where it does nothing (the other CUDA settings are
+    refused there, so that a record says what ran)."""
+    line = cli_error(capsys, "benchmark", "danet_tiny_synthetic", "--infer", "--size", "32", "32", "--iters", "1",
+                     "--cudnn-benchmark", "--device", "cpu")  # fmt: skip
+    assert line.endswith("--cudnn-benchmark picks cuDNN's convolution algorithms on CUDA; drop it on the CPU")

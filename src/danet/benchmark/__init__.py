@@ -336,6 +336,8 @@ def check_spec(spec: BenchSpec) -> torch.device:
             "the host); for a compiled step use --compile reduce-overhead"
         )
     dev = resolve_device(spec.device)
+    if spec.cudnn_benchmark and dev.type != "cuda":  # NOTE: as the other CUDA settings: a record says what ran
+        raise DanetError("--cudnn-benchmark picks cuDNN's convolution algorithms on CUDA; drop it on the CPU")
     train_mode = spec.mode == "train"
     if spec.norm == "triton" and (why := why_unused(dev, bool(spec.compile))):
         raise DanetError(f"--norm triton {why}; drop --norm triton")

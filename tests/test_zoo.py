@@ -31,6 +31,9 @@ def _tiny_checkpoint(path):
     return model
 
 
+ADE_FILE = "danet_resnet50os8_ade20k_train.pth"  # danet_r50-d8_ade20k's published file
+
+
 def test_download_from_file_url_loads_as_the_preset(tmp_path, capsys):
     model = _tiny_checkpoint(tmp_path / "src.pth")
     cache = tmp_path / "cache"
@@ -47,7 +50,7 @@ def test_download_of_a_file_that_does_not_fit_is_removed(tmp_path):
     with pytest.raises(DanetError, match="does not load as danet_r50-d8_ade20k") as e:
         zoo.download("danet_r50-d8_ade20k", tmp_path / "cache", url=(tmp_path / "src.pth").as_uri(), progress=False)
     assert not list((tmp_path / "cache").iterdir())
-    assert ".part-" not in str(e.value) and "src.pth has 5 classes" in str(e.value)  # not the temporary name
+    assert ".part-" not in str(e.value) and f"{ADE_FILE} has 5 classes" in str(e.value)  # not the temporary name
 
 
 def test_a_file_already_in_the_cache_that_does_not_fit_is_kept(tmp_path):
@@ -55,11 +58,12 @@ def test_a_file_already_in_the_cache_that_does_not_fit_is_kept(tmp_path):
     deleted."""
     cache = tmp_path / "cache"
     cache.mkdir()
-    _tiny_checkpoint(cache / "src.pth")
-    before = (cache / "src.pth").read_bytes()
-    with pytest.raises(DanetError, match="does not load as danet_r50-d8_ade20k.*replace it, or add --force"):
+    _tiny_checkpoint(cache / ADE_FILE)  # the published file's name, wherever --url fetches it from
+    before = (cache / ADE_FILE).read_bytes()
+    with pytest.raises(DanetError, match="does not load as danet_r50-d8_ade20k.*replace it, or add --force") as e:
         zoo.download("danet_r50-d8_ade20k", cache, url="https://example.org/src.pth", progress=False)
-    assert (cache / "src.pth").read_bytes() == before
+    assert (cache / ADE_FILE).read_bytes() == before
+    assert str(e.value).count("; ") == 1  # one remedy (the loader's own 'download it again' is this one's)
 
 
 def test_a_forced_download_that_does_not_fit_leaves_the_cache_as_it_was(tmp_path):
@@ -67,15 +71,15 @@ def test_a_forced_download_that_does_not_fit_leaves_the_cache_as_it_was(tmp_path
     destination): the download is dropped before it replaces anything, so the user's file is never deleted."""
     cache = tmp_path / "cache"
     cache.mkdir()
-    mine = cache / "src.pth"
+    mine = cache / ADE_FILE
     _tiny_checkpoint(mine)
     before = mine.read_bytes()
-    for source in (mine, tmp_path / "src.pth"):
+    for source in (mine, tmp_path / "src.pth"):  # (a mirror's other name)
         if source != mine:
             _tiny_checkpoint(source)
         with pytest.raises(DanetError, match=rf"does not load as danet_r50-d8_ade20k \(not kept; {mine} is unchanged"):
             zoo.download("danet_r50-d8_ade20k", cache, url=source.as_uri(), force=True, progress=False)
-        assert mine.read_bytes() == before and [p.name for p in cache.iterdir()] == ["src.pth"]
+        assert mine.read_bytes() == before and [p.name for p in cache.iterdir()] == [ADE_FILE]
 
 
 def test_a_download_with_a_flipped_bit_is_not_kept(tmp_path):
@@ -106,3 +110,18 @@ def test_offline_download_fails_in_one_line(tmp_path, monkeypatch, capsys):
 def test_preset_without_checkpoint(tmp_path):
     with pytest.raises(DanetError, match="no published checkpoint"):
         zoo.download("danet_tiny_synthetic", tmp_path)
+
+
+def test_a_mirror_s_file_is_cached_under_the_published_name_and_a_missing_file_url_says_so(tmp_path, monkeypatch):
+    """--url fetched into the cache under the mirror's name, so the next download (without --url) did not find it;
+    a file:// URL that names no file said 'check the network (offline?)'."""
+    src = tmp_path / "mirror_copy.pth"
+    _tiny_checkpoint(src)
+    monkeypatch.setattr(zoo, "checkpoint_url", lambda preset: "https://example.org/published_name.pth")
+    got = zoo.download("danet_tiny_synthetic", tmp_path / "cache", url=src.as_uri(), progress=False)
+    assert got == tmp_path / "cache" / "published_name.pth"
+    assert zoo.download("danet_tiny_synthetic", tmp_path / "cache", progress=False) == got  # found, not fetched
+    with pytest.raises(
+        DanetError, match=r"cannot read file://.*nothere\.pth: No such file or directory; check the path"
+    ):
+        zoo.download("danet_tiny_synthetic", tmp_path / "c2", url=(tmp_path / "nothere.pth").as_uri(), progress=False)

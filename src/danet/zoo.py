@@ -110,6 +110,9 @@ def fetch(url: str, dest: Path, progress: bool = True, check=None) -> Path:
         os.replace(tmp, dest)
     except (TimeoutError, urllib.error.URLError, ConnectionError) as e:
         reason = getattr(e, "reason", None) or e
+        if url.startswith("file://"):
+            why = getattr(reason, "strerror", None) or reason
+            raise DanetError(f"cannot read {url}: {why}; check the path") from None
         raise DanetError(
             f"cannot download {url}: {reason}; check the network (offline?) or fetch the file by hand into {dest}"
         ) from None
@@ -132,12 +135,14 @@ def download(
         rows = ", ".join(p.name for p in zoo_rows())
         raise DanetError(f"preset {preset.name} has no published checkpoint; zoo rows: {rows}")
     dest = Path(cache).expanduser() if cache else default_cache()
-    dest = dest / (Path(urlparse(url).path).name or f"{preset.name}.pth")
+    # NOTE: the published file's name, also when fetched from a mirror (--url): the next download finds it there
+    dest = dest / (Path(urlparse(checkpoint_url(preset) or url).path).name or f"{preset.name}.pth")
     if dest.is_file() and not force:  # NOTE: a file already in the cache (perhaps put there by hand) is the user's
         try:
             load_model(dest, preset.model, remedy="")
         except DanetError as e:
-            raise DanetError(f"{dest} does not load as {preset.name}: {e}; replace it, or add --force") from None
+            why = str(e).rsplit("; ", 1)[0]  # NOTE: its own remedy (download it again) is this one's
+            raise DanetError(f"{dest} does not load as {preset.name}: {why}; replace it, or add --force") from None
         return dest
 
     def check(tmp: Path) -> None:  # before the download replaces anything: a bad one is removed, the cache kept

@@ -176,3 +176,19 @@ def test_an_error_line_is_one_write(monkeypatch):
     monkeypatch.setattr(sys, "stderr", Recorder())
     assert main(["train", "danet_r51-d8_ade20k"]) == 2
     assert len(writes) == 1 and writes[0].startswith("danet train: error: unknown preset") and writes[0].endswith("\n")
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [(["train", "danet_tiny_synthetic", "--bogus"],
+      "danet train: error: unrecognized arguments: --bogus; see danet train --help"),
+     (["models", "foo"], "danet models: error: unrecognized arguments: foo; see danet models --help"),
+     (["test"],
+      "danet test: error: the following arguments are required: preset, --checkpoint; see danet test --help")],
+)  # fmt: skip
+def test_argument_errors_are_one_line_named_by_their_command(capsys, argv, line):
+    """argparse printed its whole usage (20 lines for danet test) before the error, and named unknown options of a
+    subcommand 'danet: error'."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and capsys.readouterr().err.splitlines() == [line]

@@ -31,8 +31,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line, as every other error of the command (argparse prints the whole usage
+    first): what is wrong, and where the options are listed."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="danet", description="DANet semantic segmentation")
+    parser = Parser(prog="danet", description="DANet semantic segmentation")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
@@ -77,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):  # a UnicodeEncodeError
             stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # NOTE: named by the subcommand they were given to (argparse names the top-level parser)
+        command = f"danet {args.command}" if getattr(args, "command", None) else "danet"
+        parser.exit(2, f"{command}: error: unrecognized arguments: {' '.join(extra)}; see {command} --help\n")
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

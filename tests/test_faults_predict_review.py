@@ -207,3 +207,10 @@ def test_predictor_reads_a_16_bit_pil_image_as_danet_predict_reads_its_file(chec
     assert np.array_equal(pil_rgb(pil), from_file) and np.array_equal(predictor(pil), predictor(from_file))
     with pytest.raises(DanetError, match="floating-point samples"):
         predictor(Image.fromarray(v.astype(np.float32)))
+
+
+def test_predictor_switches_take_booleans_only(checkpoint):
+    predictor = danet.Predictor(checkpoint)
+    for kw in ({"tta": "yes"}, {"tta": "no"}, {"resize": 0}):
+        with pytest.raises(DanetError, match=r"give True or False"):
+            predictor(np.zeros((16, 16, 3), np.uint8), **kw)

@@ -300,6 +300,9 @@ class Predictor:
         for what, value, allowed in choices:
             if value not in allowed:
                 raise DanetError(f"Predictor {what}={value!r}: give one of {', '.join(map(repr, allowed))}")
+        for what, value in (("tta", tta), ("resize", resize)):  # NOTE: tta="no" would be a true string
+            if not isinstance(value, bool | np.bool_):
+                raise DanetError(f"Predictor {what}={value!r}: give True or False")
         for what, value, verb in (("merge", merge, "merges"), ("views", views, "makes")):
             if value is not None and not tta:
                 raise DanetError(

@@ -183,6 +183,8 @@ def test_an_error_line_is_one_write(monkeypatch):
     [(["train", "danet_tiny_synthetic", "--bogus"],
       "danet train: error: unrecognized arguments: --bogus; see danet train --help"),
      (["models", "foo"], "danet models: error: unrecognized arguments: foo; see danet models --help"),
+     (["data", "check", "x", "--bogus"],
+      "danet data check: error: unrecognized arguments: --bogus; see danet data check --help"),
      (["test"],
       "danet test: error: the following arguments are required: preset, --checkpoint; see danet test --help")],
 )  # fmt: skip

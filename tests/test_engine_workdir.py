@@ -122,3 +122,42 @@ def test_a_work_dir_that_is_a_file_and_a_killed_writer_s_leftovers(tmp_path, cap
         p.write_bytes(b"partial")
     assert main(["train", "danet_tiny_synthetic", "--data-root", str(root), "--work-dir", str(work), *sets]) == 0
     assert not leftover.exists() and live.exists() and other.exists()
+
+
+def test_the_lock_ends_with_its_process_not_with_its_forked_children(tmp_path, monkeypatch, capsys):
+    """flock's lock was shared with the data loader's forked workers: a run killed hard left them holding it, and
+    the --resume after it was refused, naming the dead process. A file system without locks (ENOSYS: Lustre
+    without -o flock) refused every run as 'another danet train is running': it runs unlocked, with a note."""
+    import errno
+    import fcntl
+    import subprocess
+    import sys
+
+    from danet.engine.run_files import WorkDirLock
+
+    code = ("import os, sys, time; from pathlib import Path; from danet.engine.run_files import WorkDirLock; "
+            "lock = WorkDirLock(); lock.acquire(Path(sys.argv[1])); child = os.fork()\n"
+            "if child == 0: time.sleep(60); os._exit(0)\n"
+            "print(child, flush=True); os._exit(0)")  # fmt: skip
+    # (the run dies hard, without releasing; its child, as a data loader worker, lives on)
+    run = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    child = int(run.stdout.readline())  # NOTE: not to the pipe's end, which the child holds open
+    run.wait(timeout=60)
+    try:
+        assert os.path.exists(f"/proc/{child}") and (tmp_path / ".lock").exists()  # the worker, the dead run's file
+        lock = WorkDirLock()
+        lock.acquire(tmp_path)  # not refused
+        assert lock.held and (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+        lock.release()
+        assert not (tmp_path / ".lock").exists()
+    finally:
+        os.kill(child, 9)
+
+    def no_locks(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    lock = WorkDirLock()
+    lock.acquire(tmp_path)
+    assert lock.held and "cannot be locked (Function not implemented)" in capsys.readouterr().err
+    lock.release()

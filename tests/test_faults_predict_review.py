@@ -207,6 +207,9 @@ def test_predictor_reads_a_16_bit_pil_image_as_danet_predict_reads_its_file(chec
     assert np.array_equal(pil_rgb(pil), from_file) and np.array_equal(predictor(pil), predictor(from_file))
     with pytest.raises(DanetError, match="floating-point samples"):
         predictor(Image.fromarray(v.astype(np.float32)))
+    # a 32-bit "I" image of 8-bit values (Image.fromarray of int32, .convert("I")) keeps them, as convert("RGB") did
+    eight = np.random.default_rng(1).integers(0, 256, (40, 56), dtype=np.int32)
+    assert np.array_equal(pil_rgb(Image.fromarray(eight)), np.repeat(eight.astype(np.uint8)[..., None], 3, axis=2))
 
 
 def test_predictor_switches_take_booleans_only(checkpoint):

@@ -125,3 +125,16 @@ def test_a_mirror_s_file_is_cached_under_the_published_name_and_a_missing_file_u
         DanetError, match=r"cannot read file://.*nothere\.pth: No such file or directory; check the path"
     ):
         zoo.download("danet_tiny_synthetic", tmp_path / "c2", url=(tmp_path / "nothere.pth").as_uri(), progress=False)
+
+
+def test_a_cached_file_s_reason_is_kept_whole_beside_the_remedy(tmp_path):
+    """Cutting the loader's message at its last '; ' dropped a reason's own second part ('the file is damaged')."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    _tiny_checkpoint(cache / "src.pth")
+    raw = torch.load(cache / "src.pth", weights_only=True)
+    raw["model"][next(k for k in raw["model"] if k.endswith("running_var"))][0] = -1.0
+    torch.save(raw, cache / "src.pth")
+    with pytest.raises(DanetError) as e:
+        zoo.download("danet_tiny_synthetic", cache, url="https://example.org/src.pth", progress=False)
+    assert str(e.value).endswith("running_var; the file is damaged; replace it, or add --force")

@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # NOTE: named by the subcommand they were given to (argparse names the top-level parser)
-        command = f"danet {args.command}" if getattr(args, "command", None) else "danet"
+        nested = [v for k, v in vars(args).items() if k.endswith("_command") and isinstance(v, str)]  # data check
+        command = " ".join(["danet", *([args.command] if getattr(args, "command", None) else []), *nested])
         parser.exit(2, f"{command}: error: unrecognized arguments: {' '.join(extra)}; see {command} --help\n")
     if not getattr(args, "_run", None):
         parser.print_help()

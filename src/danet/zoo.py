@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -141,7 +142,7 @@ def download(
         try:
             load_model(dest, preset.model, remedy="")
         except DanetError as e:
-            why = str(e).rsplit("; ", 1)[0]  # NOTE: its own remedy (download it again) is this one's
+            why = re.sub(r"[;:] download or save it again$", "", str(e))  # NOTE: its remedy is this one's
             raise DanetError(f"{dest} does not load as {preset.name}: {why}; replace it, or add --force") from None
         return dest
 

@@ -211,11 +211,12 @@ def run_eval_mode(ck, preset: str | None = None) -> str | None:
 def pil_rgb(image: Image.Image) -> np.ndarray:
     """A PIL image as RGB uint8 `(H, W, 3)`, as `danet predict` reads its file (OpenCV): 16-bit grayscale keeps its
     high byte (PIL's convert("RGB") clips such values to 0 or 255); floating-point samples are refused, as there."""
-    if image.mode.startswith("I"):  # I;16, I;16B, I;16L, I (32-bit)
+    if image.mode.startswith("I"):  # I;16, I;16B, I;16L; I (32-bit: a 16-bit file in older Pillows, or 8-bit values)
         values = np.asarray(image).astype(np.int64)
         if values.size and (values.min() < 0 or values.max() > 65535):
             raise DanetError(f"a {image.mode} PIL image with values outside 0..65535: give 8- or 16-bit samples")
-        return np.repeat((values >> 8).astype(np.uint8)[..., None], 3, axis=2)
+        sixteen = image.mode.startswith("I;16") or (values.size and values.max() > 255)
+        return np.repeat((values >> (8 if sixteen else 0)).astype(np.uint8)[..., None], 3, axis=2)
     if image.mode == "F":
         raise DanetError("a PIL image of floating-point samples (mode F), which danet reads only as 8- or 16-bit")
     return np.asarray(image.convert("RGB"))

@@ -3,13 +3,14 @@ which files make a run (a fresh run refuses a work dir holding them); what to do
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DanetError
+from ..errors import DanetError, note
 from ..files import atomic_copy, pid_running
 from .logging import RunLogger, read_log, write_json
 
@@ -55,11 +56,12 @@ class WorkDirBusy(DanetError):
 
 
 class WorkDirLock:
-    """Hold a work dir for one run: an exclusive lock on its `.lock` file (which names the holder's process id), kept
-    until `release()` (which removes the file) or the end of the process, however it ends (a file left by a killed
-    run is taken over by the next). A second run started in the same work dir meanwhile is refused in one line (two
-    runs there would interleave their logs and replace each other's checkpoints). Where the system has no `flock`
-    (Windows) nothing is locked."""
+    """Hold a work dir for one run: an exclusive POSIX lock on its `.lock` file (which names the holder's process id),
+    kept until `release()` (which removes the file) or the end of the process, however it ends (its forked data
+    loader workers do not hold it; a file left by a killed run is taken over by the next). A second run started in
+    the same work dir meanwhile is refused in one line (two runs there would interleave their logs and replace each
+    other's checkpoints). Where the system has no `fcntl` (Windows) or the file system no locks, nothing is locked
+    (with a note there)."""
 
     def __init__(self) -> None:
         self.handle, self.path = None, None
@@ -79,9 +81,15 @@ class WorkDirLock:
                 raise DanetError(
                     f"cannot write in the work dir {work}: {e.strerror or e}; pick another --work-dir"
                 ) from None
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            try:  # NOTE: a POSIX lock is this process's own: forked children (data loader workers) do not hold it,
+                fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # so it ends with the process, however it ends
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EAGAIN):  # NOTE: no locks on this file system (ENOLCK,
+                    handle.close()  # ENOSYS: Lustre without -o flock, some network mounts): run without one
+                    note(f"the work dir {work} cannot be locked ({e.strerror or e}): a second run started there "
+                         "meanwhile would not be refused")  # fmt: skip
+                    self.held = True
+                    return
                 handle.seek(0)
                 pid = handle.read().strip()
                 handle.close()
@@ -107,8 +115,9 @@ class WorkDirLock:
 
     def release(self) -> None:
         if self.handle is not None:
-            try:
-                self.path.unlink(missing_ok=True)  # NOTE: while still locked (see acquire)
+            try:  # NOTE: while still locked (see acquire), and only the file this run locked
+                if os.stat(self.path).st_ino == os.fstat(self.handle.fileno()).st_ino:
+                    self.path.unlink()
             except OSError:
                 pass  # a read-only or vanished work dir: the file stays, and the next run takes it over
             self.handle.close()
@@ -116,9 +125,9 @@ class WorkDirLock:
 
 
 def remove_dead_writers_files(work: Path) -> list[Path]:
-    """Remove the temporary files (`.<name>.tmp-<pid>`) of a run's checkpoints, metrics and pictures that a writer
-    killed hard (SIGKILL) left in `work`, where that process no longer runs; called holding the work dir's lock, so
-    no other run is writing there. Returns what was removed."""
+    """Remove the temporary files (`.<name>.tmp-<pid>`: checkpoints, the large ones) that a writer killed hard
+    (SIGKILL) left in `work`, where that process no longer runs; called holding the work dir's lock, so no other run
+    is writing there. Returns what was removed."""
     removed = []
     for tmp in work.glob(".*.tmp-*"):
         m = re.fullmatch(r"\.(.+)\.tmp-(\d+)", tmp.name)

@@ -193,7 +193,7 @@ def run_test(args) -> dict:
     try:
         remedy = "data" if args.dataset == "folder" else "test"
         model = load_model(ck, preset.model, remedy=remedy).to(info.device).eval()
-        output_stride = model.cfg.output_stride  # NOTE: the preset's (load_model warns of a file's other one)
+        output_stride = model.cfg.output_stride  # NOTE: the preset's or its own run's (run_preset)
         set_inference_conv(model, args.conv)
         set_inference_norm(model, args.norm, AMP_DTYPES.get(args.amp, torch.float32))
         attention = set_inference_attention(model, args.attention, args.amp)  # what runs (the settings record it)

@@ -304,3 +304,12 @@ def test_hidden_files_beside_ade20k_and_cityscapes_images_are_not_images(tmp_pat
     write_label(tmp_path / "cs/gtFine/val/lindau/lindau_000000_000019_gtFine_labelTrainIds.png", np.zeros((32, 64)))
     preset = small("danet_r50-d8_cityscapes", base=(128, 64), crop=(32, 64))
     assert len(build_dataset(preset, tmp_path / "cs", "val")) == 1
+
+
+def test_the_synthetic_preset_on_a_folder_dataset_of_train_val_splits_names_the_option(tmp_path):
+    """The synthetic preset reads the folder layout with its own split names (training, validation); given your
+    own data of train / val splits it said only 'has neither images/training/ nor a training.txt list'."""
+    root = make_folder(tmp_path / "mine")
+    (root / "classes.yaml").write_text("[background, disc, square, triangle, stripes]\n")
+    with pytest.raises(DanetError, match=r"has neither images/training/ .* add --set data.dataset=folder \(train\)"):
+        build_dataset(get_preset("danet_tiny_synthetic"), root, "training")  # what danet train reads

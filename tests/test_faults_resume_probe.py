@@ -152,11 +152,15 @@ def test_resume_outputs_decides_what_goes_and_what_comes(tmp_path):
     for name, it in (("epoch_1.pth", 2), ("epoch_2.pth", 4), ("epoch_3.pth", 6), ("best.pth", 4), ("last.pth", 6)):
         save_checkpoint(run / name, model, PRESET, extra_meta={"iter": it})
     (run / "metrics.json").write_text(json.dumps({"iter": 6}))
+    for picture in ("curves.png", "per_class_iou.png", "confusion.png"):  # metrics.json's (curves: drawn again)
+        (run / picture).write_bytes(b"png")
     got = resume_outputs(run, run / "epoch_1.pth", 2, 2)
-    assert [p.name for p in got.later] == ["best.pth", "epoch_2.pth", "epoch_3.pth", "metrics.json"]
+    assert [p.name for p in got.later] == ["best.pth", "confusion.png", "epoch_2.pth", "epoch_3.pth", "metrics.json",
+                                           "per_class_iou.png"]  # fmt: skip
     assert got.best_lost and not got.fork and got.staged
     got = resume_outputs(run, run / "epoch_2.pth", 4, 2)  # best.pth is of iteration 4: kept
-    assert [p.name for p in got.later] == ["epoch_3.pth", "metrics.json"] and not got.best_lost
+    assert [p.name for p in got.later] == ["confusion.png", "epoch_3.pth", "metrics.json", "per_class_iou.png"]
+    assert not got.best_lost
     got = resume_outputs(run, run / "last.pth", 6, 2)  # the usual resume: nothing changes
     assert got.later == [] and not got.best_lost and not got.staged
     fork = tmp_path / "fork"

@@ -88,7 +88,10 @@ def find_files(info: DatasetInfo, root: Path, split: str) -> list[tuple[Path, Pa
         pairs = family(info).list_files(root, split)
     except DanetError as e:
         own = next((root / n for n in folder.CLASS_FILES if (root / n).is_file()), None) if root.is_dir() else None
-        if own is None or info.name in ("synthetic", "folder"):
+        # NOTE: the synthetic preset reads its own splits (training, validation) of the folder layout; data of
+        # train / val splits is a folder dataset of its own classes
+        own_splits = info.name == "synthetic" and (root / "images" / "train").is_dir()
+        if own is None or info.name == "folder" or (info.name == "synthetic" and not own_splits):
             raise
         raise DanetError(  # the user's own data given to a preset that reads its toolbox dataset's layout
             f"{e}; {root} has a {own.name}: to train or test on a folder dataset with its own classes, add --set "

@@ -166,11 +166,13 @@ class Resumed:
 def resume_outputs(work: Path, resume: Path, it: int, ipe: int) -> Resumed:
     """In the checkpoint's own folder, the files of iterations after `it` (epochs of `ipe`) are an abandoned future (a
     resume from an earlier epoch_N.pth): the later epoch_K.pth, and best.pth and metrics.json where they record a
-    later iteration. Into another folder (a fork), which must hold no run, nor a config or log (DanetError), the
-    run's best.pth comes along where it is from before `it`."""
+    later iteration, and that metrics.json's pictures. Into another folder (a fork), which must hold no run, nor a
+    config or log (DanetError), the run's best.pth comes along where it is from before `it`."""
     if work.resolve() == resume.parent.resolve():  # NOTE: the folder it is in, not where a link to it points
         later = [p for p in work.glob("epoch_*.pth") if p.stem[6:].isdigit() and int(p.stem[6:]) * ipe > it]
         later += [work / n for n in ("best.pth", "metrics.json") if (recorded_iter(work / n) or 0) > it]
+        if work / "metrics.json" in later:  # NOTE: its validation's pictures (curves.png is drawn again at the end)
+            later += [work / n for n in ("per_class_iou.png", "confusion.png") if (work / n).is_file()]
         lost = work / "best.pth" in later or not (work / "best.pth").is_file()
         return Resumed(sorted(later), None, lost, fork=False)
     if found := run_outputs(work) + [work / n for n in ("config.yaml", "log.jsonl") if (work / n).is_file()]:

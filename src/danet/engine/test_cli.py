@@ -87,7 +87,7 @@ def add_speed_options(parser: argparse.ArgumentParser) -> None:
         "--channels-last", action="store_true", help="NHWC memory format (with --amp bf16 the fast layout on a GPU)"
     )
     parser.add_argument("--cuda-graphs", action="store_true", help=CUDA_GRAPHS_HELP)
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (one GPU of several)")
 
 
 def check_speed_options(args) -> None:

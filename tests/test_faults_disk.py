@@ -228,3 +228,95 @@ def test_sigterm_drops_torch_s_worker_check_before_the_frames_unwind(monkeypatch
     finally:
         signal.signal(signal.SIGCHLD, sigchld)
     assert seen == [signal.SIG_DFL] and capsys.readouterr().err == "danet zoo: stopped (SIGTERM)\n"
+
+
+def _cli_under_file_size_limit(limit: int, *argv: str) -> subprocess.CompletedProcess:
+    """`danet ARGV` in a fresh interpreter whose files may not grow past `limit` bytes (RLIMIT_FSIZE: the kernel
+    refuses the write with EFBIG, as a full disk refuses it with ENOSPC)."""
+    script = textwrap.dedent(
+        f"""
+        import resource, signal, sys
+        sys.path.insert(0, {str(SRC)!r})
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))
+        from danet.cli import main
+        sys.exit(main({list(map(str, argv))!r}))
+        """
+    )
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+
+
+def test_torch_export_on_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path):
+    """torch's C++ file writer reported the failed write as a RuntimeError ('unexpected pos ...') and aborted the
+    process while unwinding (exit 134, 30 C++ frames): the program is serialised in memory and written from Python."""
+    ck = tmp_path / "model.pth"
+    save_checkpoint(ck, tiny_model(), PRESET)
+    (tmp_path / "m.pt2").write_bytes(b"older export")
+    proc = _cli_under_file_size_limit(20_000, "export", ck, "--torch-export", tmp_path / "m.pt2", "--size", "32", "32")
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith(f"danet export: error: cannot write {tmp_path / 'm.pt2'}: File too large")
+    assert (tmp_path / "m.pt2").read_bytes() == b"older export" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "m.pt2", "model.pth"]  # fmt: skip
+
+
+def test_a_log_line_or_the_synthetic_data_that_do_not_fit_name_their_file(tmp_path, monkeypatch):
+    """A full disk said only 'No space left on device' for the log and the synthetic data (which folder?), and left
+    a torn last line in log.jsonl."""
+    from danet.data import synthetic
+    from danet.engine.logging import RunLogger, read_log
+
+    logger = RunLogger(tmp_path)
+    logger.log("train", iter=1, loss=1.5)
+    real_open = open
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[:10])  # some of it lands
+            raise ENOSPC
+
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: FullDisk(real_open(path, *a, **k)))
+    with pytest.raises(DanetError, match=rf"cannot write {tmp_path / 'log.jsonl'}: No space left on device; free"):
+        logger.log("train", iter=2, loss=1.25)
+    monkeypatch.undo()
+    assert [r["iter"] for r in read_log(tmp_path / "log.jsonl")] == [1]
+    assert (tmp_path / "log.jsonl").read_text().endswith("}\n")  # no torn line
+
+    def full(out):
+        (out / "images").mkdir()
+        raise ENOSPC
+
+    monkeypatch.setattr(synthetic, "generate", full)
+    with pytest.raises(DanetError, match=rf"cannot write the synthetic data \(3.3 MB\) under {tmp_path / 'c'}: No sp"):
+        synthetic.ensure_synthetic(tmp_path / "c")
+    assert not list((tmp_path / "c").iterdir())  # the half-made folder is gone
+
+
+def test_outputs_through_a_link_to_a_folder_not_made_yet_and_cleanup_on_a_read_only_folder(tmp_path, monkeypatch):
+    """A --work-dir / --out that is a symbolic link to a folder not made yet: 'cannot create ...: File exists'; now
+    its target is made. A temporary file's clean-up on a read-only folder (EROFS even for a file that is not there)
+    replaced the write's own error, naming the hidden temporary file."""
+    from danet import files
+
+    link = tmp_path / "L"
+    link.symlink_to(tmp_path / "target" / "deeper")
+    files.make_dir(link)
+    assert (tmp_path / "target" / "deeper").is_dir() and link.is_symlink()
+
+    def read_only(self, missing_ok=False):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(type(tmp_path), "unlink", read_only)
+    files.discard(tmp_path / ".x.tmp-1")  # no error of its own

@@ -163,6 +163,13 @@ def test_resuming_a_finished_run_says_so_and_writes_nothing(data_root, tmp_path,
         (work / picture).unlink()
     assert main(argv(work, data_root, "--resume")) == 0
     assert (work / "curves.png").is_file() and (work / "per_class_iou.png").is_file()
+    # a full disk at the last picture: the others are there, the confusion matrix cannot be drawn again (it was
+    # drawn nothing, in silence)
+    (work / "confusion.png").unlink()
+    capsys.readouterr()
+    assert main(argv(work, data_root, "--resume")) == 0
+    err = capsys.readouterr().err
+    assert "confusion.png was not drawn and cannot be drawn again" in err and "--json F.json draws" in err
 
 
 def test_the_triton_loss_on_the_cpu_runs_the_chunked_one(data_root, tmp_path, capsys, monkeypatch):

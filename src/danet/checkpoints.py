@@ -8,7 +8,6 @@ Our format (a dict that `torch.load(weights_only=True)` reads):
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import warnings
@@ -25,7 +24,7 @@ from .checkpoint_formats import Checkpoint as Checkpoint  # the reading side, pu
 from .checkpoint_formats import file_key as file_key
 from .checkpoint_formats import read_checkpoint as read_checkpoint
 from .errors import DanetError, os_hint
-from .files import replace_target, temp_beside
+from .files import discard, replace_target, temp_beside
 from .models.danet import DANet, ModelConfig, unwrap
 from .models.resnet import DEPTH_LAYERS
 
@@ -98,8 +97,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
         # ("unexpected pos ..."), the OSError being its context.
         os_error = e if isinstance(e, OSError) else e.__context__ if isinstance(e.__context__, OSError) else None
         reason = (os_error.strerror or str(os_error)) if os_error else safe_load.first_line(e)
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        discard(tmp)
         if path.parent.exists() and not path.parent.is_dir():
             hint = f"{path.parent} is a file, not a folder: give another path"
         else:
@@ -107,8 +105,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
             hint = hint or "check free disk space and permissions"
         raise DanetError(f"could not write checkpoint {path}: {reason}; {hint}") from e
     except BaseException:  # an interrupt midway (Ctrl-C, SIGTERM): the old file stands, no temporary is left
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        discard(tmp)
         raise
     return path
 

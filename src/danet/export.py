@@ -14,6 +14,7 @@ keeps an older export intact.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import warnings
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import DanetError, note
-from .files import replace_target, temp_beside
+from .files import discard, replace_target, temp_beside
 
 DEFAULT_OPSET = 17  # SDPA with an explicit scale exports from opset 14; 17 has LayerNormalization etc.
 MIN_SIZE = 32  # smallest input side that survives the stride-8 backbone with room to spare
@@ -55,8 +56,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
             f"cannot write {path}: {e.strerror or e}; check the folder exists, is writable and has space"
         ) from e
     finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        discard(tmp)
 
 
 def check_output_path(path: str | os.PathLike) -> Path:
@@ -231,7 +231,14 @@ def export_program(
                 )
 
         _with_attention_fallback(model, do_export, log)
-        torch.export.save(programs[-1], str(tmp))
+        # NOTE: serialised in memory, then written from Python: torch's C++ file writer reports a full disk as a
+        # RuntimeError and may abort the process while unwinding; Python's write gives an OSError (atomic_path's)
+        buffer = io.BytesIO()
+        torch.export.save(programs[-1], buffer)
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
         diff = None
         if verify:
             program = torch.export.load(str(tmp)).module()

@@ -78,6 +78,23 @@ def temp_beside(path: Path, tag: str, keep_suffix: bool = False, reserve: int = 
     return path.with_name(tmp)
 
 
+def make_dir(path: Path) -> None:
+    """`path.mkdir(parents=True, exist_ok=True)`, where `path` may be a symbolic link to a folder not made yet: its
+    target is made (mkdir said 'File exists' of the link). OSError as mkdir's."""
+    if path.is_symlink() and not path.exists():
+        path = Path(os.path.realpath(path))
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def discard(tmp: str | Path) -> None:
+    """Remove a temporary file if it is there; a failure to (a read-only or vanished folder) is not the error to
+    report: the write's own is."""
+    try:
+        Path(tmp).unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -100,7 +117,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
         os.replace(tmp, path)
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
+        discard(tmp)
         if isinstance(e, OSError):
             e.filename = str(path)
         raise
@@ -115,7 +132,7 @@ def atomic_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
         raise DanetError(f"cannot copy {src} to {dst}: {e.strerror or e}; free some space, then run again") from None
 
 

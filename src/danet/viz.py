@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .files import replace_target, temp_beside
+from .files import discard, replace_target, temp_beside
 
 IGNORE_COLOR = (224, 224, 192)  # the VOC boundary colour, for label 255
 SERIES_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
@@ -402,5 +402,5 @@ def save_picture(img: Image.Image, path: str | Path, **save_args) -> Path:
         e.filename = str(path)  # NOTE: not the temporary name
         raise
     finally:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
     return path

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 from tqdm import tqdm
 
 from .errors import DanetError
-from .files import replace_target, temp_beside
+from .files import discard, replace_target, temp_beside
 from .presets import PRESETS, Preset, get_preset
 
 CHUNK = 1 << 20
@@ -120,7 +120,7 @@ def fetch(url: str, dest: Path, progress: bool = True, check=None) -> Path:
     except OSError as e:
         raise DanetError(f"cannot write {dest}: {e.strerror or e}; check free space and permissions") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
     return dest
 
 

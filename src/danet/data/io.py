@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DanetError, os_hint
-from ..files import pid_running, replace_target, temp_beside
+from ..files import discard, pid_running, replace_target, temp_beside
 
 # NOTE: OpenCV logs decoder warnings ("PNG input buffer is incomplete") straight to stderr; a bad file is reported
 # once, as the DanetError below, so that a CLI error stays one line.
@@ -303,7 +303,4 @@ def write_atomic(path: Path, write) -> None:
     except OSError as e:
         raise write_error(path, e) from None
     finally:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass  # NOTE: nothing more to do; the error above (if any) is the one to report
+        discard(tmp)

@@ -92,6 +92,12 @@ def ensure_synthetic(root: str | os.PathLike | None = None) -> Path:
         except OSError:
             if not (target / MANIFEST).is_file():  # not another process that got there first
                 raise
+    except OSError as e:  # NOTE: a full disk: said of the cache folder (3.3 MB), not of a hidden temporary file
+        why = e.strerror or str(e)
+        raise DanetError(
+            f"cannot write the synthetic data (3.3 MB) under {base}: {why}; free some space there, or set DANET_CACHE "
+            "to another folder"
+        ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -6,6 +6,7 @@ checkpoint's iteration are dropped so the log reads as one run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
@@ -57,8 +58,19 @@ class RunLogger:
         if not self.enabled:
             return
         record = {"type": kind, "time": round(time.time(), 3), **values}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(jsonable(record)) + "\n")
+        line = (json.dumps(jsonable(record)) + "\n").encode()
+        with open(self.path, "ab", buffering=0) as f:  # NOTE: unbuffered: a failed write fails here, not at close
+            start = f.tell()
+            try:
+                while line:
+                    line = line[f.write(line) :]
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    f.truncate(start)  # no torn line
+                raise DanetError(
+                    f"cannot write {self.path}: {e.strerror or e}; free some space, then --resume from the last "
+                    "checkpoint"
+                ) from None
         if self.tb is not None and "iter" in values:
             for k, v in values.items():
                 if isinstance(v, int | float) and not isinstance(v, bool) and k not in ("iter", "epoch"):

@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import DanetError, note, os_hint
+from ..files import make_dir
 from .graphed import with_forward_graphs
 from .inference import AMP_DTYPES
 from .test_cli import add_speed_options, add_view_options, check_speed_options, check_view_options
@@ -396,9 +397,9 @@ def run_cli(args) -> int:
     if out.exists() and not out.is_dir():
         raise DanetError(f"--out {out} is a file, not a folder; give a folder for the predictions")
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        make_dir(out)
     except OSError as e:
-        raise DanetError(f"cannot create output folder {out}: {e.strerror or e}") from None
+        raise DanetError(f"cannot create output folder {out}: {e.strerror or e}; give another --out") from None
     for path, name in tqdm(files, desc="predict", unit="img", dynamic_ncols=True, disable=args.no_progress):
         image = read_image(path)
         label = predictor(

@@ -106,11 +106,17 @@ class WorkDirLock:
             handle.close()
         else:
             raise WorkDirBusy(f"cannot lock the work dir {work}: its .lock file keeps changing; try again")
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
         self.handle, self.path, self.held = handle, path, True
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+        except OSError as e:  # NOTE: a full disk; the next run takes the (locked, then released) file over
+            self.release()
+            raise DanetError(
+                f"cannot write in the work dir {work}: {e.strerror or e}; free some space, or pick another --work-dir"
+            ) from None
         remove_dead_writers_files(work)
 
     def release(self) -> None:
@@ -120,7 +126,10 @@ class WorkDirLock:
                     self.path.unlink()
             except OSError:
                 pass  # a read-only or vanished work dir: the file stays, and the next run takes it over
-            self.handle.close()
+            try:
+                self.handle.close()
+            except OSError:
+                pass  # NOTE: a pid that did not fit on a full disk, flushed again: the lock ends with the file
         self.handle, self.path, self.held = None, None, False
 
 
@@ -246,14 +255,23 @@ def draw_pictures(work: Path, preset, metrics: dict, stopped: bool = False) -> N
 
 def draw_missing_pictures(work: Path, preset, it: int) -> None:
     """The pictures of a finished run resumed at its last iteration `it`, where it stopped after its last checkpoint
-    but before drawing them (with metrics.json's validation where that is of iteration `it`)."""
-    if (work / "curves.png").is_file():
+    but before drawing them all (a full disk): the curves and the per-class IoU (from metrics.json's validation where
+    that is of iteration `it`); the confusion matrix, which metrics.json does not keep, gets a note saying how."""
+    missing = [n for n in ("curves.png", "per_class_iou.png", "confusion.png") if not (work / n).is_file()]
+    if not missing:
         return
     try:
         last = json.loads((work / "metrics.json").read_text())
     except (OSError, ValueError):
         last = {}
-    draw_pictures(work, preset, last if isinstance(last, dict) and last.get("iter") == it else {})
+    last = last if isinstance(last, dict) and last.get("iter") == it else {}
+    if "confusion.png" in missing and last.get("IoU") is not None:
+        note(
+            f"{work / 'confusion.png'} was not drawn and cannot be drawn again (metrics.json keeps no confusion "
+            f"matrix): danet test {preset.name} --checkpoint {work / 'last.pth'} --json F.json draws F_confusion.png"
+        )
+    if missing != ["confusion.png"]:
+        draw_pictures(work, preset, last)
 
 
 def _draw_pictures(work: Path, preset, metrics: dict) -> None:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from .. import checkpoints
 from ..config import RunConfig, to_dict
 from ..errors import DanetError, note, short
+from ..files import make_dir
 from ..models.danet import DANet
 from ..models.fused_norm import use_fused_norm, why_unused
 from ..models.norm_kernels import interpreted
@@ -129,7 +130,7 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo, lock: WorkDirLock
         if work.exists() and not work.is_dir():
             raise DanetError(f"the work dir {work} is a file, not a folder; pick another --work-dir")
         try:
-            work.mkdir(parents=True, exist_ok=True)
+            make_dir(work)
         except OSError as e:
             raise DanetError(f"cannot create the work dir {work}: {e.strerror or e}; pick another --work-dir") from None
         lock.acquire(work)  # NOTE: released by train() when the run ends, however it ends

@@ -207,4 +207,5 @@ def write_json(path: str | Path, obj: Any) -> None:
     try:
         atomic_write_text(Path(path), json.dumps(jsonable(obj), indent=2) + "\n")
     except OSError as e:  # a missing/blocked folder, a full disk: one line, the previous file stays
-        raise DanetError(f"cannot write {path}: {e.strerror or e}") from None
+        hint = os_hint(e, "check the folder and free space")
+        raise DanetError(f"cannot write {path}: {e.strerror or e}; {hint} (the previous file is kept)") from None

@@ -161,3 +161,19 @@ def test_the_lock_ends_with_its_process_not_with_its_forked_children(tmp_path, m
     lock.acquire(tmp_path)
     assert lock.held and "cannot be locked (Function not implemented)" in capsys.readouterr().err
     lock.release()
+
+
+def test_a_lock_file_that_is_a_symbolic_link_is_replaced_not_written_through(tmp_path):
+    """`.lock` linked to a file elsewhere: the run truncated that file to its pid (a symlink attack in a shared
+    scratch folder, as root)."""
+    from danet.engine.run_files import WorkDirLock
+
+    (tmp_path / "important.txt").write_text("precious data")
+    work = tmp_path / "run"
+    work.mkdir()
+    (work / ".lock").symlink_to(tmp_path / "important.txt")
+    lock = WorkDirLock()
+    lock.acquire(work)
+    assert not (work / ".lock").is_symlink() and (work / ".lock").read_text() == f"{os.getpid()}\n"
+    lock.release()
+    assert (tmp_path / "important.txt").read_text() == "precious data"

@@ -320,3 +320,33 @@ def test_outputs_through_a_link_to_a_folder_not_made_yet_and_cleanup_on_a_read_o
 
     monkeypatch.setattr(type(tmp_path), "unlink", read_only)
     files.discard(tmp_path / ".x.tmp-1")  # no error of its own
+
+
+def test_an_interrupt_midway_through_torch_s_writer_stays_an_interrupt(saved, monkeypatch):
+    """torch's zip writer wraps an interrupt that lands inside it (Ctrl-C, a batch scheduler's SIGTERM) in a
+    RuntimeError ('unexpected pos ...'): it was reported as a disk error, 'check free disk space' (exit 2)."""
+    path, before, newer = saved
+
+    def interrupted_inside(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 partial")
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+
+    monkeypatch.setattr(torch, "save", interrupted_inside)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, newer, PRESET, train_state={"iter": 20})
+    _assert_intact(path, before)
+
+
+def test_a_loader_worker_says_nothing_when_the_main_process_has_gone(capsys):
+    """A SIGTERM to the process group: a worker's fd-sharing thread met the closed connection and printed a
+    traceback under the command's one line; other errors still print."""
+    from danet.data.base import _quiet_when_the_main_process_is_gone as hook
+
+    for exc in (ConnectionResetError(104, "Connection reset by peer"), BrokenPipeError()):
+        hook(type(exc), exc, None)
+    assert capsys.readouterr().err == ""
+    hook(ValueError, ValueError("a real one"), None)
+    assert "ValueError: a real one" in capsys.readouterr().err

@@ -16,7 +16,9 @@ import torch
 
 from danet.cli import main
 from danet.data import ensure_synthetic
+from danet.engine.logging import read_log
 from danet.engine.run_files import recorded_iter
+from danet.errors import DanetError
 from test_faults_common import cli_error, digest, interrupt_validation, train_argv
 
 PRESET = "danet_tiny_synthetic"
@@ -72,6 +74,12 @@ def test_a_resume_into_a_new_folder_brings_the_runs_best_pth(run_a, tmp_path):
     assert main(["train", "--resume", str(run_a / "epoch_2.pth"), "--work-dir", str(work)]) == 0
     best_is_one_checkpoint(work)
     assert recorded_iter(work / "last.pth") == 6 and (run_a / "best.pth").is_file()
+    # the fork's log starts with the run's records up to the checkpoint (it started empty: its curves and its
+    # losses lacked everything before)
+    source, fork = read_log(run_a / "log.jsonl"), read_log(work / "log.jsonl")
+    before = [r for r in source if r.get("iter", 0) <= 4 and r["type"] in ("train", "val")]
+    assert before and [r for r in fork if r.get("iter", 0) <= 4 and r["type"] in ("train", "val")] == before
+    assert [r["iter"] for r in fork if r["type"] == "train"] == [r["iter"] for r in source if r["type"] == "train"]
 
 
 def test_stop_iter_at_or_before_the_checkpoint_is_refused(data_root, tmp_path, capsys):
@@ -231,3 +239,17 @@ def test_a_finished_run_forked_writes_nothing_there(run_a, tmp_path):
     fork = tmp_path / "E"
     assert main(["train", "--resume", str(run_a / "last.pth"), "--work-dir", str(fork)]) == 0
     assert not fork.exists() or not list(fork.iterdir())
+
+
+def test_a_finished_run_in_a_folder_it_cannot_write_says_so(run_a, monkeypatch, capsys):
+    """The work dir's lock was taken before the 'finished' check, so a finished run on a read-only mount was refused
+    ('cannot write in the work dir') where it should say it is finished and write nothing."""
+    from danet.engine.run_files import WorkDirLock
+
+    def read_only(self, work):
+        raise DanetError(f"cannot write in the work dir {work}: Read-only file system; pick another --work-dir")
+
+    monkeypatch.setattr(WorkDirLock, "acquire", read_only)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_a / "last.pth"), "--set", "progress=false"]) == 0
+    assert "nothing left to train" in capsys.readouterr().out

@@ -94,7 +94,16 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         # NOTE: torch's zip writer reports a write that failed midway (full disk, file size limit) as a RuntimeError
-        # ("unexpected pos ..."), the OSError being its context.
+        # ("unexpected pos ..."), the OSError being its context; so too an interrupt (Ctrl-C, SIGTERM) midway,
+        # which stays an interrupt (not a disk's error)
+        cause = e.__context__
+        for _ in range(8):  # NOTE: a bounded walk (a chain may loop)
+            if cause is None or isinstance(cause, KeyboardInterrupt):
+                break
+            cause = cause.__context__
+        if isinstance(cause, KeyboardInterrupt):
+            discard(tmp)
+            raise cause from None
         os_error = e if isinstance(e, OSError) else e.__context__ if isinstance(e.__context__, OSError) else None
         reason = (os_error.strerror or str(os_error)) if os_error else safe_load.first_line(e)
         discard(tmp)

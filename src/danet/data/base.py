@@ -11,6 +11,8 @@ The global numpy / python / torch RNGs are never used.
 
 from __future__ import annotations
 
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +109,22 @@ def worker_init_fn(worker_id: int) -> None:
 
     A no-op in a worker forked from a process that built a dataset (it already runs OpenCV with 0 threads, see
     `io.fork_safe_opencv`); it matters for spawned workers. torch already runs one thread per worker. Not needed
-    for reproducibility: items seed their own generators (see the module docstring).
+    for reproducibility: items seed their own generators (see the module docstring). Also: the worker's threads
+    that pass tensors to the main process (multiprocessing's resource sharer) print no traceback when that process
+    has gone (a SIGTERM to the process group: the command's own line is the one to read).
     """
     fork_safe_opencv()
+    threading.excepthook = _quiet_when_the_main_process_is_gone
+    sys.excepthook = _quiet_when_the_main_process_is_gone
+
+
+def _quiet_when_the_main_process_is_gone(*args) -> None:
+    """sys / threading excepthook of a loader worker: a connection the main process closed by ending (reset, broken
+    pipe) is no error of the worker's; anything else is reported as Python reports it."""
+    exc = args[0].exc_value if len(args) == 1 else args[1]
+    if isinstance(exc, ConnectionResetError | BrokenPipeError | EOFError):
+        return
+    if len(args) == 1:
+        threading.__excepthook__(*args)
+    else:
+        sys.__excepthook__(*args)

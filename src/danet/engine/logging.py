@@ -30,11 +30,14 @@ class RunLogger:
         resume_iter: int | None = None,
         revalidate: bool = False,
         staged: bool = False,
+        history: Path | None = None,
     ) -> None:
         """resume_iter: drop the records after this iteration (a resume); revalidate: also its validation, which
         the resumed run does again (it stopped before the checkpoint said it was done); staged: write to
         `.log.jsonl.next` until `commit` moves it in place of log.jsonl (a run that leaves the folder as it was until
-        its first checkpoint: overwrite=true, a resume from an earlier checkpoint, a fork)."""
+        its first checkpoint: overwrite=true, a resume from an earlier checkpoint, a fork); history: the log whose
+        records up to resume_iter this one starts with (a fork's: the log of the checkpoint's folder; default the
+        work dir's own)."""
         self.final = Path(work_dir) / "log.jsonl"
         self.path = self.final.with_name(self.STAGED) if staged else self.final
         self.enabled = enabled
@@ -43,7 +46,7 @@ class RunLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_iter is not None:  # NOTE: staged, the truncated log goes to the staged file; log.jsonl keeps its own
-            truncate_log(self.final, resume_iter, drop_val=revalidate, out=self.path)
+            truncate_log(history or self.final, resume_iter, drop_val=revalidate, out=self.path)
         elif self.path.exists():
             self.path.unlink()  # a fresh run starts a fresh log
         try:  # optional dependency

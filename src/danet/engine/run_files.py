@@ -76,7 +76,9 @@ class WorkDirLock:
         path = work / ".lock"
         for _ in range(10):  # NOTE: a holder that released removed the file it locked: lock the file at the path
             try:
-                handle = open(path, "a+")
+                if path.is_symlink():  # NOTE: replaced, never written through (it may point anywhere)
+                    path.unlink()
+                handle = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
             except OSError as e:
                 raise DanetError(
                     f"cannot write in the work dir {work}: {e.strerror or e}; pick another --work-dir"
@@ -253,12 +255,16 @@ def draw_pictures(work: Path, preset, metrics: dict, stopped: bool = False) -> N
         ) from None
 
 
+def missing_pictures(work: Path) -> list[str]:
+    """The names of a run's pictures that are not in `work`."""
+    return [n for n in ("curves.png", "per_class_iou.png", "confusion.png") if not (work / n).is_file()]
+
+
 def draw_missing_pictures(work: Path, preset, it: int) -> None:
     """The pictures of a finished run resumed at its last iteration `it`, where it stopped after its last checkpoint
     but before drawing them all (a full disk): the curves and the per-class IoU (from metrics.json's validation where
     that is of iteration `it`); the confusion matrix, which metrics.json does not keep, gets a note saying how."""
-    missing = [n for n in ("curves.png", "per_class_iou.png", "confusion.png") if not (work / n).is_file()]
-    if not missing:
+    if not (missing := missing_pictures(work)):
         return
     try:
         last = json.loads((work / "metrics.json").read_text())

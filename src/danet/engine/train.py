@@ -47,6 +47,7 @@ from .run_files import (
     after_divergence,
     draw_missing_pictures,
     draw_pictures,
+    missing_pictures,
     resume_outputs,
     run_outputs,
     write_metrics,
@@ -133,7 +134,6 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo, lock: WorkDirLock
             make_dir(work)
         except OSError as e:
             raise DanetError(f"cannot create the work dir {work}: {e.strerror or e}; pick another --work-dir") from None
-        lock.acquire(work)  # NOTE: released by train() when the run ends, however it ends
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
     backbone = backbone_source(cfg, preset, info) if ckpt is None else None  # NOTE: a resume has its weights
     model = build_model(cfg, preset, backbone, info.is_main, resuming=ckpt is not None).to(dev)
@@ -208,7 +208,8 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo, lock: WorkDirLock
         if it == total and not pending:
             if info.is_main:
                 print(f"{resume} has finished its {total} iterations: nothing left to train (raise schedule.epochs)")
-                if not resumed.fork:
+                if not resumed.fork and missing_pictures(work):  # NOTE: else it writes nothing (a read-only dir)
+                    lock.acquire(work)
                     draw_missing_pictures(work, preset, it)
             return {"metrics": {}, "best_miou": best, "best_iter": best_iter, "iter": it, "seconds": 0.0,
                     "stopped": False, "skipped": 0, "finished": True, "rank": info.rank}  # fmt: skip
@@ -223,7 +224,10 @@ def _train(cfg: RunConfig, resume, info: distributed.DistInfo, lock: WorkDirLock
     # NOTE: overwrite=true, a resume from an earlier checkpoint, a fork: this run's config.yaml and log.jsonl are
     # staged until its first checkpoint, so that a run failing before it leaves the folder as it was
     staged, resume_iter = bool(earlier) or bool(resumed and resumed.staged), it if ckpt is not None else None
-    logger = RunLogger(work, info.is_main, resume_iter, revalidate=pending, staged=staged)
+    if info.is_main:  # NOTE: before this run's first write; released by train() when the run ends, however it ends
+        lock.acquire(work)
+    history = Path(resume).parent / "log.jsonl" if resumed and resumed.fork else None  # a fork's log so far
+    logger = RunLogger(work, info.is_main, resume_iter, revalidate=pending, staged=staged, history=history)
     recorded = dataclasses.replace(cfg, overwrite=False)  # NOTE: rerunning config.yaml must not wipe this run
     config_file = work / (STAGED[0] if staged else "config.yaml")
     if info.is_main:

@@ -217,3 +217,13 @@ def test_predictor_switches_take_booleans_only(checkpoint):
     for kw in ({"tta": "yes"}, {"tta": "no"}, {"resize": 0}):
         with pytest.raises(DanetError, match=r"give True or False"):
             predictor(np.zeros((16, 16, 3), np.uint8), **kw)
+
+
+def test_an_output_that_is_also_a_folder_of_outputs_is_refused_before_the_work(checkpoint, tmp_path, capsys):
+    """a.jpg and a folder a.png/ holding x.png: a.jpg's label map a.png and the folder a.png/ of x.png's collided
+    midway ('cannot write .../a.png/x.png: File exists; pick another --out'), after a.png was written."""
+    photo(tmp_path / "in" / "a.jpg")
+    photo(tmp_path / "in" / "a.png" / "x.png")
+    line = cli_error(capsys, "predict", "--checkpoint", checkpoint, tmp_path / "in", "--out", tmp_path / "o")
+    assert "would write" in line and "both as a file and as a folder; rename one" in line
+    assert not (tmp_path / "o").exists()

@@ -136,7 +136,7 @@ def legend_path(files: list[tuple[Path, str]], out: Path) -> Path:
 
 def check_outputs(files: list[tuple[Path, str]], out: Path, overlay: bool) -> None:
     """DanetError, before anything is written, when an output file (a label map, an overlay, the legend) would be
-    one of the input images."""
+    one of the input images, or a folder another output goes into."""
 
     def key(f: Path) -> tuple[int, int] | None:
         try:
@@ -148,6 +148,13 @@ def check_outputs(files: list[tuple[Path, str]], out: Path, overlay: bool) -> No
     inputs = {f.resolve(): f for f, _ in files}
     inputs_by_key = {k: f for f, _ in files if (k := key(f)) is not None}
     targets = [t for _, name in files for t in output_paths(out, name, overlay)] + [legend_path(files, out)]
+    folders = {d: f for f, name in files for d in (out / name).parents if out in d.parents}  # made under out
+    for f, name in files:
+        for target in output_paths(out, name, overlay):
+            if target in folders:  # NOTE: a.jpg's a.png, and a folder a.png/ of the inputs (a.png/x.png)
+                raise DanetError(
+                    f"{f} and {folders[target]} would write {target} both as a file and as a folder; rename one"
+                )
     for target in targets:
         src = inputs.get(target.resolve()) or (inputs_by_key.get(key(target)) if target.exists() else None)
         if src is not None:

@@ -95,3 +95,14 @@ def test_check_reports_every_fault_of_a_pair_each_split_once_and_a_split_with_no
     )
     for text in expected:  # fmt: skip
         assert sum(text in f for f in faults) == 1, (text, faults)
+
+
+def test_check_reports_a_label_whose_image_is_missing(tmp_path, capsys):
+    """The pairs are listed from the images, so a label beside no image (its image lost) was never reported."""
+    root = make_ade(tmp_path / "ade", {"training": 2, "validation": 2})
+    ade = root / "ADEChallengeData2016"
+    (ade / "images/validation/ADE_001.jpg").unlink()
+    rc = main(["data", "check", "danet_r50-d8_ade20k", "--data-root", str(root), "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "1 fault (1 missing)" in out
+    assert f"[validation] label {ade / 'annotations/validation/ADE_001.png'} has no image in the split" in out

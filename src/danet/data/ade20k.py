@@ -35,5 +35,11 @@ def list_files(root: Path, split: str) -> list[tuple[Path, Path]]:
     return [(p, label_dir / f"{p.stem}.png") for p in images]
 
 
+def label_files(root: Path, split: str) -> list[Path]:
+    """Every label of a split's folder (`danet data check` reports those without an image)."""
+    label_dir = base_dir(root) / "annotations" / split
+    return sorted(p for p in label_dir.glob("*.png") if p.name[0] != ".") if label_dir.is_dir() else []
+
+
 def missing_hint(label: Path) -> str:
     return ""

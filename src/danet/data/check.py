@@ -94,6 +94,10 @@ def check_dataset(
             report.faults.append(f"[{split}] no images")
             continue
         fam = family(info)
+        if label_files := getattr(fam, "label_files", None):  # NOTE: ADE20K, Cityscapes: a folder of labels a split
+            listed = {label for _, label in pairs}
+            report.faults += [f"[{split}] label {p} has no image in the split (is its image missing?)"
+                              for p in label_files(root, split) if p not in listed]  # fmt: skip
         todo = [(image, label, lut, info.num_classes, palette, fam.missing_hint) for image, label in pairs]
         bar = dict(total=len(todo), desc=f"check {split}", unit="img", disable=not progress, leave=False)
         if jobs > 1:
@@ -147,6 +151,7 @@ def _kind(fault: str) -> str:
         ("same size", "size mismatch"),
         ("outside", "bad label values"),
         ("no labelled pixel", "no labelled pixel"),
+        ("has no image", "missing"),
         ("colours", "bad label format"),  # colours of an RGB mask that the classes file does not name
         ("one class index per pixel", "bad label format"),
         ("lossy compression", "bad label format"),

@@ -53,6 +53,11 @@ def list_files(root: Path, split: str) -> list[tuple[Path, Path]]:
     return [(p, label_dir / p.parent.name / (p.name[: -len(IMAGE_SUFFIX)] + LABEL_SUFFIX)) for p in images]
 
 
+def label_files(root: Path, split: str) -> list[Path]:
+    """Every trainId label of a split's folder (`danet data check` reports those without an image)."""
+    return sorted(p for p in (root / "gtFine" / split).glob(f"*/*{LABEL_SUFFIX}") if p.name[0] != ".")
+
+
 def missing_hint(label: Path) -> str:
     ids = label.with_name(label.name[: -len(LABEL_SUFFIX)] + LABELID_SUFFIX)
     if ids.is_file():

@@ -50,13 +50,14 @@ class Checkpoint:
         data = config.get("data") if isinstance(config, dict) else None
         return data if isinstance(data, dict) else {}
 
-    def run_output_stride(self, preset_name: str) -> int | None:
-        """The output stride of the `danet train` run of preset `preset_name` that wrote this file (a run may set
-        another than its preset's, which its weights cannot tell); None for another preset's run or another file."""
-        cfg = self.meta.get("model_cfg")
-        stride = cfg.get("output_stride") if isinstance(cfg, dict) else None
+    def run_structure(self, preset_name: str, cfg):
+        """`cfg` (a ModelConfig) with the output stride of the `danet train` run of preset `preset_name` that wrote
+        this file: a run may set another than its preset's, which its weights cannot tell, and naming the run's own
+        preset asks for no other. `cfg` itself for another preset's run or another file."""
+        model_cfg = self.meta.get("model_cfg")
+        stride = model_cfg.get("output_stride") if isinstance(model_cfg, dict) else None
         run = isinstance(self.meta.get("config"), dict) and self.meta.get("preset") == preset_name
-        return stride if run and type(stride) is int else None
+        return cfg.replace(output_stride=stride) if run and type(stride) is int else cfg
 
 
 # ---------------------------------------------------------------------------------------------------------------

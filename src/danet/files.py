@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 from .errors import DanetError
@@ -134,6 +136,25 @@ def atomic_copy(src: Path, dst: Path) -> None:
     except OSError as e:
         discard(tmp)
         raise DanetError(f"cannot copy {src} to {dst}: {e.strerror or e}; free some space, then run again") from None
+
+
+def remove_dead_temporaries(folder: str | Path, pattern: str, stale_s: float = 0.0) -> list[Path]:
+    """Remove the temporary files in `folder` whose names match `pattern` (its group "pid": the writer's process id)
+    and whose writer no longer runs here (`stale_s`: nor changed them for that long, for a writer on another machine
+    of a shared disk, whose process ids are another's). Returns what was removed."""
+    removed = []
+    for tmp in Path(folder).glob(".*"):
+        m = re.fullmatch(pattern, tmp.name)
+        if m is None or pid_running(int(m.group("pid"))):
+            continue
+        try:
+            if stale_s and time.time() - tmp.stat().st_mtime < stale_s:
+                continue
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            pass  # NOTE: a leftover that cannot be removed harms nothing: it is hidden and never read
+    return removed
 
 
 def pid_running(pid: int) -> bool:

@@ -61,7 +61,7 @@ def _check_pair(args) -> tuple[list[str], np.ndarray | None]:
             faults.append(str(e))
     if image is not None and raw is not None and (fault := size_fault(image, raw, image_path, label_path)):
         faults.append(fault)
-    if faults or mapped is None:
+    if faults:
         return faults, None
     return [], np.bincount(mapped.ravel(), minlength=256)[:num_classes]
 

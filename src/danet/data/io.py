@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from pathlib import Path
 
 import cv2
@@ -18,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DanetError, os_hint
-from ..files import discard, pid_running, replace_target, temp_beside
+from ..files import discard, remove_dead_temporaries, replace_target, temp_beside
 
 # NOTE: OpenCV logs decoder warnings ("PNG input buffer is incomplete") straight to stderr; a bad file is reported
 # once, as the DanetError below, so that a CLI error stays one line.
@@ -270,23 +269,7 @@ def remove_stale_temporaries(folders) -> int:
     """Delete the temporary files `write_atomic` left in `folders` when a process writing them was killed: their
     writer's process id is not running here, and they have not changed for STALE_S (a writer on another machine of
     a shared disk has another process id space). Returns how many were removed."""
-    removed = 0
-    for folder in folders:
-        for tmp in Path(folder).glob(".*.tmp*"):
-            m = re.fullmatch(r"\..*\.tmp(\d+)(\.\w+)?", tmp.name)
-            if m is None or pid_running(int(m.group(1))):
-                continue
-            try:
-                if time.time() - tmp.stat().st_mtime < STALE_S:
-                    continue
-            except OSError:
-                continue
-            try:
-                tmp.unlink()
-                removed += 1
-            except OSError:
-                pass  # NOTE: a leftover that cannot be removed harms nothing: it is hidden and never read
-    return removed
+    return sum(len(remove_dead_temporaries(f, r"\..*\.tmp(?P<pid>\d+)(\.\w+)?", STALE_S)) for f in folders)
 
 
 def write_atomic(path: Path, write) -> None:

@@ -260,8 +260,8 @@ class Predictor:
         # NOTE: our files carry their exact model config (a run may have overridden the preset's); foreign files
         # do not, and then the preset decides what the weights cannot tell (the output stride)
         structure = self.preset.model if self.preset and (preset_name or not ck.meta.get("model_cfg")) else None
-        if structure is not None and (stride := ck.run_output_stride(self.preset.name)):
-            structure = structure.replace(output_stride=stride)  # NOTE: the run's own preset asks for no other
+        if structure is not None:
+            structure = ck.run_structure(self.preset.name, structure)
         # NOTE: a preset guessed from the file name is nothing the user can leave out
         remedy = "--preset / preset_name=" if preset_name else ""
         self.model = load_model(ck, structure, remedy=remedy).to(self.device).eval()

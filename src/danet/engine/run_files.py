@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DanetError, note
-from ..files import atomic_copy, pid_running
+from ..files import atomic_copy, remove_dead_temporaries
 from .logging import RunLogger, read_log, write_json
 
 
@@ -99,11 +99,7 @@ class WorkDirLock:
                 raise WorkDirBusy(
                     f"another danet train is running in {work}{who}; wait for it to end, or pick another --work-dir"
                 ) from None
-            try:
-                same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
-            except OSError:
-                same = False
-            if same:
+            if _is_open_file(path, handle):
                 break
             handle.close()
         else:
@@ -124,7 +120,7 @@ class WorkDirLock:
     def release(self) -> None:
         if self.handle is not None:
             try:  # NOTE: while still locked (see acquire), and only the file this run locked
-                if os.stat(self.path).st_ino == os.fstat(self.handle.fileno()).st_ino:
+                if _is_open_file(self.path, self.handle):
                     self.path.unlink()
             except OSError:
                 pass  # a read-only or vanished work dir: the file stays, and the next run takes it over
@@ -135,23 +131,20 @@ class WorkDirLock:
         self.handle, self.path, self.held = None, None, False
 
 
+def _is_open_file(path: Path, handle) -> bool:
+    """Whether `path` names the file `handle` has open (not one made there since, nor nothing)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+    except OSError:
+        return False
+
+
 def remove_dead_writers_files(work: Path) -> list[Path]:
-    """Remove the temporary files (`.<name>.tmp-<pid>`: checkpoints, the large ones) that a writer killed hard
-    (SIGKILL) left in `work`, where that process no longer runs; called holding the work dir's lock, so no other run
-    is writing there. Returns what was removed."""
-    removed = []
-    for tmp in work.glob(".*.tmp-*"):
-        m = re.fullmatch(r"\.(.+)\.tmp-(\d+)", tmp.name)
-        if m is None or not (m.group(1) in RUN_FILES or re.fullmatch(r"epoch_\d+\.pth", m.group(1))):
-            continue
-        if int(m.group(2)) == os.getpid() or pid_running(int(m.group(2))):
-            continue
-        try:
-            tmp.unlink()
-            removed.append(tmp)
-        except OSError:
-            pass  # NOTE: hidden and never read: a leftover that cannot be removed harms nothing
-    return removed
+    """Remove the temporary files (`.<name>.tmp-<pid>`: checkpoints, the large ones) of a run's files that a writer
+    killed hard (SIGKILL) left in `work`, where that process no longer runs; called holding the work dir's lock, so
+    no other run is writing there. Returns what was removed."""
+    names = "|".join([*map(re.escape, RUN_FILES), r"epoch_\d+\.pth"])
+    return remove_dead_temporaries(work, rf"\.(?:{names})\.tmp-(?P<pid>\d+)")
 
 
 # an overwrite=true run's, a resume's from an earlier checkpoint and a fork's config, log and best.pth until its first

@@ -12,13 +12,12 @@ import torch
 from .. import checkpoints
 from ..config import RunConfig, from_dict, to_dict
 from ..errors import DanetError, note, short
-from ..models.danet import DANet
+from ..models.danet import WEIGHTS_DECIDE, DANet
 from . import distributed
 
-# the ModelConfig fields a checkpoint decides (checkpoints.load_model takes them from its weights, and align_corners,
-# how they were trained to be resized, from its config)
-WEIGHT_FIELDS = ("num_classes", "depth", "stem", "base_channels", "stem_channels", "head_channels", "key_channels",
-                 "aux_channels", "pam_bias", "aux", "align_corners")  # fmt: skip
+# the ModelConfig fields a checkpoint decides: its weights', and align_corners (how they were trained to be resized)
+# from its config
+WEIGHT_FIELDS = (*WEIGHTS_DECIDE, "align_corners")
 
 
 def backbone_source(cfg: RunConfig, preset, info: distributed.DistInfo | None = None) -> Path | None:

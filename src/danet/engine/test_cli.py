@@ -294,8 +294,7 @@ def run_preset(ck, preset, dataset: str):
             f"{preset.num_classes} {short(preset.classes)}; test it on data of its classes"
         )
     sizes = run_sizes(ck, preset.name)
-    if stride := ck.run_output_stride(preset.name):  # NOTE: naming the run's own preset asks for no other stride
-        preset = preset.replace(model=preset.model.replace(output_stride=stride))
+    preset = preset.replace(model=ck.run_structure(preset.name, preset.model))
     return preset.replace(dataset=dataclasses.replace(preset.dataset, **sizes)) if sizes else preset
 
 

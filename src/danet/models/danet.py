@@ -122,6 +122,12 @@ class ModelConfig:
         return cls(**d)
 
 
+# the ModelConfig fields a checkpoint's weights decide (checkpoints.load_model takes them from the weights): an
+# option that contradicts them is an error (create_model, a run's init_checkpoint)
+WEIGHTS_DECIDE = ("num_classes", "depth", "stem", "base_channels", "stem_channels", "head_channels", "key_channels",
+                  "aux_channels", "pam_bias", "aux")  # fmt: skip
+
+
 # layout name -> the fields that differ between the toolboxes
 LAYOUTS: dict[str, dict] = {
     "ssseg": {"pam_bias": False, "aux_channels": 512},

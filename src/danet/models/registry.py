@@ -8,17 +8,12 @@ from torch import nn
 
 from ..errors import DanetError
 from ..presets import get_preset, list_presets
-from .danet import DANet, ModelConfig
+from .danet import WEIGHTS_DECIDE, DANet, ModelConfig
 
 
 def list_models() -> list[str]:
     """Names of all presets (the 12 zoo rows and the CPU-sized synthetic preset)."""
     return list_presets()
-
-
-# what a checkpoint's weights decide (checkpoints.load_model): an override that contradicts them is an error
-WEIGHTS_DECIDE = {"depth", "stem", "base_channels", "stem_channels", "head_channels", "key_channels", "aux_channels",
-                  "pam_bias", "aux"}  # fmt: skip
 
 
 def create_model(
@@ -71,11 +66,11 @@ def create_model(
 
     if checkpoint is not None:
         ck = checkpoints.read_checkpoint(checkpoint)
-        if "output_stride" not in overrides and (stride := ck.run_output_stride(preset.name)):
-            cfg = cfg.replace(output_stride=stride)  # NOTE: a run of this very preset at another stride: its own
+        if "output_stride" not in overrides:
+            cfg = ck.run_structure(preset.name, cfg)
         model = checkpoints.load_model(ck, cfg, norm_layer=norm_layer, explicit_num_classes=num_classes)
-        for key in WEIGHTS_DECIDE.intersection(overrides):  # NOTE: asked for explicitly, so not dropped in silence
-            if getattr(model.cfg, key) != overrides[key]:
+        for key in WEIGHTS_DECIDE:  # NOTE: asked for explicitly, so not dropped in silence
+            if key in overrides and getattr(model.cfg, key) != overrides[key]:
                 raise DanetError(
                     f"checkpoint {ck.path.name} has {key}={getattr(model.cfg, key)!r}, but {key}={overrides[key]!r} "
                     f"was asked for; leave {key} out (the weights decide it)"

@@ -124,6 +124,16 @@ def test_grad_modes_train_mode_and_a_moved_model_are_not_replayed_from_old_graph
     assert net.backend.captures == 1
 
 
+def test_the_wrapper_keeps_the_models_mode_through_an_evaluation():
+    model = tiny_model().eval()
+    net = GraphedForward(model, ReplayGraphs(torch.device("cpu")))
+    was_training = net.training  # what evaluate() does with the model it is given
+    net.eval()
+    net.train(was_training)
+    assert not model.training  # an evaluated model stays in eval mode (a new Module is in training mode)
+    assert GraphedForward(tiny_model().train(), ReplayGraphs(torch.device("cpu"))).training
+
+
 @torch.inference_mode()
 def test_layouts_beyond_max_graphs_run_eagerly():
     model = tiny_model()

@@ -145,6 +145,9 @@ class GraphedForward(torch.nn.Module):
     def __init__(self, module: torch.nn.Module, backend, max_graphs: int = MAX_FORWARD_GRAPHS) -> None:
         super().__init__()
         self.module = module
+        # NOTE: the model's own mode (a new Module is in training mode: evaluate()'s model.train(was_training) on
+        # the wrapper then put an evaluated model into training mode)
+        self.training = module.training
         self.backend = backend
         self.max_graphs = max_graphs
         self.seen: set[tuple] = set()  # layouts whose first (eager) forward has run

@@ -437,6 +437,20 @@ def cases(a, group: str) -> list[BenchSpec]:
             spec(wh, "whole_bf16_cl_graphs_folded_tritonpam_lazyexp2_tritonpool", **tp, norm="folded"),
             spec(i5, "infer512_bf16_cl_graphs_folded_tritonpam_lazyexp2_tritonpool", **tp, norm="folded"),
             spec(wh, "whole_fp16_graphs", amp="fp16", cuda_graphs=gpu),
+            # the folded network's variants one by one, then together (measured, H200 2026-11-27: folded 8.44-8.51
+            # ms, the pooling kernel -0.05; from the pam, convs and head groups, predicted: exp2 alone -0.3 (the
+            # attention 3.03 -> 2.72 ms), the head's branches serial -0.15, the fused residuals -0.06 each, the head's
+            # first convolutions' epilogue apart -0.15: all together ~7.7 ms)
+            *[
+                spec(
+                    base, f"{name}_{variant}", **tp, norm="folded", head="serial" if "serial" in variant else "streams"
+                )
+                for base, name in (
+                    (wh, "whole_bf16_cl_graphs_folded_tritonpam"),
+                    (i5, "infer512_bf16_cl_graphs_folded_tritonpam"),
+                )
+                for variant in (FOLDED_VARIANTS if base is wh else FOLDED_VARIANTS[-2:])
+            ],
         ]
     if group == "compile":
         return [  # the most telling first
@@ -453,8 +467,16 @@ def cases(a, group: str) -> list[BenchSpec]:
 # model cases whose label contains a key: those module settings (module_settings) while they are built, captured, run
 CASE_SETTINGS = {
     "_lazyexp2": ("triton_attention", dict(EXP2_FMA=True, LAZY_RESCALE=True)),
+    "_exp2": ("triton_attention", dict(EXP2_FMA=True)),
+    "_pamres": ("triton_attention", dict(FUSE_RESIDUAL=True)),
+    "_gemmres": ("attention", dict(GEMM_RESIDUAL=True)),
+    "_apart": ("folded", dict(EPILOGUE_APART_MIN_K=16384)),  # the head's 2048 x 3 x 3 (as R101's)
     "_tritonpool": ("triton_pool", dict(ENABLED=True)),
+    "_tritonup": ("triton_resize", dict(ENABLED=True)),
 }
+# the folded network's variants (`serial`: the head's branches one after the other, DAHead.branch_streams off)
+ALL_VARIANTS = "exp2_pamres_gemmres_apart_tritonpool_tritonup"
+FOLDED_VARIANTS = ("exp2", "serial", "pamres", "gemmres", "apart", "tritonup", ALL_VARIANTS, f"{ALL_VARIANTS}_serial")
 
 
 def case_settings(label: str) -> contextlib.ExitStack:
@@ -518,15 +540,17 @@ def group_profile(a) -> None:
         spec.cuda_graphs = False  # NOTE: the profiler sees the kernels of eager runs; a replay runs the same ones
         if time.time() - T0 > a.budget_s:
             break
-        model, x, y = build(spec, dev)
-        fn = make_train_fn(spec, model, x, y, dev)[0] if spec.mode == "train" else make_infer_fn(spec, model, x, dev)
-        for _ in range(3):
-            fn()
-        sync()
-        with profile(activities=acts) as prof:
+        with case_settings(spec.label):  # the case's module settings (CASE_SETTINGS), as group_model runs it
+            model, x, y = build(spec, dev)
+            train = spec.mode == "train"
+            fn = make_train_fn(spec, model, x, y, dev)[0] if train else make_infer_fn(spec, model, x, dev)
             for _ in range(3):
                 fn()
             sync()
+            with profile(activities=acts) as prof:
+                for _ in range(3):
+                    fn()
+                sync()
         out.append(f"== {spec.label} (3 iterations)\n" + prof.key_averages().table(sort_by=sort, row_limit=30))
         del model, x, y, fn
         release()
@@ -766,23 +790,30 @@ def group_head(a) -> None:
                 o = _logits(model, x, amp, gph)
                 rec[f"streams_{name}_rel"] = float((o - r).norm() / r.norm())
                 rec[f"streams_{name}_changed"] = float((o.argmax(1) != r.argmax(1)).float().mean())
-            if case.attention == "triton":  # the attention kernel's exp2 and lazy rescaling (rounding, not bits) and
-                # the pooling kernel (the same bits)
-                with case_settings("_lazyexp2_tritonpool"):
+            if case.attention == "triton":  # the attention kernel's exp2 and the fused residuals (rounding, not bits)
+                # and the pooling kernel (the same bits)
+                with case_settings(f"_{ALL_VARIANTS}"):
                     o = _logits(model, x, amp, False)
-                rec["lazyexp2_tritonpool_eager_rel"] = float((o - refs[False]).norm() / refs[False].norm())
-                rec["lazyexp2_tritonpool_eager_changed"] = float((o.argmax(1) != refs[False].argmax(1)).float().mean())
-            # the batch norms folded into the convolutions (`--norm folded`): rounding, not bits
-            fold_batch_norm(model, AMP_DTYPES.get(amp, torch.float32))
-            for gph in (False, True):
-                name = "graph" if gph else "eager"
-                try:
-                    o, r = _logits(model, x, amp, gph), refs[gph]
-                    rec[f"folded_{name}_rel"] = float((o - r).norm() / r.norm())
-                    rec[f"folded_{name}_changed"] = float((o.argmax(1) != r.argmax(1)).float().mean())
-                except Exception as e:  # noqa: BLE001  (cuDNN's fused ops refused: record it, the rest goes on)
-                    first = str(e).splitlines()[0][:160] if str(e) else ""
-                    rec[f"folded_{name}_error"] = f"{type(e).__name__}: {first}"
+                rec["variants_eager_rel"] = float((o - refs[False]).norm() / refs[False].norm())
+                rec["variants_eager_changed"] = float((o.argmax(1) != refs[False].argmax(1)).float().mean())
+            # the batch norms folded into the convolutions (`--norm folded`): rounding, not bits; then with the
+            # variants too (the head's first convolutions' epilogue apart chosen as the model is folded)
+            unfolded = copy.deepcopy(model) if case.attention == "triton" else None
+            for key, net, settings in (("folded", model, ""), ("folded_variants", unfolded, f"_{ALL_VARIANTS}")):
+                if net is None:
+                    continue
+                with case_settings(settings):
+                    fold_batch_norm(net, AMP_DTYPES.get(amp, torch.float32))
+                    for gph in (False, True):
+                        name = "graph" if gph else "eager"
+                        try:
+                            o, r = _logits(net, x, amp, gph), refs[gph]
+                            rec[f"{key}_{name}_rel"] = float((o - r).norm() / r.norm())
+                            rec[f"{key}_{name}_changed"] = float((o.argmax(1) != r.argmax(1)).float().mean())
+                        except Exception as e:  # noqa: BLE001  (cuDNN's fused ops refused: record it, go on)
+                            first = str(e).splitlines()[0][:160] if str(e) else ""
+                            rec[f"{key}_{name}_error"] = f"{type(e).__name__}: {first}"
+            del unfolded
             emit(rec)
             del model, x
             release()
@@ -793,8 +824,10 @@ def group_resize(a) -> None:
     """The final bilinear resize of the logits, channels_last: PyTorch's NHWC kernel (the path before 2026-11-27)
     against `upsample_logits` (the NCHW kernel after a copy of the small logits): median ms of each and whether the
     values are the same bits, for ADE20K's 150 classes 64x64 -> 512x512 and Cityscapes' 19 classes 128x256 ->
-    1024x2048, bf16 and float32."""
+    1024x2048, bf16 and float32; and the Triton kernel (`models/triton_resize.py`: ms, same bits as the NCHW kernel,
+    relative difference, share of pixels whose class changed)."""
     from danet.models.danet import upsample_logits
+    from danet.models.triton_resize import resize_bilinear
 
     dev = "cpu" if a.smoke else "cuda"
     shapes = [(150, (8, 8), (64, 64))] if a.smoke else [(150, (64, 64), (512, 512)), (19, (128, 256), (1024, 2048))]
@@ -808,10 +841,20 @@ def group_resize(a) -> None:
             def nchw(x=x, size=size):
                 return upsample_logits(x, size, False, nchw=True)
 
+            def tri(x=x, size=size):
+                return resize_bilinear(x, size, False)
+
             rec = {"group": "resize", "classes": k, "from": [h, w], "to": list(size), "dtype": str(dtype)[6:]}
             rec["same_bits"] = bool(torch.equal(nhwc(), nchw()))
-            for name, fn in (("nhwc", nhwc), ("nchw", nchw)):  # 20 calls a synchronisation: the kernels, not the sync
-                rec[f"ms_{name}"] = round(1e3 * bench(lambda fn=fn: [fn() for _ in range(20)], 3, 10) / 20, 4)
+            ref, ours = nchw(), tri()
+            rec["triton_same_bits"] = bool(torch.equal(ref, ours))
+            rec["triton_rel"] = float((ours.double() - ref.double()).norm() / ref.double().norm())
+            rec["triton_changed"] = float((ours.argmax(1) != ref.argmax(1)).float().mean())
+            calls, warmup, iters = (1, 0, 1) if a.smoke else (20, 3, 10)  # (Triton's interpreter: ~1 s a call)
+            for name, fn in (("nhwc", nhwc), ("nchw", nchw), ("triton", tri)):  # 20 calls a synchronisation: the
+                # kernels, not the sync
+                ms = 1e3 * bench(lambda fn=fn: [fn() for _ in range(calls)], warmup, iters) / calls
+                rec[f"ms_{name}"] = round(ms, 4)
             emit(rec)
 
 

@@ -251,13 +251,15 @@ def summarize(out: Path, peers_dir: Path | None = None) -> str:
                   f"{ref[0]} / {ref[-1]} | {fast[0]} / {fast[-1]} |"]  # fmt: skip
     heads = [r for r in ours if r.get("group") == "head" and "streams_eager_rel" in r]
     if heads:
-        lines += ["", "The head's branches on two CUDA streams, the attention kernel's exp2 + lazy rescaling with the "
-                  "pooling kernel, and the batch norms folded into the convolutions, against the serial unfolded "
-                  "network (relative difference of the logits; share of pixels whose class changed):", "",
+        lines += ["", "The head's branches on two CUDA streams, the attention kernel's variants (lazyexp2_tritonpool: "
+                  "exp2 + lazy rescaling with the pooling kernel; variants: exp2, the fused residuals, the pooling "
+                  "and resize kernels), and the batch norms folded into the convolutions (folded_variants: with "
+                  "those and the head's first epilogues apart), against the serial unfolded network (relative "
+                  "difference of the logits; share of pixels whose class changed):", "",
                   "| case | amp | variant | eager rel | eager changed | graph rel | graph changed |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in heads:
-            for v in ("streams", "lazyexp2_tritonpool", "folded"):
+            for v in ("streams", "lazyexp2_tritonpool", "variants", "folded", "folded_variants"):
                 err = r.get(f"{v}_eager_error") or r.get(f"{v}_graph_error")
                 if f"{v}_eager_rel" not in r:
                     lines += [f"| {r['case']} | {r['amp']} | {v} | {err} | | | |"] if err else []
@@ -268,10 +270,13 @@ def summarize(out: Path, peers_dir: Path | None = None) -> str:
     resize = [r for r in ours if r.get("group") == "resize" and "ms_nhwc" in r]
     if resize:
         lines += ["", "The logits' bilinear resize, channels_last input: PyTorch's NHWC kernel vs `upsample_logits` "
-                  "(NCHW), ms:", "", "| classes | from | to | dtype | NHWC ms | NCHW ms | same bits |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "(NCHW) and the Triton kernel (`models/triton_resize.py`; its values against the NCHW kernel's), "
+                  "ms:", "", "| classes | from | to | dtype | NHWC ms | NCHW ms | same bits | Triton ms | Triton same "
+                  "bits | Triton rel | Triton changed |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         lines += [f"| {r['classes']} | {r['from'][0]}x{r['from'][1]} | {r['to'][0]}x{r['to'][1]} | {r['dtype']} | "
-                  f"{r['ms_nhwc']} | {r['ms_nchw']} | {r['same_bits']} |" for r in resize]  # fmt: skip
+                  f"{r['ms_nhwc']} | {r['ms_nchw']} | {r['same_bits']} | {r.get('ms_triton', '-')} | "
+                  f"{r.get('triton_same_bits', '-')} | {fmt(r.get('triton_rel'), '.1e')} | "
+                  f"{r.get('triton_changed', '-')} |" for r in resize]  # fmt: skip
     lines += convs_table(ours)
     bad = [r for r in ours if "error" in r and r.get("group") != "pam"] + [r for r in ours if "skipped" in r]
     if bad:

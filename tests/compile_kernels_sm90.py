@@ -30,9 +30,11 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import danet.engine.triton_loss as TL  # noqa: E402
+import danet.models.folded as FO  # noqa: E402
 import danet.models.fused_norm as FN  # noqa: E402
 import danet.models.triton_attention as TA  # noqa: E402
 import danet.models.triton_pool as TP  # noqa: E402
+import danet.models.triton_resize as TR  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "fp64": "*fp64"}
@@ -81,17 +83,20 @@ def cases():
                     ignore=i32),
                dict(S=s, BLOCK_S=triton.next_power_of_2(s), BLOCK_K=triton.next_power_of_2(k)))  # fmt: skip
     # the position attention's kernel as DANet launches it: q / k 64 wide, v 512; positions N a multiple of 16 or not;
-    # then the variants benchmarks/gpu_suite.py times (exp2, lazy rescaling; all 512 channels a program)
-    strides = ("s_qb", "s_qn", "s_kb", "s_kn", "s_vb", "s_vn", "s_ob", "s_on")
-    model = dict(TA.blocks(64, 512), num_warps=TA.NUM_WARPS, EXP2=False, LAZY=False)
+    # then the variants benchmarks/gpu_suite.py times (exp2, lazy rescaling, the fused residual; all 512 channels a
+    # program)
+    strides = ("s_qb", "s_qn", "s_kb", "s_kn", "s_vb", "s_vn", "s_ob", "s_on", "s_xb", "s_xn")
+    model = dict(TA.blocks(64, 512), num_warps=TA.NUM_WARPS, EXP2=False, LAZY=False, RESIDUAL=False)
     for dt, n_any, name, extra in (("bf16", False, "", {}), ("fp16", False, "", {}), ("bf16", True, "", {}),
                                    ("bf16", False, "/exp2", dict(EXP2=True)), ("bf16", False, "/lazy", dict(LAZY=True)),
+                                   ("bf16", False, "/exp2_residual", dict(EXP2=True, RESIDUAL=True)),
+                                   ("fp16", True, "/residual", dict(RESIDUAL=True)),
                                    ("fp16", False, "/lazy_exp2", dict(EXP2=True, LAZY=True)),
                                    ("bf16", False, "/m64_c512_lazy_exp2",
                                     dict(BLOCK_M=64, BLOCK_C=512, EXP2=True, LAZY=True))):  # fmt: skip
         yield (f"pam_forward/{dt}" + ("/N-any" if n_any else "") + name, TA.pam_forward,
-               dict(q_ptr=PTR[dt], k_ptr=PTR[dt], v_ptr=PTR[dt], o_ptr=PTR[dt], N=i32, D=i32, C=i32,
-                    **dict.fromkeys(strides, i32)),
+               dict(q_ptr=PTR[dt], k_ptr=PTR[dt], v_ptr=PTR[dt], o_ptr=PTR[dt], x_ptr=PTR[dt], g_ptr="*fp32", N=i32,
+                    D=i32, C=i32, **dict.fromkeys(strides, i32)),
                dict(model, F64=False, UPCAST=False) | extra)  # fmt: skip
 
 
@@ -104,6 +109,24 @@ def pool_cases():
                dict(x_ptr=PTR[dt], y_ptr=PTR[dt], H=i32, W=i32, OH=i32, OW=i32, C=i32, s_xb=i32, s_xh=i32, s_xw=i32,
                     s_yb=i32, s_yh=i32, s_yw=i32),
                dict(K=3, S=2, P=1, F64=False, BLOCK_P=TP.BLOCK_P, BLOCK_C=TP.BLOCK_C))  # fmt: skip
+
+
+def resize_and_epilogue_cases():
+    """The logits' bilinear resize (NCHW out, any input strides; both align_corners) and the folded convolution's
+    bias + ReLU pass over a channels-last map (C and M = N*H*W multiples of 16: 128-bit access)."""
+    i32 = "i32"
+    for dt, align in (("bf16", False), ("fp16", False), ("bf16", True), ("fp32", False)):
+        yield (f"resize_bilinear/{dt}" + ("/align" if align else ""), TR.bilinear_nchw_out,
+               dict(x_ptr=PTR[dt], y_ptr=PTR[dt], K=i32, H=i32, W=i32, OH=i32, OW=i32, s_xb=i32, s_xk=i32, s_xh=i32,
+                    s_xw=i32),
+               dict(ALIGN=align, F64=False, BLOCK=TR.BLOCK))  # fmt: skip
+    for dt in ("bf16", "fp16"):
+        yield (
+            f"bias_relu/{dt}/cl=True",
+            FO.bias_relu_rows,
+            dict(x_ptr=PTR[dt], b_ptr=PTR[dt], y_ptr=PTR[dt], M=i32, C=i32),
+            dict(BLOCK_M=64, BLOCK_C=64),
+        )
 
 
 def ptxas_info(ptx: str) -> tuple[int, int]:
@@ -121,7 +144,7 @@ def ptxas_info(ptx: str) -> tuple[int, int]:
 
 def main() -> int:
     done, failed, scalar, spills = 0, [], [], []
-    for name, kernel, sig, consts in [*cases(), *pool_cases()]:
+    for name, kernel, sig, consts in [*cases(), *pool_cases(), *resize_and_epilogue_cases()]:
         # NOTE: Triton's default 4 warps, as the code launches every kernel but the attention's (num_warps)
         options = {"num_warps": consts.pop("num_warps")} if "num_warps" in consts else {}
         signature = {**sig, **dict.fromkeys(consts, "constexpr")}
@@ -130,6 +153,10 @@ def main() -> int:
             multiples = tuple(n for n, t in sig.items() if t == "i32" and not (n == "N" and "N-any" in name))
         if kernel is TP.max_pool_nhwc:
             multiples = ("C", "s_xb", "s_xh", "s_xw", "s_yb", "s_yh", "s_yw")
+        if kernel is FO.bias_relu_rows:
+            multiples = ("M", "C")
+        if kernel is TR.bilinear_nchw_out:  # 1024x2048 out: OW and OH * OW multiples of 16; x channels last
+            multiples = ("OH", "OW", "H", "W", "s_xb", "s_xh", "s_xw")
         aligned = [n for n, t in sig.items() if t.startswith("*") or n in multiples]
         attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
         try:

@@ -8,6 +8,7 @@ changes, bf16 rounding for autocast. Also `danet benchmark` itself (CLI, JSON, f
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 
 import pytest
@@ -226,6 +227,40 @@ def test_attention_modules_keep_channels_last_and_compute_the_same():
         assert rel(cam(x.contiguous(memory_format=torch.channels_last)), ref) < 1e-14
 
 
+def test_the_channel_attentions_residual_in_the_products_epilogue(monkeypatch):
+    """GEMM_RESIDUAL (inference): x + (gamma attn) x as one baddbmm gives the formula's output, float64 to rounding,
+    in x's layout (channels last or NCHW); bf16 within rounding of the addcmul's; with gradients the usual path."""
+    import danet.models.attention as A
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 32, 7, 9, generator=g, dtype=torch.float64)
+    cam = A.ChannelAttention().double()
+    with torch.no_grad():
+        cam.gamma.fill_(0.7)
+    q = x.flatten(2)
+    e = q @ q.transpose(1, 2)
+    ref = 0.7 * (torch.softmax(e.amax(-1, keepdim=True) - e, -1) @ q).view_as(x) + x
+    products = []
+    real = torch.baddbmm
+    monkeypatch.setattr(torch, "baddbmm", lambda *a: products.append(1) or real(*a))
+    monkeypatch.setattr(A, "GEMM_RESIDUAL", True)
+    with torch.no_grad():
+        for fmt in (torch.channels_last, torch.contiguous_format):
+            out = cam(x.contiguous(memory_format=fmt))
+            assert rel(out, ref) < 1e-14 and out.is_contiguous(memory_format=fmt)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            xh = x.float().contiguous(memory_format=torch.channels_last)
+            fused = cam.float()(xh.bfloat16())
+            monkeypatch.setattr(A, "GEMM_RESIDUAL", False)
+            apart = cam(xh.bfloat16())
+    assert len(products) == 3 and fused.dtype == apart.dtype == torch.bfloat16
+    assert rel(fused.double(), apart.double()) < 1e-2
+    monkeypatch.setattr(A, "GEMM_RESIDUAL", True)
+    xx = x.clone().requires_grad_()
+    cam.double()(xx).sum().backward()  # with gradients: product and addcmul, as in training
+    assert len(products) == 3 and xx.grad is not None
+
+
 class FakeStream:
     """Stands in for a CUDA stream on the CPU: records who waits for whom."""
 
@@ -400,6 +435,38 @@ def test_folded_convolutions_call_cudnns_fused_ops_with_the_right_arguments(monk
     kinds = [kind for kind, _ in calls]
     # blocks; stem (its first convolution, of the image's 3 channels, through F.conv2d), conv1/2, head
     assert kinds.count("add_relu") == 16 and kinds.count("relu") == 2 + 32 + 4
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="no triton (CPU-only platform)")
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_folded_convolutions_with_their_epilogue_apart(monkeypatch, channels_last):
+    """EPILOGUE_APART_MIN_K: the folded convolutions of at least that many inputs a pixel (here the head's first two)
+    run without their bias, then the bias and ReLU in one Triton pass (Triton's interpreter here) on a channels-last
+    map, in place with add_ / relu_ on an NCHW one; cuDNN's fused op is not called for them; the logits stay the
+    unfolded network's (float64, 1e-12)."""
+    calls, passes = [], []
+    Fo, model = fake_cudnn(monkeypatch, calls)
+    k = model.head.pam_in.conv.in_channels * 9
+    assert model.head.pam_out.conv.in_channels * 9 < k and all(
+        m.in_channels * m.kernel_size[0] ** 2 < k for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)
+    )
+    monkeypatch.setattr(Fo, "EPILOGUE_APART_MIN_K", k)
+    real = Fo.bias_relu
+    monkeypatch.setattr(Fo, "bias_relu", lambda y, b: passes.append(y.shape) or real(y, b))
+    x, _ = batch()
+    x = x.double()
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = model(x)["out"]
+        Fo.fold_batch_norm(model, torch.float64)
+        out = model(x)["out"]
+    assert rel(out, ref) < 1e-12
+    assert [m.epilogue_apart for m in (model.head.pam_in.conv, model.head.cam_in.conv)] == [True, True]
+    assert sum(getattr(m, "epilogue_apart", False) for m in model.modules()) == 2
+    kinds = [kind for kind, _ in calls]
+    assert kinds.count("add_relu") == 16 and kinds.count("relu") == 2 + 32 + 4 - 2
+    assert len(passes) == (2 if channels_last else 0)
 
 
 def test_a_folded_layer_that_cudnn_refuses_runs_unfused(monkeypatch):

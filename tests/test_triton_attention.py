@@ -104,6 +104,58 @@ def test_exp2_and_lazy_rescaling_compute_the_same_function(monkeypatch, exp2, la
     assert torch.isfinite(ours).all() and rel(ours, ref2) < 1e-2
 
 
+def test_the_fused_residual_adds_gamma_times_the_attention_to_x():
+    """RESIDUAL (`FUSE_RESIDUAL`): gamma * softmax(q k^T) v + x in the kernel, float64 to rounding, x contiguous in
+    C or with rows further apart; bf16 no further from float64 than the addcmul after the kernel plus one rounding;
+    the arguments are checked."""
+    g = torch.Generator().manual_seed(3)
+    b, n, d, c = 2, 150, 16, 40
+    q, k = (torch.randn(b, n, d, generator=g, dtype=torch.float64) for _ in range(2))
+    v, x = (torch.randn(b, n, c, generator=g, dtype=torch.float64) for _ in range(2))
+    gamma = torch.tensor(0.7, dtype=torch.float64)
+    ref = gamma * attend_explicit(q, k, v) + x
+    assert rel(attend_triton(q, k, v, x, gamma), ref) < 1e-12
+    wide = torch.zeros(b, n, c + 8, dtype=torch.float64)
+    wide[..., 5 : 5 + c] = x
+    assert torch.equal(attend_triton(q, k, v, wide[..., 5 : 5 + c], gamma), attend_triton(q, k, v, x, gamma))
+    h = [t.bfloat16() for t in (q, k, v, x)]
+    ref_h = gamma * attend_explicit(*(t.double() for t in h[:3])) + h[3].double()
+    apart = torch.addcmul(h[3], attend_triton(*h[:3]), gamma.to(torch.bfloat16))
+    fused = attend_triton(*h, gamma.float())
+    assert fused.dtype == torch.bfloat16 and rel(fused, ref_h) <= rel(apart, ref_h) + 2**-8
+    with pytest.raises(ValueError, match="both residual and gamma"):
+        attend_triton(q, k, v, x)
+    with pytest.raises(ValueError, match="shaped and typed as v"):
+        attend_triton(q, k, v, x.float(), gamma)
+
+
+def test_the_module_fuses_the_residual_on_channels_last_maps_only(monkeypatch):
+    """FUSE_RESIDUAL: the position attention's output from the kernel's epilogue on a channels-last map (bf16, within
+    rounding of the addcmul's, not the same bits); an NCHW map keeps the addcmul (its rows are not contiguous in C)."""
+    import danet.models.triton_attention as TA
+
+    model = narrow_model()
+    model.set_attention("triton")
+    pam = model.head.pam
+    x = torch.randn(1, pam.value_project.in_channels, 12, 10)
+    fused = []
+    real = TA.attend_triton
+    monkeypatch.setattr(TA, "attend_triton", lambda *a: fused.append(len(a) == 5) or real(*a))
+    outs = {}
+    for fuse in (False, True):
+        monkeypatch.setattr(TA, "FUSE_RESIDUAL", fuse)
+        for cl in (False, True):
+            xi = x.contiguous(memory_format=torch.channels_last) if cl else x
+            m = pam.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                outs[fuse, cl] = m(xi.bfloat16())
+    assert fused == [False, False, False, True]
+    assert outs[True, True].is_contiguous(memory_format=torch.channels_last)
+    a, b = outs[True, True].double(), outs[False, True].double()
+    assert rel(a, b) < 1e-2 and not torch.equal(a, b)
+    assert torch.equal(outs[True, False], outs[False, False])
+
+
 def narrow_model():
     torch.manual_seed(0)
     model = danet.create_model("danet_tiny_synthetic", base_channels=8, stem_channels=8, head_channels=32,

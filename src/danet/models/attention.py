@@ -8,6 +8,10 @@ from torch import nn
 
 from .norm_kernels import interpreted, triton
 
+# inference (no gradients): the channel attention's residual in its matrix multiply's epilogue (`baddbmm`) rather than
+# an `addcmul` pass after it (the GPU suite's `_gemmres` cases time it)
+GEMM_RESIDUAL = False
+
 
 class PositionAttention(nn.Module):
     """Position attention module: every position attends to every other position.
@@ -49,9 +53,12 @@ class PositionAttention(nn.Module):
         k = self.key_project(x).flatten(2).transpose(1, 2)  # (B, N, d)
         v = self.value_project(x).flatten(2).transpose(1, 2)  # (B, N, C)
         if self.triton and triton_runs(v):
-            from .triton_attention import attend_triton
+            from . import triton_attention as TA
 
-            out = attend_triton(q, k, v)
+            xt = x.flatten(2).transpose(1, 2)  # (B, N, C): a view, contiguous in C where x is channels last
+            if TA.FUSE_RESIDUAL and xt.stride(-1) == 1 and xt.dtype == v.dtype:
+                return TA.attend_triton(q, k, v, xt, self.gamma).transpose(1, 2).reshape(b, c, h, w)
+            out = TA.attend_triton(q, k, v)
         else:
             out = attend(q, k, v) if self.fused else attend_explicit(q, k, v)  # (B, N, C)
         return residual(x, self.gamma, out.transpose(1, 2).reshape(b, c, h, w))
@@ -118,6 +125,8 @@ class ChannelAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
+        if GEMM_RESIDUAL and not torch.is_grad_enabled():
+            return self._forward_gemm_residual(x)
         if x.is_contiguous(memory_format=torch.channels_last):
             # NOTE: channels last: (attn x)^T = x^T attn^T, written (B, N, C), which is x's own layout; attn x
             # written (B, C, N) was an NCHW map beside a channels-last x: the residual's add ran on two layouts and
@@ -130,6 +139,17 @@ class ChannelAttention(nn.Module):
         q = x.reshape(b, c, h * w)
         out = torch.bmm(self._attention(q), q).reshape(b, c, h, w)
         return residual(x, self.gamma, out)
+
+    def _forward_gemm_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """The same output with the residual in the product's epilogue: x + (gamma attn) x as one `baddbmm` (the
+        matrix multiply reads x as its C, beta = 1) instead of a product and then an `addcmul` over the map."""
+        b, c, h, w = x.shape
+        if x.is_contiguous(memory_format=torch.channels_last):
+            xt = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view
+            attn = self._attention(xt.transpose(1, 2)) * self.gamma
+            return torch.baddbmm(xt, xt, attn.transpose(1, 2)).reshape(b, h, w, c).permute(0, 3, 1, 2)
+        q = x.reshape(b, c, h * w)
+        return torch.baddbmm(q, self._attention(q) * self.gamma, q).reshape(b, c, h, w)
 
     @staticmethod
     def _attention(q: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,12 @@ def upsample_logits(
     1.8 ms 512x512 forward on an H200 (150 classes; the same for 19 classes at 1024x2048; benchmarks/RESULTS.md);
     the NCHW kernel (one thread per output pixel, looping over the classes) should take well under 0.1 ms. The copy
     to NCHW reads the small 1/8-size logits once. The result is NCHW. `nchw`: take that path or not (None: on CUDA
-    without gradients, i.e. in inference; training keeps the layout its backward was measured with)."""
+    without gradients, i.e. in inference; training keeps the layout its backward was measured with). With
+    `triton_resize.ENABLED`, an inference resize (not with nchw=False) runs its Triton kernel instead."""
+    from . import triton_resize
+
+    if triton_resize.ENABLED and nchw is not False and triton_resize.runs(x):  # (inference on CUDA; NCHW result)
+        return triton_resize.resize_bilinear(x, size, align_corners)
     if nchw is None:
         nchw = x.is_cuda and not torch.is_grad_enabled()
     if nchw and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):

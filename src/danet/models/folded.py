@@ -30,12 +30,45 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..errors import DanetError
 from .amp import autocast_dtype
+from .norm_kernels import interpreted, triton
 
 TRAIN_REFUSED = "this model's batch norms are folded into its convolutions (norm=folded): inference only"
 FOLDED_HALF_ALONE = ("this model's batch norms were folded in {dtype}, and its other layers keep float32 weights: run "
                      "it under torch.autocast('{device}', dtype=torch.{dtype}) (as danet test --amp does), or fold it "
                      "in float32")  # fmt: skip
 WINOGRAD_REFUSED = "--norm folded replaces the convolutions that --conv winograd would switch; give one of them"
+# a folded convolution (with ReLU, no residual) whose in_channels x kernel area is at least this runs cuDNN's plain
+# kernel and then its bias and ReLU in one Triton pass (`bias_relu`) instead of cuDNN's fused call (None: never).
+# Why: on an H200 the head's two 512x2048x3x3 convolutions of a whole 1024x2048 image took 0.85 ms each through the
+# fused call, 0.75 through the plain one (benchmarks/RESULTS.md, the convs table); the pass costs ~0.02.
+EPILOGUE_APART_MIN_K: int | None = None
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def bias_relu_rows(x_ptr, b_ptr, y_ptr, M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        """y = relu(x + b) over an (M, C) row-major view (a channels-last map: M = N*H*W), in float32 (float64 for
+        float64), stored in y's dtype."""
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        mask = (rows < M)[:, None] & cmask[None, :]
+        bias = tl.load(b_ptr + cols, mask=cmask, other=0.0)
+        acc_t = tl.float64 if bias.dtype == tl.float64 else tl.float32
+        offs = rows[:, None] * C + cols[None, :]
+        y = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t) + bias.to(acc_t)[None, :]
+        tl.store(y_ptr + offs, tl.maximum(y, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def bias_relu(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """relu(y + bias per channel) of a channels-last `y` (N, C, H, W) in one Triton pass, into y itself."""
+    n, c, h, w = y.shape
+    block_c = min(64, triton.next_power_of_2(c))
+    block_m = max(16, 4096 // block_c)
+    grid = (triton.cdiv(n * h * w, block_m), triton.cdiv(c, block_c))
+    bias_relu_rows[grid](y, bias, y, n * h * w, c, BLOCK_M=block_m, BLOCK_C=block_c)
+    return y
 
 
 class FoldedNorm(nn.BatchNorm2d):
@@ -57,6 +90,7 @@ class FoldedConv2d(nn.Conv2d):
 
     act = False
     unfused: str | None = None  # why cuDNN refused this layer's fused call (it then runs F.conv2d + bias, add, ReLU)
+    epilogue_apart = False  # F.conv2d without bias, then `bias_relu` (EPILOGUE_APART_MIN_K), where Triton runs
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         w, b = self.weight, self.bias
@@ -66,6 +100,12 @@ class FoldedConv2d(nn.Conv2d):
             x = x.to(w.dtype)
         if residual is not None and residual.dtype != w.dtype:
             residual = residual.to(w.dtype)
+        if self.epilogue_apart and residual is None and _bias_relu_runs(x):
+            with torch.autocast(x.device.type, enabled=False):
+                y = F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
+            if y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous():
+                return bias_relu(y, b)
+            return torch.relu_(y.add_(b.view(1, -1, 1, 1)))
         # NOTE: cuDNN's fused calls only where every channel count is a multiple of 8 (16-byte rows in channels last:
         # the image's 3 channels go through F.conv2d, for which cuDNN keeps engines for any count)
         if self.act and self.unfused is None and self.in_channels % 8 == 0 and self.out_channels % 8 == 0 \
@@ -89,6 +129,11 @@ class FoldedConv2d(nn.Conv2d):
         if residual is not None:
             y = y + residual
         return torch.relu_(y) if self.act else y
+
+
+def _bias_relu_runs(x: torch.Tensor) -> bool:
+    """Whether `bias_relu` runs here: Triton, on CUDA (where cuDNN's fused call would) or its CPU interpreter."""
+    return triton is not None and (_cudnn_fuses(x) if x.is_cuda else interpreted())
 
 
 def _cudnn_fuses(x: torch.Tensor) -> bool:
@@ -150,6 +195,8 @@ def fold_batch_norm(model: nn.Module, dtype: torch.dtype = torch.float32) -> int
             mod.conv3.bias = nn.Parameter(shift.to(dtype), requires_grad=False)
         elif isinstance(mod, ConvBNReLU):
             _fold(mod.conv, mod.bn, True, dtype)
+            k = mod.conv.in_channels * mod.conv.kernel_size[0] * mod.conv.kernel_size[1]
+            mod.conv.epilogue_apart = EPILOGUE_APART_MIN_K is not None and k >= EPILOGUE_APART_MIN_K
             count += 1
     left = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
             and not isinstance(m, FoldedNorm)]  # fmt: skip

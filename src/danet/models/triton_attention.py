@@ -44,12 +44,13 @@ if triton is not None:
         return tl.exp(s - row_max[:, None])
 
     @triton.jit
-    def pam_forward(q_ptr, k_ptr, v_ptr, o_ptr, N, D, C, s_qb, s_qn, s_kb, s_kn, s_vb, s_vn, s_ob, s_on,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-                    F64: tl.constexpr, UPCAST: tl.constexpr, EXP2: tl.constexpr = False,
-                    LAZY: tl.constexpr = False):  # fmt: skip
+    def pam_forward(q_ptr, k_ptr, v_ptr, o_ptr, x_ptr, g_ptr, N, D, C, s_qb, s_qn, s_kb, s_kn, s_vb, s_vn, s_ob,
+                    s_on, s_xb, s_xn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_C: tl.constexpr, F64: tl.constexpr, UPCAST: tl.constexpr, EXP2: tl.constexpr = False,
+                    LAZY: tl.constexpr = False, RESIDUAL: tl.constexpr = False):  # fmt: skip
         """o[b, m, c] = sum_n softmax_n(q[b, m] . k[b, n]) v[b, n, c] for one block of queries x channels (each
-        tensor's last dimension contiguous: 128-bit loads).
+        tensor's last dimension contiguous: 128-bit loads); RESIDUAL: o = g * that + x[b, m, c] (the module's
+        output, g a 0-dim tensor), in the accumulator's dtype, rounded once.
         UPCAST: the products' operands in float32 (Triton's interpreter multiplies bf16 matrices wrongly; float32
         products of bf16 values, accumulated in float32, are what the GPU's bf16 MMA computes).
         EXP2: exp(s - m) as exp2(s * log2(e) - m * log2(e)), one fused multiply-add before the exponential unit's
@@ -105,8 +106,12 @@ if triton is not None:
                 acc = acc * alpha[:, None] + tl.dot(p, v, out_dtype=acc_t)
                 row_max = new_max
         out = acc / row_sum[:, None]
-        tl.store(o_ptr + b * s_ob + offs_m[:, None] * s_on + offs_c[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & c_mask[None, :])  # fmt: skip
+        mc_mask = m_mask[:, None] & c_mask[None, :]
+        if RESIDUAL:
+            x = tl.load(x_ptr + b * s_xb + offs_m[:, None] * s_xn + offs_c[None, :], mask=mc_mask, other=0.0)
+            out = out * tl.load(g_ptr).to(acc_t) + x.to(acc_t)
+        tl.store(o_ptr + b * s_ob + offs_m[:, None] * s_on + offs_c[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=mc_mask)  # fmt: skip
 
 
 # blocks: BLOCK_M queries x BLOCK_C value channels per program, keys in steps of BLOCK_N (sm_90: no register spills
@@ -114,6 +119,7 @@ if triton is not None:
 BLOCK_M, BLOCK_N, MAX_BLOCK_C, NUM_WARPS = 128, 64, 256, 8
 NUM_STAGES = None  # Triton's default software pipelining (the GPU suite's pam group times others)
 EXP2_FMA, LAZY_RESCALE = False, False  # the kernel's EXP2 / LAZY (not yet timed on a GPU: the pam group times them)
+FUSE_RESIDUAL = False  # PositionAttention adds gamma * out + x in the kernel (RESIDUAL) rather than in an addcmul
 DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
@@ -127,11 +133,25 @@ def blocks(d: int, c: int) -> dict:
     }
 
 
-def attend_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def attend_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    gamma: torch.Tensor | None = None,
+) -> torch.Tensor:
     """softmax(q k^T) v (no scaling), forward only: q, k `(B, N, d)`, v `(B, N, C)` of one dtype -> `(B, N, C)`
     (contiguous in C: `.transpose(1, 2)` of it is a channels-last `(B, C, N)`). An input whose last dimension is not
-    contiguous is copied first (the projections of a channels-last map are not copied; NCHW ones are, N x (2d + C))."""
+    contiguous is copied first (the projections of a channels-last map are not copied; NCHW ones are, N x (2d + C)).
+    With `residual` (`(B, N, C)`, v's dtype) and `gamma` (a 0-dim tensor): gamma * that + residual, in the kernel."""
+    if (residual is None) != (gamma is None):
+        raise ValueError("attend_triton: give both residual and gamma, or neither")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    fuse = residual is not None
+    if fuse:
+        if residual.shape != v.shape or residual.dtype != v.dtype or gamma.numel() != 1:
+            raise ValueError("attend_triton: the residual must be shaped and typed as v, gamma one value")
+        residual = residual if residual.stride(-1) == 1 else residual.contiguous()
     b, n, d = q.shape
     c = v.shape[-1]
     out = torch.empty((b, n, c), dtype=v.dtype, device=v.device)
@@ -140,10 +160,13 @@ def attend_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     bs = blocks(d, c)
     grid = (triton.cdiv(n, bs["BLOCK_M"]), triton.cdiv(c, bs["BLOCK_C"]), b)
     upcast = v.dtype == torch.bfloat16 and interpreted()
-    strides = (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2])
+    x = residual if fuse else out  # (unread without RESIDUAL)
+    strides = (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2], *x.stride()[:2])
     launch = {"num_warps": NUM_WARPS} | ({"num_stages": NUM_STAGES} if NUM_STAGES else {})
-    flags = {"F64": v.dtype == torch.float64, "UPCAST": upcast, "EXP2": EXP2_FMA, "LAZY": LAZY_RESCALE}
-    pam_forward[grid](q, k, v, out, n, d, c, *strides, **bs, **flags, **launch)
+    flags = {"F64": v.dtype == torch.float64, "UPCAST": upcast, "EXP2": EXP2_FMA, "LAZY": LAZY_RESCALE,
+             "RESIDUAL": fuse}  # fmt: skip
+    g = gamma.reshape(()) if fuse else out
+    pam_forward[grid](q, k, v, out, x, g, n, d, c, *strides, **bs, **flags, **launch)
     return out
 
 

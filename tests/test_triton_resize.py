@@ -1,0 +1,67 @@
+"""The logits' bilinear resize as a Triton kernel (`models/triton_resize.py`), through Triton's interpreter (conftest
+sets TRITON_INTERPRET=1): PyTorch's values to rounding in float64, float32 and bf16, either align_corners, up and
+down, any layout; taken only where it should be. Its sm_90 compile: tests/test_triton_compile.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import danet
+
+pytest.importorskip("triton")
+import danet.models.triton_resize as TR  # noqa: E402
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("sizes", [(8, 16, 64, 128), (5, 7, 33, 50), (1, 1, 4, 4), (6, 6, 6, 6), (9, 4, 3, 17)])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_pytorchs_bilinear_resize(sizes, align_corners, channels_last):
+    """Up (by 8, as the logits), by odd factors, from one pixel, the same size (a copy), down; both layouts in,
+    NCHW out. float64 to 1e-14, float32 within a few of its roundings, bf16 within one of its own (the interpreter
+    truncates to bf16 where a GPU rounds)."""
+    h, w, oh, ow = sizes
+    g = torch.Generator().manual_seed(h * w)
+    base = torch.randn(2, 19, h, w, generator=g, dtype=torch.float64)
+    for dtype, tol in ((torch.float64, 1e-14), (torch.float32, 1e-6), (torch.bfloat16, 2**-7)):
+        x = base.to(dtype)
+        x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        with torch.no_grad():
+            assert TR.runs(x)
+            ours = TR.resize_bilinear(x, (oh, ow), align_corners)
+        ref = F.interpolate(x.double(), (oh, ow), mode="bilinear", align_corners=align_corners)
+        assert ours.shape == (2, 19, oh, ow) and ours.dtype == dtype and ours.is_contiguous()
+        assert rel(ours, ref) < tol
+    if (h, w) == (oh, ow) and not align_corners:
+        assert torch.equal(TR.resize_bilinear(base, (oh, ow)), base)  # the same size: a copy
+
+
+def test_taken_only_in_inference_where_enabled(monkeypatch):
+    """ENABLED: the model's logits resize through the kernel in an inference forward (within float32 rounding of
+    PyTorch's); with gradients, with nchw=False, or off (the default) never."""
+    from danet.models.danet import upsample_logits
+
+    calls = []
+    real = TR.resize_bilinear
+    monkeypatch.setattr(TR, "resize_bilinear", lambda *a: calls.append(tuple(a[1])) or real(*a))
+    torch.manual_seed(0)
+    model = danet.create_model("danet_tiny_synthetic", base_channels=8, stem_channels=8, head_channels=16).eval()
+    x = torch.randn(1, 3, 48, 64)
+    with torch.no_grad():
+        ref = model(x)["out"]
+        monkeypatch.setattr(TR, "ENABLED", True)
+        ours = model(x)["out"]
+        logits = torch.randn(1, 5, 6, 8)
+        assert torch.equal(
+            upsample_logits(logits, (48, 64), nchw=False), F.interpolate(logits, (48, 64), mode="bilinear")
+        )
+    assert calls == [(48, 64)]  # the forward's logits; none for nchw=False
+    assert rel(ours, ref) < 1e-6
+    model(x)  # gradients on
+    assert len(calls) == 1
+    assert not TR.runs(torch.randn(3, 4, 4)) and not TR.runs(torch.zeros(1, 2, 0, 4))

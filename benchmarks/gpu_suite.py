@@ -429,27 +429,20 @@ def cases(a, group: str) -> list[BenchSpec]:
             spec(wh, "whole_bf16_cl_graphs_tritonbn_tritonpam", **tp, norm="triton"),
             spec(wh, "whole_bf16_cl_graphs_folded_tritonpam", **tp, norm="folded"),
             spec(wh, "whole_bf16_cl_graphs_tritonbn_tritonpam_serial", **tp, norm="triton", head="serial"),
-            # the attention's kernel with exp2 and lazy rescaling, the stem's pooling kernel (CASE_SETTINGS; the `pam`
-            # and `convs` groups time them alone)
-            spec(wh, "whole_bf16_cl_graphs_folded_tritonpam_lazyexp2", **tp, norm="folded"),
-            spec(wh, "whole_bf16_cl_graphs_tritonbn_tritonpam_lazyexp2", **tp, norm="triton"),
-            spec(wh, "whole_bf16_cl_graphs_folded_tritonpam_tritonpool", **tp, norm="folded"),
-            spec(wh, "whole_bf16_cl_graphs_folded_tritonpam_lazyexp2_tritonpool", **tp, norm="folded"),
-            spec(i5, "infer512_bf16_cl_graphs_folded_tritonpam_lazyexp2_tritonpool", **tp, norm="folded"),
             spec(wh, "whole_fp16_graphs", amp="fp16", cuda_graphs=gpu),
-            # the folded network's variants one by one, then together (measured, H200 2026-11-27: folded 8.44-8.51
-            # ms, the pooling kernel -0.05; from the pam, convs and head groups, predicted: exp2 alone -0.3 (the
-            # attention 3.03 -> 2.72 ms), the head's branches serial -0.15, the fused residuals -0.06 each, the head's
-            # first convolutions' epilogue apart -0.15: all together ~7.7 ms)
+            # the defaults since 2026-11-27 (the attention kernel's exp2 and fused residual, the channel attention's
+            # residual in its product, the pooling and resize kernels; the head's branches side by side on small maps
+            # only: measured on an H200, the folded whole image 8.56 -> 7.94 ms) against the earlier ones
+            # (`_olddefaults`), one left out (`_noup`, `_nopool`), the head's branches always side by side (`_streams`)
+            # or never (`_serial`), the head's first convolutions' epilogue apart (`_apart`), the attention kernel's
+            # keys in steps of 128 (`_n128s2`, 2 pipeline stages: no spills for sm_90)
             *[
-                spec(
-                    base, f"{name}_{variant}", **tp, norm="folded", head="serial" if "serial" in variant else "streams"
-                )
+                spec(base, f"{name}_{variant}", **tp, norm="folded", head=HEAD_OF.get(variant, "auto"))
                 for base, name in (
                     (wh, "whole_bf16_cl_graphs_folded_tritonpam"),
                     (i5, "infer512_bf16_cl_graphs_folded_tritonpam"),
                 )
-                for variant in (FOLDED_VARIANTS if base is wh else FOLDED_VARIANTS[-2:])
+                for variant in ("olddefaults", "noup", "nopool", "streams", "serial", "apart", "n128s2")
             ],
         ]
     if group == "compile":
@@ -466,24 +459,23 @@ def cases(a, group: str) -> list[BenchSpec]:
 
 # model cases whose label contains a key: those module settings (module_settings) while they are built, captured, run
 CASE_SETTINGS = {
-    "_lazyexp2": ("triton_attention", dict(EXP2_FMA=True, LAZY_RESCALE=True)),
-    "_exp2": ("triton_attention", dict(EXP2_FMA=True)),
-    "_pamres": ("triton_attention", dict(FUSE_RESIDUAL=True)),
-    "_gemmres": ("attention", dict(GEMM_RESIDUAL=True)),
-    "_apart": ("folded", dict(EPILOGUE_APART_MIN_K=16384)),  # the head's 2048 x 3 x 3 (as R101's)
-    "_tritonpool": ("triton_pool", dict(ENABLED=True)),
-    "_tritonup": ("triton_resize", dict(ENABLED=True)),
-}
-# the folded network's variants (`serial`: the head's branches one after the other, DAHead.branch_streams off)
-ALL_VARIANTS = "exp2_pamres_gemmres_apart_tritonpool_tritonup"
-FOLDED_VARIANTS = ("exp2", "serial", "pamres", "gemmres", "apart", "tritonup", ALL_VARIANTS, f"{ALL_VARIANTS}_serial")
+    "_olddefaults": [("triton_attention", dict(EXP2_FMA=False, FUSE_RESIDUAL=False)),
+                     ("attention", dict(GEMM_RESIDUAL=False)), ("triton_pool", dict(ENABLED=False)),
+                     ("triton_resize", dict(ENABLED=False))],
+    "_noup": [("triton_resize", dict(ENABLED=False))],
+    "_nopool": [("triton_pool", dict(ENABLED=False))],
+    "_apart": [("folded", dict(EPILOGUE_APART_MIN_K=16384))],  # the head's 2048 x 3 x 3 (as R101's)
+    "_n128s2": [("triton_attention", dict(BLOCK_N=128, NUM_STAGES=2))],
+}  # fmt: skip
+HEAD_OF = {"olddefaults": "streams", "streams": "streams", "serial": "serial"}  # the head's branches (DAHead)
 
 
 def case_settings(label: str) -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
-    for key, (module, settings) in CASE_SETTINGS.items():
+    for key, modules in CASE_SETTINGS.items():
         if key in label:
-            stack.enter_context(module_settings(module, **settings))
+            for module, settings in modules:
+                stack.enter_context(module_settings(module, **settings))
     return stack
 
 
@@ -752,12 +744,12 @@ def _logits(model, x: torch.Tensor, amp: str, graph: bool) -> torch.Tensor:
 
 
 def group_head(a) -> None:
-    """The head's branches on two CUDA streams (`DAHead.branch_streams`, the default) against one after the other,
-    on the models the infer cases time (random weights, the attention's gamma and the batch norms perturbed so that
-    every branch counts): relative difference of the logits and the fraction of pixels whose class changes, eager
-    and replayed as a CUDA graph (the same kernels: 0 expected); the attention kernel's exp2 and lazy rescaling
-    with the pooling kernel (CASE_SETTINGS, eager); then the same model with its batch norms folded into the
-    convolutions (`--norm folded`): rounding differences expected in those two."""
+    """The head's branches on two CUDA streams (`DAHead.branch_streams=True`) against one after the other, on the
+    models the infer cases time (random weights, the attention's gamma and the batch norms perturbed so that every
+    branch counts): relative difference of the logits and the fraction of pixels whose class changes, eager and
+    replayed as a CUDA graph (the same kernels: 0 expected); the defaults before 2026-11-27 (CASE_SETTINGS
+    `_olddefaults`, eager); then the same model with its batch norms folded into the convolutions (`--norm folded`),
+    and that with the head's first epilogues apart (`_apart`): rounding differences expected in those."""
     from danet.benchmark import build, resolve_device
     from danet.engine.inference import AMP_DTYPES
     from danet.models.folded import fold_batch_norm
@@ -790,16 +782,16 @@ def group_head(a) -> None:
                 o = _logits(model, x, amp, gph)
                 rec[f"streams_{name}_rel"] = float((o - r).norm() / r.norm())
                 rec[f"streams_{name}_changed"] = float((o.argmax(1) != r.argmax(1)).float().mean())
-            if case.attention == "triton":  # the attention kernel's exp2 and the fused residuals (rounding, not bits)
-                # and the pooling kernel (the same bits)
-                with case_settings(f"_{ALL_VARIANTS}"):
+            if case.attention == "triton":  # the defaults before 2026-11-27 (the attention kernel without exp2 and
+                # its fused residual, the channel attention's addcmul; PyTorch's pooling and resize): rounding
+                with case_settings("_olddefaults"):
                     o = _logits(model, x, amp, False)
-                rec["variants_eager_rel"] = float((o - refs[False]).norm() / refs[False].norm())
-                rec["variants_eager_changed"] = float((o.argmax(1) != refs[False].argmax(1)).float().mean())
-            # the batch norms folded into the convolutions (`--norm folded`): rounding, not bits; then with the
-            # variants too (the head's first convolutions' epilogue apart chosen as the model is folded)
+                rec["olddefaults_eager_rel"] = float((o - refs[False]).norm() / refs[False].norm())
+                rec["olddefaults_eager_changed"] = float((o.argmax(1) != refs[False].argmax(1)).float().mean())
+            # the batch norms folded into the convolutions (`--norm folded`): rounding, not bits; then with the head's
+            # first convolutions' epilogue apart (chosen as the model is folded)
             unfolded = copy.deepcopy(model) if case.attention == "triton" else None
-            for key, net, settings in (("folded", model, ""), ("folded_variants", unfolded, f"_{ALL_VARIANTS}")):
+            for key, net, settings in (("folded", model, ""), ("folded_apart", unfolded, "_apart")):
                 if net is None:
                     continue
                 with case_settings(settings):
@@ -853,7 +845,7 @@ def group_resize(a) -> None:
             calls, warmup, iters = (1, 0, 1) if a.smoke else (20, 3, 10)  # (Triton's interpreter: ~1 s a call)
             for name, fn in (("nhwc", nhwc), ("nchw", nchw), ("triton", tri)):  # 20 calls a synchronisation: the
                 # kernels, not the sync
-                ms = 1e3 * bench(lambda fn=fn: [fn() for _ in range(calls)], warmup, iters) / calls
+                ms = 1e3 * bench(lambda fn=fn, n=calls: [fn() for _ in range(n)], warmup, iters) / calls
                 rec[f"ms_{name}"] = round(ms, 4)
             emit(rec)
 

@@ -251,15 +251,23 @@ def summarize(out: Path, peers_dir: Path | None = None) -> str:
                   f"{ref[0]} / {ref[-1]} | {fast[0]} / {fast[-1]} |"]  # fmt: skip
     heads = [r for r in ours if r.get("group") == "head" and "streams_eager_rel" in r]
     if heads:
-        lines += ["", "The head's branches on two CUDA streams, the attention kernel's variants (lazyexp2_tritonpool: "
-                  "exp2 + lazy rescaling with the pooling kernel; variants: exp2, the fused residuals, the pooling "
-                  "and resize kernels), and the batch norms folded into the convolutions (folded_variants: with "
-                  "those and the head's first epilogues apart), against the serial unfolded network (relative "
-                  "difference of the logits; share of pixels whose class changed):", "",
+        lines += ["", "The head's branches on two CUDA streams, the defaults before 2026-11-27 (olddefaults; "
+                  "lazyexp2_tritonpool in earlier runs: exp2 + lazy rescaling with the pooling kernel), and the batch "
+                  "norms folded into the convolutions (folded_apart: with the head's first epilogues apart; "
+                  "folded_variants in an earlier run: with the kernels' variants), against the serial unfolded "
+                  "network (relative difference of the logits; share of pixels whose class changed):", "",
                   "| case | amp | variant | eager rel | eager changed | graph rel | graph changed |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in heads:
-            for v in ("streams", "lazyexp2_tritonpool", "variants", "folded", "folded_variants"):
+            for v in (
+                "streams",
+                "lazyexp2_tritonpool",
+                "variants",
+                "olddefaults",
+                "folded",
+                "folded_variants",
+                "folded_apart",
+            ):
                 err = r.get(f"{v}_eager_error") or r.get(f"{v}_graph_error")
                 if f"{v}_eager_rel" not in r:
                     lines += [f"| {r['case']} | {r['amp']} | {v} | {err} | | | |"] if err else []

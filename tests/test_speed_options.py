@@ -328,6 +328,17 @@ def test_branch_streams_fork_and_join_in_inference_only(monkeypatch):
     with torch.no_grad():
         model(x)
     assert log == ["sum classified"] * 2
+    # "auto" (the default): side by side where the head's map has at most STREAMS_MAX_POSITIONS (batch x h x w)
+    model.eval()
+    assert H.DAHead(8, 8, 2).branch_streams == "auto"
+    model.head.branch_streams = "auto"
+    positions = x.shape[0] * (x.shape[2] // 8) * (x.shape[3] // 8)  # output stride 8
+    for limit, streams in ((positions, True), (positions - 1, False)):
+        monkeypatch.setattr(H, "STREAMS_MAX_POSITIONS", limit)
+        log.clear()
+        with torch.no_grad():
+            model(x)
+        assert ("side waits main" in log) == streams
 
 
 @pytest.mark.parametrize("corners", [False, True])

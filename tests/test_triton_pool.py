@@ -14,6 +14,11 @@ pytest.importorskip("triton")
 import danet.models.triton_pool as TP  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    monkeypatch.setattr(TP, "INTERPRETER", True)  # the kernel through Triton's interpreter (CUDA only otherwise)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("shape", "k", "s", "p"), [((2, 70, 9, 13), 3, 2, 1), ((1, 8, 1, 1), 3, 2, 1),
                                                     ((1, 130, 6, 5), 2, 2, 0), ((2, 3, 7, 8), 3, 1, 1)])  # fmt: skip
@@ -46,19 +51,25 @@ def test_taken_only_where_it_can_run():
         assert TP.runs(pool, x) and torch.equal(TP.max_pool(pool, x), pool(x))
 
 
-def test_the_model_uses_it_when_enabled(monkeypatch):
-    """ENABLED: the stem's pooling goes through the kernel in a channels-last inference forward, with the same
-    logits bit for bit; off (the default) it is never called."""
-    calls = []
-    real = TP.max_pool
-    monkeypatch.setattr(TP, "max_pool", lambda pool, x: calls.append(x.shape) or real(pool, x))
+def test_the_model_uses_it_on_cuda_where_enabled(monkeypatch):
+    """ENABLED (the default): the stem's pooling goes through the kernel in a channels-last inference forward on CUDA
+    (here Triton's interpreter, INTERPRETER), with the same logits bit for bit; on the CPU without INTERPRETER, as a
+    user's CPU runs it, and with ENABLED off, PyTorch's pooling."""
+    ran = []
+    real = TP.runs
+    monkeypatch.setattr(TP, "runs", lambda pool, x: ran.append(real(pool, x)) or ran[-1])
+    monkeypatch.setattr(TP, "INTERPRETER", False)
     torch.manual_seed(0)
     model = danet.create_model("danet_tiny_synthetic", base_channels=8, stem_channels=8, head_channels=16).eval()
     model = model.to(memory_format=torch.channels_last)
     x = torch.randn(1, 3, 48, 64).contiguous(memory_format=torch.channels_last)
+    assert TP.ENABLED
     with torch.no_grad():
         ref = model(x)["out"]
-        assert calls == []
-        monkeypatch.setattr(TP, "ENABLED", True)
+        assert ran == [False]
+        monkeypatch.setattr(TP, "INTERPRETER", True)
         ours = model(x)["out"]
-    assert len(calls) == 1 and torch.equal(ours, ref)
+        assert ran == [False, True] and torch.equal(ours, ref)
+        monkeypatch.setattr(TP, "ENABLED", False)
+        model(x)
+    assert ran == [False, True]

@@ -14,6 +14,11 @@ pytest.importorskip("triton")
 import danet.models.triton_resize as TR  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    monkeypatch.setattr(TR, "INTERPRETER", True)  # the kernel through Triton's interpreter (CUDA only otherwise)
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -42,8 +47,9 @@ def test_pytorchs_bilinear_resize(sizes, align_corners, channels_last):
 
 
 def test_taken_only_in_inference_where_enabled(monkeypatch):
-    """ENABLED: the model's logits resize through the kernel in an inference forward (within float32 rounding of
-    PyTorch's); with gradients, with nchw=False, or off (the default) never."""
+    """ENABLED (the default): the model's logits resize through the kernel in an inference forward on CUDA (here the
+    interpreter), within float32 rounding of PyTorch's; never with gradients, with nchw=False, on the CPU without
+    INTERPRETER (as a user's CPU runs it), or with ENABLED off. More classes than a program takes (CLASSES): all."""
     from danet.models.danet import upsample_logits
 
     calls = []
@@ -52,16 +58,23 @@ def test_taken_only_in_inference_where_enabled(monkeypatch):
     torch.manual_seed(0)
     model = danet.create_model("danet_tiny_synthetic", base_channels=8, stem_channels=8, head_channels=16).eval()
     x = torch.randn(1, 3, 48, 64)
+    assert TR.ENABLED
     with torch.no_grad():
+        ours = model(x)["out"]
+        monkeypatch.setattr(TR, "ENABLED", False)
         ref = model(x)["out"]
         monkeypatch.setattr(TR, "ENABLED", True)
-        ours = model(x)["out"]
-        logits = torch.randn(1, 5, 6, 8)
-        assert torch.equal(
-            upsample_logits(logits, (48, 64), nchw=False), F.interpolate(logits, (48, 64), mode="bilinear")
-        )
-    assert calls == [(48, 64)]  # the forward's logits; none for nchw=False
+        logits = torch.randn(1, 2 * TR.CLASSES + 3, 6, 8)
+        up = F.interpolate(logits, (48, 64), mode="bilinear")
+        assert torch.equal(upsample_logits(logits, (48, 64), nchw=False), up)
+        assert rel(upsample_logits(logits, (48, 64)), up) < 1e-6
+        monkeypatch.setattr(TR, "INTERPRETER", False)
+        model(x)
+    assert calls == [(48, 64)] * 2  # the first forward's logits, the 19 classes; none for nchw=False or the CPU
     assert rel(ours, ref) < 1e-6
+    monkeypatch.setattr(TR, "INTERPRETER", True)
     model(x)  # gradients on
-    assert len(calls) == 1
-    assert not TR.runs(torch.randn(3, 4, 4)) and not TR.runs(torch.zeros(1, 2, 0, 4))
+    assert len(calls) == 2
+    with torch.no_grad():
+        assert not TR.runs(torch.randn(3, 4, 4)) and not TR.runs(torch.zeros(1, 2, 0, 4))
+        assert TR.runs(torch.randn(1, 2, 3, 4))

@@ -65,7 +65,8 @@ class BenchSpec:
     attention: str = "fused"  # "fused" (SDPA) | "explicit" (softmax(QK^T)V in memory) | "triton" (inference kernel)
     conv: str = "direct"  # "direct" | "winograd" (models.winograd: CPU float32, F(4x4, 3x3))
     norm: str = "native"  # "native" | "triton" (models.fused_norm, CUDA) | "folded" (models.folded, inference)
-    head: str = "streams"  # "streams": the head's branches side by side in CUDA inference (DAHead) | "serial"
+    head: str = "auto"  # the head's branches side by side in CUDA inference (DAHead): "auto" (small maps) | "streams"
+    # (always) | "serial" (never)
     loss: str = "reference"  # "reference" (engine.losses, full-size logits) | "fused" | "compiled" | "triton"
     cuda_graphs: bool = False  # capture the forward (train: forward, loss, backward; SGD eager) once, replay it
     slide: tuple[int, int] | None = None  # inference only: sliding windows of this size (H, W) instead of whole
@@ -141,7 +142,8 @@ def build(spec: BenchSpec, dev: torch.device):
     model.set_attention(spec.attention)
     use_winograd(model, spec.conv == "winograd")
     use_fused_norm(model, spec.norm == "triton")
-    model.head.branch_streams = spec.head == "streams"  # NOTE: no effect in training or on the CPU
+    model.head.branch_streams = {"auto": "auto", "streams": True}.get(spec.head, False)  # NOTE: none in training or
+    # on the CPU
     g = torch.Generator().manual_seed(spec.seed)
     x = torch.randn(spec.batch, 3, h, w, generator=g)
     y = torch.randint(0, model.num_classes, (spec.batch, h, w), generator=g)
@@ -268,7 +270,7 @@ def environment(dev: torch.device) -> dict:
     return env
 
 
-HEADS = ("streams", "serial")
+HEADS = ("auto", "streams", "serial")
 NORMS = ("native", "triton", "folded")
 MAX_BATCH, MAX_THREADS = 65536, 4096  # past these a case cannot run on any machine: one line, not an overflow
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

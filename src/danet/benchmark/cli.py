@@ -64,9 +64,10 @@ def add_cli(parser) -> None:
     parser.add_argument(
         "--head",
         choices=HEADS,
-        default="streams",
-        help="the head's two branches side by side on two CUDA streams in inference (streams: the default, as in "
-        "danet test / predict; no effect in training or on the CPU), or one after the other (serial)",
+        default="auto",
+        help="the head's two branches side by side on two CUDA streams in inference (auto: the default, as in danet "
+        "test / predict, where the head's map has at most 16,384 positions, as a 512x512 image's; streams: always), or "
+        "one after the other (serial); no effect in training or on the CPU",
     )
     parser.add_argument(
         "--loss",
@@ -108,7 +109,7 @@ def format_record(r: dict) -> str:
     opts += [f"compile={r['compile']}"] if r["compile"] else []
     opts += [f"attention={r['attention']}"] + ([f"conv={r['conv']}"] if r.get("conv", "direct") != "direct" else [])
     opts += [f"norm={r['norm']}"] if r.get("norm", "native") != "native" else []
-    opts += [f"head={r['head']}"] if r.get("head", "streams") != "streams" else []
+    opts += [f"head={r['head']}"] if r.get("head", "auto") != "auto" else []
     opts += [f"loss={r['loss']}"] if r["mode"] == "train" else []
     if r.get("slide"):
         stride = "x".join(map(str, r["stride"])) if r["stride"] else "2/3"

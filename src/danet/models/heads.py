@@ -12,6 +12,10 @@ from .fused_norm import bn_relu
 
 NormLayer = Callable[[int], nn.Module]
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}  # per process, not per module: a model stays deep-copyable
+# branch_streams="auto": side by side where the head's map has at most this many positions (batch x h x w), one after
+# the other above. On an H200 (bf16, CUDA graphs): a 512x512 image (64x64 = 4,096) took 1.83 ms with the streams, 1.95
+# without; a whole 1024x2048 image (128x256 = 32,768), whose kernels fill the GPU, 7.94 without, 8.13 with (2026-11-27)
+STREAMS_MAX_POSITIONS = 16384
 
 
 def _on_cuda(x: torch.Tensor) -> bool:
@@ -83,22 +87,24 @@ class DAHead(nn.Module):
         self.cls = Classifier(channels, num_classes, dropout)
         self.cls_pam = Classifier(channels, num_classes, dropout)
         self.cls_cam = Classifier(channels, num_classes, dropout)
-        # inference on CUDA: the CAM branch on a second stream beside the PAM branch (not under torch.compile; a CUDA
-        # graph keeps the setting it was captured with)
-        self.branch_streams = True
+        # inference on CUDA: the CAM branch on a second stream beside the PAM branch (True; "auto": for small maps,
+        # STREAMS_MAX_POSITIONS; not under torch.compile; a CUDA graph keeps the setting it was captured with)
+        self.branch_streams: bool | str = "auto"
 
     def _cam_branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.cam_out(self.cam(self.cam_in(x)))
 
     def _cam_beside(self, x: torch.Tensor) -> torch.Tensor | None:
-        """In an inference forward on CUDA (no gradients, eval mode, not traced), with `branch_streams` (the
-        default): start the CAM branch on a side stream and return its output, which the caller's stream must wait
-        for (`_join`); None otherwise. The branches are independent: the same kernels on the same inputs give the same
-        values (bit for bit on an H200, eager and replayed as a CUDA graph), but at batch 1 and 64x64 positions each
-        of their kernels leaves most of the GPU idle, and side by side they share it: a 512x512 forward replayed as a
-        CUDA graph took 1.83 ms instead of 1.95 (benchmarks/RESULTS.md); a whole 1024x2048 image, whose kernels fill
-        the GPU, is unchanged."""
+        """In an inference forward on CUDA (no gradients, eval mode, not traced), with `branch_streams` (True, or
+        "auto", the default, on a map of at most STREAMS_MAX_POSITIONS): start the CAM branch on a side stream and
+        return its output, which the caller's stream must wait for (`_join`); None otherwise. The branches are
+        independent: the same kernels on the same inputs give the same values (bit for bit on an H200, eager and
+        replayed as a CUDA graph), but at batch 1 and 64x64 positions each of their kernels leaves most of the GPU
+        idle, and side by side they share it: a 512x512 forward replayed as a CUDA graph took 1.83 ms instead of 1.95
+        (benchmarks/RESULTS.md); a whole 1024x2048 image, whose kernels fill the GPU, was slower side by side."""
         if not (self.branch_streams and _on_cuda(x) and not self.training and not torch.is_grad_enabled()):
+            return None
+        if self.branch_streams == "auto" and x.shape[0] * x.shape[2] * x.shape[3] > STREAMS_MAX_POSITIONS:
             return None
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
             return None

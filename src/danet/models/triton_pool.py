@@ -1,4 +1,4 @@
-"""The stem's max pooling as one Triton kernel for channels-last inference (`ENABLED`; off until timed on a GPU).
+"""The stem's max pooling as one Triton kernel for channels-last inference on CUDA (`ENABLED`).
 
 Why: PyTorch's CUDA max pooling always computes the argmax too, so for the stem's (1, 128, 512, 1024) bf16 map of a
 whole Cityscapes image it reads 134 MB, writes 34 MB of output and 134 MB of int64 indices: 137 us a forward on an
@@ -17,7 +17,8 @@ from torch import nn
 
 from .norm_kernels import interpreted, triton
 
-ENABLED = False  # whether ResNet's stem pools through `max_pool` (the GPU suite's `_tritonpool` cases time it)
+ENABLED = True  # whether ResNet's stem pools through `max_pool` (in inference on CUDA: see `runs`)
+INTERPRETER = False  # also on the CPU through Triton's interpreter where TRITON_INTERPRET=1 (the tests set it)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 if triton is not None:
@@ -63,7 +64,9 @@ def _square(v) -> int | None:
 def runs(pool: nn.MaxPool2d, x: torch.Tensor) -> bool:
     """Whether the kernel can take this pooling of x: Triton, no gradients, CUDA (or its interpreter), a channels-last
     4-D map of a floating dtype, square kernel / stride / padding, no dilation, ceil_mode or indices."""
-    if triton is None or torch.is_grad_enabled() or not (x.is_cuda or interpreted()) or torch.compiler.is_compiling():
+    if triton is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    if not (x.is_cuda or (INTERPRETER and interpreted())):
         return False
     if x.dim() != 4 or x.dtype not in DTYPES or x.stride(1) != 1 or x.numel() == 0:
         return False

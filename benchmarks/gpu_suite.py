@@ -431,18 +431,19 @@ def cases(a, group: str) -> list[BenchSpec]:
             spec(wh, "whole_bf16_cl_graphs_tritonbn_tritonpam_serial", **tp, norm="triton", head="serial"),
             spec(wh, "whole_fp16_graphs", amp="fp16", cuda_graphs=gpu),
             # the defaults since 2026-11-27 (the attention kernel's exp2 and fused residual, the channel attention's
-            # residual in its product, the pooling and resize kernels; the head's branches side by side on small maps
-            # only: measured on an H200, the folded whole image 8.56 -> 7.94 ms) against the earlier ones
+            # residual in its product, the pooling and resize kernels, the folded model's weights all in bf16, the
+            # image's convolution's bias and ReLU in one pass; the head's branches side by side on small maps only:
+            # measured on an H200, the folded whole image 8.46 -> 7.92 ms before the last two) against the earlier ones
             # (`_olddefaults`), one left out (`_noup`, `_nopool`), the head's branches always side by side (`_streams`)
-            # or never (`_serial`), the head's first convolutions' epilogue apart (`_apart`), the attention kernel's
-            # keys in steps of 128 (`_n128s2`, 2 pipeline stages: no spills for sm_90)
+            # or never (`_serial`); measured and dropped: the head's first convolutions' bias and ReLU apart from
+            # cuDNN's call (7.96 vs 7.92), the attention kernel's keys in steps of 128 (8.62)
             *[
                 spec(base, f"{name}_{variant}", **tp, norm="folded", head=HEAD_OF.get(variant, "auto"))
                 for base, name in (
                     (wh, "whole_bf16_cl_graphs_folded_tritonpam"),
                     (i5, "infer512_bf16_cl_graphs_folded_tritonpam"),
                 )
-                for variant in ("olddefaults", "noup", "nopool", "streams", "serial", "apart", "n128s2")
+                for variant in ("olddefaults", "noup", "nopool", "streams", "serial")
             ],
         ]
     if group == "compile":
@@ -464,8 +465,6 @@ CASE_SETTINGS = {
                      ("triton_resize", dict(ENABLED=False))],
     "_noup": [("triton_resize", dict(ENABLED=False))],
     "_nopool": [("triton_pool", dict(ENABLED=False))],
-    "_apart": [("folded", dict(EPILOGUE_APART_MIN_K=16384))],  # the head's 2048 x 3 x 3 (as R101's)
-    "_n128s2": [("triton_attention", dict(BLOCK_N=128, NUM_STAGES=2))],
 }  # fmt: skip
 HEAD_OF = {"olddefaults": "streams", "streams": "streams", "serial": "serial"}  # the head's branches (DAHead)
 
@@ -748,8 +747,8 @@ def group_head(a) -> None:
     models the infer cases time (random weights, the attention's gamma and the batch norms perturbed so that every
     branch counts): relative difference of the logits and the fraction of pixels whose class changes, eager and
     replayed as a CUDA graph (the same kernels: 0 expected); the defaults before 2026-11-27 (CASE_SETTINGS
-    `_olddefaults`, eager); then the same model with its batch norms folded into the convolutions (`--norm folded`),
-    and that with the head's first epilogues apart (`_apart`): rounding differences expected in those."""
+    `_olddefaults`, eager); then the same model with its batch norms folded into the convolutions (`--norm folded`):
+    rounding differences expected in those two."""
     from danet.benchmark import build, resolve_device
     from danet.engine.inference import AMP_DTYPES
     from danet.models.folded import fold_batch_norm
@@ -788,24 +787,17 @@ def group_head(a) -> None:
                     o = _logits(model, x, amp, False)
                 rec["olddefaults_eager_rel"] = float((o - refs[False]).norm() / refs[False].norm())
                 rec["olddefaults_eager_changed"] = float((o.argmax(1) != refs[False].argmax(1)).float().mean())
-            # the batch norms folded into the convolutions (`--norm folded`): rounding, not bits; then with the head's
-            # first convolutions' epilogue apart (chosen as the model is folded)
-            unfolded = copy.deepcopy(model) if case.attention == "triton" else None
-            for key, net, settings in (("folded", model, ""), ("folded_apart", unfolded, "_apart")):
-                if net is None:
-                    continue
-                with case_settings(settings):
-                    fold_batch_norm(net, AMP_DTYPES.get(amp, torch.float32))
-                    for gph in (False, True):
-                        name = "graph" if gph else "eager"
-                        try:
-                            o, r = _logits(net, x, amp, gph), refs[gph]
-                            rec[f"{key}_{name}_rel"] = float((o - r).norm() / r.norm())
-                            rec[f"{key}_{name}_changed"] = float((o.argmax(1) != r.argmax(1)).float().mean())
-                        except Exception as e:  # noqa: BLE001  (cuDNN's fused ops refused: record it, go on)
-                            first = str(e).splitlines()[0][:160] if str(e) else ""
-                            rec[f"{key}_{name}_error"] = f"{type(e).__name__}: {first}"
-            del unfolded
+            # the batch norms folded into the convolutions (`--norm folded`): rounding, not bits
+            fold_batch_norm(model, AMP_DTYPES.get(amp, torch.float32))
+            for gph in (False, True):
+                name = "graph" if gph else "eager"
+                try:
+                    o, r = _logits(model, x, amp, gph), refs[gph]
+                    rec[f"folded_{name}_rel"] = float((o - r).norm() / r.norm())
+                    rec[f"folded_{name}_changed"] = float((o.argmax(1) != r.argmax(1)).float().mean())
+                except Exception as e:  # noqa: BLE001  (cuDNN's fused ops refused: record it, the rest goes on)
+                    first = str(e).splitlines()[0][:160] if str(e) else ""
+                    rec[f"folded_{name}_error"] = f"{type(e).__name__}: {first}"
             emit(rec)
             del model, x
             release()

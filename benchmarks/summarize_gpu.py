@@ -253,9 +253,9 @@ def summarize(out: Path, peers_dir: Path | None = None) -> str:
     if heads:
         lines += ["", "The head's branches on two CUDA streams, the defaults before 2026-11-27 (olddefaults; "
                   "lazyexp2_tritonpool in earlier runs: exp2 + lazy rescaling with the pooling kernel), and the batch "
-                  "norms folded into the convolutions (folded_apart: with the head's first epilogues apart; "
-                  "folded_variants in an earlier run: with the kernels' variants), against the serial unfolded "
-                  "network (relative difference of the logits; share of pixels whose class changed):", "",
+                  "norms folded into the convolutions (folded_variants in an earlier run: with the kernels' "
+                  "variants), against the serial unfolded network (relative difference of the logits; share of "
+                  "pixels whose class changed):", "",
                   "| case | amp | variant | eager rel | eager changed | graph rel | graph changed |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in heads:

@@ -119,7 +119,7 @@ def resize_and_epilogue_cases():
         yield (f"resize_bilinear/{dt}" + ("/align" if align else ""), TR.bilinear_nchw_out,
                dict(x_ptr=PTR[dt], y_ptr=PTR[dt], K=i32, H=i32, W=i32, OH=i32, OW=i32, s_xb=i32, s_xk=i32, s_xh=i32,
                     s_xw=i32),
-               dict(ALIGN=align, F64=False, BLOCK=TR.BLOCK, CLASSES=TR.CLASSES))  # fmt: skip
+               dict(ALIGN=align, F64=False, BLOCK=TR.BLOCK))  # fmt: skip
     for dt in ("bf16", "fp16"):
         yield (
             f"bias_relu/{dt}/cl=True",

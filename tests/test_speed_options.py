@@ -393,18 +393,30 @@ def test_folded_batch_norm_gives_the_same_logits(variant):
 
 
 def test_a_model_folded_in_bf16_says_how_to_run_it():
-    """Folded in bf16 (its other layers float32) and run without autocast: one DanetError naming the autocast to use
-    (it was PyTorch's dtype-mismatch error from a later layer); under that autocast it runs."""
-    from danet.models.folded import fold_batch_norm
+    """Folded in bf16 and run without autocast: one DanetError naming the autocast to use (it was PyTorch's
+    dtype-mismatch error from a later layer); under that autocast it runs. Its other convolutions' weights are in
+    bf16 too, cast once: the same logits, bit for bit, as with float32 weights that autocast casts at each forward."""
+    from danet.models.folded import FoldedConv2d, fold_batch_norm
 
     model = narrow_model().eval()
+    kept = copy.deepcopy(model)
     fold_batch_norm(model, torch.bfloat16)
+    fold_batch_norm(kept, torch.bfloat16)
+    originals = dict(narrow_model().eval().named_modules())
+    plain = [(n, m) for n, m in kept.named_modules() if type(m) is torch.nn.Conv2d]
+    assert len(plain) == 7  # the attention's 3 projections, the classifiers (3 and the auxiliary head's)
+    for name, m in plain:  # as before: the float32 weights
+        m.weight, m.bias = originals[name].weight, originals[name].bias
+        assert m.weight.dtype == torch.float32
+    assert all(m.weight.dtype == torch.bfloat16 for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert any(isinstance(m, FoldedConv2d) for m in model.modules())
     x, _ = batch()
     with torch.no_grad():
         with pytest.raises(danet.DanetError, match=r"in bfloat16.*torch.autocast\('cpu', dtype=torch.bfloat16\)"):
             model(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert model(x)["out"].dtype == torch.bfloat16
+            out = model(x)["out"]
+            assert out.dtype == torch.bfloat16 and torch.equal(out, kept(x)["out"])
 
 
 def fake_cudnn(monkeypatch, calls: list, refuse=lambda dilation: False):
@@ -450,20 +462,16 @@ def test_folded_convolutions_call_cudnns_fused_ops_with_the_right_arguments(monk
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="no triton (CPU-only platform)")
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_folded_convolutions_with_their_epilogue_apart(monkeypatch, channels_last):
-    """EPILOGUE_APART_MIN_K: the folded convolutions of at least that many inputs a pixel (here the head's first two)
-    run without their bias, then the bias and ReLU in one Triton pass (Triton's interpreter here) on a channels-last
-    map, in place with add_ / relu_ on an NCHW one; cuDNN's fused op is not called for them; the logits stay the
-    unfolded network's (float64, 1e-12)."""
+def test_folded_convolutions_without_cudnns_fused_call_add_bias_and_relu_in_one_pass(monkeypatch, channels_last):
+    """Where cuDNN's fused call does not run (the image's 3-channel convolution; a layer cuDNN refused) a folded
+    convolution with ReLU and no residual runs without its bias, then the bias and ReLU in one Triton pass on a
+    channels-last map (here Triton's interpreter: INTERPRETER), with add_ / relu_ on an NCHW one; the logits stay the
+    unfolded network's (float64, 1e-12). Without INTERPRETER on the CPU, as a user's CPU runs it, no pass."""
     calls, passes = [], []
     Fo, model = fake_cudnn(monkeypatch, calls)
-    k = model.head.pam_in.conv.in_channels * 9
-    assert model.head.pam_out.conv.in_channels * 9 < k and all(
-        m.in_channels * m.kernel_size[0] ** 2 < k for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)
-    )
-    monkeypatch.setattr(Fo, "EPILOGUE_APART_MIN_K", k)
+    monkeypatch.setattr(Fo, "INTERPRETER", True)
     real = Fo.bias_relu
-    monkeypatch.setattr(Fo, "bias_relu", lambda y, b: passes.append(y.shape) or real(y, b))
+    monkeypatch.setattr(Fo, "bias_relu", lambda y, b: passes.append(tuple(y.shape[:2])) or real(y, b))
     x, _ = batch()
     x = x.double()
     if channels_last:
@@ -472,12 +480,14 @@ def test_folded_convolutions_with_their_epilogue_apart(monkeypatch, channels_las
         ref = model(x)["out"]
         Fo.fold_batch_norm(model, torch.float64)
         out = model(x)["out"]
-    assert rel(out, ref) < 1e-12
-    assert [m.epilogue_apart for m in (model.head.pam_in.conv, model.head.cam_in.conv)] == [True, True]
-    assert sum(getattr(m, "epilogue_apart", False) for m in model.modules()) == 2
-    kinds = [kind for kind, _ in calls]
-    assert kinds.count("add_relu") == 16 and kinds.count("relu") == 2 + 32 + 4 - 2
-    assert len(passes) == (2 if channels_last else 0)
+        assert rel(out, ref) < 1e-12
+        kinds = [kind for kind, _ in calls]
+        assert kinds.count("add_relu") == 16 and kinds.count("relu") == 2 + 32 + 4
+        first = model.backbone.stem[0]
+        assert passes == ([(x.shape[0], first.out_channels)] if channels_last else [])
+        monkeypatch.setattr(Fo, "INTERPRETER", False)
+        assert rel(model(x)["out"], ref) < 1e-12
+    assert len(passes) == (1 if channels_last else 0)
 
 
 def test_a_folded_layer_that_cudnn_refuses_runs_unfused(monkeypatch):

@@ -49,7 +49,7 @@ def test_pytorchs_bilinear_resize(sizes, align_corners, channels_last):
 def test_taken_only_in_inference_where_enabled(monkeypatch):
     """ENABLED (the default): the model's logits resize through the kernel in an inference forward on CUDA (here the
     interpreter), within float32 rounding of PyTorch's; never with gradients, with nchw=False, on the CPU without
-    INTERPRETER (as a user's CPU runs it), or with ENABLED off. More classes than a program takes (CLASSES): all."""
+    INTERPRETER (as a user's CPU runs it), with ENABLED off, or for more than MAX_CLASSES classes."""
     from danet.models.danet import upsample_logits
 
     calls = []
@@ -64,13 +64,15 @@ def test_taken_only_in_inference_where_enabled(monkeypatch):
         monkeypatch.setattr(TR, "ENABLED", False)
         ref = model(x)["out"]
         monkeypatch.setattr(TR, "ENABLED", True)
-        logits = torch.randn(1, 2 * TR.CLASSES + 3, 6, 8)
+        logits = torch.randn(1, TR.MAX_CLASSES, 6, 8)
         up = F.interpolate(logits, (48, 64), mode="bilinear")
         assert torch.equal(upsample_logits(logits, (48, 64), nchw=False), up)
         assert rel(upsample_logits(logits, (48, 64)), up) < 1e-6
+        many = torch.randn(1, TR.MAX_CLASSES + 1, 6, 8)
+        assert torch.equal(upsample_logits(many, (48, 64)), F.interpolate(many, (48, 64), mode="bilinear"))
         monkeypatch.setattr(TR, "INTERPRETER", False)
         model(x)
-    assert calls == [(48, 64)] * 2  # the first forward's logits, the 19 classes; none for nchw=False or the CPU
+    assert calls == [(48, 64)] * 2  # the first forward's logits, the 32 classes; none for nchw=False, 33 or the CPU
     assert rel(ours, ref) < 1e-6
     monkeypatch.setattr(TR, "INTERPRETER", True)
     model(x)  # gradients on

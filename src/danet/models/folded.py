@@ -15,8 +15,8 @@ not multiples of 8, as the image's 3; a layer whose fused call cuDNN refused, wi
 its shape) the same folded weights run through `F.conv2d`, + residual, ReLU.
 
 Inference only: `fold_batch_norm` refuses a model in training mode, and a folded model refuses `.train()`. A model
-folded in bf16 / fp16 runs under that autocast (its other layers keep float32 weights); without it, its first
-convolution refuses the image in one line.
+folded in bf16 / fp16 has all its convolutions' weights in that dtype and runs under that autocast; without it, its
+first convolution refuses the image in one line.
 """
 
 from __future__ import annotations
@@ -33,15 +33,11 @@ from .amp import autocast_dtype
 from .norm_kernels import interpreted, triton
 
 TRAIN_REFUSED = "this model's batch norms are folded into its convolutions (norm=folded): inference only"
-FOLDED_HALF_ALONE = ("this model's batch norms were folded in {dtype}, and its other layers keep float32 weights: run "
-                     "it under torch.autocast('{device}', dtype=torch.{dtype}) (as danet test --amp does), or fold it "
-                     "in float32")  # fmt: skip
+FOLDED_HALF_ALONE = ("this model's batch norms were folded into its convolutions in {dtype}: run it under "
+                     "torch.autocast('{device}', dtype=torch.{dtype}) (as danet test --amp does), or fold it in "
+                     "float32")  # fmt: skip
 WINOGRAD_REFUSED = "--norm folded replaces the convolutions that --conv winograd would switch; give one of them"
-# a folded convolution (with ReLU, no residual) whose in_channels x kernel area is at least this runs cuDNN's plain
-# kernel and then its bias and ReLU in one Triton pass (`bias_relu`) instead of cuDNN's fused call (None: never).
-# Why: on an H200 the head's two 512x2048x3x3 convolutions of a whole 1024x2048 image took 0.85 ms each through the
-# fused call, 0.75 through the plain one (benchmarks/RESULTS.md, the convs table); the pass costs ~0.02.
-EPILOGUE_APART_MIN_K: int | None = None
+INTERPRETER = False  # `bias_relu` also on the CPU through Triton's interpreter where TRITON_INTERPRET=1 (the tests)
 
 if triton is not None:
     import triton.language as tl
@@ -90,7 +86,6 @@ class FoldedConv2d(nn.Conv2d):
 
     act = False
     unfused: str | None = None  # why cuDNN refused this layer's fused call (it then runs F.conv2d + bias, add, ReLU)
-    epilogue_apart = False  # F.conv2d without bias, then `bias_relu` (EPILOGUE_APART_MIN_K), where Triton runs
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         w, b = self.weight, self.bias
@@ -100,12 +95,6 @@ class FoldedConv2d(nn.Conv2d):
             x = x.to(w.dtype)
         if residual is not None and residual.dtype != w.dtype:
             residual = residual.to(w.dtype)
-        if self.epilogue_apart and residual is None and _bias_relu_runs(x):
-            with torch.autocast(x.device.type, enabled=False):
-                y = F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
-            if y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous():
-                return bias_relu(y, b)
-            return torch.relu_(y.add_(b.view(1, -1, 1, 1)))
         # NOTE: cuDNN's fused calls only where every channel count is a multiple of 8 (16-byte rows in channels last:
         # the image's 3 channels go through F.conv2d, for which cuDNN keeps engines for any count)
         if self.act and self.unfused is None and self.in_channels % 8 == 0 and self.out_channels % 8 == 0 \
@@ -124,16 +113,24 @@ class FoldedConv2d(nn.Conv2d):
                 warnings.warn(
                     f"cuDNN refused a fused convolution ({self.unfused}); that layer runs unfused", stacklevel=2
                 )
+        # bias and ReLU in one Triton pass where it runs (the image's 3-channel convolution on CUDA: PyTorch's bias
+        # add and ReLU took 22 + 15 us of a whole 1024x2048 image on an H200)
+        apart = self.act and residual is None and b is not None and _bias_relu_runs(x)
         with torch.autocast(x.device.type, enabled=False):  # NOTE: w's dtype is the compute dtype already
-            y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+            y = F.conv2d(x, w, None if apart else b, self.stride, self.padding, self.dilation, self.groups)
+        if apart:
+            if y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous():
+                return bias_relu(y, b)
+            y = y.add_(b.view(1, -1, 1, 1))
         if residual is not None:
             y = y + residual
         return torch.relu_(y) if self.act else y
 
 
 def _bias_relu_runs(x: torch.Tensor) -> bool:
-    """Whether `bias_relu` runs here: Triton, on CUDA (where cuDNN's fused call would) or its CPU interpreter."""
-    return triton is not None and (_cudnn_fuses(x) if x.is_cuda else interpreted())
+    """Whether `bias_relu` runs here: Triton, on CUDA (where cuDNN's fused call would: not compiled or traced) or
+    through its CPU interpreter (INTERPRETER)."""
+    return triton is not None and (_cudnn_fuses(x) if x.is_cuda else INTERPRETER and interpreted())
 
 
 def _cudnn_fuses(x: torch.Tensor) -> bool:
@@ -166,8 +163,9 @@ def _fold(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm, act: bool, dtype
 
 def fold_batch_norm(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
     """Fold every batch norm of `model` (an eval-mode DANet) into the convolution before it; returns how many.
-    `dtype`: the folded convolutions' weights, the compute dtype: a model folded in bf16 / fp16 runs under that
-    autocast (its other layers keep float32 weights, which autocast casts), one folded in float32 without."""
+    `dtype`: the folded convolutions' weights, the compute dtype: a model folded in bf16 / fp16 (its other
+    convolutions' weights cast to it as well, as autocast would at each forward) runs under that autocast, one folded
+    in float32 without."""
     from .heads import ConvBNReLU
     from .resnet import Bottleneck, ResNet, Stem
 
@@ -195,11 +193,18 @@ def fold_batch_norm(model: nn.Module, dtype: torch.dtype = torch.float32) -> int
             mod.conv3.bias = nn.Parameter(shift.to(dtype), requires_grad=False)
         elif isinstance(mod, ConvBNReLU):
             _fold(mod.conv, mod.bn, True, dtype)
-            k = mod.conv.in_channels * mod.conv.kernel_size[0] * mod.conv.kernel_size[1]
-            mod.conv.epilogue_apart = EPILOGUE_APART_MIN_K is not None and k >= EPILOGUE_APART_MIN_K
             count += 1
     left = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
             and not isinstance(m, FoldedNorm)]  # fmt: skip
     if left:
         raise DanetError(f"norm=folded: no convolution to fold {left[0]} into")
+    if dtype in (torch.float16, torch.bfloat16):
+        # the other convolutions' weights (the attention's projections, the classifiers) in the compute dtype too:
+        # autocast would round them to it at every forward, a kernel each (the cast cache is off in a CUDA graph)
+        with torch.no_grad():
+            for mod in model.modules():
+                if type(mod) is nn.Conv2d:
+                    mod.weight = nn.Parameter(mod.weight.to(dtype), requires_grad=False)
+                    if mod.bias is not None:
+                        mod.bias = nn.Parameter(mod.bias.to(dtype), requires_grad=False)
     return count

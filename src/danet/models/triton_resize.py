@@ -4,10 +4,10 @@ Why: the last step of a whole-image forward writes K x H x W logits (a 1024x2048
 bf16; 512x512 ADE20K: 150 x 262 k, 79 MB) from a 1/8-size map that fits in the L2 cache. On an H200 PyTorch's NCHW
 kernel (`upsample_logits`) took 0.12 ms for either (benchmarks/RESULTS.md, the resize table), where writing 80 MB
 takes ~25 us at the card's copy rate. Here each program takes BLOCK output pixels of one image, works out their two
-source rows and columns and the four weights once, and loops over up to CLASSES classes: 128-bit stores along each
-row. Measured there (2026-11-27): 19 classes to 1024x2048 in bf16 0.079 ms against 0.117, the same bits; with the
-classes in one loop, 150 classes to 512x512 took 0.22 ms against 0.11 (256 programs, too few to fill the GPU: hence
-the CLASSES split).
+source rows and columns and the four weights once, and loops over the classes: 128-bit stores along each row.
+Measured there (2026-11-27): 19 classes to 1024x2048 in bf16 0.079 ms against 0.117, the same bits; but 150 classes
+to 512x512 0.22 ms against 0.11 (also with the classes split over 8 a program, which took the 19 classes' to 0.118),
+so it runs for at most MAX_CLASSES classes (Cityscapes' 19, VOC's 21), PyTorch's kernel for ADE20K's 150.
 
 The same expression as PyTorch's (aten/src/ATen/native/cuda/UpSampleBilinear2d.cu): source index
 scale * (dst + 0.5) - 0.5 clamped at 0 (align_corners: (in - 1) / (out - 1) * dst), its integer part and fraction,
@@ -25,7 +25,7 @@ ENABLED = True  # whether `upsample_logits` resizes through `resize_bilinear` in
 INTERPRETER = False  # also on the CPU through Triton's interpreter where TRITON_INTERPRET=1 (the tests set it)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 BLOCK = 1024  # output pixels a program (4 warps: 8 consecutive pixels a thread, 128-bit stores in bf16)
-CLASSES = 8  # classes a program (a grid dimension over the rest)
+MAX_CLASSES = 32
 
 if triton is not None:
     import triton.language as tl
@@ -48,14 +48,12 @@ if triton is not None:
 
     @triton.jit
     def bilinear_nchw_out(x_ptr, y_ptr, K, H, W, OH, OW, s_xb, s_xk, s_xh, s_xw,
-                          ALIGN: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr,
-                          CLASSES: tl.constexpr):  # fmt: skip
+                          ALIGN: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
         """y[b, k, oh, ow] (NCHW-contiguous) = the bilinear interpolation of x[b, k] (any strides) at (oh, ow), for
-        BLOCK pixels and the classes k0 <= k < k0 + CLASSES of one image."""
+        BLOCK pixels and every class of one image."""
         acc_t = tl.float64 if F64 else tl.float32
         scale_h, scale_w = _scale(H, OH, F64, ALIGN), _scale(W, OW, F64, ALIGN)
-        b = tl.program_id(2).to(tl.int64)
-        k0 = tl.program_id(1) * CLASSES
+        b = tl.program_id(1).to(tl.int64)
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < OH * OW
         oh, ow = offs // OW, offs % OW
@@ -74,7 +72,7 @@ if triton is not None:
         left, right = w0.to(tl.int64) * s_xw, w1.to(tl.int64) * s_xw
         src = x_ptr + b * s_xb
         dst = y_ptr + b * K * OH * OW + offs
-        for k in range(k0, tl.minimum(k0 + CLASSES, K)):
+        for k in range(0, K):
             base = src + k * s_xk
             a = tl.load(base + top + left, mask=mask, other=0.0).to(acc_t)
             bb = tl.load(base + top + right, mask=mask, other=0.0).to(acc_t)
@@ -85,12 +83,13 @@ if triton is not None:
 
 
 def runs(x: torch.Tensor) -> bool:
-    """Whether the kernel takes this resize: Triton, no gradients, CUDA (or its interpreter), a 4-D floating map."""
+    """Whether the kernel takes this resize: Triton, no gradients, CUDA (or its interpreter), a 4-D floating map of
+    at most MAX_CLASSES classes."""
     if triton is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return False
     if not (x.is_cuda or (INTERPRETER and interpreted())):
         return False
-    return x.dim() == 4 and x.dtype in DTYPES and x.numel() > 0
+    return x.dim() == 4 and x.dtype in DTYPES and x.numel() > 0 and x.shape[1] <= MAX_CLASSES
 
 
 def resize_bilinear(x: torch.Tensor, size: tuple[int, int], align_corners: bool = False) -> torch.Tensor:
@@ -101,7 +100,7 @@ def resize_bilinear(x: torch.Tensor, size: tuple[int, int], align_corners: bool 
     y = torch.empty((n, k, oh, ow), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    grid = (triton.cdiv(oh * ow, BLOCK), triton.cdiv(k, CLASSES), n)
+    grid = (triton.cdiv(oh * ow, BLOCK), n)
     bilinear_nchw_out[grid](x, y, k, h, w, oh, ow, *x.stride(), ALIGN=align_corners, F64=x.dtype == torch.float64,
-                            BLOCK=BLOCK, CLASSES=CLASSES)  # fmt: skip
+                            BLOCK=BLOCK)  # fmt: skip
     return y

@@ -81,7 +81,8 @@ def add_speed_options(parser: argparse.ArgumentParser) -> None:
         choices=("native", "triton", "folded"),
         default="native",
         help="batch norm + ReLU (triton: fused kernels, CUDA; folded: into the convolutions, on CUDA one cuDNN call "
-        "each with bias, residual and ReLU: not yet timed on a GPU, no faster on the CPU)",
+        "each with bias, residual and ReLU: the fastest on an H200, with --amp bf16, the same results to bf16 "
+        "rounding; no faster on the CPU)",
     )
     parser.add_argument(
         "--channels-last", action="store_true", help="NHWC memory format (with --amp bf16 the fast layout on a GPU)"

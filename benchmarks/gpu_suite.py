@@ -826,7 +826,7 @@ def group_resize(a) -> None:
             def nhwc(x=x, size=size):
                 return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
-            def nchw(x=x, size=size):
+            def nchw(x=x, size=size):  # NOTE: gradients on here: PyTorch's NCHW kernel, never the Triton one
                 return upsample_logits(x, size, False, nchw=True)
 
             def tri(x=x, size=size):

@@ -13,8 +13,9 @@ from .fused_norm import bn_relu
 NormLayer = Callable[[int], nn.Module]
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}  # per process, not per module: a model stays deep-copyable
 # branch_streams="auto": side by side where the head's map has at most this many positions (batch x h x w), one after
-# the other above. On an H200 (bf16, CUDA graphs): a 512x512 image (64x64 = 4,096) took 1.83 ms with the streams, 1.95
-# without; a whole 1024x2048 image (128x256 = 32,768), whose kernels fill the GPU, 7.94 without, 8.13 with (2026-11-27)
+# the other above. On an H200 (bf16, CUDA graphs, folded batch norm, 2026-11-27): a 512x512 image (64x64 = 4,096)
+# took 1.14-1.15 ms with the streams, 1.20 without; a whole 1024x2048 image (128x256 = 32,768), whose kernels fill the
+# GPU, gained nothing from them (8.13 with, 7.94 without in one run; within 0.1 ms either way in four later rounds)
 STREAMS_MAX_POSITIONS = 16384
 
 
@@ -101,7 +102,7 @@ class DAHead(nn.Module):
         independent: the same kernels on the same inputs give the same values (bit for bit on an H200, eager and
         replayed as a CUDA graph), but at batch 1 and 64x64 positions each of their kernels leaves most of the GPU
         idle, and side by side they share it: a 512x512 forward replayed as a CUDA graph took 1.83 ms instead of 1.95
-        (benchmarks/RESULTS.md); a whole 1024x2048 image, whose kernels fill the GPU, was slower side by side."""
+        (benchmarks/RESULTS.md); a whole 1024x2048 image, whose kernels fill the GPU, gained nothing."""
         if not (self.branch_streams and _on_cuda(x) and not self.training and not torch.is_grad_enabled()):
             return None
         if self.branch_streams == "auto" and x.shape[0] * x.shape[2] * x.shape[3] > STREAMS_MAX_POSITIONS:

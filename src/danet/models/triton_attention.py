@@ -16,7 +16,8 @@ product with it, as flash attention does.
 
 Predicted for the H200: the attention of a whole Cityscapes image 4.6 -> ~2.5-3 ms, the image 11.96 -> ~10 ms.
 Measured there (bf16, channels_last, CUDA graph, fused batch norm; benchmarks/RESULTS.md, 4th H200 session): the
-attention 4.55 -> 2.92 ms (~470 TFLOP/s of the 1,374 GFLOP it computes), the image 11.96 -> 10.28 ms.
+attention 4.55 -> 2.92 ms (~470 TFLOP/s of the 1,374 GFLOP it computes), the image 11.96 -> 10.28 ms; with EXP2 and
+the module's residual in the kernel (RESIDUAL), 2.51 ms (~550 TFLOP/s; 5th session).
 """
 
 from __future__ import annotations
@@ -119,8 +120,8 @@ if triton is not None:
 BLOCK_M, BLOCK_N, MAX_BLOCK_C, NUM_WARPS = 128, 64, 256, 8
 NUM_STAGES = None  # Triton's default software pipelining (the GPU suite's pam group times others)
 # the kernel's EXP2 / LAZY, and PositionAttention's gamma * out + x in the kernel (RESIDUAL) rather than an addcmul
-# after it: on an H200 (2026-11-27, a whole 1024x2048 image, folded, CUDA graph) EXP2 took 8.56 -> 8.20 ms (the
-# attention 2.97 -> 2.53), RESIDUAL 8.56 -> 8.37; LAZY (with EXP2) lost: 8.50 -> 8.68
+# after it: on an H200 (2026-11-27, a whole 1024x2048 image, folded, CUDA graph) EXP2 took 8.56 -> 8.20 ms, RESIDUAL
+# 8.56 -> 8.37 (the attention kernel 2.97 -> 2.51 ms with both); LAZY (with EXP2) lost: 8.50 -> 8.68
 EXP2_FMA, LAZY_RESCALE, FUSE_RESIDUAL = True, False, True
 DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 

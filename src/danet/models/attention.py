@@ -125,8 +125,9 @@ class ChannelAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        if GEMM_RESIDUAL and not torch.is_grad_enabled():
-            return self._forward_gemm_residual(x)
+        # inference: x + (gamma attn) x as one `baddbmm` (the product reads x as its C, beta = 1), not a product and
+        # then an `addcmul` over the map
+        gemm = GEMM_RESIDUAL and not torch.is_grad_enabled()
         if x.is_contiguous(memory_format=torch.channels_last):
             # NOTE: channels last: (attn x)^T = x^T attn^T, written (B, N, C), which is x's own layout; attn x
             # written (B, C, N) was an NCHW map beside a channels-last x: the residual's add ran on two layouts and
@@ -134,22 +135,16 @@ class ChannelAttention(nn.Module):
             # product)
             xt = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view
             attn = self._attention(xt.transpose(1, 2))
+            if gemm:
+                out = torch.baddbmm(xt, xt, (attn * self.gamma).transpose(1, 2))
+                return out.reshape(b, h, w, c).permute(0, 3, 1, 2)
             out = torch.bmm(xt, attn.transpose(1, 2)).reshape(b, h, w, c).permute(0, 3, 1, 2)
             return residual(x, self.gamma, out)
         q = x.reshape(b, c, h * w)
-        out = torch.bmm(self._attention(q), q).reshape(b, c, h, w)
-        return residual(x, self.gamma, out)
-
-    def _forward_gemm_residual(self, x: torch.Tensor) -> torch.Tensor:
-        """The same output with the residual in the product's epilogue: x + (gamma attn) x as one `baddbmm` (the
-        matrix multiply reads x as its C, beta = 1) instead of a product and then an `addcmul` over the map."""
-        b, c, h, w = x.shape
-        if x.is_contiguous(memory_format=torch.channels_last):
-            xt = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view
-            attn = self._attention(xt.transpose(1, 2)) * self.gamma
-            return torch.baddbmm(xt, xt, attn.transpose(1, 2)).reshape(b, h, w, c).permute(0, 3, 1, 2)
-        q = x.reshape(b, c, h * w)
-        return torch.baddbmm(q, self._attention(q) * self.gamma, q).reshape(b, c, h, w)
+        attn = self._attention(q)
+        if gemm:
+            return torch.baddbmm(q, attn * self.gamma, q).reshape(b, c, h, w)
+        return residual(x, self.gamma, torch.bmm(attn, q).reshape(b, c, h, w))
 
     @staticmethod
     def _attention(q: torch.Tensor) -> torch.Tensor:

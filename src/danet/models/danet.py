@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DanetError
+from . import triton_resize
 from .folded import TRAIN_REFUSED
 from .heads import DAHead, FCNHead
 from .resnet import ResNet
@@ -30,8 +31,6 @@ def upsample_logits(
     to NCHW reads the small 1/8-size logits once. The result is NCHW. `nchw`: take that path or not (None: on CUDA
     without gradients, i.e. in inference; training keeps the layout its backward was measured with). With
     `triton_resize.ENABLED`, an inference resize (not with nchw=False) runs its Triton kernel instead."""
-    from . import triton_resize
-
     if triton_resize.ENABLED and nchw is not False and triton_resize.runs(x):  # (inference on CUDA; NCHW result)
         return triton_resize.resize_bilinear(x, size, align_corners)
     if nchw is None:

@@ -27,6 +27,17 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def inference_kernel_runs(x, interpreter: bool) -> bool:
+    """Whether an inference-only Triton kernel may take `x` at all: Triton installed, no gradients, not under
+    torch.compile, on CUDA, or on the CPU through Triton's interpreter where `interpreter` (the module's INTERPRETER,
+    which the tests set) allows it."""
+    import torch
+
+    if triton is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    return x.is_cuda or (interpreter and interpreted())
+
+
 if triton is not None:
 
     @triton.jit

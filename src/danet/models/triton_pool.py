@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .norm_kernels import interpreted, triton
+from .norm_kernels import inference_kernel_runs, triton
 
 ENABLED = True  # whether ResNet's stem pools through `max_pool` (in inference on CUDA: see `runs`)
 INTERPRETER = False  # also on the CPU through Triton's interpreter where TRITON_INTERPRET=1 (the tests set it)
@@ -64,9 +64,7 @@ def _square(v) -> int | None:
 def runs(pool: nn.MaxPool2d, x: torch.Tensor) -> bool:
     """Whether the kernel can take this pooling of x: Triton, no gradients, CUDA (or its interpreter), a channels-last
     4-D map of a floating dtype, square kernel / stride / padding, no dilation, ceil_mode or indices."""
-    if triton is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return False
-    if not (x.is_cuda or (INTERPRETER and interpreted())):
+    if not inference_kernel_runs(x, INTERPRETER):
         return False
     if x.dim() != 4 or x.dtype not in DTYPES or x.stride(1) != 1 or x.numel() == 0:
         return False

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .norm_kernels import interpreted, triton
+from .norm_kernels import inference_kernel_runs, triton
 
 ENABLED = True  # whether `upsample_logits` resizes through `resize_bilinear` in inference on CUDA
 INTERPRETER = False  # also on the CPU through Triton's interpreter where TRITON_INTERPRET=1 (the tests set it)
@@ -85,9 +85,7 @@ if triton is not None:
 def runs(x: torch.Tensor) -> bool:
     """Whether the kernel takes this resize: Triton, no gradients, CUDA (or its interpreter), a 4-D floating map of
     at most MAX_CLASSES classes."""
-    if triton is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return False
-    if not (x.is_cuda or (INTERPRETER and interpreted())):
+    if not inference_kernel_runs(x, INTERPRETER):
         return False
     return x.dim() == 4 and x.dtype in DTYPES and x.numel() > 0 and x.shape[1] <= MAX_CLASSES
 
